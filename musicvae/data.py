@@ -1,0 +1,248 @@
+"""MelDataModule: folders of mel arrays (or the built-in synthetic music) as Lightning data."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import lightning as L
+import numpy as np
+from torch.utils.data import DataLoader
+
+from musicvae.audio import MelSettings, read_mel_sidecar
+from musicvae.default_data import build_synthetic_collection, default_cache_dir, synthetic_folder
+from musicvae.errors import ConfigError, DataError
+from musicvae.segments import (
+    ARRAY_SUFFIXES,
+    MelSource,
+    Normalizer,
+    SegmentDataset,
+    scan_mel_file,
+    segment_statistics,
+    window_starts,
+)
+from musicvae.split import MIN_FILES_FOR_FILE_SPLIT, segment_split_point, split_files
+
+
+def find_array_files(folder: Path) -> list[Path]:
+    """Mel array files under `folder`, recursively, in a stable order (dangling links included)."""
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix in ARRAY_SUFFIXES and not p.is_dir())
+
+
+class MelDataModule(L.LightningDataModule):
+    """Log-mel segments for training a MusicVAE, split by recording and z-scored.
+
+    Args:
+        data_dir: folder of `.npy`/`.pt` log-mel arrays of shape (n_mels, frames) or
+            (1, n_mels, frames), searched recursively. None uses the built-in synthetic music.
+        cache_dir: where derived data (the synthetic collection) is written; defaults to
+            `$MUSICVAE_CACHE` or `~/.cache/musicvae`, never inside `data_dir`.
+        frames: segment length in frames (128 frames are about 1.5 s at the default settings).
+        batch_size: examples per batch on each device.
+        val_split: fraction of recordings held out for validation, in (0, 1).
+        seed: seeds the split; the CLI links it to `seed_everything`.
+        num_workers: DataLoader worker processes.
+        mel: the mel settings of the arrays; None reads `data_dir/mel.json`, else the defaults.
+        synthetic_pieces: number of synthetic recordings when `data_dir` is None.
+        synthetic_seconds: length of each synthetic recording.
+        silence_margin: a segment whose loudest value is within this many natural-log units of
+            silence (6.9 = 30 dB) is skipped, because silent segments teach dark outputs.
+        on_bad_file: "skip" reports each unusable file once and trains on the rest; "error"
+            stops at the first one.
+    """
+
+    def __init__(
+        self,
+        data_dir: Optional[str] = None,
+        cache_dir: Optional[str] = None,
+        frames: int = 128,
+        batch_size: int = 32,
+        val_split: float = 0.1,
+        seed: int = 0,
+        num_workers: int = 0,
+        mel: Optional[MelSettings] = None,
+        synthetic_pieces: int = 48,
+        synthetic_seconds: float = 20.0,
+        silence_margin: float = 6.9,
+        on_bad_file: Literal["skip", "error"] = "skip",
+    ) -> None:
+        super().__init__()
+        if not 0.0 < val_split < 1.0:
+            raise ConfigError(f"data.val_split={val_split} must be between 0 and 1 (exclusive), e.g. 0.1")
+        if frames < 1 or batch_size < 1 or num_workers < 0:
+            raise ConfigError(
+                f"data.frames={frames} and data.batch_size={batch_size} must be positive, "
+                f"data.num_workers={num_workers} non-negative"
+            )
+        self.data_dir = Path(data_dir).expanduser().resolve() if data_dir else None
+        self.cache_dir = Path(cache_dir).expanduser().resolve() if cache_dir else default_cache_dir()
+        if self.data_dir is not None and not self.data_dir.is_dir():
+            raise DataError(f"data.data_dir={data_dir}: no such folder; point it at a folder of mel arrays")
+        self.mel = self._resolve_mel(mel)
+        self.frames, self.batch_size, self.val_split, self.seed = frames, batch_size, val_split, seed
+        self.num_workers, self.silence_margin, self.on_bad_file = num_workers, silence_margin, on_bad_file
+        self.synthetic_pieces, self.synthetic_seconds = synthetic_pieces, synthetic_seconds
+        self.normalizer = Normalizer()
+        self.stats_restored = False
+        self.split_mode: Optional[str] = None
+        self.sources: list[MelSource] = []
+        self.problems: list[tuple[str, str]] = []
+        self.train_set: Optional[SegmentDataset] = None
+        self.val_set: Optional[SegmentDataset] = None
+        self.save_hyperparameters(ignore=["mel"])
+        self.hparams["mel"] = self.mel.to_dict()  # plain values keep checkpoints weights_only-loadable
+
+    @property
+    def n_mels(self) -> int:
+        return self.mel.n_mels
+
+    def _resolve_mel(self, mel: Optional[MelSettings]) -> MelSettings:
+        declared = read_mel_sidecar(self.data_dir) if self.data_dir else None
+        if declared and mel and declared != mel:
+            diffs = ", ".join(f"{k}: mel.json {a!r} vs config {b!r}" for k, (a, b) in declared.differences(mel).items())
+            raise ConfigError(
+                f"{self.data_dir}/mel.json declares other mel settings than data.mel ({diffs}); "
+                "drop data.mel to use the folder's settings, or make them agree"
+            )
+        return declared or mel or MelSettings()
+
+    @property
+    def folder(self) -> Path:
+        """The folder of arrays actually read."""
+        if self.data_dir is not None:
+            return self.data_dir
+        return synthetic_folder(self.cache_dir, self.synthetic_pieces, self.synthetic_seconds, self.mel)
+
+    def prepare_data(self) -> None:
+        # Lightning runs this on one process per node, so workers never race on the cache.
+        if self.data_dir is None:
+            build_synthetic_collection(self.cache_dir, self.synthetic_pieces, self.synthetic_seconds, self.mel)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.train_set is not None:
+            return
+        if self.data_dir is None and not self.folder.exists():
+            self.prepare_data()  # used outside a Trainer (notebooks): build on demand
+        self.sources = self._scan()
+        train_items, val_items = self._split(self.sources)
+        paths = [s.path for s in self.sources]
+        self.train_set = SegmentDataset(paths, train_items, self.frames, self.n_mels, self.normalizer, True)
+        self.val_set = SegmentDataset(paths, val_items, self.frames, self.n_mels, self.normalizer, False)
+        if len(self.train_set) < self.batch_size:
+            raise ConfigError(
+                f"data.batch_size={self.batch_size} is larger than the training set "
+                f"({len(self.train_set)} segments of {self.frames} frames): lower data.batch_size or add data"
+            )
+        if not self.stats_restored:
+            self.normalizer.mean, self.normalizer.std = segment_statistics(self._raw(self.train_set))
+
+    def _raw(self, dataset: SegmentDataset) -> SegmentDataset:
+        return SegmentDataset(dataset.paths, dataset.items, self.frames, self.n_mels, Normalizer(), False)
+
+    def _scan(self) -> list[MelSource]:
+        files = find_array_files(self.folder)
+        if not files:
+            raise DataError(
+                f"{self.folder}: no mel arrays found (looked for {', '.join(ARRAY_SUFFIXES)} files, recursively)"
+            )
+        sources, problems, too_short = [], [], []
+        for path in files:
+            rel = path.relative_to(self.folder).as_posix()
+            try:
+                source = scan_mel_file(path, rel, self.n_mels, self.mel.log_floor_value)
+            except DataError as err:
+                if self.on_bad_file == "error":
+                    raise
+                problems.append((str(path), str(err)))
+                continue
+            if source.n_frames < self.frames:
+                too_short.append(rel)
+                continue
+            sources.append(source)
+        if too_short:
+            warnings.warn(
+                f"skipped {len(too_short)} file(s) shorter than one segment ({self.frames} frames): "
+                + ", ".join(too_short[:10]) + (" ..." if len(too_short) > 10 else ""),
+                stacklevel=2,
+            )
+        if problems:
+            warnings.warn(
+                f"skipped {len(problems)} unusable file(s):\n" + "\n".join(f"  {msg}" for _, msg in problems),
+                stacklevel=2,
+            )
+        self.problems = problems + [(rel, "shorter than one segment") for rel in too_short]
+        if not sources:
+            raise DataError(f"{self.folder}: none of the {len(files)} array file(s) is usable (see the warnings above)")
+        return sources
+
+    def _split(self, sources: list[MelSource]) -> tuple[np.ndarray, np.ndarray]:
+        is_val = split_files([s.rel for s in sources], self.val_split, self.seed)
+        self.split_mode = "file"
+        if len(sources) < MIN_FILES_FOR_FILE_SPLIT or all(is_val) or not any(is_val):
+            warnings.warn(
+                f"{len(sources)} recording(s) cannot be split by file with val_split={self.val_split}: "
+                "holding out the last part of each recording instead (segment split); "
+                "add recordings for a split by recording",
+                stacklevel=2,
+            )
+            self.split_mode = "segment"
+        train, val = [], []
+        for index, source in enumerate(sources):
+            if self.split_mode == "file":
+                regions = [(0, source.n_frames, val if is_val[index] else train)]
+            else:
+                cut = segment_split_point(source.n_frames, self.val_split, self.frames)
+                regions = [(0, cut, train), (cut, source.n_frames, val)]
+            for lo, hi, target in regions:
+                for start in window_starts(source, lo, hi, self.frames, self.silence_margin):
+                    target.append((index, start, lo, hi))
+        if not train or not val:
+            side = "training" if not train else "validation"
+            raise DataError(
+                f"{self.folder}: the {side} split has no non-silent segment of {self.frames} frames; "
+                "add recordings, shorten data.frames or change data.val_split"
+            )
+        return np.array(train, dtype=np.int64), np.array(val, dtype=np.int64)
+
+    def _loader(self, dataset: Optional[SegmentDataset], shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("call setup() before asking for a dataloader")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self.trainer is not None and self.trainer.accelerator.__class__.__name__ == "CUDAAccelerator",
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs to rebuild the data exactly: features, split rule, statistics."""
+        return {
+            "mel": self.mel.to_dict(),
+            "frames": self.frames,
+            "mean": self.normalizer.mean,
+            "std": self.normalizer.std,
+            "val_split": self.val_split,
+            "seed": self.seed,
+            "split_mode": self.split_mode,
+            "data_dir": str(self.data_dir) if self.data_dir else None,
+            "silence_margin": self.silence_margin,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # The statistics of the run being resumed win over freshly computed ones, so the model
+        # keeps seeing inputs on the scale it was trained on.
+        self.normalizer.mean = float(state["mean"])
+        self.normalizer.std = float(state["std"])
+        self.stats_restored = True

@@ -1,0 +1,153 @@
+"""MusicVAEModule: the ConvVAE with the notebook's losses, logging and optimizer."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from musicvae.losses import DEFAULT_BANDS, create_frequency_weights, vae_loss, vae_loss_spectral
+from musicvae.model import ConvVAE
+from musicvae.plots import mel_comparison_figure
+
+LOSSES = ("standard", "spectral")
+
+
+class MusicVAEModule(L.LightningModule):
+    """A VAE on normalised log-mel segments, trained with `vae_loss` or `vae_loss_spectral`.
+
+    Only plain values are taken (numbers, strings, lists), so checkpoints load with
+    `torch.load(weights_only=True)` and every argument is a command-line flag.
+
+    Args:
+        n_mels: mel bins of the input (linked to the data's mel settings by the CLI).
+        frames: frames per segment (linked to `data.frames` by the CLI).
+        latent_dim: size of the latent vector.
+        channels: feature channels per encoder stage; each stage halves both axes.
+        blocks_per_stage: residual blocks per stage.
+        dropout: dropout inside residual blocks.
+        loss: "standard" (the notebook's `vae_loss`) or "spectral" (`vae_loss_spectral`).
+        beta: weight of the KL term, on the per-element scale of the reconstruction.
+        spectral_weight: weight of the FFT-magnitude loss (spectral loss only).
+        output_reg_weight: weight of the output-range penalty (spectral loss only).
+        freq_bands: (start_frac, end_frac, weight) bands of the frequency weights.
+        lr: Adam learning rate.
+        weight_decay: AdamW-style decoupled weight decay (0 = plain Adam, as in the notebook).
+        n_figure_examples: validation examples drawn in the TensorBoard figure each epoch.
+    """
+
+    def __init__(
+        self,
+        n_mels: int = 128,
+        frames: int = 128,
+        latent_dim: int = 64,
+        channels: list[int] = [32, 64, 128, 256],  # noqa: B006 - a plain list keeps the CLI/hparams simple
+        blocks_per_stage: int = 1,
+        dropout: float = 0.0,
+        loss: Literal["standard", "spectral"] = "spectral",
+        beta: float = 0.05,
+        spectral_weight: float = 0.1,
+        output_reg_weight: float = 0.01,
+        freq_bands: list[list[float]] = [list(b) for b in DEFAULT_BANDS],  # noqa: B006
+        lr: float = 5e-5,
+        weight_decay: float = 0.0,
+        n_figure_examples: int = 4,
+    ) -> None:
+        super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"model.loss={loss!r} is not one of {LOSSES}")
+        if lr <= 0 or beta < 0 or spectral_weight < 0 or output_reg_weight < 0:
+            raise ValueError(
+                "model.lr must be positive and model.beta, model.spectral_weight, model.output_reg_weight "
+                f"non-negative; got lr={lr}, beta={beta}, spectral_weight={spectral_weight}, "
+                f"output_reg_weight={output_reg_weight}"
+            )
+        self.save_hyperparameters()
+        self.vae = ConvVAE(
+            n_mels=n_mels,
+            frames=frames,
+            latent_dim=latent_dim,
+            channels=tuple(channels),
+            blocks_per_stage=blocks_per_stage,
+            dropout=dropout,
+        )
+        bands = [tuple(float(v) for v in band) for band in freq_bands]
+        # A buffer, so the weights travel in checkpoints and follow the module to the GPU.
+        self.register_buffer("freq_weight", create_frequency_weights(n_mels, bands))
+        self._figure_batch: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.vae(x)
+
+    def compute_loss(
+        self, x_hat: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The configured loss and all its parts, by name.
+
+        Weights are read from `self.hparams` at every step, so a value changed on resume
+        applies from the first resumed step.
+        """
+        hp = self.hparams
+        if hp.loss == "standard":
+            return vae_loss(x_hat, x, mu, logvar, beta=hp.beta)
+        return vae_loss_spectral(
+            x_hat,
+            x,
+            mu,
+            logvar,
+            beta=hp.beta,
+            freq_weight=self.freq_weight,
+            spectral_weight=hp.spectral_weight,
+            output_reg_weight=hp.output_reg_weight,
+        )
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        x_hat, mu, logvar = self.vae(batch)
+        parts = self.compute_loss(x_hat, batch, mu, logvar)
+        self.log("train/loss", parts["loss"], prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch))
+        others = {f"train/{k}": v for k, v in parts.items() if k != "loss"}
+        self.log_dict(others, on_step=True, on_epoch=True, batch_size=len(batch))
+        return parts["loss"]
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        # In eval mode the VAE decodes the posterior mean: the score has no sampling noise.
+        x_hat, mu, logvar = self.vae(batch)
+        parts = self.compute_loss(x_hat, batch, mu, logvar)
+        self.log("val/loss", parts["loss"], prog_bar=True, sync_dist=True, batch_size=len(batch))
+        others = {f"val/{k}": v for k, v in parts.items() if k != "loss"}
+        self.log_dict(others, sync_dist=True, batch_size=len(batch))
+        if batch_idx == 0:
+            n = self.hparams.n_figure_examples
+            self._figure_batch = (batch[:n].detach().cpu(), x_hat[:n].detach().float().cpu())
+
+    def on_validation_epoch_end(self) -> None:
+        if self._figure_batch is None or self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return
+        inputs, outputs = self._figure_batch
+        self._figure_batch = None
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                title = f"epoch {self.current_epoch}, step {self.global_step}"
+                logger.experiment.add_figure(
+                    "val/reconstructions", mel_comparison_figure(inputs, outputs, title), self.global_step
+                )
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        hp = self.hparams
+        if hp.weight_decay > 0:
+            return torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        return torch.optim.Adam(self.parameters(), lr=hp.lr)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstruction of normalised mels `x` (B, 1, n_mels, frames) from the posterior mean."""
+        mu, _ = self.vae.encode(x.to(self.device))
+        return self.vae.decode(mu)
+
+    @torch.no_grad()
+    def sample(self, n: int, temperature: float = 1.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Decode `n` draws from the prior N(0, temperature^2 I) -> (n, 1, n_mels, frames)."""
+        z = torch.randn(n, self.hparams.latent_dim, generator=generator) * temperature
+        return self.vae.decode(z.to(self.device))

@@ -1,0 +1,201 @@
+"""Mel arrays on disk -> validated sources -> fixed-length segments.
+
+Scanning reads each array once, checks it, and keeps only a per-frame loudness profile, so the
+arrays themselves stay on disk (memory-mapped `.npy`) and a collection need not fit in RAM.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from musicvae.errors import DataError
+
+#: File suffixes read as precomputed log-mel arrays.
+ARRAY_SUFFIXES = (".npy", ".pt")
+
+
+@dataclass
+class MelSource:
+    """One usable recording: where it is and how loud each frame is.
+
+    Attributes:
+        path: absolute path of the array file.
+        rel: path relative to the data folder (the key of the split by recording).
+        n_frames: number of time frames.
+        frame_max: (n_frames,) loudest mel bin of each frame, used to skip silent segments.
+        floor: log value treated as silence for this file.
+    """
+
+    path: str
+    rel: str
+    n_frames: int
+    frame_max: np.ndarray
+    floor: float
+
+
+def load_mel_array(path: Path, n_mels: int) -> np.ndarray:
+    """Open a `(n_mels, T)` or `(1, n_mels, T)` array; `.npy` files are memory-mapped.
+
+    Raises:
+        DataError: naming the file and what was expected.
+    """
+    path = Path(path)
+    try:
+        if path.suffix == ".npy":
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(obj, torch.Tensor):
+                raise DataError(f"{path}: expected a tensor of shape (n_mels, frames), got a {type(obj).__name__}")
+            array = obj.detach().float().numpy()
+    except DataError:
+        raise
+    except Exception as err:  # numpy and torch raise many types for unreadable/corrupt files
+        raise DataError(f"{path}: cannot read the array ({type(err).__name__}: {err})") from err
+    if array.ndim == 3 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 2:
+        raise DataError(f"{path}: expected shape (n_mels, frames) or (1, n_mels, frames), got {tuple(array.shape)}")
+    if array.shape[0] != n_mels:
+        hint = " (it looks transposed: save it as (n_mels, frames))" if array.shape[1] == n_mels else ""
+        raise DataError(
+            f"{path}: has {array.shape[0]} mel bins, expected {n_mels}{hint}; "
+            f"set --data.mel.n_mels or the folder's mel.json to match the arrays"
+        )
+    if not np.issubdtype(array.dtype, np.floating):
+        raise DataError(f"{path}: expected a floating-point log-mel array, got dtype {array.dtype}")
+    return array
+
+
+def scan_mel_file(path: Path, rel: str, n_mels: int, log_floor: float) -> MelSource:
+    """Validate one array file and summarise it as a MelSource.
+
+    Raises:
+        DataError: unreadable, wrong shape, or non-finite values (with the first bad frame).
+    """
+    array = load_mel_array(path, n_mels)
+    n_frames = array.shape[1]
+    frame_max = np.empty(n_frames, dtype=np.float32)
+    file_min = math.inf
+    chunk = 4096  # frames per read: bounded memory on long memory-mapped files
+    for start in range(0, n_frames, chunk):
+        block = np.asarray(array[:, start : start + chunk], dtype=np.float32)
+        finite = np.isfinite(block)
+        if not finite.all():
+            frame = start + int(np.argmin(finite.all(axis=0)))
+            raise DataError(f"{path}: contains NaN or Inf (first at frame {frame}); fix or remove the file")
+        frame_max[start : start + chunk] = block.max(axis=0)
+        file_min = min(file_min, float(block.min()))
+    # Silence is judged against the lower of the file's own minimum and the declared log floor:
+    # arrays in other log units (dB) have minima far below our floor and must not all look silent.
+    floor = min(file_min, log_floor) if n_frames else log_floor
+    return MelSource(str(Path(path).resolve()), rel, n_frames, frame_max, floor)
+
+
+def window_starts(source: MelSource, lo: int, hi: int, frames: int, silence_margin: float) -> list[int]:
+    """Starts of non-overlapping, non-silent windows of `frames` inside [lo, hi).
+
+    A window is silent when its loudest value is within `silence_margin` (natural-log units) of
+    the file's floor: such segments teach the model to output dark spectrograms.
+    """
+    starts = []
+    for start in range(lo, hi - frames + 1, frames):
+        if source.frame_max[start : start + frames].max() > source.floor + silence_margin:
+            starts.append(start)
+    return starts
+
+
+class Normalizer:
+    """z-score with training-split statistics: (x - mean) / std, and back."""
+
+    def __init__(self, mean: float = 0.0, std: float = 1.0) -> None:
+        self.mean = float(mean)
+        self.std = float(std)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def inverse(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.std + self.mean
+
+
+class SegmentDataset(Dataset):
+    """Fixed-length `(1, n_mels, frames)` segments of mel arrays, normalised.
+
+    Args:
+        paths: array files, indexed by `items[:, 0]`.
+        items: (N, 4) int64 rows of (file index, window start, region start, region end).
+        frames: segment length.
+        n_mels: mel bins (checked when the file was scanned).
+        normalizer: shared with the data module, so statistics restored from a checkpoint apply.
+        random_crop: training jitters each window by up to half its length inside its region;
+            validation takes the windows as they are, so its loss is comparable across epochs.
+    """
+
+    def __init__(
+        self,
+        paths: list[str],
+        items: np.ndarray,
+        frames: int,
+        n_mels: int,
+        normalizer: Normalizer,
+        random_crop: bool,
+    ) -> None:
+        self.paths = paths
+        self.items = np.asarray(items, dtype=np.int64).reshape(-1, 4)
+        self.frames = frames
+        self.n_mels = n_mels
+        self.normalizer = normalizer
+        self.random_crop = random_crop
+        self._open: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getstate__(self) -> dict:
+        # Workers re-open (re-map) arrays themselves instead of receiving copies.
+        state = self.__dict__.copy()
+        state["_open"] = {}
+        return state
+
+    def array(self, file_index: int) -> np.ndarray:
+        if file_index not in self._open:
+            self._open[file_index] = load_mel_array(Path(self.paths[file_index]), self.n_mels)
+        return self._open[file_index]
+
+    def crop_start(self, index: int, generator: Optional[torch.Generator] = None) -> int:
+        _, start, lo, hi = (int(v) for v in self.items[index])
+        if not self.random_crop:
+            return start
+        jitter = self.frames // 2
+        first, last = max(lo, start - jitter), min(hi - self.frames, start + jitter)
+        return int(torch.randint(first, last + 1, (1,), generator=generator))
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        file_index = int(self.items[index, 0])
+        start = self.crop_start(index)
+        segment = np.array(self.array(file_index)[:, start : start + self.frames], dtype=np.float32)
+        return self.normalizer(torch.from_numpy(segment).unsqueeze(0))  # (n_mels, F) -> (1, n_mels, F)
+
+
+def segment_statistics(dataset: SegmentDataset) -> tuple[float, float]:
+    """Mean and standard deviation over the dataset's windows (un-normalised, no crop jitter)."""
+    total, total_sq, count = 0.0, 0.0, 0
+    for file_index, start, _, _ in dataset.items:
+        block = np.asarray(dataset.array(int(file_index))[:, start : start + dataset.frames], dtype=np.float64)
+        total += block.sum()
+        total_sq += np.square(block).sum()
+        count += block.size
+    if count == 0:
+        raise DataError("no training segments to compute normalisation statistics from")
+    mean = total / count
+    std = math.sqrt(max(total_sq / count - mean * mean, 0.0))
+    # A constant training set would divide by zero; 1.0 keeps it finite and the data unchanged in scale.
+    return mean, std if std > 1e-6 else 1.0
