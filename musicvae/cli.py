@@ -90,17 +90,27 @@ def with_default_subcommand(args: list[str]) -> list[str]:
     return ["fit", *args]
 
 
-def cli_main(args: Optional[list[str]] = None) -> MusicVAECLI:
-    """Run the training command line with `args` (default: `sys.argv[1:]`); tests call this."""
-    args = with_default_subcommand(list(sys.argv[1:] if args is None else args))
+def cli_main(args: Optional[list[str]] = None, run: bool = True) -> MusicVAECLI:
+    """Run the training command line with `args` (default: `sys.argv[1:]`); tests call this.
+
+    With `run=False` no subcommand is taken: the config is parsed and the model, data module and
+    trainer are built but nothing runs (for inspecting a configuration).
+    """
+    args = list(sys.argv[1:] if args is None else args)
+    if run:
+        args = with_default_subcommand(args)
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     return MusicVAECLI(
         MusicVAEModule,
         MelDataModule,
         args=args,
+        run=run,
         seed_everything_default=0,
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_kwargs={"overwrite": True},
+        # No prefix matching: a mistyped `--trainer.max_epoch` must fail, not silently mean max_epochs.
+        parser_kwargs={"allow_abbrev": False, **{name: {"allow_abbrev": False} for name in SUBCOMMANDS}},
+        auto_configure_optimizers=False,  # the module owns its optimizer (lr is a model hyper-parameter)
     )
 
 

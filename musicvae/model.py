@@ -251,5 +251,5 @@ class ConvVAE(nn.Module):
         """
         mu, logvar = self.encode(x)
         # Eval decodes the mean so that validation metrics and listening are repeatable.
-        z = self.reparameterize(mu, logvar) if False else mu
+        z = self.reparameterize(mu, logvar) if self.training else mu
         return self.decode(z), mu, logvar

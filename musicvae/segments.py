@@ -195,7 +195,7 @@ def segment_statistics(dataset: SegmentDataset) -> tuple[float, float]:
         count += block.size
     if count == 0:
         raise DataError("no training segments to compute normalisation statistics from")
-    mean = total / count
-    std = math.sqrt(max(total_sq / count - mean * mean, 0.0))
+    mean = float(total / count)  # plain floats: numpy scalars would break weights_only loading
+    std = math.sqrt(max(float(total_sq / count) - mean * mean, 0.0))
     # A constant training set would divide by zero; 1.0 keeps it finite and the data unchanged in scale.
     return mean, std if std > 1e-6 else 1.0

@@ -111,7 +111,8 @@ def _draw_spec(rng: np.random.Generator) -> PieceSpec:
         chords=_voice(rng, (1.2, 3.0), (4, 16), (0.05, 0.3) if chord_style == "held" else (0.005, 0.02),
                       (0.3, 0.8), (0.1, 0.4), (0.12, 0.25), 0.0),
         bass=_voice(rng, (1.0, 2.5), (4, 16), (0.005, 0.02), (0.3, 0.8), (0.04, 0.1), (0.5, 0.8), 0.0),
-        drums=tuple(p[rng.integers(len(p))] for p in (_KICKS, _SNARES, _HATS)), swing=rng.choice([0.0, rng.uniform(0.1, 0.35)]),
+        drums=tuple(p[rng.integers(len(p))] for p in (_KICKS, _SNARES, _HATS)),
+        swing=rng.choice([0.0, rng.uniform(0.1, 0.35)]),
         rest_prob=rng.uniform(0.05, 0.35), intro=bool(rng.random() < 0.3),
     )
 
@@ -153,7 +154,8 @@ def _tone(freq: float, seconds: float, v: Voice, sr: int) -> np.ndarray:
     else:
         cycles = freq * t
     # Keep every partial below 0.45 sr: aliases would be inharmonic lines in the mel.
-    table = _wavetable(v.rolloff, v.odd_only, max(1, min(v.n_partials, int(0.45 * sr / (freq * (1 + v.vibrato))))))
+    n_partials = max(1, min(v.n_partials, int(0.45 * sr / (freq * (1 + v.vibrato)))))
+    table = _wavetable(v.rolloff, v.odd_only, n_partials)
     pos = (cycles % 1.0) * _TABLE
     i = pos.astype(np.intp)
     wave = table[i] + (pos - i) * (table[i + 1] - table[i])
@@ -228,7 +230,8 @@ def _pitched(rng: np.random.Generator, spec: PieceSpec, n_bars: int) -> list[tup
         hits = {"held": [(0, 8, tones)], "stabs": [(s, 1, tones) for s in (2, 6)],
                 "arpeggio": [(s, 1, [tones[s % len(tones)]]) for s in range(8)]}[spec.chord_style]
         events += [(8 * bar + s, n, midi(spec.root, d), spec.chords) for s, n, ds in hits for d in ds]
-        events += [(8 * bar + s, n, midi(spec.root - 12, chord + o), spec.bass) for s, n, o in _BASS[spec.bass_style]]
+        bass = _BASS[spec.bass_style]
+        events += [(8 * bar + s, n, midi(spec.root - 12, chord + o), spec.bass) for s, n, o in bass]
     return events
 
 
@@ -247,7 +250,7 @@ def render_piece(index: int, seconds: float = 20.0, sample_rate: int = 22050, se
     rng = np.random.default_rng([seed, index])
     spec = _draw_spec(rng)
     sr, n = sample_rate, round(seconds * sample_rate)
-    eighth = 30.0 / 120.0
+    eighth = 30.0 / spec.bpm
     n_bars = max(1, math.ceil(seconds / (8 * eighth)))
     out = np.zeros(n + 2 * sr)  # room for release tails and drum decays past the end
     for start, length, note, voice in _pitched(rng, spec, n_bars):

@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from musicvae.synth import SynthConfig, describe_piece, render_collection, render_piece
+from musicvae.synth import SynthConfig, Voice, _tone, describe_piece, render_collection, render_piece
 
 SR = 22050
 SECONDS = 8.0  # two to five bars: enough for tempo and spectrum statistics, fast to render
@@ -123,6 +123,29 @@ def test_tempo_key_and_timbre_vary_between_pieces(pieces):
     assert max(centroids) > 1.8 * min(centroids)
 
 
-def test_describe_piece_matches_render_seed():
+def _harmonics(voice: Voice, f0: float, count: int) -> np.ndarray:
+    """Amplitudes of partials 1..count of a one-second note, relative to the fundamental."""
+    spectrum = np.abs(np.fft.rfft(_tone(f0, 1.0, voice, SR)[:SR] * np.hanning(SR)))  # 1 Hz bins
+    amps = np.array([spectrum[round(k * f0) - 2 : round(k * f0) + 3].max() for k in range(1, count + 1)])
+    return amps / amps[0]
+
+
+def test_voice_timbre_shapes_the_partials():
+    plain = Voice(rolloff=1.0, odd_only=False, n_partials=20, attack=0.01, decay=0.2, sustain=0.8,
+                  release=0.05, vibrato=0.0, gain=1.0)
+    bright = _harmonics(dataclasses.replace(plain, rolloff=0.8), 220.0, 4)
+    mellow = _harmonics(dataclasses.replace(plain, rolloff=2.5), 220.0, 4)
+    assert bright[3] > 0.25 and mellow[3] < 0.05
+    hollow = _harmonics(dataclasses.replace(plain, odd_only=True), 220.0, 3)
+    assert hollow[1] < 0.01 and hollow[2] > 0.2
+    # Partials stop below Nyquist even for high notes: aliases would be off-harmonic lines.
+    high_note = _tone(3000.0, 1.0, dataclasses.replace(plain, rolloff=0.7), SR)
+    power = np.abs(np.fft.rfft(high_note[:SR] * np.hanning(SR))) ** 2
+    assert power[round(0.46 * SR) :].sum() < 1e-6 * power.sum()
+    assert power[2999:3002].sum() > 0.3 * power.sum()
+
+
+def test_describe_piece_depends_on_index_and_seed_only():
     assert describe_piece(2, seed=0) == describe_piece(2, seed=0)
     assert describe_piece(2, seed=0) != describe_piece(2, seed=1)
+    assert describe_piece(2, seed=0) != describe_piece(3, seed=0)

@@ -1,0 +1,87 @@
+"""Shared fixtures: tiny synthetic mel folders and one tiny trained run shared by the session."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from musicvae.audio import MelSettings
+
+#: A tiny mel setting: 16 bins keep arrays and models small; still a valid STFT setting.
+TINY_MEL = MelSettings(n_mels=16)
+
+#: CLI flags of a tiny model on tiny synthetic data: trains 2 epochs in seconds on 2 cores.
+TINY_FLAGS = [
+    "--data.synthetic_pieces", "10",
+    "--data.synthetic_seconds", "3",
+    "--data.mel.n_mels", "32",
+    "--data.frames", "32",
+    "--data.batch_size", "8",
+    "--data.val_split", "0.2",
+    "--model.channels", "[8, 16]",
+    "--model.latent_dim", "8",
+    "--model.lr", "1e-3",
+    "--trainer.max_epochs", "2",
+    "--trainer.log_every_n_steps", "1",
+    "--trainer.enable_progress_bar", "false",
+    "--trainer.enable_model_summary", "false",
+]
+
+
+def write_mel_folder(folder: Path, n_files: int = 8, frames: int = 64, n_mels: int = 16, seed: int = 0,
+                     sidecar: bool = True, offset: float = 0.0) -> list[Path]:
+    """Write `n_files` structured log-mel arrays (a moving harmonic stack over a floor) as .npy."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n_files):
+        mel = np.full((n_mels, frames), np.log(1e-5), dtype=np.float32)
+        t = np.arange(frames)
+        for harmonic in range(1, 4):
+            bins = (2 + harmonic * 3 + (t // 8 + i) % 3) % n_mels
+            mel[bins, t] = 2.0 - harmonic + rng.normal(0, 0.1, frames)
+        mel += offset
+        path = folder / f"track_{i:02d}.npy"
+        np.save(path, mel)
+        paths.append(path)
+    if sidecar:
+        (folder / "mel.json").write_text(json.dumps(MelSettings(n_mels=n_mels).to_dict()))
+    return paths
+
+
+@pytest.fixture
+def mel_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "mels"
+    write_mel_folder(folder)
+    return folder
+
+
+def tiny_fit_args(root: Path, *extra: str) -> list[str]:
+    """`fit` arguments for a tiny run whose cache, checkpoints and logs all live under `root`."""
+    return [
+        "fit",
+        *TINY_FLAGS,
+        "--data.cache_dir", str(root / "cache"),
+        "--checkpoint_dir", str(root / "ckpt"),
+        "--trainer.logger.init_args.save_dir", str(root / "logs"),
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One tiny model trained for 2 epochs through the real CLI, shared by every test that needs one."""
+    from musicvae.cli import cli_main
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    cli = cli_main(tiny_fit_args(root))
+    return {
+        "root": root,
+        "ckpt_dir": root / "ckpt",
+        "log_dir": Path(cli.trainer.log_dir),
+        "cache_dir": root / "cache",
+        "datamodule": cli.datamodule,
+    }
