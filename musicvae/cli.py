@@ -1,4 +1,11 @@
-"""The `scripts/train.py` command line: LightningCLI over MusicVAEModule and MelDataModule."""
+"""The `scripts/train.py` command line: LightningCLI over MusicVAEModule and MelDataModule.
+
+Resuming (`--ckpt_path`) differs from plain LightningCLI in two ways, both on purpose:
+- the run's full config stored in the checkpoint is the base, and explicit `--config` files and
+  flags override it (LightningCLI would instead merge the checkpoint's model hyper-parameters
+  over the command line, silently ignoring e.g. a new `--model.lr`);
+- a new learning rate is put into the restored optimizer (see ApplyResumedLearningRate).
+"""
 
 from __future__ import annotations
 
@@ -7,12 +14,15 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import yaml
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from musicvae.callbacks import ApplyResumedLearningRate, RunMetadata
+from musicvae.checkpoints import config_changes, dump_yaml, load_checkpoint, run_config, unresumable_changes
 from musicvae.data import MelDataModule
-from musicvae.errors import MusicVAEError
+from musicvae.errors import CheckpointError, ConfigError, MusicVAEError
 from musicvae.module import MusicVAEModule
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -23,6 +33,16 @@ TRAINER_DEFAULTS: dict[str, Any] = {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
         "init_args": {"save_dir": "logs", "name": "musicvae"},
     },
+}
+#: Which loss weights each monitorable metric depends on (for the resume warning).
+MONITOR_DEPENDS = {
+    "val/loss": ("loss", "beta", "spectral_weight", "output_reg_weight", "freq_bands"),
+    "val/recon": ("loss", "freq_bands"),
+    "val/kl": (),
+    "val/kl_nats": (),
+    "val/mse": (),
+    "val/spectral": ("loss",),
+    "val/output_reg": ("loss",),
 }
 
 
@@ -37,7 +57,8 @@ def checkpoint_callbacks(checkpoint_dir: Path, monitor: str = "val/loss") -> lis
     """`best.ckpt` (lowest `monitor`) and `last.ckpt` (newest state) under an absolute folder.
 
     Two callbacks, because with a monitor Lightning 2.6 refreshes `last.ckpt` only when a new
-    best is saved.
+    best is saved. The folder must be absolute: ModelCheckpoint restores its best score only
+    when the stored `dirpath` string is identical.
     """
     common = dict(dirpath=str(checkpoint_dir), auto_insert_metric_name=False, enable_version_counter=False)
     best = ModelCheckpoint(filename="best", monitor=monitor, mode="min", save_top_k=1, **common)
@@ -46,39 +67,125 @@ def checkpoint_callbacks(checkpoint_dir: Path, monitor: str = "val/loss") -> lis
 
 
 class MusicVAECLI(LightningCLI):
-    """LightningCLI with the project's links, checkpoint folder and defaults."""
+    """LightningCLI with the project's links, checkpoint folder, resume rules and defaults."""
+
+    def __init__(self, *args: Any, resume: Optional[dict] = None, **kwargs: Any) -> None:
+        self.resume = resume  # the checkpoint given with --ckpt_path, already loaded safely
+        super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
-            "--checkpoint_dir",
-            type=str,
-            default="checkpoints/musicvae",
-            help="Folder for best.ckpt and last.ckpt (made absolute).",
+            "--checkpoint_dir", type=str, default="checkpoints/musicvae",
+            help="Folder for best.ckpt, last.ckpt and config.yaml (made absolute).",
+        )
+        parser.add_argument(
+            "--monitor", type=str, default="val/loss",
+            help=f"Validation metric that picks best.ckpt (lower is better): one of {', '.join(MONITOR_DEPENDS)}.",
+        )
+        parser.add_argument(
+            "--overwrite", type=bool, default=False,
+            help="Start a fresh run in a checkpoint_dir that already holds checkpoints (they get replaced).",
         )
         # One source of truth for shapes: the model takes them from the data.
         parser.link_arguments("data.frames", "model.frames")
         parser.link_arguments("data.n_mels", "model.n_mels", apply_on="instantiate")
         parser.link_arguments("seed_everything", "data.seed", compute_fn=split_seed)
 
+    def _parse_ckpt_path(self) -> None:
+        # Replaced by the stored run config injected under the command line (see cli_main).
+        return None
+
+    def _setting(self, key: str) -> Any:
+        return self._get(self.config, key)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self._setting("checkpoint_dir")).expanduser().resolve()
+
+    def _stored_config(self) -> str:
+        """This run's config as YAML, with absolute paths so it resumes from any directory."""
+        config = (self.config[self.subcommand] if self.subcommand else self.config).clone()
+        config.checkpoint_dir = str(self.checkpoint_dir)
+        config.overwrite = False
+        if "ckpt_path" in config:  # absent without a subcommand (run=False)
+            config.ckpt_path = None
+        return self._parser(self.subcommand).dump(config, skip_none=False)
+
     def instantiate_trainer(self, **kwargs: Any):
+        monitor = self._setting("monitor")
+        if monitor not in MONITOR_DEPENDS:
+            raise ConfigError(f"--monitor {monitor!r} is not a logged validation metric; use one of {list(MONITOR_DEPENDS)}")
+        if monitor in ("val/spectral", "val/output_reg") and self.model.hparams.loss != "spectral":
+            raise ConfigError(f"--monitor {monitor} is only logged with --model.loss spectral")
         parser = self._parser(self.subcommand)
         extra = [self._get(self.config_init, key) for key in parser.callback_keys]
-        checkpoint_dir = Path(self._get(self.config_init, "checkpoint_dir")).expanduser().resolve()
-        extra += checkpoint_callbacks(checkpoint_dir)
+        extra += checkpoint_callbacks(self.checkpoint_dir, monitor)
+        extra.append(RunMetadata(self._stored_config(), monitor, self.checkpoint_dir))
+        old_lr = (self.resume or {}).get("hyper_parameters", {}).get("lr")
+        extra.append(ApplyResumedLearningRate(old_lr))
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         return self._instantiate_trainer(trainer_config, extra)
+
+    def before_fit(self) -> None:
+        if self.resume is None:
+            self._refuse_to_clobber()
+        else:
+            self._check_resume()
 
     def after_fit(self) -> None:
         trainer = self.trainer
         if not trainer.is_global_zero:
             return
-        lines = []
-        for callback in trainer.checkpoint_callbacks:
-            if callback.best_model_path or callback.last_model_path:
-                lines.append(f"  {callback.filename}.ckpt: {Path(callback.dirpath) / (callback.filename + '.ckpt')}")
+        lines = [f"  checkpoints: {self.checkpoint_dir}/{{best,last}}.ckpt (and config.yaml)"]
         if trainer.logger is not None and trainer.log_dir:
-            lines.append(f"  TensorBoard logs: {trainer.log_dir}  (view with: tensorboard --logdir {trainer.logger.save_dir})")
+            lines.append(f"  TensorBoard logs: {trainer.log_dir}  (view: tensorboard --logdir {trainer.logger.save_dir})")
+        lines.append(f"  resume: python scripts/train.py --ckpt_path {self.checkpoint_dir / 'last.ckpt'} [--trainer.max_epochs N]")
         rank_zero_info("musicvae: training finished.\n" + "\n".join(lines))
+
+    def _refuse_to_clobber(self) -> None:
+        existing = sorted(p.name for p in self.checkpoint_dir.glob("*.ckpt")) if self.checkpoint_dir.is_dir() else []
+        if existing and not self._setting("overwrite"):
+            raise ConfigError(
+                f"{self.checkpoint_dir} already holds {', '.join(existing)} from an earlier run. Resume it with "
+                f"--ckpt_path {self.checkpoint_dir / 'last.ckpt'}, choose another --checkpoint_dir, or pass "
+                "--overwrite true to start afresh (the old checkpoints are replaced as the new run saves)."
+            )
+        try:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"--checkpoint_dir {self.checkpoint_dir}: cannot be created ({err})") from None
+
+    def _check_resume(self) -> None:
+        ckpt = self.resume
+        problems = unresumable_changes(ckpt, dict(self.model.hparams), self.datamodule.mel.to_dict())
+        if problems:
+            raise CheckpointError(
+                "cannot resume: the checkpoint's weights do not fit the new settings: " + "; ".join(problems)
+                + ". Keep these as they were, or start a fresh run without --ckpt_path."
+            )
+        old = run_config(ckpt)
+        if not old:
+            return
+        changes = config_changes(old, yaml.safe_load(self._stored_config()))
+        if changes:
+            listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
+            rank_zero_info(f"musicvae: resuming with changed settings: {listed}")
+        monitor = self._setting("monitor")
+        touched = [k for k in changes if k.split(".", 1)[-1] in MONITOR_DEPENDS.get(monitor, ()) and k.startswith("model.")]
+        if touched or "monitor" in changes:
+            rank_zero_warn(
+                f"{', '.join(touched) or 'monitor'} changed on resume while best.ckpt is chosen by {monitor}: "
+                "best-score comparisons across the change mix two scales (consider --monitor val/mse)."
+            )
+
+
+def _ckpt_path_arg(args: list[str]) -> Optional[str]:
+    for i, arg in enumerate(args):
+        if arg == "--ckpt_path" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--ckpt_path="):
+            return arg.split("=", 1)[1]
+    return None
 
 
 def with_default_subcommand(args: list[str]) -> list[str]:
@@ -99,12 +206,21 @@ def cli_main(args: Optional[list[str]] = None, run: bool = True) -> MusicVAECLI:
     args = list(sys.argv[1:] if args is None else args)
     if run:
         args = with_default_subcommand(args)
+    resume = None
+    ckpt_path = _ckpt_path_arg(args)
+    if ckpt_path and run and args[0] in SUBCOMMANDS:
+        resume = load_checkpoint(ckpt_path)
+        stored = run_config(resume)
+        if stored:
+            # The stored run is the base; everything on the command line overrides it.
+            args = [args[0], "--config", dump_yaml(stored), *args[1:]]
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     return MusicVAECLI(
         MusicVAEModule,
         MelDataModule,
         args=args,
         run=run,
+        resume=resume,
         seed_everything_default=0,
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_kwargs={"overwrite": True},

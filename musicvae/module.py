@@ -134,6 +134,10 @@ class MusicVAEModule(L.LightningModule):
                     "val/reconstructions", mel_comparison_figure(inputs, outputs, title), self.global_step
                 )
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # The bands are a hyper-parameter: on resume the configured ones win over the stored buffer.
+        checkpoint["state_dict"]["freq_weight"] = self.freq_weight.detach().clone()
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         hp = self.hparams
         if hp.weight_decay > 0:

@@ -1,0 +1,65 @@
+"""Callbacks that make checkpoints self-describing and resumes honour new hyper-parameters."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+
+from musicvae.checkpoints import MONITOR_KEY, RUN_CONFIG_KEY
+
+
+class RunMetadata(Callback):
+    """Puts the run's full config and the monitored value into every checkpoint.
+
+    The config (with an absolute `checkpoint_dir`) is also written beside the checkpoints as
+    `config.yaml`, for people; `--ckpt_path` alone reads the copy inside the checkpoint.
+    """
+
+    def __init__(self, config_yaml: str, monitor: str, checkpoint_dir: Path) -> None:
+        self.config_yaml = config_yaml
+        self.monitor = monitor
+        self.checkpoint_dir = Path(checkpoint_dir)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit" or not trainer.is_global_zero:
+            return
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        target = self.checkpoint_dir / "config.yaml"
+        tmp = target.with_name(f".config.yaml.{os.getpid()}.tmp")
+        tmp.write_text(self.config_yaml)
+        os.replace(tmp, target)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint[RUN_CONFIG_KEY] = self.config_yaml
+        value = trainer.callback_metrics.get(self.monitor)
+        checkpoint[MONITOR_KEY] = {"name": self.monitor, "value": None if value is None else float(value)}
+
+
+class ApplyResumedLearningRate(Callback):
+    """Puts a learning rate changed on resume into the restored optimizer.
+
+    Lightning restores the optimizer's state, old learning rate included, after the module is
+    built with the new one; without this a `--model.lr` given on resume is silently ignored.
+    Adam's moment estimates are kept.
+    """
+
+    def __init__(self, old_lr: Optional[float]) -> None:
+        self.old_lr = old_lr
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        new_lr = float(pl_module.hparams.lr)
+        if trainer.ckpt_path is None or self.old_lr is None or new_lr == self.old_lr:
+            return
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = new_lr
+                if "initial_lr" in group:
+                    group["initial_lr"] = new_lr
+        for config in trainer.lr_scheduler_configs:
+            config.scheduler.base_lrs = [new_lr] * len(config.scheduler.base_lrs)
+        rank_zero_info(f"musicvae: learning rate set to {new_lr:g} in the restored optimizer (was {self.old_lr:g})")

@@ -1,0 +1,133 @@
+"""Reading musicvae checkpoints safely, and what a resume may and may not change.
+
+Every checkpoint is read with `torch.load(weights_only=True)`: only tensors and plain values,
+so a crafted file cannot run code. A checkpoint carries the run's full config (`RUN_CONFIG_KEY`),
+which is how `--ckpt_path` alone resumes the same run.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from musicvae.errors import CheckpointError
+
+#: Key of the run's full config (a YAML string) inside every checkpoint the CLI writes.
+RUN_CONFIG_KEY = "musicvae_run_config"
+#: Key of {"name": monitor, "value": float} inside every checkpoint the CLI writes.
+MONITOR_KEY = "musicvae_monitor"
+#: Key of the data module's state (mel settings, statistics, split rule).
+DATA_STATE_KEY = "MelDataModule"
+#: Fields whose change makes the weights meaningless or unloadable.
+ARCHITECTURE_FIELDS = ("n_mels", "frames", "latent_dim", "channels", "blocks_per_stage")
+#: Fields of the run that may differ on resume without being a change of hyper-parameters.
+NOT_HYPERPARAMETERS = ("ckpt_path", "overwrite")
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> dict[str, Any]:
+    """Load a musicvae checkpoint with `weights_only=True`, or explain why not.
+
+    Raises:
+        CheckpointError: missing, truncated or corrupt file, a pickle that needs code to load
+            (refused, nothing executed), or a checkpoint of another model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path}: refused: the file contains Python objects that would run code when loaded "
+            f"(only tensors and plain values are accepted). Detail: {str(err).splitlines()[-1][:300]}"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint (truncated or not a checkpoint file: {type(err).__name__}: "
+            f"{str(err).splitlines()[0][:200]})"
+        ) from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path}: not a Lightning checkpoint (no state_dict)")
+    hparams = ckpt.get("hyper_parameters") or {}
+    if DATA_STATE_KEY not in ckpt or "latent_dim" not in hparams:
+        raise CheckpointError(
+            f"{path}: not a musicvae checkpoint (written by another model: it lacks the MusicVAEModule "
+            "hyper-parameters or the MelDataModule state)"
+        )
+    return ckpt
+
+
+def run_config(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The run's config stored in a checkpoint ({} for checkpoints written outside the CLI)."""
+    text = ckpt.get(RUN_CONFIG_KEY)
+    return yaml.safe_load(text) if text else {}
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"model": {"lr": 1}} -> {"model.lr": 1}; lists stay values."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value and "class_path" not in value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Settings that differ between two run configs, as {"model.lr": (old, new)}."""
+    a, b = flatten(old), flatten(new)
+    changes = {}
+    for key in sorted(set(a) | set(b)):
+        if key.split(".")[0] in NOT_HYPERPARAMETERS or key in NOT_HYPERPARAMETERS:
+            continue
+        if _normal(a.get(key)) != _normal(b.get(key)):
+            changes[key] = (a.get(key), b.get(key))
+    return changes
+
+
+def _normal(value: Any) -> Any:
+    # YAML round trips turn tuples into lists and 5e-5 into "5.0e-05" floats alike.
+    if isinstance(value, (list, tuple)):
+        return [_normal(v) for v in value]
+    return value
+
+
+def unresumable_changes(ckpt: dict[str, Any], model_hparams: dict[str, Any], mel: dict[str, Any]) -> list[str]:
+    """Why the checkpoint's weights cannot continue under the new settings ([] if they can)."""
+    old_hp = ckpt.get("hyper_parameters", {})
+    problems = []
+    for name in ARCHITECTURE_FIELDS:
+        old, new = old_hp.get(name), model_hparams.get(name)
+        if _normal(old) != _normal(new):
+            problems.append(f"model.{name}: checkpoint {old!r}, now {new!r}")
+    old_mel = ckpt.get(DATA_STATE_KEY, {}).get("mel", {})
+    for name, old in old_mel.items():
+        if mel.get(name) != old:
+            problems.append(f"data.mel.{name}: checkpoint {old!r}, now {mel.get(name)!r}")
+    return problems
+
+
+def describe(path: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
+    """One row of the checkpoint listing: epoch, step, monitored value, time written."""
+    monitored = ckpt.get(MONITOR_KEY) or {}
+    return {
+        "file": path.name,
+        "path": str(path.resolve()),
+        "epoch": ckpt.get("epoch"),
+        "global_step": ckpt.get("global_step"),
+        "monitor": monitored.get("name"),
+        "value": monitored.get("value"),
+        "written": path.stat().st_mtime,
+    }
+
+
+def dump_yaml(config: dict[str, Any]) -> str:
+    return yaml.safe_dump(config, sort_keys=False)
