@@ -1,24 +1,43 @@
-"""Mel settings and the waveform -> log-mel front end (torchaudio).
+"""Mel settings and the audio -> log-mel front end (soundfile decode, torchaudio resample and mel).
 
 The mel settings are one config group (`--data.mel.*`) and travel in every checkpoint, so a
-model always meets the features it was trained on.
+model always meets the features it was trained on. Audio files are decoded with the libsndfile
+bundled in soundfile's wheel (WAV, FLAC, OGG/Vorbis, Opus, MP3, AIFF), because torchaudio.load
+needs torchcodec and FFmpeg.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+import numpy as np
+import soundfile as sf
 import torch
 import torchaudio
 from torch import nn
 
+from musicvae.errors import DataError
+
 #: Name of the sidecar file that declares the mel settings of a folder of precomputed arrays.
 MEL_SIDECAR = "mel.json"
+
+#: File suffixes decoded as audio (compared in lower case); libsndfile reads every one of them.
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff")
+
+# Frames decoded per read: bounds the memory of long multichannel files to ~32 MB (1M x 8 ch x 4 B)
+# on top of the mono result.
+_DECODE_BLOCK = 1 << 20
+
+
+class AudioError(DataError):
+    """A recording that cannot be used; the message starts with its path and gives the reason."""
 
 
 @dataclass(frozen=True)
@@ -140,3 +159,130 @@ class LogMel(nn.Module):
 def log_mel(waveform: torch.Tensor, mel: MelSettings) -> torch.Tensor:
     """One-off log-mel of a waveform already at `mel.sample_rate` (see LogMel)."""
     return LogMel(mel)(waveform)
+
+
+def _decode_reason(path: Path, err: Exception) -> str:
+    message = str(err).replace(f"'{path}'", "the file").strip()
+    # libsndfile answers "not a regular file (possibly a pipe?)" for some plain files it cannot
+    # parse (text named .mp3); say what is actually wrong.
+    if "not a regular file" in message and path.is_file():
+        message = "format not recognised"
+    kind = "" if isinstance(err, sf.LibsndfileError) else f"{type(err).__name__}: "
+    return f"cannot decode ({kind}{message})"
+
+
+def decode_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
+    """Decode an audio file and mix it to mono.
+
+    Args:
+        path: any file libsndfile reads (see AUDIO_SUFFIXES); 16/24/32-bit PCM and float, any
+            number of channels, any sample rate.
+
+    Returns:
+        (samples,) float32 mono waveform (the mean of the channels) and its native sample rate.
+
+    Raises:
+        AudioError: missing, empty, unreadable, corrupt, or without a single decodable frame.
+    """
+    path = Path(path)
+    try:
+        if os.stat(path).st_size == 0:
+            raise AudioError(f"{path}: empty file (0 bytes)")
+        blocks = []
+        with sf.SoundFile(str(path)) as handle:
+            sample_rate, channels = handle.samplerate, handle.channels
+            weights = np.full(channels, 1.0 / channels, dtype=np.float32)
+            while True:
+                block = handle.read(_DECODE_BLOCK, dtype="float32", always_2d=True)  # (frames, channels)
+                if not len(block):
+                    break
+                # A matrix-vector product mixes ~30x faster than block.mean(axis=1). (frames, C) -> (frames,)
+                blocks.append(block[:, 0].copy() if channels == 1 else block @ weights)
+    except AudioError:
+        raise
+    except FileNotFoundError as err:
+        reason = "broken symbolic link" if path.is_symlink() else "file not found"
+        raise AudioError(f"{path}: {reason}") from err
+    except IsADirectoryError as err:
+        raise AudioError(f"{path}: is a directory, not an audio file") from err
+    except Exception as err:  # libsndfile and its codecs raise several types for corrupt data
+        raise AudioError(f"{path}: {_decode_reason(path, err)}") from err
+    if not blocks:
+        raise AudioError(f"{path}: no audio frames could be decoded (empty or truncated)")
+    return np.concatenate(blocks) if len(blocks) > 1 else blocks[0], int(sample_rate)
+
+
+@functools.lru_cache(maxsize=32)
+def _resampler(orig_rate: int, new_rate: int) -> torchaudio.transforms.Resample:
+    # Building the windowed-sinc kernel costs as much as applying it to a minute of audio, so
+    # each process builds it once per source rate.
+    return torchaudio.transforms.Resample(orig_rate, new_rate)
+
+
+def resample(waveform: torch.Tensor, orig_rate: int, new_rate: int) -> torch.Tensor:
+    """(..., samples) at `orig_rate` -> (..., ceil(samples * new_rate / orig_rate)) at `new_rate`."""
+    if orig_rate == new_rate:
+        return waveform
+    return _resampler(int(orig_rate), int(new_rate))(waveform)
+
+
+def load_audio(path: str | os.PathLike, sample_rate: int) -> torch.Tensor:
+    """Decode, mix to mono and resample an audio file.
+
+    Args:
+        path: the audio file.
+        sample_rate: the rate of the result.
+
+    Returns:
+        (samples,) float32 waveform at `sample_rate`.
+
+    Raises:
+        AudioError: see decode_audio.
+    """
+    wave, rate = decode_audio(path)
+    with torch.inference_mode():
+        return resample(torch.from_numpy(wave), rate, sample_rate)
+
+
+@functools.lru_cache(maxsize=8)
+def _log_mel_module(mel: MelSettings) -> LogMel:
+    return LogMel(mel)  # the mel filterbank is built once per process and setting
+
+
+def audio_to_log_mel(path: str | os.PathLike, mel: MelSettings) -> np.ndarray:
+    """The log-mel spectrogram of an audio file, as the models are trained on it.
+
+    Args:
+        path: the audio file.
+        mel: the mel settings; audio is resampled to `mel.sample_rate` first.
+
+    Returns:
+        (n_mels, frames) float32 natural-log mel power, frames = 1 + samples // hop_length.
+
+    Raises:
+        AudioError: unreadable, empty, silent (every sample zero), shorter than one STFT window,
+            or with NaN/Inf samples.
+    """
+    wave, rate = decode_audio(path)
+    return mono_to_log_mel(wave, rate, mel, source=str(path))
+
+
+def mono_to_log_mel(wave: np.ndarray, rate: int, mel: MelSettings, source: str = "waveform") -> np.ndarray:
+    """(samples,) mono float32 at `rate` -> (n_mels, frames) float32 log-mel (see audio_to_log_mel).
+
+    Raises:
+        AudioError: naming `source`, for silent, too short or non-finite input.
+    """
+    if not wave.any():
+        raise AudioError(f"{source}: silent (every sample is zero after mixing to mono)")
+    with torch.inference_mode():
+        wave_t = resample(torch.from_numpy(wave), rate, mel.sample_rate)
+        if wave_t.numel() < mel.n_fft:
+            raise AudioError(
+                f"{source}: too short ({wave.size / rate:.3f} s); needs at least one STFT window "
+                f"of {mel.n_fft} samples at {mel.sample_rate} Hz"
+            )
+        spec = _log_mel_module(mel)(wave_t)  # (samples,) -> (n_mels, frames)
+    if not torch.isfinite(spec).all():
+        raise AudioError(f"{source}: contains NaN or Inf samples")
+    return spec.numpy()

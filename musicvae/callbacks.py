@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
 from musicvae.checkpoints import MONITOR_KEY, RUN_CONFIG_KEY
@@ -63,3 +63,35 @@ class ApplyResumedLearningRate(Callback):
         for config in trainer.lr_scheduler_configs:
             config.scheduler.base_lrs = [new_lr] * len(config.scheduler.base_lrs)
         rank_zero_info(f"musicvae: learning rate set to {new_lr:g} in the restored optimizer (was {self.old_lr:g})")
+
+
+class FixedNameCheckpoint(ModelCheckpoint):
+    """A ModelCheckpoint with a fixed file name whose best score survives a moved run folder.
+
+    Lightning restores `best_model_score` only when the stored `dirpath` string equals the
+    current one; otherwise a resumed run would replace `best.ckpt` with its first, possibly
+    worse, model. File names are fixed here, so the stored paths map onto the new folder by
+    name, and the score is kept whenever that folder holds the file it refers to.
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        stored_dir = state_dict.get("dirpath", self.dirpath)
+        if stored_dir == self.dirpath or self.dirpath is None:
+            return super().load_state_dict(state_dict)
+        moved = {key: self._moved(state_dict.get(key)) for key in ("best_model_path", "kth_best_model_path", "last_model_path")}
+        if moved["best_model_path"] and Path(moved["best_model_path"]).exists():
+            self.best_model_score = state_dict["best_model_score"]
+            self.kth_value = state_dict.get("kth_value", self.kth_value)
+            self.best_k_models = {self._moved(path): score for path, score in state_dict.get("best_k_models", {}).items()}
+            self.best_model_path = moved["best_model_path"]
+            self.kth_best_model_path = moved["kth_best_model_path"] or ""
+            self.last_model_path = moved["last_model_path"] or ""
+            rank_zero_info(f"musicvae: run folder moved from {stored_dir} to {self.dirpath}; best score kept")
+        else:
+            rank_zero_info(
+                f"musicvae: {self.dirpath} holds no {self.filename}.ckpt of the resumed run (it was in {stored_dir}); "
+                "the best score starts afresh in the new folder"
+            )
+
+    def _moved(self, path: Optional[str]) -> Optional[str]:
+        return str(Path(self.dirpath) / Path(path).name) if path else None

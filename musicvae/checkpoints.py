@@ -43,9 +43,15 @@ def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> dict[
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
+        # weights_only refuses globals (code) with a message naming them; anything else is garbage.
+        if "global" not in str(err).lower():
+            raise CheckpointError(
+                f"{path}: not a readable checkpoint (truncated or not a checkpoint file: "
+                f"{_last_line(err)})"
+            ) from None
         raise CheckpointError(
             f"{path}: refused: the file contains Python objects that would run code when loaded "
-            f"(only tensors and plain values are accepted). Detail: {str(err).splitlines()[-1][:300]}"
+            f"(only tensors and plain values are accepted): {_unsupported(err)}"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
         raise CheckpointError(
@@ -61,6 +67,18 @@ def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> dict[
             "hyper-parameters or the MelDataModule state)"
         )
     return ckpt
+
+
+def _last_line(err: Exception) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip() and "documentation" not in line]
+    return lines[-1][:300] if lines else type(err).__name__
+
+
+def _unsupported(err: Exception) -> str:
+    for line in str(err).splitlines():
+        if "global" in line.lower():
+            return line.strip().split(". Please")[0][:300]
+    return _last_line(err)
 
 
 def run_config(ckpt: dict[str, Any]) -> dict[str, Any]:
@@ -131,3 +149,20 @@ def describe(path: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
 
 def dump_yaml(config: dict[str, Any]) -> str:
     return yaml.safe_dump(config, sort_keys=False)
+
+
+def list_checkpoints(folder: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every `*.ckpt` in `folder`, oldest first, described; unreadable ones carry an `error`.
+
+    `best` and `last` mark the files the CLI's callbacks keep under those names.
+    """
+    rows = []
+    for path in sorted(Path(folder).glob("*.ckpt"), key=lambda p: (p.stat().st_mtime, p.name)):
+        try:
+            row = describe(path, load_checkpoint(path))
+        except CheckpointError as err:
+            row = {"file": path.name, "path": str(path.resolve()), "error": str(err)}
+        row["best"] = path.name == "best.ckpt"
+        row["last"] = path.name == "last.ckpt"
+        rows.append(row)
+    return rows

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import yaml
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from musicvae.callbacks import ApplyResumedLearningRate, RunMetadata
+from musicvae.callbacks import ApplyResumedLearningRate, FixedNameCheckpoint, RunMetadata
 from musicvae.checkpoints import config_changes, dump_yaml, load_checkpoint, run_config, unresumable_changes
 from musicvae.data import MelDataModule
 from musicvae.errors import CheckpointError, ConfigError, MusicVAEError
@@ -57,12 +57,12 @@ def checkpoint_callbacks(checkpoint_dir: Path, monitor: str = "val/loss") -> lis
     """`best.ckpt` (lowest `monitor`) and `last.ckpt` (newest state) under an absolute folder.
 
     Two callbacks, because with a monitor Lightning 2.6 refreshes `last.ckpt` only when a new
-    best is saved. The folder must be absolute: ModelCheckpoint restores its best score only
-    when the stored `dirpath` string is identical.
+    best is saved. The folder is absolute because ModelCheckpoint restores its best score only
+    when the stored `dirpath` string is identical (FixedNameCheckpoint also follows a moved folder).
     """
     common = dict(dirpath=str(checkpoint_dir), auto_insert_metric_name=False, enable_version_counter=False)
-    best = ModelCheckpoint(filename="best", monitor=monitor, mode="min", save_top_k=1, **common)
-    last = ModelCheckpoint(filename="last", monitor=None, save_top_k=1, **common)
+    best = FixedNameCheckpoint(filename="best", monitor=monitor, mode="min", save_top_k=1, **common)
+    last = FixedNameCheckpoint(filename="last", monitor=None, save_top_k=1, **common)
     return [best, last]
 
 

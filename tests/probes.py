@@ -1,0 +1,67 @@
+"""Test-only callbacks, importable by class path from CLI flags (tests/ is on sys.path under pytest)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+
+class FirstStepProbe(Callback):
+    """Records, at the first training batch of a run, what the step will actually use."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+        self.done = False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.done:
+            return
+        self.done = True
+        optimizer = trainer.optimizers[0]
+        record = {
+            "lr": [group["lr"] for group in optimizer.param_groups],
+            "beta": float(pl_module.hparams.beta),
+            "spectral_weight": float(pl_module.hparams.spectral_weight),
+            "epoch": trainer.current_epoch,
+            "global_step": trainer.global_step,
+        }
+        self.out.write_text(json.dumps(record))
+        torch.save(optimizer.state_dict(), self.out.with_suffix(".optim.pt"))
+
+
+class ValHistory(Callback):
+    """Appends (epoch, val/loss, last.ckpt epoch, best.ckpt epoch) once each epoch's checkpoints are saved.
+
+    Recorded at the next epoch's start and at the end of fit: ModelCheckpoint callbacks run
+    after all others in the same hook, so the epoch's own end is too early.
+    """
+
+    def __init__(self, out: str, checkpoint_dir: str) -> None:
+        self.out = Path(out)
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.pending = None
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.pending = (trainer.current_epoch, float(trainer.callback_metrics["val/loss"]))
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._flush()
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._flush()
+
+    def _flush(self) -> None:
+        if self.pending is None:
+            return
+        rows = json.loads(self.out.read_text()) if self.out.exists() else []
+        epochs = {}
+        for name in ("last", "best"):
+            path = self.checkpoint_dir / f"{name}.ckpt"
+            epochs[name] = torch.load(path, weights_only=True)["epoch"] if path.exists() else None
+        epoch, val = self.pending
+        rows.append({"epoch": epoch, "val": val, **epochs})
+        self.out.write_text(json.dumps(rows))
+        self.pending = None
