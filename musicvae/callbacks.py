@@ -25,8 +25,9 @@ class RunMetadata(Callback):
         self.monitor = monitor
         self.checkpoint_dir = Path(checkpoint_dir)
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit" or not trainer.is_global_zero:
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Not in setup(): ModelCheckpoint warns about a non-empty folder if the file is already there.
+        if not trainer.is_global_zero:
             return
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         target = self.checkpoint_dir / "config.yaml"

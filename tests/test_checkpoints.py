@@ -84,13 +84,18 @@ def test_resume_uses_new_lr_and_beta_and_keeps_adam_state(trained, tmp_path):
     last = run / "ckpt" / "last.ckpt"
     before = torch.load(last, weights_only=True)
     probe = tmp_path / "probe.json"
-    cli = cli_main([
-        "fit", "--ckpt_path", str(last), "--checkpoint_dir", str(run / "ckpt"),
-        "--model.lr", "1e-5", "--model.beta", "0.5", "--trainer.max_epochs", "3", *probe_flag(probe),
-    ])
+    # A given config beats the stored run; a flag after it beats both.
+    (tmp_path / "override.yaml").write_text("model:\n  beta: 0.5\n  spectral_weight: 0.3\n  lr: 0.1\n")
+    with pytest.warns(UserWarning, match="model.beta.*changed on resume while best.ckpt is chosen by val/loss"):
+        cli = cli_main([
+            "fit", "--ckpt_path", str(last), "--checkpoint_dir", str(run / "ckpt"),
+            "--config", str(tmp_path / "override.yaml"), "--model.lr", "1e-5", "--trainer.max_epochs", "3",
+            *probe_flag(probe),
+        ])
     seen = json.loads(probe.read_text())
     assert seen["lr"] == [1e-5]
-    assert seen["beta"] == 0.5 and cli.model.hparams.beta == 0.5
+    assert seen["beta"] == 0.5 and seen["spectral_weight"] == 0.3 and cli.model.hparams.beta == 0.5
+    assert cli.model.hparams.latent_dim == 6  # not given: from the stored run
     assert seen["epoch"] == before["epoch"] + 1 and seen["global_step"] == before["global_step"]
     restored = torch.load(probe.with_suffix(".optim.pt"), weights_only=True)["state"]
     stored = before["optimizer_states"][0]["state"]

@@ -141,3 +141,21 @@ def test_script_trains_from_another_directory(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "run" / "ckpt" / "last.ckpt").is_file()
     assert "last.ckpt" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_bf16_mixed_precision_trains(tmp_path):
+    cli = cli_main(tiny_fit_args(tmp_path, "--trainer.precision", "bf16-mixed", "--trainer.max_epochs", "1"))
+    assert torch.isfinite(cli.trainer.callback_metrics["val/loss"])
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu(tmp_path):
+    result = run_script(
+        *tiny_fit_args(tmp_path, "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+                       "--trainer.strategy", "ddp", "--trainer.max_epochs", "1")[1:],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "GLOBAL_RANK: 1" in result.stderr + result.stdout
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["epoch"] == 0
