@@ -8,6 +8,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from musicvae.errors import ConfigError
 from musicvae.losses import DEFAULT_BANDS, create_frequency_weights, vae_loss, vae_loss_spectral
 from musicvae.model import ConvVAE
 from musicvae.plots import mel_comparison_figure
@@ -57,25 +58,30 @@ class MusicVAEModule(L.LightningModule):
     ) -> None:
         super().__init__()
         if loss not in LOSSES:
-            raise ValueError(f"model.loss={loss!r} is not one of {LOSSES}")
+            raise ConfigError(f"model.loss={loss!r} is not one of {LOSSES}")
         if lr <= 0 or beta < 0 or spectral_weight < 0 or output_reg_weight < 0:
-            raise ValueError(
+            raise ConfigError(
                 "model.lr must be positive and model.beta, model.spectral_weight, model.output_reg_weight "
                 f"non-negative; got lr={lr}, beta={beta}, spectral_weight={spectral_weight}, "
                 f"output_reg_weight={output_reg_weight}"
             )
         self.save_hyperparameters()
-        self.vae = ConvVAE(
-            n_mels=n_mels,
-            frames=frames,
-            latent_dim=latent_dim,
-            channels=tuple(channels),
-            blocks_per_stage=blocks_per_stage,
-            dropout=dropout,
-        )
-        bands = [tuple(float(v) for v in band) for band in freq_bands]
-        # A buffer, so the weights travel in checkpoints and follow the module to the GPU.
-        self.register_buffer("freq_weight", create_frequency_weights(n_mels, bands))
+        try:
+            self.vae = ConvVAE(
+                n_mels=n_mels,
+                frames=frames,
+                latent_dim=latent_dim,
+                channels=tuple(channels),
+                blocks_per_stage=blocks_per_stage,
+                dropout=dropout,
+            )
+            bands = [tuple(float(v) for v in band) for band in freq_bands]
+            # A buffer, so the weights travel in checkpoints and follow the module to the GPU.
+            self.register_buffer("freq_weight", create_frequency_weights(n_mels, bands))
+        except ValueError as err:
+            raise ConfigError(
+                f"model: {err} (the CLI takes n_mels from data.mel.n_mels and frames from data.frames)"
+            ) from None
         self._figure_batch: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
