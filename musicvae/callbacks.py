@@ -94,5 +94,10 @@ class FixedNameCheckpoint(ModelCheckpoint):
                 "the best score starts afresh in the new folder"
             )
 
+    def _ModelCheckpoint__warn_if_dir_not_empty(self, dirpath: str) -> None:  # noqa: N802
+        # Lightning warns whenever the folder holds checkpoints, resumes included; the CLI already
+        # refuses a fresh run into a used folder, so the warning would only ever be noise here.
+        return None
+
     def _moved(self, path: Optional[str]) -> Optional[str]:
         return str(Path(self.dirpath) / Path(path).name) if path else None

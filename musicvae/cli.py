@@ -9,6 +9,7 @@ Resuming (`--ckpt_path`) differs from plain LightningCLI in two ways, both on pu
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -217,6 +218,9 @@ def cli_main(args: Optional[list[str]] = None, run: bool = True) -> MusicVAECLI:
             # The stored run is the base; everything on the command line overrides it.
             args = [args[0], "--config", dump_yaml(stored), *args[1:]]
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    # Deprecations inside Lightning's own use of its dependencies: nothing a user can act on.
+    os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     return MusicVAECLI(
         MusicVAEModule,
         MelDataModule,
