@@ -87,6 +87,18 @@ def run_config(ckpt: dict[str, Any]) -> dict[str, Any]:
     return yaml.safe_load(text) if text else {}
 
 
+def config_from_hyperparameters(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """A partial run config rebuilt from a checkpoint written outside the CLI (Python API).
+
+    Only what the weights need: the model's hyper-parameters and the data's shape settings.
+    """
+    linked = {"n_mels", "frames"}  # the CLI links these from the data settings
+    model = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if k not in linked and not k.startswith("_")}
+    data_state = ckpt.get(DATA_STATE_KEY) or {}
+    data = {k: data_state[k] for k in ("frames", "mel") if k in data_state}
+    return {"model": model, "data": data}
+
+
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """{"model": {"lr": 1}} -> {"model.lr": 1}; lists stay values."""
     flat: dict[str, Any] = {}

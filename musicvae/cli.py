@@ -17,11 +17,18 @@ from typing import Any, Optional, Union
 
 import yaml
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from musicvae.callbacks import ApplyResumedLearningRate, FixedNameCheckpoint, RunMetadata
-from musicvae.checkpoints import config_changes, dump_yaml, load_checkpoint, run_config, unresumable_changes
+from musicvae.checkpoints import (
+    config_changes,
+    config_from_hyperparameters,
+    dump_yaml,
+    load_checkpoint,
+    run_config,
+    unresumable_changes,
+)
 from musicvae.data import MelDataModule
 from musicvae.errors import CheckpointError, ConfigError, MusicVAEError
 from musicvae.module import MusicVAEModule
@@ -65,6 +72,19 @@ def checkpoint_callbacks(checkpoint_dir: Path, monitor: str = "val/loss") -> lis
     best = FixedNameCheckpoint(filename="best", monitor=monitor, mode="min", save_top_k=1, **common)
     last = FixedNameCheckpoint(filename="last", monitor=None, save_top_k=1, **common)
     return [best, last]
+
+
+class SaveConfigToLogDir(SaveConfigCallback):
+    """LightningCLI's config.yaml in the TensorBoard run folder, skipped when there is no logger.
+
+    Without a logger Lightning's log_dir is the working directory, which must not collect files;
+    the run's config is beside the checkpoints anyway.
+    """
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if trainer.logger is None:
+            return
+        super().setup(trainer, pl_module, stage)
 
 
 class MusicVAECLI(LightningCLI):
@@ -126,6 +146,13 @@ class MusicVAECLI(LightningCLI):
         extra.append(ApplyResumedLearningRate(old_lr))
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         return self._instantiate_trainer(trainer_config, extra)
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand and self._setting("ckpt_path") and self.resume is None:
+            raise ConfigError(
+                "ckpt_path is set in a config file; give it on the command line (--ckpt_path FILE) so the "
+                "stored run settings and the checkpoint are checked before anything is built"
+            )
 
     def before_fit(self) -> None:
         if self.resume is None:
@@ -213,7 +240,7 @@ def cli_main(args: Optional[list[str]] = None, run: bool = True) -> MusicVAECLI:
     ckpt_path = _ckpt_path_arg(args)
     if ckpt_path and run and args[0] in SUBCOMMANDS:
         resume = load_checkpoint(ckpt_path)
-        stored = run_config(resume)
+        stored = run_config(resume) or config_from_hyperparameters(resume)
         if stored:
             # The stored run is the base; everything on the command line overrides it.
             args = [args[0], "--config", dump_yaml(stored), *args[1:]]
@@ -229,6 +256,7 @@ def cli_main(args: Optional[list[str]] = None, run: bool = True) -> MusicVAECLI:
         resume=resume,
         seed_everything_default=0,
         trainer_defaults=TRAINER_DEFAULTS,
+        save_config_callback=SaveConfigToLogDir,
         save_config_kwargs={"overwrite": True},
         # No prefix matching: a mistyped `--trainer.max_epoch` must fail, not silently mean max_epochs.
         parser_kwargs={"allow_abbrev": False, **{name: {"allow_abbrev": False} for name in SUBCOMMANDS}},

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import lightning as L
+from lightning.pytorch.accelerators import CUDAAccelerator
 import numpy as np
 from torch.utils.data import DataLoader
 
@@ -122,8 +123,8 @@ class MelDataModule(L.LightningDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_set is not None:
             return
-        if self.data_dir is None and not self.folder.exists():
-            self.prepare_data()  # used outside a Trainer (notebooks): build on demand
+        if self.data_dir is None:
+            self.prepare_data()  # a no-op once built; builds on demand outside a Trainer (notebooks)
         self.sources = self._scan()
         train_items, val_items = self._split(self.sources)
         paths = [s.path for s in self.sources]
@@ -214,7 +215,7 @@ class MelDataModule(L.LightningDataModule):
             shuffle=shuffle,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            pin_memory=self.trainer is not None and self.trainer.accelerator.__class__.__name__ == "CUDAAccelerator",
+            pin_memory=self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator),
         )
 
     def train_dataloader(self) -> DataLoader:

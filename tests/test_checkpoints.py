@@ -252,3 +252,25 @@ def test_checkpoint_listing_script(tiny_run):
     assert by_name["last.ckpt"]["last"] and by_name["best.ckpt"]["best"]
     assert by_name["last.ckpt"]["epoch"] == 1 and by_name["last.ckpt"]["global_step"] > 0
     assert rows == list_checkpoints(tiny_run["ckpt_dir"])
+
+
+@pytest.mark.slow
+def test_cli_resumes_a_checkpoint_written_by_the_python_api(mel_folder, tmp_path):
+    from musicvae import MelDataModule, MusicVAEModule
+
+    dm = MelDataModule(data_dir=str(mel_folder), frames=16, batch_size=4, val_split=0.3)
+    model = MusicVAEModule(n_mels=16, frames=16, latent_dim=4, channels=[8, 16], lr=1e-3)
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    trainer.fit(model, dm)
+    trainer.save_checkpoint(tmp_path / "api.ckpt")
+    cli = cli_main(["fit", "--ckpt_path", str(tmp_path / "api.ckpt"), "--data.data_dir", str(mel_folder),
+                    "--data.batch_size", "4", "--checkpoint_dir", str(tmp_path / "ckpt"), "--trainer.max_epochs", "2",
+                    "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"])
+    assert cli.model.hparams.latent_dim == 4 and cli.model.hparams.lr == 1e-3 and cli.datamodule.frames == 16
+    assert load_checkpoint(tmp_path / "ckpt" / "last.ckpt")["epoch"] == 1
+
+
+def test_ckpt_path_in_a_config_file_is_refused(tmp_path):
+    (tmp_path / "c.yaml").write_text(f"ckpt_path: {tmp_path / 'x.ckpt'}\n")
+    with pytest.raises(ConfigError, match="give it on the command line"):
+        cli_main(["fit", "--config", str(tmp_path / "c.yaml")])
