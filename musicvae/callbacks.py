@@ -8,24 +8,29 @@ from typing import Any, Optional
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from musicvae.checkpoints import MONITOR_KEY, RUN_CONFIG_KEY
+from musicvae.checkpoints import MONITOR_KEY, RUN_CONFIG_KEY, dump_yaml
 
 
 class RunMetadata(Callback):
     """Puts the run's full config and the monitored value into every checkpoint.
 
     The config (with an absolute `checkpoint_dir`) is also written beside the checkpoints as
-    `config.yaml`, for people; `--ckpt_path` alone reads the copy inside the checkpoint.
+    `config.yaml`, for people; `--ckpt_path` alone reads the copy inside the checkpoint. The
+    TensorBoard logger's folder and version are pinned in it, so a resumed run continues the
+    same curves instead of starting a new version relative to wherever it was started.
     """
 
-    def __init__(self, config_yaml: str, monitor: str, checkpoint_dir: Path) -> None:
-        self.config_yaml = config_yaml
+    def __init__(self, config: dict[str, Any], monitor: str, checkpoint_dir: Path) -> None:
+        self.config = config
         self.monitor = monitor
         self.checkpoint_dir = Path(checkpoint_dir)
+        self.config_yaml = dump_yaml(config)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._pin_logger(trainer)
         # Not in setup(): ModelCheckpoint warns about a non-empty folder if the file is already there.
         if not trainer.is_global_zero:
             return
@@ -34,6 +39,19 @@ class RunMetadata(Callback):
         tmp = target.with_name(f".config.yaml.{os.getpid()}.tmp")
         tmp.write_text(self.config_yaml)
         os.replace(tmp, target)
+
+    def _pin_logger(self, trainer: L.Trainer) -> None:
+        spec = (self.config.get("trainer") or {}).get("logger")
+        logger = trainer.logger
+        if not isinstance(logger, TensorBoardLogger) or not isinstance(spec, dict):
+            return
+        if not str(spec.get("class_path", "")).endswith("TensorBoardLogger"):
+            return
+        init_args = spec.setdefault("init_args", {})
+        init_args["save_dir"] = str(Path(logger.save_dir).resolve())
+        init_args["name"] = logger.name
+        init_args["version"] = logger.version
+        self.config_yaml = dump_yaml(self.config)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint[RUN_CONFIG_KEY] = self.config_yaml

@@ -141,7 +141,7 @@ class MusicVAECLI(LightningCLI):
         parser = self._parser(self.subcommand)
         extra = [self._get(self.config_init, key) for key in parser.callback_keys]
         extra += checkpoint_callbacks(self.checkpoint_dir, monitor)
-        extra.append(RunMetadata(self._stored_config(), monitor, self.checkpoint_dir))
+        extra.append(RunMetadata(yaml.safe_load(self._stored_config()), monitor, self.checkpoint_dir))
         old_lr = (self.resume or {}).get("hyper_parameters", {}).get("lr")
         extra.append(ApplyResumedLearningRate(old_lr))
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}

@@ -127,7 +127,10 @@ def test_relative_checkpoint_dir_resumes_from_another_directory(tmp_path):
     result = run_train("--ckpt_path", str(ckpt_dir / "last.ckpt"), "--model.lr", "0.3", "--trainer.max_epochs", "3",
                        "--trainer.callbacks", json.dumps(callbacks), cwd=second)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert not (second / "ckpt").exists()  # the stored absolute folder, not one relative to the new cwd
+    # The stored absolute folders, not ones relative to the new cwd; TensorBoard curves continue.
+    assert not (second / "ckpt").exists() and not (second / "logs").exists()
+    assert [p.name for p in (first / "logs" / "musicvae").iterdir()] == ["version_0"]
+    assert len(list((first / "logs" / "musicvae" / "version_0").glob("events.out.tfevents.*"))) == 2
     rows = json.loads(history.read_text())
     assert [r["epoch"] for r in rows] == [2] and rows[0]["last"] == 2
     assert rows[0]["val"] > best_before, "test premise: the resumed epoch is worse"
