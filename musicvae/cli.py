@@ -51,6 +51,12 @@ MONITOR_DEPENDS = {
     "val/mse": (),
     "val/spectral": ("loss",),
     "val/output_reg": ("loss",),
+    # Diagnostics (musicvae/metrics.py) where lower is better.
+    "val/weighted_mse": ("freq_bands",),
+    "val/spectral_convergence": (),
+    "val/lsd_db": (),
+    "val/range_frac_outside": (),
+    "val/featureless_frac": (),
 }
 
 

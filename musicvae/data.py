@@ -8,6 +8,7 @@ from typing import Any, Literal, Optional
 
 import lightning as L
 from lightning.pytorch.accelerators import CUDAAccelerator
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 import numpy as np
 from torch.utils.data import DataLoader
 
@@ -209,10 +210,17 @@ class MelDataModule(L.LightningDataModule):
     def _loader(self, dataset: Optional[SegmentDataset], shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
+        sampler = None
+        kwargs = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
+        if not shuffle and kwargs:
+            # Lightning's default DistributedSampler pads by repeating examples, which would count
+            # them twice in the validation metrics; this one gives each example to exactly one rank.
+            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=kwargs["num_replicas"], rank=kwargs["rank"], shuffle=False)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator),

@@ -5,13 +5,15 @@ from __future__ import annotations
 from typing import Literal, Optional
 
 import lightning as L
+import matplotlib.pyplot as plt
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from musicvae.errors import ConfigError
 from musicvae.losses import DEFAULT_BANDS, create_frequency_weights, vae_loss, vae_loss_spectral
 from musicvae.model import ConvVAE
-from musicvae.plots import mel_comparison_figure
+from musicvae.metrics import LatentDiagnostics, ReconstructionDiagnostics
+from musicvae.plots import band_ratio_figure, kl_per_dim_figure, mel_comparison_figure
 
 LOSSES = ("standard", "spectral")
 
@@ -83,6 +85,10 @@ class MusicVAEModule(L.LightningModule):
                 f"model: {err} (the CLI takes n_mels from data.mel.n_mels and frames from data.frames)"
             ) from None
         self._figure_batch: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        # Epoch diagnostics of the notebook's three problems (exact under DDP; see metrics.py).
+        # std is the data's z-score scale, set from the data module before each validation.
+        self.val_diagnostics = ReconstructionDiagnostics(std=1.0, n_mels=n_mels, bands=bands)
+        self.val_latent = LatentDiagnostics(latent_dim)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.vae(x)
@@ -124,21 +130,46 @@ class MusicVAEModule(L.LightningModule):
         self.log("val/loss", parts["loss"], prog_bar=True, sync_dist=True, batch_size=len(batch))
         others = {f"val/{k}": v for k, v in parts.items() if k != "loss"}
         self.log_dict(others, sync_dist=True, batch_size=len(batch))
+        self.val_diagnostics.update(x_hat, batch)
+        self.val_latent.update(mu, logvar)
         if batch_idx == 0:
             n = self.hparams.n_figure_examples
             self._figure_batch = (batch[:n].detach().cpu(), x_hat[:n].detach().float().cpu())
 
+    def on_validation_epoch_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        normalizer = getattr(datamodule, "normalizer", None)
+        if normalizer is not None:
+            self.val_diagnostics.std = normalizer.std
+
     def on_validation_epoch_end(self) -> None:
-        if self._figure_batch is None or self.trainer.sanity_checking or not self.trainer.is_global_zero:
+        diagnostics = self.val_diagnostics.compute()  # already reduced across processes
+        latent = self.val_latent.compute()
+        self.val_diagnostics.reset()
+        self.val_latent.reset()
+        scalars = {f"val/{k}": v.float() for k, v in diagnostics.items()}
+        scalars.update({"val/active_units": latent["active_units"].float(), "val/active_frac": latent["active_frac"].float()})
+        self.log_dict(scalars)
+        if self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            self._figure_batch = None
             return
-        inputs, outputs = self._figure_batch
-        self._figure_batch = None
+        title = f"epoch {self.current_epoch}, step {self.global_step}"
+        figures = {
+            "val/band_variance_ratio": band_ratio_figure(
+                self.val_diagnostics.band_names,
+                [float(diagnostics[f"band_ratio/{name}"]) for name in self.val_diagnostics.band_names],
+                title,
+            ),
+            "val/kl_per_dim": kl_per_dim_figure(latent["kl_per_dim"].cpu(), latent["mu_var"].cpu(), title=title),
+        }
+        if self._figure_batch is not None:
+            figures["val/reconstructions"] = mel_comparison_figure(*self._figure_batch, title)
+            self._figure_batch = None
         for logger in self.loggers:
             if isinstance(logger, TensorBoardLogger):
-                title = f"epoch {self.current_epoch}, step {self.global_step}"
-                logger.experiment.add_figure(
-                    "val/reconstructions", mel_comparison_figure(inputs, outputs, title), self.global_step
-                )
+                for tag, figure in figures.items():
+                    logger.experiment.add_figure(tag, figure, self.global_step)
+        plt.close("all")
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # The bands are a hyper-parameter: on resume the configured ones win over the stored buffer.

@@ -40,3 +40,66 @@ def mel_comparison_figure(inputs: torch.Tensor, outputs: torch.Tensor, title: st
     if title:
         fig.suptitle(title)
     return fig
+
+
+def band_ratio_figure(names: list[str], ratios: torch.Tensor | list[float], title: str = "") -> Figure:
+    """Reconstruction-to-input variance ratio per mel band, with the ideal 1.0 marked.
+
+    Args:
+        names: band labels such as "0-25" (see musicvae.metrics.band_edges), low bands first.
+        ratios: one ratio per band (musicvae.metrics.band_variance_ratio); NaN bars are left empty.
+        title: figure title.
+
+    Returns:
+        A matplotlib Figure; the caller closes it.
+    """
+    values = torch.as_tensor(ratios, dtype=torch.float64).detach().cpu().tolist()
+    fig, ax = plt.subplots(figsize=(1.2 * len(values) + 2, 3.2), constrained_layout=True)
+    ax.bar(range(len(values)), values, color="tab:blue")
+    # Below the line the band lost detail (a blur keeps energy, not variance); above, it gained noise.
+    ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="input variance")
+    finite = [v for v in values if v == v]  # NaN (a band with no input variance) != itself
+    ax.set_ylim(0.0, max([1.2, *(1.1 * v for v in finite)]))  # headroom above the line for the legend
+    ax.set_xticks(range(len(values)), names)
+    ax.set_xlabel("mel bins")
+    ax.set_ylabel("variance ratio (recon / input)")
+    ax.legend(loc="upper right", fontsize=8)
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def kl_per_dim_figure(
+    kl_per_dim: torch.Tensor,
+    mu_var: torch.Tensor | None = None,
+    active_threshold: float = 0.01,
+    title: str = "",
+) -> Figure:
+    """KL per latent dimension in nats, sorted from largest, active units highlighted.
+
+    Args:
+        kl_per_dim: (D,) mean KL of each latent dimension, nats (musicvae.metrics.LatentDiagnostics).
+        mu_var: (D,) variance over the data of each posterior mean; when given, dimensions with
+            mu_var > active_threshold (Burda et al. 2016 active units) are drawn in a second colour.
+        active_threshold: the posterior-mean variance a unit must exceed to count as active.
+        title: figure title.
+
+    Returns:
+        A matplotlib Figure; the caller closes it.
+    """
+    kl = kl_per_dim.detach().double().cpu()
+    order = torch.argsort(kl, descending=True)
+    colors = ["tab:gray"] * kl.numel()
+    if mu_var is not None:
+        active = (mu_var.detach().double().cpu() > active_threshold)[order].tolist()
+        colors = ["tab:orange" if a else "tab:gray" for a in active]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.12 * kl.numel() + 2), 3.2), constrained_layout=True)
+    ax.bar(range(kl.numel()), kl[order].tolist(), color=colors, width=0.9)
+    ax.set_xlabel("latent dimension (sorted by KL)")
+    ax.set_ylabel("KL (nats)")
+    if mu_var is not None:
+        n_active = sum(active)
+        ax.set_title(f"{n_active}/{kl.numel()} active (Var[mu] > {active_threshold:g}), orange", fontsize=9)
+    if title:
+        fig.suptitle(title)
+    return fig

@@ -47,8 +47,13 @@ def test_tensorboard_holds_every_loss_part_and_the_figure(tiny_run):
     for part in LOSS_PARTS:
         assert f"val/{part}" in scalars
         assert f"train/{part}_step" in scalars and f"train/{part}_epoch" in scalars
+    diagnostics = ("range_frac_outside", "recon_min", "recon_max", "input_min", "input_max", "featureless_frac",
+                   "weighted_mse", "spectral_convergence", "lsd_db", "ssim", "psnr", "active_units", "active_frac")
+    for name in diagnostics:
+        assert f"val/{name}" in scalars, name
+    assert sum(tag.startswith("val/band_ratio/") for tag in scalars) == 5  # the 5 segments of the weight table
     images = events.Tags()["images"]
-    assert "val/reconstructions" in images
+    assert {"val/reconstructions", "val/band_variance_ratio", "val/kl_per_dim"} <= set(images)
     assert len(events.Images("val/reconstructions")) == 2  # one per epoch, none for the sanity check
     losses = [e.value for e in events.Scalars("train/loss_epoch")]
     assert all(torch.isfinite(torch.tensor(losses)))
