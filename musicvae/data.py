@@ -124,20 +124,47 @@ class MelDataModule(L.LightningDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_set is not None:
             return
-        if self.data_dir is None:
-            self.prepare_data()  # a no-op once built; builds on demand outside a Trainer (notebooks)
-        self.sources = self._scan()
+        self._ensure_sources()
         train_items, val_items = self._split(self.sources)
         paths = [s.path for s in self.sources]
         self.train_set = SegmentDataset(paths, train_items, self.frames, self.n_mels, self.normalizer, True)
         self.val_set = SegmentDataset(paths, val_items, self.frames, self.n_mels, self.normalizer, False)
-        if len(self.train_set) < self.batch_size:
+        if stage in (None, "fit") and len(self.train_set) < self.batch_size:
             raise ConfigError(
                 f"data.batch_size={self.batch_size} is larger than the training set "
                 f"({len(self.train_set)} segments of {self.frames} frames): lower data.batch_size or add data"
             )
         if not self.stats_restored:
             self.normalizer.mean, self.normalizer.std = segment_statistics(self._raw(self.train_set))
+
+    def _ensure_sources(self) -> None:
+        if self.sources:
+            return
+        if self.data_dir is None:
+            self.prepare_data()  # a no-op once built; builds on demand outside a Trainer (notebooks)
+        self.sources = self._scan()
+
+    def evaluation_set(self, split: Literal["val", "all"] = "val") -> SegmentDataset:
+        """Deterministic windows for evaluation: the validation split, or every recording whole.
+
+        "all" is for a folder the model never trained on (e.g. another album); it needs the
+        normalisation statistics restored from a checkpoint (`load_state_dict`).
+        """
+        if split == "val":
+            self.setup("validate")
+            return self.val_set
+        if not self.stats_restored:
+            raise ConfigError("evaluation_set('all') needs the training statistics: call load_state_dict first")
+        self._ensure_sources()
+        items = [
+            (index, start, 0, source.n_frames)
+            for index, source in enumerate(self.sources)
+            for start in window_starts(source, 0, source.n_frames, self.frames, self.silence_margin)
+        ]
+        if not items:
+            raise DataError(f"{self.folder}: no non-silent segment of {self.frames} frames to evaluate")
+        return SegmentDataset([s.path for s in self.sources], np.array(items, dtype=np.int64), self.frames,
+                              self.n_mels, self.normalizer, False)
 
     def _raw(self, dataset: SegmentDataset) -> SegmentDataset:
         return SegmentDataset(dataset.paths, dataset.items, self.frames, self.n_mels, Normalizer(), False)
