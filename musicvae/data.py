@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -12,7 +13,8 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 import numpy as np
 from torch.utils.data import DataLoader
 
-from musicvae.audio import MelSettings, read_mel_sidecar
+from musicvae.audio import AUDIO_SUFFIXES, MelSettings, read_mel_sidecar
+from musicvae.cache import CacheReport, build_audio_cache, find_audio_files
 from musicvae.default_data import build_synthetic_collection, default_cache_dir, synthetic_folder
 from musicvae.errors import ConfigError, DataError
 from musicvae.segments import (
@@ -36,9 +38,10 @@ class MelDataModule(L.LightningDataModule):
     """Log-mel segments for training a MusicVAE, split by recording and z-scored.
 
     Args:
-        data_dir: folder of `.npy`/`.pt` log-mel arrays of shape (n_mels, frames) or
-            (1, n_mels, frames), searched recursively. None uses the built-in synthetic music.
-        cache_dir: where derived data (the synthetic collection) is written; defaults to
+        data_dir: folder of music files (WAV, FLAC, OGG, Opus, MP3, AIFF) and/or `.npy`/`.pt`
+            log-mel arrays of shape (n_mels, frames) or (1, n_mels, frames), searched
+            recursively. None uses the built-in synthetic music.
+        cache_dir: where derived data (audio log-mels, the synthetic collection) is written; defaults to
             `$MUSICVAE_CACHE` or `~/.cache/musicvae`, never inside `data_dir`.
         frames: segment length in frames (128 frames are about 1.5 s at the default settings).
         batch_size: examples per batch on each device.
@@ -52,6 +55,7 @@ class MelDataModule(L.LightningDataModule):
             silence (6.9 = 30 dB) is skipped, because silent segments teach dark outputs.
         on_bad_file: "skip" reports each unusable file once and trains on the rest; "error"
             stops at the first one.
+        prepare_workers: processes that decode audio into the cache (None: every CPU core).
     """
 
     def __init__(
@@ -68,6 +72,7 @@ class MelDataModule(L.LightningDataModule):
         synthetic_seconds: float = 20.0,
         silence_margin: float = 6.9,
         on_bad_file: Literal["skip", "error"] = "skip",
+        prepare_workers: Optional[int] = None,
     ) -> None:
         super().__init__()
         if not 0.0 < val_split < 1.0:
@@ -80,11 +85,12 @@ class MelDataModule(L.LightningDataModule):
         self.data_dir = Path(data_dir).expanduser().resolve() if data_dir else None
         self.cache_dir = Path(cache_dir).expanduser().resolve() if cache_dir else default_cache_dir()
         if self.data_dir is not None and not self.data_dir.is_dir():
-            raise DataError(f"data.data_dir={data_dir}: no such folder; point it at a folder of mel arrays")
+            raise DataError(f"data.data_dir={data_dir}: no such folder; point it at a folder of music files or mel arrays")
         self.mel = self._resolve_mel(mel)
         self.frames, self.batch_size, self.val_split, self.seed = frames, batch_size, val_split, seed
         self.num_workers, self.silence_margin, self.on_bad_file = num_workers, silence_margin, on_bad_file
         self.synthetic_pieces, self.synthetic_seconds = synthetic_pieces, synthetic_seconds
+        self.prepare_workers = prepare_workers
         self.normalizer = Normalizer()
         self.stats_restored = False
         self.split_mode: Optional[str] = None
@@ -117,9 +123,12 @@ class MelDataModule(L.LightningDataModule):
         return synthetic_folder(self.cache_dir, self.synthetic_pieces, self.synthetic_seconds, self.mel)
 
     def prepare_data(self) -> None:
-        # Lightning runs this on one process per node, so workers never race on the cache.
+        # Lightning runs this on one process per node, so processes never race on the cache.
         if self.data_dir is None:
             build_synthetic_collection(self.cache_dir, self.synthetic_pieces, self.synthetic_seconds, self.mel)
+        else:
+            workers = self.prepare_workers if self.prepare_workers is not None else (os.cpu_count() or 1)
+            self._audio_cache(workers=workers, progress=True)
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_set is not None:
@@ -169,21 +178,53 @@ class MelDataModule(L.LightningDataModule):
     def _raw(self, dataset: SegmentDataset) -> SegmentDataset:
         return SegmentDataset(dataset.paths, dataset.items, self.frames, self.n_mels, Normalizer(), False)
 
+    def _audio_cache(self, workers: int, progress: bool = False) -> Optional[CacheReport]:
+        """Bring the log-mel cache of the folder's audio files up to date (None: no audio there).
+
+        With workers=0 on a warm cache this only compares sizes and modification times.
+        """
+        if self.data_dir is None:
+            return None
+        rels, odd_dirs = find_audio_files(self.data_dir)
+        if not rels and not odd_dirs:
+            return None
+        return build_audio_cache(self.data_dir, self.cache_dir, self.mel, workers=workers, progress=progress)
+
+    def _candidates(self) -> tuple[list[tuple[str, Path]], list[str]]:
+        """(relative path, array file) of every recording, and messages about unusable files.
+
+        Arrays are read where they are; audio files through their cached log-mels, keyed by the
+        audio file's own relative path so the split by recording sees the music folder.
+        """
+        arrays = [
+            (path.relative_to(self.folder).as_posix(), path)
+            for path in find_array_files(self.folder)
+            if self.cache_dir not in path.parents  # a cache_dir placed inside data_dir
+        ]
+        messages: list[str] = []
+        report = self._audio_cache(workers=0)
+        if report is not None:
+            arrays += [(entry.rel, Path(entry.array)) for entry in report.entries]
+            messages += [f"{path}: {reason}" for path, reason in report.problems]
+        return sorted(arrays), messages
+
     def _scan(self) -> list[MelSource]:
-        files = find_array_files(self.folder)
-        if not files:
+        candidates, problems = self._candidates()
+        if problems and self.on_bad_file == "error":
+            raise DataError(problems[0])
+        if not candidates and not problems:
             raise DataError(
-                f"{self.folder}: no mel arrays found (looked for {', '.join(ARRAY_SUFFIXES)} files, recursively)"
+                f"{self.folder}: no mel arrays or audio files found (looked recursively for "
+                f"{', '.join(ARRAY_SUFFIXES + AUDIO_SUFFIXES)})"
             )
-        sources, problems, too_short = [], [], []
-        for path in files:
-            rel = path.relative_to(self.folder).as_posix()
+        sources, too_short = [], []
+        for rel, path in candidates:
             try:
                 source = scan_mel_file(path, rel, self.n_mels, self.mel.log_floor_value)
             except DataError as err:
                 if self.on_bad_file == "error":
                     raise
-                problems.append((str(path), str(err)))
+                problems.append(str(err))
                 continue
             if source.n_frames < self.frames:
                 too_short.append(rel)
@@ -197,12 +238,12 @@ class MelDataModule(L.LightningDataModule):
             )
         if problems:
             warnings.warn(
-                f"skipped {len(problems)} unusable file(s):\n" + "\n".join(f"  {msg}" for _, msg in problems),
+                f"skipped {len(problems)} unusable file(s):\n" + "\n".join(f"  {msg}" for msg in problems),
                 stacklevel=2,
             )
-        self.problems = problems + [(rel, "shorter than one segment") for rel in too_short]
+        self.problems = problems + [f"{rel}: shorter than one segment" for rel in too_short]
         if not sources:
-            raise DataError(f"{self.folder}: none of the {len(files)} array file(s) is usable (see the warnings above)")
+            raise DataError(f"{self.folder}: none of the files is usable (see the warnings above)")
         return sources
 
     def _split(self, sources: list[MelSource]) -> tuple[np.ndarray, np.ndarray]:

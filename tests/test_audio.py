@@ -114,7 +114,7 @@ def test_decode_mixes_channels_to_their_mean(tmp_path: Path) -> None:
 def test_decode_in_blocks_equals_one_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = _write(tmp_path / "long.flac", tone(8000, 1.3, channels=3), 8000, subtype="PCM_16")
     whole, _ = decode_audio(path)
-    monkeypatch.setattr(audio, "_DECODE_BLOCK", 1000)  # 11 blocks, the last one partial
+    monkeypatch.setattr(audio, "_DECODE_BLOCK_BYTES", 12 * 1000)  # 1000 frames: 11 blocks, the last partial
     blocks, _ = decode_audio(path)
     np.testing.assert_array_equal(whole, blocks)
 
@@ -124,6 +124,21 @@ def test_audio_matches_the_waveform_front_end(tmp_path: Path) -> None:
     wave = np.random.default_rng(0).uniform(-0.5, 0.5, 22050).astype(np.float32)
     spec = audio_to_log_mel(_write(tmp_path / "n.wav", wave, 22050), MEL)
     np.testing.assert_allclose(spec, log_mel(torch.from_numpy(wave), MEL).numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(4000,), (2, 4000), (2, 3, 4000)])
+@pytest.mark.parametrize("power", [2.0, 1.0])
+def test_log_mel_equals_torchaudio(shape: tuple[int, ...], power: float) -> None:
+    """LogMel's power-2 shortcut computes what torchaudio's MelSpectrogram computes."""
+    mel = MelSettings(n_mels=40, power=power, mel_scale="slaney", f_min=30.0)
+    wave = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    reference = torchaudio.transforms.MelSpectrogram(
+        sample_rate=mel.sample_rate, n_fft=mel.n_fft, hop_length=mel.hop_length, n_mels=mel.n_mels,
+        f_min=mel.f_min, mel_scale=mel.mel_scale, power=power,
+    )(wave)
+    result = log_mel(wave, mel)
+    assert result.shape == shape[:-1] + (40, 1 + 4000 // mel.hop_length)
+    torch.testing.assert_close(result, torch.log(reference.clamp_min(mel.log_floor)), atol=1e-4, rtol=1e-5)
 
 
 def test_load_audio_resamples(tmp_path: Path) -> None:

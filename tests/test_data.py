@@ -142,7 +142,7 @@ def test_missing_and_empty_data_dir(tmp_path):
     with pytest.raises(DataError, match="no such folder"):
         MelDataModule(data_dir=str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="no mel arrays found"):
+    with pytest.raises(DataError, match="no mel arrays or audio files found"):
         MelDataModule(data_dir=str(tmp_path / "empty")).setup("fit")
 
 
@@ -193,7 +193,7 @@ def test_nothing_usable_stops_with_a_message(tmp_path):
     folder = tmp_path / "m"
     folder.mkdir()
     np.save(folder / "a.npy", np.zeros((20, 64), np.float32))
-    with pytest.warns(UserWarning), pytest.raises(DataError, match="none of the 1 array file"):
+    with pytest.warns(UserWarning), pytest.raises(DataError, match="none of the files is usable"):
         MelDataModule(data_dir=str(folder), mel=MelSettings(n_mels=16), frames=16).setup("fit")
 
 
