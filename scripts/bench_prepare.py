@@ -24,6 +24,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -167,7 +168,7 @@ def stages_librosa(path: Path, totals: dict[str, float]) -> None:
 
 def measure_stages(stage_paths: list[Path], work: Path, with_librosa: bool, repeats: int, results: dict) -> None:
     ours, theirs = dict.fromkeys(STAGES, 0.0), dict.fromkeys(STAGES, 0.0)
-    for path in stage_paths:  # file by file, alternating, best of `repeats` per stage and file
+    for path in stage_paths:  # file by file, alternating, median of `repeats` per stage and file
         runs_ours, runs_theirs = [dict.fromkeys(STAGES, 0.0) for _ in range(repeats)], []
         for run in runs_ours:
             stages_musicvae(path, work, run)
@@ -176,7 +177,7 @@ def measure_stages(stage_paths: list[Path], work: Path, with_librosa: bool, repe
                 stages_librosa(path, runs_theirs[-1])
         for totals, runs_ in ((ours, runs_ours), (theirs, runs_theirs)):
             for stage in STAGES:
-                totals[stage] += min((run[stage] for run in runs_), default=0.0)
+                totals[stage] += statistics.median(run[stage] for run in runs_) if runs_ else 0.0
     results["stages_musicvae_s"] = ours
     if with_librosa:
         results["stages_librosa_s"] = theirs
@@ -189,7 +190,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--seconds", type=float, default=30.0, help="length of each generated piece")
     parser.add_argument("--rate", type=int, default=48000, help="sample rate of the generated files")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes for the pool run")
-    parser.add_argument("--repeats", type=int, default=2, help="cold runs of each pipeline; the best counts")
+    parser.add_argument("--repeats", type=int, default=3, help="cold runs of each pipeline; the median counts")
     parser.add_argument("--stage_files", type=int, default=10, help="files timed stage by stage")
     parser.add_argument("--warm_files", type=int, default=1000, help="short files for the warm-check timing")
     parser.add_argument("--work_dir", default=None, help="keeps the generated audio between runs (default: a temp dir)")
@@ -215,7 +216,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     librosa_run = librosa_pipeline(paths)
     if librosa_run is not None:
         librosa_pipeline(paths[:1])()
-    # Interleaved repeats, best of each: another process on the machine slows all three alike.
+    # Interleaved repeats, median of each: another process on the machine slows all three alike.
     runs: dict[str, list[tuple[float, float]]] = {"musicvae_pool": [], "musicvae_one_process": [], "librosa": []}
     for _ in range(args.repeats):
         runs["musicvae_pool"].append(cold(args.workers))
@@ -224,8 +225,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
             runs["librosa"].append(timed(librosa_run))
     for name, timings in runs.items():
         if timings:
-            results[f"{name}_s"], results[f"{name}_cpu_s"] = min(timings)
-    results["warm_s"] = min(timed(lambda: build_audio_cache(collection, work / "cache-0", MEL))[0] for _ in range(3))
+            walls, cpus = zip(*timings)
+            results[f"{name}_s"], results[f"{name}_cpu_s"] = statistics.median(walls), statistics.median(cpus)
+    results["warm_s"] = statistics.median(
+        timed(lambda: build_audio_cache(collection, work / "cache-0", MEL))[0] for _ in range(3)
+    )
 
     # Stages run as in a pool worker (one torch thread, its allocator settings), and librosa's
     # BLAS is held to one thread too where threadpoolctl is there to do it.
@@ -244,7 +248,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     small_cache = work / "cache-small"
     shutil.rmtree(small_cache, ignore_errors=True)
     results["small_cold_s"] = timed(lambda: build_audio_cache(small, small_cache, MEL, workers=args.workers))[0]
-    results["small_warm_s"] = min(timed(lambda: build_audio_cache(small, small_cache, MEL))[0] for _ in range(3))
+    results["small_warm_s"] = statistics.median(
+        timed(lambda: build_audio_cache(small, small_cache, MEL))[0] for _ in range(3)
+    )
     results["warm_files"], results["repeats"] = args.warm_files, args.repeats
     results["load_average"] = [load_before, os.getloadavg()]
     results["free_cores"] = [cores_before, free_cores(args.workers)]
@@ -264,7 +270,7 @@ def print_table(r: dict) -> None:
     free = r["free_cores"]
     print(f"cores free for {r['workers']} busy processes: {free[0]:.1f} before, {free[1]:.1f} after "
           f"(below {r['workers']}: another process shares the machine)")
-    print(f"\n{'cold preparation (best of ' + str(r['repeats']) + ')':44s} {'wall s':>8s} {'x real time':>12s} "
+    print(f"\n{'cold preparation (median of ' + str(r['repeats']) + ')':44s} {'wall s':>8s} {'x real time':>12s} "
           f"{'CPU s':>7s} {'x real time per CPU s':>22s}")
     rows = [(f"musicvae, {r['workers']} worker processes", "musicvae_pool"),
             ("musicvae, in one process", "musicvae_one_process")]
@@ -281,7 +287,7 @@ def print_table(r: dict) -> None:
           f"{r['small_warm_s'] * 1000:.1f} ms = {per_thousand:.3f} s per 1000 files "
           f"(their cold preparation: {r['small_cold_s']:.1f} s)")
     stage_audio = r["stage_audio_s"]
-    print(f"\nstages over {stage_audio:.0f} s of audio, as in a pool worker (one thread), best of {r['repeats']}: "
+    print(f"\nstages over {stage_audio:.0f} s of audio, as in a pool worker (one thread), median of {r['repeats']}: "
           f"ms per minute of audio")
     print(f"{'stage':24s} {'musicvae':>10s} {'librosa':>10s}")
     lib = r.get("stages_librosa_s", {})
