@@ -95,7 +95,7 @@ class MelDataModule(L.LightningDataModule):
         self.stats_restored = False
         self.split_mode: Optional[str] = None
         self.sources: list[MelSource] = []
-        self.problems: list[tuple[str, str]] = []
+        self.problems: list[str] = []  # one message per unusable file, for reports
         self.train_set: Optional[SegmentDataset] = None
         self.val_set: Optional[SegmentDataset] = None
         self.save_hyperparameters(ignore=["mel"])
