@@ -196,10 +196,12 @@ class MelDataModule(L.LightningDataModule):
         Arrays are read where they are; audio files through their cached log-mels, keyed by the
         audio file's own relative path so the split by recording sees the music folder.
         """
+        # A cache_dir placed inside data_dir holds derived arrays, not more recordings.
+        cache_inside = self.data_dir is not None and self.data_dir in self.cache_dir.parents
         arrays = [
             (path.relative_to(self.folder).as_posix(), path)
             for path in find_array_files(self.folder)
-            if self.cache_dir not in path.parents  # a cache_dir placed inside data_dir
+            if not (cache_inside and self.cache_dir in path.parents)
         ]
         messages: list[str] = []
         report = self._audio_cache(workers=0)

@@ -92,6 +92,12 @@ def test_mixed_folder_with_bad_files_reports_each_once(music_folder, tmp_path):
         make_dm(music_folder, tmp_path / "cache", on_bad_file="error")
 
 
+def test_a_cache_inside_the_music_folder_is_not_read_as_recordings(music_folder):
+    dm = make_dm(music_folder, music_folder / ".cache")
+    second = make_dm(music_folder, music_folder / ".cache")  # the cache now holds .npy files
+    assert len(second.sources) == len(dm.sources) == len(FILES)
+
+
 def test_a_folder_without_usable_audio_stops_before_training(tmp_path):
     folder = tmp_path / "music"
     folder.mkdir()
