@@ -7,11 +7,12 @@ hyper-parameters and weights, and the data module's mel settings, normalisation 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from musicvae.audio import MelSettings
+from musicvae.audio import MelSettings, read_mel_sidecar
 from musicvae.checkpoints import DATA_STATE_KEY, load_checkpoint, run_config
 from musicvae.data import MelDataModule
 from musicvae.errors import CheckpointError, ConfigError
@@ -56,9 +57,11 @@ def datamodule_for(
         kwargs["batch_size"] = batch_size
     kwargs.update(overrides)
     mel = MelSettings.from_dict(state["mel"], source="checkpoint") if "mel" in state else None
-    try:
-        datamodule = MelDataModule(mel=mel, **kwargs)
-    except ConfigError as err:
-        raise ConfigError(f"the data does not match the checkpoint: {err}") from None
+    folder = kwargs.get("data_dir")
+    declared = read_mel_sidecar(Path(folder)) if folder and Path(folder).is_dir() else None
+    if declared is not None and mel is not None and declared != mel:
+        diffs = ", ".join(f"{k} {b!r} (the folder has {a!r})" for k, (a, b) in declared.differences(mel).items())
+        raise ConfigError(f"{folder}: the arrays do not match the checkpoint, which expects {diffs}")
+    datamodule = MelDataModule(mel=mel, **kwargs)
     datamodule.load_state_dict(state)
     return datamodule
