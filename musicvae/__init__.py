@@ -1,7 +1,10 @@
 """musicvae: variational autoencoders on log-mel spectrograms of music, with PyTorch Lightning."""
 
-from musicvae.audio import LogMel, MelSettings, log_mel
+from musicvae.audio import AudioError, LogMel, MelSettings, audio_to_log_mel, load_audio, log_mel
+from musicvae.cache import build_audio_cache
 from musicvae.data import MelDataModule
+from musicvae.evaluation import evaluate, evaluate_checkpoint
+from musicvae.inference import datamodule_for, load_module
 from musicvae.errors import CheckpointError, ConfigError, DataError, MusicVAEError
 from musicvae.losses import (
     create_frequency_weights,
@@ -12,13 +15,24 @@ from musicvae.losses import (
     vae_loss_spectral,
     weighted_mse,
 )
+from musicvae.metrics import LatentDiagnostics, ReconstructionDiagnostics
 from musicvae.model import ConvVAE
 from musicvae.module import MusicVAEModule
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AudioError",
     "CheckpointError",
+    "LatentDiagnostics",
+    "ReconstructionDiagnostics",
+    "audio_to_log_mel",
+    "build_audio_cache",
+    "datamodule_for",
+    "evaluate",
+    "evaluate_checkpoint",
+    "load_audio",
+    "load_module",
     "ConfigError",
     "ConvVAE",
     "DataError",
