@@ -4,6 +4,8 @@ from musicvae.audio import AudioError, LogMel, MelSettings, audio_to_log_mel, lo
 from musicvae.cache import build_audio_cache
 from musicvae.data import MelDataModule
 from musicvae.evaluation import evaluate, evaluate_checkpoint
+from musicvae.export import export_checkpoint
+from musicvae.generation import load_generation_model
 from musicvae.inference import datamodule_for, load_module
 from musicvae.errors import CheckpointError, ConfigError, DataError, MusicVAEError
 from musicvae.losses import (
@@ -18,6 +20,7 @@ from musicvae.losses import (
 from musicvae.metrics import LatentDiagnostics, ReconstructionDiagnostics
 from musicvae.model import ConvVAE
 from musicvae.module import MusicVAEModule
+from musicvae.vocoder import GriffinLimVocoder, denormalize
 
 __version__ = "0.1.0"
 
@@ -29,12 +32,16 @@ __all__ = [
     "audio_to_log_mel",
     "build_audio_cache",
     "datamodule_for",
+    "denormalize",
     "evaluate",
     "evaluate_checkpoint",
+    "export_checkpoint",
     "load_audio",
+    "load_generation_model",
     "load_module",
     "ConfigError",
     "ConvVAE",
+    "GriffinLimVocoder",
     "DataError",
     "LogMel",
     "MelDataModule",

@@ -41,7 +41,7 @@ def test_fit_writes_checkpoints_that_load_weights_only(tiny_run):
 
 @pytest.mark.slow
 def test_tensorboard_holds_every_loss_part_and_the_figure(tiny_run):
-    events = EventAccumulator(str(tiny_run["log_dir"]), size_guidance={"images": 0, "scalars": 0})
+    events = EventAccumulator(str(tiny_run["log_dir"]), size_guidance={"images": 0, "scalars": 0, "audio": 0})
     events.Reload()
     scalars = set(events.Tags()["scalars"])
     for part in LOSS_PARTS:
@@ -54,6 +54,11 @@ def test_tensorboard_holds_every_loss_part_and_the_figure(tiny_run):
     assert sum(tag.startswith("val/band_ratio/") for tag in scalars) == 5  # the 5 segments of the weight table
     images = events.Tags()["images"]
     assert {"val/reconstructions", "val/band_variance_ratio", "val/kl_per_dim"} <= set(images)
+    # Audio every 5 validation epochs from the first: epoch 0 of this 2-epoch run.
+    audio = events.Tags()["audio"]
+    assert {"val/audio/0_input", "val/audio/0_reconstruction", "val/audio/1_input"} <= set(audio)
+    clip = events.Audio("val/audio/0_reconstruction")
+    assert len(clip) == 1 and clip[0].sample_rate == 22050 and clip[0].step == events.Images("val/reconstructions")[0].step
     assert len(events.Images("val/reconstructions")) == 2  # one per epoch, none for the sanity check
     losses = [e.value for e in events.Scalars("train/loss_epoch")]
     assert all(torch.isfinite(torch.tensor(losses)))
