@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from musicvae.audio import MelSettings
+
+REPO = Path(__file__).resolve().parents[1]
 
 #: A tiny mel setting: 16 bins keep arrays and models small; still a valid STFT setting.
 TINY_MEL = MelSettings(n_mels=16)
@@ -85,3 +89,22 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "cache_dir": root / "cache",
         "datamodule": cli.datamodule,
     }
+
+
+def load_script(name: str):
+    """scripts/NAME.py as a module, to call its main() in-process."""
+    path = REPO / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"script_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Griffin-Lim's many small FFTs ran 3-7x slower with 2 OpenMP threads than with 1 on a busy
+    2-core machine (the threads wait on each other); one thread changes no result."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -3,7 +3,6 @@ shared tiny run, as a function and as `scripts/evaluate.py` in a subprocess."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -15,7 +14,7 @@ import matplotlib.image
 import pytest
 import torch
 
-from conftest import write_mel_folder
+from conftest import load_script, write_mel_folder
 from musicvae import evaluation
 from musicvae.inference import datamodule_for, load_module
 from musicvae.evaluation import (FEATURELESS_FRAC_THRESHOLD, HF_RATIO_THRESHOLD, RANGE_OUTSIDE_THRESHOLD,
@@ -25,13 +24,6 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "evaluate.py"
 PROBLEMS = ("output range", "high frequencies", "featureless outputs")
 
-
-def load_script(path: Path):
-    """A script of scripts/ as a module, to call its main() in-process."""
-    spec = importlib.util.spec_from_file_location(f"script_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess:
@@ -155,7 +147,7 @@ def test_evaluate_script_on_a_folder_and_on_mismatched_data(tiny_run, tmp_path):
 
 @pytest.mark.slow
 def test_evaluate_main_reports_unusable_arrays_and_missing_checkpoints(tiny_run, tmp_path, capsys):
-    main = load_script(SCRIPT).main
+    main = load_script("evaluate").main
     no_sidecar = tmp_path / "no_sidecar"
     write_mel_folder(no_sidecar, n_mels=16, sidecar=False)  # no mel.json: every file fails its scan
     with pytest.warns(UserWarning, match="16 mel bins, expected 32"):

@@ -3,7 +3,6 @@ runs in a Python that cannot import musicvae."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import load_script
 from musicvae.checkpoints import DATA_STATE_KEY
 from musicvae.export import MEL_SETTINGS_FILE, METADATA_FILE
 from musicvae.generation import load_generation_model
@@ -22,15 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 
 
-def _load_script(path: Path):
-    """A script of scripts/ as a module, to call its main() in-process (as tests/test_evaluate.py does)."""
-    spec = importlib.util.spec_from_file_location(f"script_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-export_script = _load_script(REPO / "scripts" / "export.py")
+export_script = load_script("export")
 
 # Runs with -I -S: no user site, no PYTHONPATH, no site-packages .pth files, so the editable
 # install's finder never loads. torch's folder is put back by hand; musicvae's is not.

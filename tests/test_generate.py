@@ -3,7 +3,6 @@ messages of scripts/generate.py; all on the session's tiny trained checkpoint.""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 import soundfile as sf
 import torch
 
+from conftest import load_script
 from musicvae.audio import MelSettings
 from musicvae.checkpoints import DATA_STATE_KEY
 from musicvae.generation import (GenerationModel, crossfade_concat, interpolate_files, interpolation_mels,
@@ -23,15 +23,7 @@ from musicvae.vocoder import GriffinLimVocoder
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load_script(path: Path):
-    """A script of scripts/ as a module, to call its main() in-process (as tests/test_evaluate.py does)."""
-    spec = importlib.util.spec_from_file_location(f"script_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-generate = _load_script(REPO / "scripts" / "generate.py")
+generate = load_script("generate")
 
 #: Griffin-Lim iterations in tests: enough for the energy envelope, which is all they measure.
 ITERS = 16
@@ -43,14 +35,7 @@ WINDOW, STEP = 1024, 256
 SEAM_TOLERANCE_DB = 0.5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Griffin-Lim's many small FFTs ran 3-7x slower with 2 OpenMP threads than with 1 on a busy
-    2-core machine (the threads wait on each other); one thread changes no result here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import signal
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import load_script
 from musicvae.audio import MelSettings
 from musicvae.cache import MANIFEST, build_audio_cache, cache_folder
 from musicvae.segments import load_mel_array
@@ -24,14 +24,7 @@ PREPARE = ROOT / "scripts" / "prepare.py"
 MEL = MelSettings(n_mels=32)
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("prepare_script", PREPARE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-prepare_main = _load_script().main
+prepare_main = load_script("prepare").main
 
 
 def run_prepare(*args: str) -> subprocess.CompletedProcess:

@@ -19,14 +19,7 @@ from musicvae.vocoder import (GriffinLimVocoder, denormalize, griffin_lim_ceilin
 MEL = MelSettings()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Griffin-Lim's many small FFTs ran 3-7x slower with 2 OpenMP threads than with 1 on a busy
-    2-core machine (the threads wait on each other); one thread changes no result here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def harmonic_tone(f0: float = 440.0, seconds: float = 1.0, sample_rate: int = MEL.sample_rate) -> torch.Tensor:
