@@ -133,13 +133,23 @@ def _abandoned(path: Path) -> bool:
         return False
     if match is None or match.group(2) != _HOST:
         return False  # another host's writer may still be alive (a cache on a shared filesystem)
+    return not _process_alive(int(match.group(1)))
+
+
+def _process_alive(pid: int) -> bool:
+    """True while `pid` runs. A killed writer not yet reaped by its parent is a zombie: signal 0
+    still reaches it, so /proc is asked too (where there is one)."""
     try:
-        os.kill(int(match.group(1)), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
-        return True
+        return False
     except OSError:
         pass  # alive but not ours to signal
-    return False
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _remove_abandoned(folder: Path) -> None:
