@@ -27,7 +27,7 @@ from musicvae.checkpoints import DATA_STATE_KEY
 from musicvae.errors import CheckpointError, ConfigError, DataError
 from musicvae.inference import load_module
 from musicvae.module import MusicVAEModule
-from musicvae.plots import mel_comparison_figure
+from musicvae.plots import mel_comparison_figure, mel_grid_figure
 from musicvae.segments import ARRAY_SUFFIXES, load_mel_array
 from musicvae.vocoder import GriffinLimVocoder, denormalize
 
@@ -273,26 +273,6 @@ def crossfade_concat(waves: list[Tensor], fade: int) -> Tensor:
         mixed = out[out.shape[-1] - fade :] * ramp.flip(0) + wave[:fade] * ramp
         out = torch.cat([out[: out.shape[-1] - fade], mixed, wave[fade:]])
     return out
-
-
-def mel_grid_figure(mels: Tensor, titles: list[str], columns: int, title: str = "") -> Figure:
-    """(N, n_mels, frames) log-mels in a grid of `columns`, on one colour scale."""
-    mels = mels.detach().float().cpu()
-    rows = math.ceil(len(mels) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.2 * rows), squeeze=False, constrained_layout=True)
-    vmin, vmax = float(mels.min()), float(mels.max())
-    for i, ax in enumerate(axes.flat):
-        ax.set_xticks([])
-        ax.set_yticks([])
-        if i < len(mels):
-            image = ax.imshow(mels[i].numpy(), origin="lower", aspect="auto", cmap="magma", vmin=vmin, vmax=vmax)
-            ax.set_title(titles[i], fontsize=9)
-        else:
-            ax.axis("off")
-    fig.colorbar(image, ax=axes, shrink=0.8, label="log-mel power (nats)")
-    if title:
-        fig.suptitle(title)
-    return fig
 
 
 def save_figure(fig: Figure, path: Path) -> Path:

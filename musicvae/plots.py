@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import matplotlib
 
 matplotlib.use("Agg")  # no display on training machines; must precede pyplot
@@ -100,6 +101,26 @@ def kl_per_dim_figure(
     if mu_var is not None:
         n_active = sum(active)
         ax.set_title(f"{n_active}/{kl.numel()} active (Var[mu] > {active_threshold:g}), orange", fontsize=9)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def mel_grid_figure(mels: torch.Tensor, titles: list[str], columns: int, title: str = "") -> Figure:
+    """(N, n_mels, frames) log-mels in a grid of `columns`, on one colour scale."""
+    mels = mels.detach().float().cpu()
+    rows = math.ceil(len(mels) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.2 * rows), squeeze=False, constrained_layout=True)
+    vmin, vmax = float(mels.min()), float(mels.max())
+    for i, ax in enumerate(axes.flat):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if i < len(mels):
+            image = ax.imshow(mels[i].numpy(), origin="lower", aspect="auto", cmap="magma", vmin=vmin, vmax=vmax)
+            ax.set_title(titles[i], fontsize=9)
+        else:
+            ax.axis("off")
+    fig.colorbar(image, ax=axes, shrink=0.8, label="log-mel power (nats)")
     if title:
         fig.suptitle(title)
     return fig
