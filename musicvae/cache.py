@@ -24,7 +24,6 @@ import json
 import multiprocessing
 import os
 import re
-import socket
 import stat
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -37,14 +36,13 @@ import numpy as np
 import torch
 
 from musicvae.audio import AUDIO_SUFFIXES, AudioError, MelSettings, decode_audio, mono_to_log_mel
+from musicvae.atomic import HOST, TMP_PATTERN, write_atomic
 from musicvae.errors import DataError
 
 #: Bump when the arrays or the manifest change meaning, so older caches are not reused.
 CACHE_VERSION = 1
 MANIFEST = "manifest.json"
 _SAVE_EVERY_S = 5.0  # manifest saves during a build: at most this much work is lost to a kill
-_TMP = re.compile(r"\.(\d+)@([^.@]*)\.tmp$")
-_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())
 _STALE_TMP_S = 3600.0  # a temporary file this old is abandoned whichever host wrote it
 
 
@@ -111,27 +109,15 @@ def find_audio_files(data_dir: Path) -> tuple[list[str], list[tuple[str, str]]]:
     return sorted(found), problems
 
 
-def _write_atomic(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write `path` through a temporary file in the same folder, then rename it into place."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}@{_HOST}.tmp")
-    try:
-        with open(tmp, mode) as handle:
-            write(handle)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _abandoned(path: Path) -> bool:
     """A temporary file whose writer on this host is dead, or one older than an hour."""
-    match = _TMP.search(path.name)
+    match = TMP_PATTERN.search(path.name)
     try:
         if time.time() - path.stat().st_mtime > _STALE_TMP_S:
             return True
     except OSError:
         return False
-    if match is None or match.group(2) != _HOST:
+    if match is None or match.group(2) != HOST:
         return False  # another host's writer may still be alive (a cache on a shared filesystem)
     return not _process_alive(int(match.group(1)))
 
@@ -174,7 +160,7 @@ def _load_manifest(folder: Path, data_dir: Path, mel: MelSettings) -> dict[str, 
 
 
 def _save_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    _write_atomic(folder / MANIFEST, lambda h: json.dump(manifest, h, separators=(",", ":")), mode="w")
+    write_atomic(folder / MANIFEST, lambda h: json.dump(manifest, h, separators=(",", ":")), mode="w")
 
 
 def _prepare_one(job: tuple[str, str, str, MelSettings, int, int]) -> dict[str, Any]:
@@ -185,7 +171,7 @@ def _prepare_one(job: tuple[str, str, str, MelSettings, int, int]) -> dict[str, 
         wave, rate = decode_audio(source)
         spec = mono_to_log_mel(wave, rate, mel, source=source)
         Path(array).parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(Path(array), lambda h: np.save(h, spec, allow_pickle=False))
+        write_atomic(Path(array), lambda h: np.save(h, spec, allow_pickle=False))
         record.update(n_frames=int(spec.shape[1]), duration=wave.size / rate, sample_rate=rate)
     except AudioError as err:
         record["error"] = str(err).removeprefix(f"{source}: ")
@@ -337,7 +323,7 @@ def build_audio_cache(
         if rel not in manifest["entries"]:
             (folder / entry["array"]).unlink(missing_ok=True)
     if not (folder / "mel.json").exists():
-        _write_atomic(folder / "mel.json", lambda h: h.write(json.dumps(mel.to_dict(), indent=2) + "\n"), "w")
+        write_atomic(folder / "mel.json", lambda h: h.write(json.dumps(mel.to_dict(), indent=2) + "\n"), "w")
 
     for rel in rels:
         if rel in manifest["entries"]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -11,6 +10,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
+from musicvae.atomic import write_atomic
 from musicvae.checkpoints import MONITOR_KEY, RUN_CONFIG_KEY, dump_yaml
 
 
@@ -35,10 +35,7 @@ class RunMetadata(Callback):
         if not trainer.is_global_zero:
             return
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        target = self.checkpoint_dir / "config.yaml"
-        tmp = target.with_name(f".config.yaml.{os.getpid()}.tmp")
-        tmp.write_text(self.config_yaml)
-        os.replace(tmp, target)
+        write_atomic(self.checkpoint_dir / "config.yaml", lambda handle: handle.write(self.config_yaml), mode="w")
 
     def _pin_logger(self, trainer: L.Trainer) -> None:
         spec = (self.config.get("trainer") or {}).get("logger")

@@ -15,6 +15,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from musicvae.atomic import write_atomic
 from musicvae.audio import LogMel, MelSettings, write_mel_sidecar
 from musicvae.synth import render_piece
 
@@ -45,10 +46,7 @@ def synthetic_folder(cache_dir: Path, n_pieces: int, seconds: float, mel: MelSet
 
 def save_npy_atomic(path: Path, array: np.ndarray) -> None:
     """Write `path` via a temporary file in the same folder, so a kill never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        np.save(handle, array)
-    os.replace(tmp, path)
+    write_atomic(path, lambda handle: np.save(handle, array, allow_pickle=False))
 
 
 def build_synthetic_collection(

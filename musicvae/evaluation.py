@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from musicvae.atomic import write_atomic
 from musicvae.inference import datamodule_for, load_module
 from musicvae.metrics import (ACTIVE_UNIT_THRESHOLD, FEATURELESS_THRESHOLD, LatentDiagnostics,
                               ReconstructionDiagnostics)
@@ -215,9 +216,8 @@ def json_safe(value: Any) -> Any:
 
 def write_json(path: Path, data: Any) -> None:
     """`data` as indented standard JSON, via a temporary file so a kill never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n"
+    write_atomic(path, lambda handle: handle.write(text), mode="w")
 
 
 def write_figures(out_dir: Path, module: MusicVAEModule, dataset: Dataset, metrics: dict[str, Any],

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from musicvae import cache
+from musicvae import atomic, cache
 from musicvae.audio import MelSettings
 from musicvae.cache import MANIFEST, CacheReport, build_audio_cache, cache_folder
 from musicvae.segments import load_mel_array
@@ -171,7 +171,7 @@ def test_parallel_and_in_process_builds_agree(audio_dir: Path, tmp_path: Path) -
 def test_leftovers_of_a_kill_are_ignored_and_cleaned(audio_dir: Path, tmp_path: Path) -> None:
     build(audio_dir, tmp_path)
     folder = cache_folder(tmp_path / "cache", audio_dir, MEL)
-    dead = folder / "arrays" / f".a.wav.npy.4194305@{cache._HOST}.tmp"  # above any pid_max: its writer is gone
+    dead = folder / "arrays" / f".a.wav.npy.4194305@{atomic.HOST}.tmp"  # above any pid_max: its writer is gone
     dead.write_bytes(b"half an array")
     old = folder / "arrays" / ".b.flac.npy.123@otherhost.tmp"
     old.write_bytes(b"half an array")
