@@ -9,12 +9,22 @@ from __future__ import annotations
 import os
 import re
 import socket
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 #: Matches the temporary names below; group 1 is the writer's pid, group 2 its host.
 TMP_PATTERN = re.compile(r"\.(\d+)@([^.@]*)\.tmp$")
 HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())
+#: A temporary file untouched this long is abandoned even if its writer's fate is unknown
+#: (another host on a shared filesystem): no write of ours takes an hour between two bytes.
+STALE_TMP_S = 3600.0
+
+
+def temporary_path(path: str | os.PathLike) -> Path:
+    """The temporary name beside `path` that this process writes before renaming."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}@{HOST}.tmp")
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> None:
@@ -24,7 +34,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Any], None], mode: st
     within one filesystem, which the same folder guarantees).
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}@{HOST}.tmp")
+    tmp = temporary_path(path)
     try:
         with open(tmp, mode) as handle:
             write(handle)
@@ -32,3 +42,47 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Any], None], mode: st
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def is_abandoned(path: Path, max_age_s: float = STALE_TMP_S) -> bool:
+    """A temporary file whose writer on this host is dead, or one older than `max_age_s`."""
+    match = TMP_PATTERN.search(path.name)
+    try:
+        if time.time() - path.stat().st_mtime > max_age_s:
+            return True
+    except OSError:
+        return False
+    if match is None or match.group(2) != HOST:
+        return False  # another host's writer may still be alive (a shared filesystem)
+    return not process_alive(int(match.group(1)))
+
+
+def process_alive(pid: int) -> bool:
+    """True while `pid` runs. A killed writer not yet reaped by its parent is a zombie: signal 0
+    still reaches it, so /proc is asked too (where there is one)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass  # alive but not ours to signal
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def remove_abandoned(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
+    """Delete abandoned temporary files (`*.tmp` of dead writers) under `folder`; returns them."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for root, _, files in os.walk(folder) if recursive else [(folder, None, [p.name for p in folder.iterdir()])]:
+        for name in files:
+            path = Path(root) / name
+            if name.endswith(".tmp") and path.is_file() and is_abandoned(path):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import warnings
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -11,12 +12,14 @@ import lightning as L
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 import numpy as np
-from torch.utils.data import DataLoader
+import torch
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from musicvae.audio import AUDIO_SUFFIXES, MelSettings, read_mel_sidecar
 from musicvae.cache import CacheReport, build_audio_cache, find_audio_files
 from musicvae.default_data import build_synthetic_collection, default_cache_dir, synthetic_folder
 from musicvae.errors import ConfigError, DataError
+from musicvae.sampling import CropSampler
 from musicvae.segments import (
     ARRAY_SUFFIXES,
     MelSource,
@@ -27,6 +30,12 @@ from musicvae.segments import (
     window_starts,
 )
 from musicvae.split import MIN_FILES_FOR_FILE_SPLIT, segment_split_point, split_files
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    # Schedulers send SIGTERM to every process of a job; a worker dying of it would crash the
+    # main process before it can save. The main process handles preemption and ends the workers.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def find_array_files(folder: Path) -> list[Path]:
@@ -277,32 +286,42 @@ class MelDataModule(L.LightningDataModule):
             )
         return np.array(train, dtype=np.int64), np.array(val, dtype=np.int64)
 
-    def _loader(self, dataset: Optional[SegmentDataset], shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Optional[SegmentDataset], shuffle: bool) -> StatefulDataLoader:
+        """A resumable loader: its position goes into checkpoints (Lightning saves any loader
+        with `state_dict`), and order and crops come from CropSampler, so a run resumed mid-epoch
+        sees the same batches as an uninterrupted one."""
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
-        sampler = None
-        kwargs = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
-        if not shuffle and kwargs:
+        kwargs = (self.trainer.distributed_sampler_kwargs if self.trainer is not None else None) or {}
+        replicas = dict(num_replicas=kwargs.get("num_replicas", 1), rank=kwargs.get("rank", 0))
+        if shuffle:
+            sampler = CropSampler(dataset, seed=self.seed, **replicas)
+        elif kwargs:
             # Lightning's default DistributedSampler pads by repeating examples, which would count
             # them twice in the validation metrics; this one gives each example to exactly one rank.
-            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=kwargs["num_replicas"], rank=kwargs["rank"], shuffle=False)
-        return DataLoader(
+            sampler = UnrepeatedDistributedSampler(dataset, shuffle=False, **replicas)
+        else:
+            sampler = None
+        return StatefulDataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
             sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator),
+            # Worker seeds come from this generator, not the global one, so creating a loader
+            # never shifts the random stream of the training steps (dropout, reparameterisation).
+            generator=torch.Generator().manual_seed(self.seed),
+            worker_init_fn=_ignore_sigterm,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> StatefulDataLoader:
         return self._loader(self.train_set, shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> StatefulDataLoader:
         return self._loader(self.val_set, shuffle=False)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> StatefulDataLoader:
         return self._loader(self.val_set, shuffle=False)
 
     def state_dict(self) -> dict[str, Any]:

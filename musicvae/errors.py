@@ -18,3 +18,10 @@ class ConfigError(MusicVAEError, ValueError):
 
 class CheckpointError(MusicVAEError, ValueError):
     """A checkpoint that cannot be loaded or resumed from."""
+
+
+class NonFiniteError(MusicVAEError):
+    """Training produced a NaN or Inf; the message gives the step and what went non-finite.
+
+    Raised instead of saving, so no checkpoint ever holds non-finite weights.
+    """

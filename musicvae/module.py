@@ -95,6 +95,7 @@ class MusicVAEModule(L.LightningModule):
                 f"model: {err} (the CLI takes n_mels from data.mel.n_mels and frames from data.frames)"
             ) from None
         self._figure_batch: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self.last_loss_parts: dict[str, torch.Tensor] = {}
         # Built on first use, on the CPU; a dict keeps it out of the module tree and the state_dict.
         self._vocoders: dict[MelSettings, GriffinLimVocoder] = {}
         # Epoch diagnostics of the notebook's three problems (exact under DDP; see metrics.py).
@@ -130,6 +131,8 @@ class MusicVAEModule(L.LightningModule):
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         x_hat, mu, logvar = self.vae(batch)
         parts = self.compute_loss(x_hat, batch, mu, logvar)
+        # Read by NonFiniteGuard after backward, to name the part that went NaN/Inf.
+        self.last_loss_parts = {k: v.detach() for k, v in parts.items()}
         self.log("train/loss", parts["loss"], prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch))
         others = {f"train/{k}": v for k, v in parts.items() if k != "loss"}
         self.log_dict(others, on_step=True, on_epoch=True, batch_size=len(batch))

@@ -9,13 +9,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from musicvae.errors import DataError
+from musicvae.sampling import DRAW_RANGE
 
 #: File suffixes read as precomputed log-mel arrays.
 ARRAY_SUFFIXES = (".npy", ".pt")
@@ -170,17 +171,25 @@ class SegmentDataset(Dataset):
             self._open[file_index] = load_mel_array(Path(self.paths[file_index]), self.n_mels)
         return self._open[file_index]
 
-    def crop_start(self, index: int, generator: Optional[torch.Generator] = None) -> int:
+    def crop_start(self, index: int, draw: Optional[int] = None) -> int:
+        """Start frame of item `index`: its window, jittered by `draw` when cropping randomly.
+
+        `draw` is a random integer from the sampler (see musicvae/sampling.py), so crops repeat
+        exactly on resume; without one the global torch generator is used.
+        """
         _, start, lo, hi = (int(v) for v in self.items[index])
         if not self.random_crop:
             return start
         jitter = self.frames // 2
         first, last = max(lo, start - jitter), min(hi - self.frames, start + jitter)
-        return int(torch.randint(first, last + 1, (1,), generator=generator))
+        if draw is None:
+            draw = int(torch.randint(0, DRAW_RANGE, (1,)))
+        return first + draw % (last - first + 1)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def __getitem__(self, item: Union[int, tuple[int, int]]) -> torch.Tensor:
+        index, draw = item if isinstance(item, tuple) else (item, None)  # CropSampler yields (index, draw)
         file_index = int(self.items[index, 0])
-        start = self.crop_start(index)
+        start = self.crop_start(index, draw)
         segment = np.array(self.array(file_index)[:, start : start + self.frames], dtype=np.float32)
         return self.normalizer(torch.from_numpy(segment).unsqueeze(0))  # (n_mels, F) -> (1, n_mels, F)
 

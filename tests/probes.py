@@ -65,3 +65,56 @@ class ValHistory(Callback):
         rows.append({"epoch": epoch, "val": val, **epochs})
         self.out.write_text(json.dumps(rows))
         self.pending = None
+
+
+class SignalAtStep(Callback):
+    """Sends this process `signal` (e.g. SIGKILL, SIGTERM) as training step `step` starts."""
+
+    def __init__(self, step: int, signal: str = "SIGKILL") -> None:
+        self.step = step
+        self.signal = signal
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            import os
+            import signal
+
+            os.kill(os.getpid(), getattr(signal, self.signal))
+
+
+class PoisonAtStep(Callback):
+    """Makes training step `step` go non-finite: `what` = "input" (a NaN in the batch, so
+    every loss part is NaN) or "gradient" (an Inf in one gradient after a finite loss)."""
+
+    def __init__(self, step: int, what: str = "input", times: int = 1) -> None:
+        self.step, self.what, self.times = step, what, times
+
+    def _due(self, trainer) -> bool:
+        return self.step <= trainer.global_step < self.step + self.times
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.what == "input" and self._due(trainer):
+            batch[0, 0, 0, 0] = float("nan")
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        if self.what == "gradient" and self._due(trainer):
+            next(p for p in pl_module.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
+
+
+class StepRecorder(Callback):
+    """Appends, per training step, a digest of the batch and of torch's random state (JSON lines)."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        import hashlib
+
+        record = {
+            "step": trainer.global_step,
+            "batch": hashlib.sha1(batch.detach().cpu().numpy().tobytes()).hexdigest()[:12],
+            "rng": hashlib.sha1(torch.get_rng_state().numpy().tobytes()).hexdigest()[:12],
+            "weights": hashlib.sha1(b"".join(p.detach().cpu().numpy().tobytes() for p in pl_module.parameters())).hexdigest()[:12],
+        }
+        with open(self.out, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
