@@ -18,9 +18,13 @@ from typing import Any, Optional, Union
 import yaml
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from musicvae.atomic import remove_abandoned
 from musicvae.callbacks import ApplyResumedLearningRate, FixedNameCheckpoint, RunMetadata
+from musicvae.checkpoint_io import AtomicCheckpointIO
 from musicvae.checkpoints import (
     config_changes,
     config_from_hyperparameters,
@@ -30,8 +34,11 @@ from musicvae.checkpoints import (
     unresumable_changes,
 )
 from musicvae.data import MelDataModule
-from musicvae.errors import CheckpointError, ConfigError, MusicVAEError
+from musicvae.errors import CheckpointError, ConfigError, MusicVAEError, NonFiniteError
+from musicvae.guards import NONFINITE_EXIT, PREEMPTED_EXIT, NonFiniteGuard, Preemption
 from musicvae.module import MusicVAEModule
+from musicvae.rng import ResumableRandomState
+from musicvae.preflight import check_batch_size, check_creatable_dir, logger_save_dirs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "quickstart.yaml"
@@ -67,17 +74,30 @@ def split_seed(seed_everything: Union[bool, int, None]) -> int:
     return int(seed_everything)
 
 
-def checkpoint_callbacks(checkpoint_dir: Path, monitor: str = "val/loss") -> list[Callback]:
+def checkpoint_callbacks(checkpoint_dir: Path, monitor: str = "val/loss", every_n_steps: int = 0) -> list[Callback]:
     """`best.ckpt` (lowest `monitor`) and `last.ckpt` (newest state) under an absolute folder.
 
     Two callbacks, because with a monitor Lightning 2.6 refreshes `last.ckpt` only when a new
-    best is saved. The folder is absolute because ModelCheckpoint restores its best score only
-    when the stored `dirpath` string is identical (FixedNameCheckpoint also follows a moved folder).
+    best is saved; a third refreshes `last.ckpt` every `every_n_steps` training steps (mid-epoch,
+    resumable exactly), because ModelCheckpoint takes step or epoch triggers, not both. The
+    folder is absolute because ModelCheckpoint restores its best score only when the stored
+    `dirpath` string is identical (FixedNameCheckpoint also follows a moved folder).
     """
     common = dict(dirpath=str(checkpoint_dir), auto_insert_metric_name=False, enable_version_counter=False)
     best = FixedNameCheckpoint(filename="best", monitor=monitor, mode="min", save_top_k=1, **common)
     last = FixedNameCheckpoint(filename="last", monitor=None, save_top_k=1, **common)
-    return [best, last]
+    if every_n_steps <= 0:
+        return [best, last]
+    steps = FixedNameCheckpoint(filename="last", monitor=None, save_top_k=1, every_n_train_steps=every_n_steps, **common)
+    return [best, last, steps]
+
+
+def with_atomic_checkpoints(plugins: Any) -> list[Any]:
+    """The trainer's plugins plus AtomicCheckpointIO, unless a CheckpointIO was configured."""
+    plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
+    return plugins
 
 
 class SaveConfigToLogDir(SaveConfigCallback):
@@ -113,6 +133,16 @@ class MusicVAECLI(LightningCLI):
             "--overwrite", type=bool, default=False,
             help="Start a fresh run in a checkpoint_dir that already holds checkpoints (they get replaced).",
         )
+        parser.add_argument(
+            "--checkpoint_every_n_steps", type=int, default=0,
+            help="Also refresh last.ckpt every N training steps, mid-epoch (0: only after each validation). "
+            "A resume from such a checkpoint continues with the same batches and random draws.",
+        )
+        parser.add_argument(
+            "--skip_nonfinite", type=int, default=0,
+            help="Batches with a NaN/Inf loss or gradient to skip (update dropped, warning logged) before "
+            "training stops; 0 stops at the first.",
+        )
         # One source of truth for shapes: the model takes them from the data.
         parser.link_arguments("data.frames", "model.frames")
         parser.link_arguments("data.n_mels", "model.n_mels", apply_on="instantiate")
@@ -146,11 +176,19 @@ class MusicVAECLI(LightningCLI):
             raise ConfigError(f"--monitor {monitor} is only logged with --model.loss spectral")
         parser = self._parser(self.subcommand)
         extra = [self._get(self.config_init, key) for key in parser.callback_keys]
-        extra += checkpoint_callbacks(self.checkpoint_dir, monitor)
+        every = self._setting("checkpoint_every_n_steps")
+        skip = self._setting("skip_nonfinite")
+        if every < 0 or skip < 0:
+            raise ConfigError(
+                f"--checkpoint_every_n_steps ({every}) and --skip_nonfinite ({skip}) must be 0 or more"
+            )
+        extra += checkpoint_callbacks(self.checkpoint_dir, monitor, every)
         extra.append(RunMetadata(yaml.safe_load(self._stored_config()), monitor, self.checkpoint_dir))
         old_lr = (self.resume or {}).get("hyper_parameters", {}).get("lr")
         extra.append(ApplyResumedLearningRate(old_lr))
+        extra += [ResumableRandomState(), NonFiniteGuard(skip), Preemption(self.checkpoint_dir)]
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        trainer_config["plugins"] = with_atomic_checkpoints(trainer_config.get("plugins"))
         return self._instantiate_trainer(trainer_config, extra)
 
     def before_instantiate_classes(self) -> None:
@@ -159,12 +197,24 @@ class MusicVAECLI(LightningCLI):
                 "ckpt_path is set in a config file; give it on the command line (--ckpt_path FILE) so the "
                 "stored run settings and the checkpoint are checked before anything is built"
             )
+        # Folders the run will write into, checked (never created) before anything is built.
+        if self.subcommand:
+            if self.subcommand == "fit":
+                check_creatable_dir(self._setting("checkpoint_dir"), "--checkpoint_dir")
+            for setting, folder in logger_save_dirs(self._get(self.config, "trainer.logger")):
+                check_creatable_dir(folder, setting)
+            if self._get(self.config, "data.cache_dir"):
+                check_creatable_dir(self._get(self.config, "data.cache_dir"), "--data.cache_dir")
 
     def before_fit(self) -> None:
+        # Before prepare_data: a batch the training set can never fill fails now, not after the cache is built.
+        check_batch_size(self.datamodule)
         if self.resume is None:
             self._refuse_to_clobber()
         else:
             self._check_resume()
+        for path in remove_abandoned(self.checkpoint_dir, recursive=False):
+            rank_zero_info(f"musicvae: removed {path.name}, left by a checkpoint write that was killed")
 
     def after_fit(self) -> None:
         trainer = self.trainer
@@ -186,10 +236,8 @@ class MusicVAECLI(LightningCLI):
                 f"--ckpt_path {self.checkpoint_dir / 'last.ckpt'}, choose another --checkpoint_dir, or pass "
                 "--overwrite true to start afresh (the old checkpoints are replaced as the new run saves)."
             )
-        try:
-            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise ConfigError(f"--checkpoint_dir {self.checkpoint_dir}: cannot be created ({err})") from None
+        # Nothing is created here: RunMetadata and the checkpoint callbacks make the folder when they
+        # first write into it, and before_instantiate_classes has checked that they can.
 
     def _check_resume(self) -> None:
         ckpt = self.resume
@@ -271,9 +319,15 @@ def cli_main(args: Optional[list[str]] = None, run: bool = True) -> MusicVAECLI:
 
 
 def main() -> None:
-    """Console entry point: user errors become one clear line and exit status 2."""
+    """Console entry point. Exit status: 0 done; 2 a user error (one clear line, no traceback);
+    3 stopped by a NaN/Inf; 143 stopped by SIGTERM (after saving last.ckpt when finite)."""
     try:
         cli_main()
+    except SIGTERMException:
+        raise SystemExit(PREEMPTED_EXIT) from None
+    except NonFiniteError as err:
+        sys.stderr.write(f"musicvae: error: {err}\n")
+        raise SystemExit(NONFINITE_EXIT) from None
     except MusicVAEError as err:
         sys.stderr.write(f"musicvae: error: {err}\n")
         raise SystemExit(2) from None

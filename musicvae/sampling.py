@@ -50,8 +50,13 @@ class CropSampler(DistributedSampler):
             order, draws = order.repeat(repeats)[: self.total_size], draws.repeat(repeats)[: self.total_size]
         mine = slice(self.rank, self.total_size, self.num_replicas)
         pairs = list(zip(order[mine].tolist(), draws[mine].tolist()))
+        # Taken now, not when the first pair is drawn: a restored iterator that is never
+        # advanced (a checkpoint from an epoch's last step) must not pass the skip to the next epoch.
         self.yielded, self._resume_at = self._resume_at, 0
-        for pair in pairs[self.yielded :]:
+        return self._count(pairs[self.yielded :])
+
+    def _count(self, pairs: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+        for pair in pairs:
             self.yielded += 1
             yield pair
 
@@ -61,5 +66,8 @@ class CropSampler(DistributedSampler):
         return {"epoch": self.epoch, "yielded": self.yielded}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch = int(state["epoch"])
-        self._resume_at = int(state["yielded"])
+        self.epoch, self._resume_at = int(state["epoch"]), int(state["yielded"])
+        if self._resume_at >= self.num_samples:
+            # Saved at an epoch's last step: Lightning goes on with the next epoch using the
+            # iterator it builds now, before it calls set_epoch, so that iterator must be the next epoch's.
+            self.epoch, self._resume_at = self.epoch + 1, 0
