@@ -13,6 +13,7 @@ import functools
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -184,8 +185,50 @@ def _decode_reason(path: Path, err: Exception) -> str:
     # parse (text named .mp3); say what is actually wrong.
     if "not a regular file" in message and path.is_file():
         message = "format not recognised"
+    if "lost sync" in message:  # a FLAC stream that ends (or turns to garbage) mid-frame
+        return f"truncated or corrupt ({message.removeprefix('Error : ').rstrip('.')})"
     kind = "" if isinstance(err, sf.LibsndfileError) else f"{type(err).__name__}: "
     return f"cannot decode ({kind}{message})"
+
+
+# libsndfile's header log notes a data chunk longer than the file: "data : 88200 (should be 44078)".
+_SHORT_CHUNK = re.compile(r"^\s*(?:data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
+_OGG_MAX_PAGE = 27 + 255 + 255 * 255  # header, segment table, body: the longest possible Ogg page
+
+
+def _truncation(path: Path, handle: sf.SoundFile) -> Optional[str]:
+    """Why an opened file looks cut short (an interrupted copy or download), or None.
+
+    libsndfile decodes what is there without complaint for two common containers, so they are
+    checked here: WAV/AIFF whose data chunk is longer than the file, and Ogg streams whose last
+    page is incomplete or lacks the end-of-stream flag every encoder writes on the final page.
+    (FLAC reports a lost sync itself, see _decode_reason; MP3 frame counts are often estimates,
+    so MP3 is not judged.)
+    """
+    if handle.format in ("WAV", "WAVEX", "AIFF", "AIFC", "W64", "CAF"):
+        match = _SHORT_CHUNK.search(handle.extra_info)
+        if match:
+            declared, present = int(match.group(1)), int(match.group(2))
+            # 0 and 0xFFFFFFFF are placeholders of writers that stream to disk, and a few bytes
+            # short is a writer's miscount: neither is a cut file, whose loss is large.
+            if declared < 0xFFFFFFF0 and declared - present >= max(1024, declared // 1000):
+                return (f"truncated: the header promises {declared} bytes of audio, the file holds {present} "
+                        "(an interrupted copy or download?)")
+    elif handle.format == "OGG":
+        with open(path, "rb") as raw:
+            raw.seek(max(0, os.fstat(raw.fileno()).st_size - _OGG_MAX_PAGE))
+            tail = raw.read()
+        at = tail.rfind(b"OggS")
+        if at < 0 or at + 27 > len(tail) or tail[at + 4] != 0:
+            return None  # no page header in reach: leave it to the decoder
+        segments = tail[at + 26]
+        table = tail[at + 27 : at + 27 + segments]
+        end = at + 27 + segments + sum(table)
+        if len(table) < segments or end > len(tail):
+            return "truncated: the last Ogg page is incomplete (an interrupted copy or download?)"
+        if not tail[at + 5] & 0x04:
+            return "truncated: the Ogg stream has no end-of-stream page (an interrupted copy, download or recording?)"
+    return None
 
 
 def decode_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
@@ -207,6 +250,9 @@ def decode_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
             raise AudioError(f"{path}: empty file (0 bytes)")
         blocks = []
         with sf.SoundFile(str(path)) as handle:
+            truncated = _truncation(path, handle)
+            if truncated:
+                raise AudioError(f"{path}: {truncated}")
             sample_rate, channels = handle.samplerate, handle.channels
             weights = np.full(channels, 1.0 / channels, dtype=np.float32)
             buffer = np.empty((max(1024, _DECODE_BLOCK_BYTES // (4 * channels)), channels), np.float32)
@@ -216,6 +262,10 @@ def decode_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
                     break
                 # A matrix-vector product mixes ~30x faster than block.mean(axis=1). (frames, C) -> (frames,)
                 blocks.append(block[:, 0].copy() if channels == 1 else block @ weights)
+            decoded, declared = sum(len(b) for b in blocks), handle.frames
+            # FLAC's header count is exact when known (streamed encoders may leave it unset).
+            if handle.format == "FLAC" and 0 < decoded < declared < 1 << 40:
+                raise AudioError(f"{path}: truncated: decoded {decoded} of the {declared} frames its header promises")
     except AudioError:
         raise
     except FileNotFoundError as err:

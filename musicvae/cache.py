@@ -44,6 +44,11 @@ CACHE_VERSION = 1
 MANIFEST = "manifest.json"
 _SAVE_EVERY_S = 5.0  # manifest saves during a build: at most this much work is lost to a kill
 _STALE_TMP_S = 3600.0  # a temporary file this old is abandoned whichever host wrote it
+VANISHED = "vanished after it was listed: file not found"
+# Files that vanished between listing and reading in the last build of each cache folder in this
+# process: {folder: {rel: reason}}. A training run builds twice (prepare_data, then setup, whose
+# build the run reports), and the second listing no longer sees such a file; it is named from here.
+_vanished_last_build: dict[str, dict[str, str]] = {}
 
 
 @dataclass
@@ -177,6 +182,8 @@ def _prepare_one(job: tuple[str, str, str, MelSettings, int, int]) -> dict[str, 
         record["error"] = str(err).removeprefix(f"{source}: ")
     except Exception as err:  # a worker reports, it never raises: one bad file must not stop a build
         record["error"] = f"{type(err).__name__}: {err}"
+    if "error" in record and not os.path.lexists(source):
+        record.update(error=VANISHED, vanished=True)  # deleted or moved while it was being read
     return record
 
 
@@ -273,13 +280,21 @@ def build_audio_cache(
     rels, problems = find_audio_files(data_dir)
     report = CacheReport()
     jobs = []
+    listed = set(rels)
+    vanished: dict[str, str] = {}  # rel -> reason, for files gone between listing and reading
+    earlier = _vanished_last_build.pop(str(folder), {})
+    problems += [(str(data_dir / rel), reason) for rel, reason in earlier.items() if rel not in listed]
     for rel in rels:
         source = data_dir / rel
         try:
             st = os.stat(source)
         except OSError as err:
-            reason = "broken symbolic link" if source.is_symlink() else f"cannot stat ({err.strerror})"
-            problems.append((str(source), reason))
+            if source.is_symlink():
+                problems.append((str(source), "broken symbolic link"))
+            elif isinstance(err, FileNotFoundError):
+                vanished[rel] = VANISHED
+            else:
+                problems.append((str(source), f"cannot stat ({err.strerror})"))
             continue
         if not stat.S_ISREG(st.st_mode):
             problems.append((str(source), "not a regular file"))
@@ -300,7 +315,9 @@ def build_audio_cache(
     def on_result(record: dict[str, Any]) -> None:
         nonlocal last_save
         rel = record.pop("rel")
-        if "error" in record:
+        if record.pop("vanished", False):
+            vanished[rel] = record["error"]  # not recorded: there is no file left to key it by
+        elif "error" in record:
             manifest["failures"][rel] = record
         else:
             manifest["entries"][rel] = {**record, "array": f"arrays/{rel}.npy"}
@@ -332,6 +349,9 @@ def build_audio_cache(
                                              e["n_frames"], e["duration"], e["sample_rate"]))
         elif rel in manifest["failures"]:
             problems.append((str(data_dir / rel), manifest["failures"][rel]["error"]))
+    problems += [(str(data_dir / rel), reason) for rel, reason in vanished.items()]
+    if vanished:
+        _vanished_last_build[str(folder)] = vanished
     report.problems = sorted(problems)
     report.seconds_of_audio = float(sum(e.duration for e in report.entries))
     return report

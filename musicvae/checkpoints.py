@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
-import zipfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> dict[
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # e.g. torch's note on a bare pickle: the error below says it all
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         # weights_only refuses globals (code) with a message naming them; anything else is garbage.
         if "global" not in str(err).lower():
@@ -53,10 +55,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> dict[
             f"{path}: refused: the file contains Python objects that would run code when loaded "
             f"(only tensors and plain values are accepted): {_unsupported(err)}"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+    except Exception as err:  # noqa: BLE001 - on arbitrary bytes the weights-only unpickler raises
+        # EOFError (empty file), IndexError, KeyError, ... besides RuntimeError and BadZipFile.
         raise CheckpointError(
-            f"{path}: not a readable checkpoint (truncated or not a checkpoint file: {type(err).__name__}: "
-            f"{str(err).splitlines()[0][:200]})"
+            f"{path}: not a readable checkpoint (truncated or not a checkpoint file: {_first_line(err)})"
         ) from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path}: not a Lightning checkpoint (no state_dict)")
@@ -67,6 +69,13 @@ def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> dict[
             "hyper-parameters or the MelDataModule state)"
         )
     return ckpt
+
+
+def _first_line(err: Exception) -> str:
+    """`Type: first sentence of the message`, or the type alone when the message is empty."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = lines[0].split(". ")[0][:200] if lines else ""
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def _last_line(err: Exception) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import warnings
@@ -11,6 +12,7 @@ from typing import Any, Literal, Optional
 import lightning as L
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.trainer.states import TrainerFn
 import numpy as np
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -102,6 +104,7 @@ class MelDataModule(L.LightningDataModule):
         self.prepare_workers = prepare_workers
         self.normalizer = Normalizer()
         self.stats_restored = False
+        self._resume_position: Optional[dict[str, int]] = None
         self.split_mode: Optional[str] = None
         self.sources: list[MelSource] = []
         self.problems: list[str] = []  # one message per unusable file, for reports
@@ -212,15 +215,25 @@ class MelDataModule(L.LightningDataModule):
             for path in find_array_files(self.folder)
             if not (cache_inside and self.cache_dir in path.parents)
         ]
-        messages: list[str] = []
+        messages = [f"{path}: is a directory, not an array file" for path in self._array_named_dirs(cache_inside)]
         report = self._audio_cache(workers=0)
         if report is not None:
             arrays += [(entry.rel, Path(entry.array)) for entry in report.entries]
             messages += [f"{path}: {reason}" for path, reason in report.problems]
         return sorted(arrays), messages
 
+    def _array_named_dirs(self, cache_inside: bool) -> list[Path]:
+        """Folders named like array files (`take_3.npy/`): reported, since find_array_files skips them."""
+        found = []
+        for root, dirs, _ in os.walk(self.folder):
+            if cache_inside and (Path(root) == self.cache_dir or self.cache_dir in Path(root).parents):
+                continue
+            found += [Path(root) / name for name in dirs if os.path.splitext(name)[1] in ARRAY_SUFFIXES]
+        return sorted(found)
+
     def _scan(self) -> list[MelSource]:
         candidates, problems = self._candidates()
+        problems.sort()  # "path: reason", so by path
         if problems and self.on_bad_file == "error":
             raise DataError(problems[0])
         if not candidates and not problems:
@@ -232,6 +245,8 @@ class MelDataModule(L.LightningDataModule):
         for rel, path in candidates:
             try:
                 source = scan_mel_file(path, rel, self.n_mels, self.mel.log_floor_value)
+                if source.n_frames >= self.frames:
+                    self._check_not_silent(source)
             except DataError as err:
                 if self.on_bad_file == "error":
                     raise
@@ -241,10 +256,12 @@ class MelDataModule(L.LightningDataModule):
                 too_short.append(rel)
                 continue
             sources.append(source)
+        problems.sort()  # "path: reason", so by path: one list whatever stage found each problem
         if too_short:
+            # Every name, however many: a file left out of a run is one its owner must be able to find.
             warnings.warn(
                 f"skipped {len(too_short)} file(s) shorter than one segment ({self.frames} frames): "
-                + ", ".join(too_short[:10]) + (" ..." if len(too_short) > 10 else ""),
+                + ", ".join(too_short),
                 stacklevel=2,
             )
         if problems:
@@ -256,6 +273,21 @@ class MelDataModule(L.LightningDataModule):
         if not sources:
             raise DataError(f"{self.folder}: none of the files is usable (see the warnings above)")
         return sources
+
+    def _check_not_silent(self, source: MelSource) -> None:
+        """Refuse a recording none of whose windows would be trained on (all are silent), naming
+        the file in the data folder (an audio file, not its cached array).
+
+        Raises:
+            DataError: the file is silent at `silence_margin`.
+        """
+        if window_starts(source, 0, source.n_frames, self.frames, self.silence_margin):
+            return
+        db = 10 * self.silence_margin / math.log(10)
+        raise DataError(
+            f"{self.folder / source.rel}: silent: no segment of {self.frames} frames rises more than "
+            f"{db:.0f} dB above the file's floor (lower data.silence_margin to train on quiet material)"
+        )
 
     def _split(self, sources: list[MelSource]) -> tuple[np.ndarray, np.ndarray]:
         is_val = split_files([s.rel for s in sources], self.val_split, self.seed)
@@ -296,6 +328,9 @@ class MelDataModule(L.LightningDataModule):
         replicas = dict(num_replicas=kwargs.get("num_replicas", 1), rank=kwargs.get("rank", 0))
         if shuffle:
             sampler = CropSampler(dataset, seed=self.seed, **replicas)
+            if self._resume_position is not None:
+                sampler.load_state_dict(self._resume_position)
+                self._resume_position = None
         elif kwargs:
             # Lightning's default DistributedSampler pads by repeating examples, which would count
             # them twice in the validation metrics; this one gives each example to exactly one rank.
@@ -336,7 +371,20 @@ class MelDataModule(L.LightningDataModule):
             "split_mode": self.split_mode,
             "data_dir": str(self.data_dir) if self.data_dir else None,
             "silence_margin": self.silence_margin,
+            "train_position": self._train_position(),
         }
+
+    def _train_position(self) -> Optional[dict[str, int]]:
+        """Where the training epoch stands: its number and the examples this rank has consumed.
+
+        Counted from Lightning's finished batches, not from the sampler, which the loader's
+        workers have already read ahead of the training step.
+        """
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return None
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": trainer.current_epoch, "yielded": done * self.batch_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # The statistics of the run being resumed win over freshly computed ones, so the model
@@ -344,3 +392,7 @@ class MelDataModule(L.LightningDataModule):
         self.normalizer.mean = float(state["mean"])
         self.normalizer.std = float(state["std"])
         self.stats_restored = True
+        # Applied to the next training sampler. Lightning 2.6 restores the loader's own state
+        # only mid-epoch: from a checkpoint of an epoch's last step it would replay that epoch's
+        # order (the iterator is built before set_epoch), so the position travels here as well.
+        self._resume_position = state.get("train_position")

@@ -7,13 +7,17 @@ arrays themselves stay on disk (memory-mapped `.npy`) and a collection need not 
 from __future__ import annotations
 
 import math
+import os
+import re
+import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from musicvae.errors import DataError
 from musicvae.sampling import DRAW_RANGE
@@ -59,7 +63,7 @@ def load_mel_array(path: Path, n_mels: int) -> np.ndarray:
     except DataError:
         raise
     except Exception as err:  # numpy and torch raise many types for unreadable/corrupt files
-        raise DataError(f"{path}: cannot read the array ({type(err).__name__}: {err})") from err
+        raise DataError(f"{path}: cannot read the array ({_read_failure(path, err)})") from err
     if array.ndim == 3 and array.shape[0] == 1:
         array = array[0]
     if array.ndim != 2:
@@ -73,6 +77,47 @@ def load_mel_array(path: Path, n_mels: int) -> np.ndarray:
     if not np.issubdtype(array.dtype, np.floating):
         raise DataError(f"{path}: expected a floating-point log-mel array, got dtype {array.dtype}")
     return array
+
+
+def _read_failure(path: Path, err: BaseException) -> str:
+    """Why `path` could not be read, in words, without repeating the path (the caller names it)."""
+    if isinstance(err, FileNotFoundError):
+        return "broken symbolic link" if path.is_symlink() else "vanished after it was listed: file not found"
+    if isinstance(err, IsADirectoryError):
+        return "is a directory, not an array file"
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    try:
+        size = os.stat(path).st_size
+    except OSError:
+        size = None
+    if size == 0:
+        return "empty file (0 bytes)"
+    if size is not None and path.suffix == ".npy":
+        shortfall = _npy_shortfall(path, size)
+        if shortfall:
+            return shortfall
+    message = str(err).replace(repr(str(path)), "the file").replace(str(path), "the file")
+    if "Weights only load failed" in message:  # torch's page-long advice to unpickle unsafely
+        detail = re.search(r"WeightsUnpickler error: (.+)", message)
+        return "not a tensor file that torch.load reads safely" + (f" ({detail.group(1).strip()})" if detail else "")
+    return f"{type(err).__name__}: {message.strip().splitlines()[0] if message.strip() else ''}"
+
+
+def _npy_shortfall(path: Path, size: int) -> Optional[str]:
+    """'truncated: ...' when a `.npy` file holds fewer bytes than its header declares, else None."""
+    try:
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(handle)
+            offset = handle.tell()
+    except Exception:  # not even a readable header: nothing more specific to say
+        return None
+    expected = math.prod(shape) * dtype.itemsize
+    if size - offset < expected:
+        return f"truncated: the header promises {expected} bytes of data, the file holds {size - offset}"
+    return None
 
 
 def scan_mel_file(path: Path, rel: str, n_mels: int, log_floor: float) -> MelSource:
@@ -155,7 +200,8 @@ class SegmentDataset(Dataset):
         self.n_mels = n_mels
         self.normalizer = normalizer
         self.random_crop = random_crop
-        self._open: dict[int, np.ndarray] = {}
+        self._open: dict[int, tuple[tuple[int, ...], np.ndarray]] = {}  # file index -> (stat stamp, array)
+        self._unreadable = _unreadable_flags(paths)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -167,9 +213,34 @@ class SegmentDataset(Dataset):
         return state
 
     def array(self, file_index: int) -> np.ndarray:
-        if file_index not in self._open:
-            self._open[file_index] = load_mel_array(Path(self.paths[file_index]), self.n_mels)
-        return self._open[file_index]
+        """The file's array, opened again whenever the file changed on disk since it was opened.
+
+        Each call stats the file (about a microsecond), so a file deleted, truncated or replaced
+        during training is noticed before it is read: reading a memory-mapped file beyond a
+        truncation would kill the process with SIGBUS, which no `except` can catch.
+
+        Raises:
+            DataError: naming the file and why it cannot be read.
+        """
+        path = self.paths[file_index]
+        try:
+            st = os.stat(path)
+        except FileNotFoundError as err:
+            reason = "broken symbolic link" if os.path.islink(path) else "file not found: deleted or moved"
+            raise DataError(f"{path}: {reason}") from err
+        except OSError as err:
+            raise DataError(f"{path}: cannot read the array ({_read_failure(Path(path), err)})") from err
+        stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        opened = self._open.get(file_index)
+        if opened is None or opened[0] != stamp:
+            self._open.pop(file_index, None)
+            opened = self._open[file_index] = (stamp, load_mel_array(Path(path), self.n_mels))
+        return opened[1]
+
+    def unreadable_files(self) -> list[str]:
+        """Files found unreadable while this dataset (or one over the same files, in any DataLoader
+        worker) was read: their segments are being replaced by segments of other files."""
+        return [self.paths[i] for i in np.flatnonzero(self._unreadable.numpy())]
 
     def crop_start(self, index: int, draw: Optional[int] = None) -> int:
         """Start frame of item `index`: its window, jittered by `draw` when cropping randomly.
@@ -187,11 +258,84 @@ class SegmentDataset(Dataset):
         return first + draw % (last - first + 1)
 
     def __getitem__(self, item: Union[int, tuple[int, int]]) -> torch.Tensor:
+        """Item `index`'s segment; if its file became unreadable after the scan (deleted, truncated,
+        replaced by something unusable), the segment of the next item of a readable file instead.
+
+        A file found unreadable is named in one warning and skipped for the rest of the run, by
+        every DataLoader worker (the flags live in shared memory). Raises DataError only when no
+        file of the dataset can be read any more.
+        """
         index, draw = item if isinstance(item, tuple) else (item, None)  # CropSampler yields (index, draw)
-        file_index = int(self.items[index, 0])
-        start = self.crop_start(index, draw)
-        segment = np.array(self.array(file_index)[:, start : start + self.frames], dtype=np.float32)
+        segment = self._segment(index, draw)
+        if segment is None:
+            segment = self._stand_in(index, draw)
         return self.normalizer(torch.from_numpy(segment).unsqueeze(0))  # (n_mels, F) -> (1, n_mels, F)
+
+    def _segment(self, index: int, draw: Optional[int]) -> Optional[np.ndarray]:
+        """(n_mels, frames) float32 segment of item `index`, or None when its file is unreadable."""
+        file_index = int(self.items[index, 0])
+        if self._unreadable.numpy()[file_index]:
+            return None
+        start = self.crop_start(index, draw)
+        try:
+            segment = np.array(self.array(file_index)[:, start : start + self.frames], dtype=np.float32)
+            path = self.paths[file_index]
+            if segment.shape[1] != self.frames:
+                raise DataError(f"{path}: changed since the scan: frames {start}-{start + self.frames} are gone")
+            if not np.isfinite(segment).all():
+                raise DataError(f"{path}: changed since the scan: contains NaN or Inf in frames {start}-{start + self.frames}")
+        except (OSError, ValueError) as err:  # DataError is a ValueError
+            self._give_up(file_index, err)
+            return None
+        return segment
+
+    def _stand_in(self, index: int, draw: Optional[int]) -> np.ndarray:
+        """The segment of the first item after `index` (wrapping around) whose file is readable:
+        the same stand-in in every process and on every resume, given the same unreadable files."""
+        n = len(self.items)
+        order = (index + 1 + np.arange(n - 1)) % n
+        for candidate in order[self._unreadable.numpy()[self.items[order, 0]] == 0]:
+            segment = self._segment(int(candidate), draw)
+            if segment is not None:
+                return segment
+        files = len(np.unique(self.items[:, 0]))
+        raise DataError(f"none of the {files} files of this dataset can be read any more (see the warnings above)")
+
+    def _give_up(self, file_index: int, err: Exception) -> None:
+        flags = self._unreadable.numpy()
+        if flags[file_index]:
+            return  # another worker found it first and said so
+        flags[file_index] = 1
+        path = Path(self.paths[file_index])
+        reason = str(err).removeprefix(f"{path}: ") if isinstance(err, DataError) else _read_failure(path, err)
+        if reason.startswith("cannot read the array (") and reason.endswith(")"):
+            reason = reason[len("cannot read the array (") : -1]
+        worker = get_worker_info()
+        where = f" [DataLoader worker {worker.id}]" if worker is not None else ""
+        warnings.warn(
+            f"{path}: became unreadable during training ({reason}); skipped for the rest of this run, "
+            f"segments of other files take its place{where}",
+            stacklevel=3,
+        )
+
+
+def _unreadable_flags(paths: list[str]) -> torch.Tensor:
+    """One flag per file, in shared memory, so DataLoader workers (forked or spawned) and the main
+    process see which files were found unreadable; datasets over the same file list (the training
+    and validation splits) share one set, so each file is reported once."""
+    key = tuple(paths)
+    flags = _FLAGS.get(key)
+    if flags is None:
+        flags = torch.zeros(len(paths), dtype=torch.uint8)
+        try:
+            flags.share_memory_()
+        except RuntimeError:  # no shared memory here: each process keeps its own flags
+            pass
+        _FLAGS[key] = flags
+    return flags
+
+
+_FLAGS: "weakref.WeakValueDictionary[tuple[str, ...], torch.Tensor]" = weakref.WeakValueDictionary()
 
 
 def segment_statistics(dataset: SegmentDataset) -> tuple[float, float]:

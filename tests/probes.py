@@ -84,7 +84,8 @@ class SignalAtStep(Callback):
 
 class PoisonAtStep(Callback):
     """Makes training step `step` go non-finite: `what` = "input" (a NaN in the batch, so
-    every loss part is NaN) or "gradient" (an Inf in one gradient after a finite loss)."""
+    every loss part is NaN), "gradient" (an Inf in one gradient after a finite loss) or
+    "weights" (a NaN written into a weight after the step, past every gradient check)."""
 
     def __init__(self, step: int, what: str = "input", times: int = 1) -> None:
         self.step, self.what, self.times = step, what, times
@@ -99,6 +100,11 @@ class PoisonAtStep(Callback):
     def on_after_backward(self, trainer, pl_module) -> None:
         if self.what == "gradient" and self._due(trainer):
             next(p for p in pl_module.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.what == "weights" and self._due(trainer):
+            with torch.no_grad():
+                next(pl_module.parameters()).view(-1)[0] = float("nan")
 
 
 class StepRecorder(Callback):
