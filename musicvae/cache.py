@@ -36,14 +36,13 @@ import numpy as np
 import torch
 
 from musicvae.audio import AUDIO_SUFFIXES, AudioError, MelSettings, decode_audio, mono_to_log_mel
-from musicvae.atomic import HOST, TMP_PATTERN, write_atomic
+from musicvae.atomic import remove_abandoned, write_atomic
 from musicvae.errors import DataError
 
 #: Bump when the arrays or the manifest change meaning, so older caches are not reused.
 CACHE_VERSION = 1
 MANIFEST = "manifest.json"
 _SAVE_EVERY_S = 5.0  # manifest saves during a build: at most this much work is lost to a kill
-_STALE_TMP_S = 3600.0  # a temporary file this old is abandoned whichever host wrote it
 VANISHED = "vanished after it was listed: file not found"
 # Files that vanished between listing and reading in the last build of each cache folder in this
 # process: {folder: {rel: reason}}. A training run builds twice (prepare_data, then setup, whose
@@ -112,43 +111,6 @@ def find_audio_files(data_dir: Path) -> tuple[list[str], list[tuple[str, str]]]:
                 problems.append((str(Path(root) / name), "is a directory, not an audio file"))
         found += [(base / n).as_posix() for n in files if os.path.splitext(n)[1].lower() in AUDIO_SUFFIXES]
     return sorted(found), problems
-
-
-def _abandoned(path: Path) -> bool:
-    """A temporary file whose writer on this host is dead, or one older than an hour."""
-    match = TMP_PATTERN.search(path.name)
-    try:
-        if time.time() - path.stat().st_mtime > _STALE_TMP_S:
-            return True
-    except OSError:
-        return False
-    if match is None or match.group(2) != HOST:
-        return False  # another host's writer may still be alive (a cache on a shared filesystem)
-    return not _process_alive(int(match.group(1)))
-
-
-def _process_alive(pid: int) -> bool:
-    """True while `pid` runs. A killed writer not yet reaped by its parent is a zombie: signal 0
-    still reaches it, so /proc is asked too (where there is one)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        pass  # alive but not ours to signal
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def _remove_abandoned(folder: Path) -> None:
-    for root, _, files in os.walk(folder):
-        for name in files:
-            path = Path(root) / name
-            if name.endswith(".tmp") and _abandoned(path):
-                path.unlink(missing_ok=True)
 
 
 def _load_manifest(folder: Path, data_dir: Path, mel: MelSettings) -> dict[str, Any]:
@@ -274,7 +236,7 @@ def build_audio_cache(
     folder = cache_folder(cache_dir, data_dir, mel)
     arrays = folder / "arrays"
     arrays.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned(folder)
+    remove_abandoned(folder)
     old = _load_manifest(folder, data_dir, mel)
     manifest = {**old, "entries": {}, "failures": {}}
     rels, problems = find_audio_files(data_dir)
