@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import lightning as L
 import torch
@@ -28,6 +28,25 @@ from musicvae.errors import NonFiniteError
 PREEMPTED_EXIT = 143
 #: Exit status of a run stopped by a NaN/Inf.
 NONFINITE_EXIT = 3
+
+
+def all_finite(parts: dict[str, torch.Tensor], module: Optional[torch.nn.Module] = None) -> bool:
+    """True when every loss part and (with `module`) every gradient is finite.
+
+    One device sync per step, whatever the number of parameters: this runs on every step, and
+    the names of what went wrong are only worked out when something did.
+    """
+    checks = []
+    if parts:
+        checks.append(torch.isfinite(torch.stack([v.detach().float() for v in parts.values()])).all())
+    grads = [p.grad for p in module.parameters() if p.grad is not None] if module is not None else []
+    if grads:
+        # The infinity norm is NaN or Inf exactly when an element is; one fused kernel per device.
+        norms = torch._foreach_norm(grads, float("inf"))
+        checks.append(torch.isfinite(torch.stack([n.float() for n in norms])).all())
+    if not checks:
+        return True
+    return bool(torch.stack([c.to(checks[0].device) for c in checks]).all())
 
 
 def nonfinite_parts(parts: dict[str, torch.Tensor]) -> list[str]:
@@ -71,17 +90,18 @@ class NonFiniteGuard(Callback):
         self.skipped = int(state_dict.get("skipped", 0))
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
-        parts = nonfinite_parts(getattr(pl_module, "last_loss_parts", {}))
+        loss_parts = getattr(pl_module, "last_loss_parts", {})
         # With fp16 mixed precision the GradScaler expects Inf gradients and skips those steps itself.
         scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
-        grads = [] if scaled else nonfinite_gradients(pl_module)
-        bad = bool(parts or grads)
+        bad = not all_finite(loss_parts, None if scaled else pl_module)
         if trainer.world_size > 1 and scaled:
             # Gradients are identical on every rank after DDP's all-reduce, loss parts are not:
             # every rank must take the same decision or the next collective hangs.
             bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
         if not bad:
             return
+        parts = nonfinite_parts(loss_parts)
+        grads = [] if scaled else nonfinite_gradients(pl_module)
         what = _describe(parts, grads)
         where = f"step {trainer.global_step} (epoch {trainer.current_epoch})"
         if self.skipped < self.skip:

@@ -21,7 +21,7 @@ from musicvae.atomic import HOST, remove_abandoned
 from musicvae.checkpoint_io import KILL_HOOK_ENV, AtomicCheckpointIO, nonfinite_entries
 from musicvae.cli import cli_main, main
 from musicvae.errors import NonFiniteError
-from musicvae.guards import nonfinite_gradients, nonfinite_parts
+from musicvae.guards import all_finite, nonfinite_gradients, nonfinite_parts
 from musicvae.rng import capture, restore
 from musicvae.sampling import CropSampler
 from conftest import REPO, load_script, tiny_fit_args
@@ -199,8 +199,11 @@ def test_nonfinite_parts_and_gradients_are_named():
     module = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
     module(torch.ones(1, 2)).sum().backward()
     assert nonfinite_gradients(module) == []
+    finite_parts = {"loss": torch.tensor(1.0), "kl": torch.tensor(2.0)}
+    assert all_finite(finite_parts, module) and not all_finite(parts, module)
     module[1].bias.grad[0] = float("nan")
     assert nonfinite_gradients(module) == ["1.bias"]
+    assert not all_finite(finite_parts, module) and all_finite(finite_parts, None)  # None: gradients not checked
 
 
 # ---- units: the writer, the sampler, the random states ------------------------------------------
