@@ -29,6 +29,7 @@ def load_module(ckpt_path: str | os.PathLike, device: str = "cpu") -> tuple[Musi
         raise ConfigError(f"--device {device}: no CUDA device is available here; use --device cpu")
     ckpt = load_checkpoint(ckpt_path)
     hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
+    hparams["compile"] = False  # a training speed setting; evaluation and export run eagerly
     try:
         module = MusicVAEModule(**hparams)
         module.load_state_dict(ckpt["state_dict"])

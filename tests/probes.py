@@ -124,3 +124,15 @@ class StepRecorder(Callback):
         }
         with open(self.out, "a") as handle:
             handle.write(json.dumps(record) + "\n")
+
+
+class LossRecorder(Callback):
+    """Writes the training loss of every step to a JSON list (for comparing precisions)."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+        self.out.write_text(json.dumps(self.losses))
