@@ -149,9 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         for mode in modes:
             mine = [r for r in records if r["mode"] == mode]
             survived = sum(r["survived"] for r in mine)
-            killed = sum(r["killed"] for r in mine)
+            during = sum(r["killed"] and (r["step_at_kill"] or 0) < total_steps for r in mine)
             mid = sum(r["mid_write"] for r in mine)
-            print(f"{mode}: {survived}/{len(mine)} kills survived ({killed} of them landed before the run's end, "
+            print(f"{mode}: {survived}/{len(mine)} kills survived ({during} landed while training was still going, "
                   f"{mid} during a checkpoint write)")
         if args.json:
             print(json.dumps(records, indent=1))
