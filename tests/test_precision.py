@@ -65,3 +65,12 @@ def test_compile_trains_like_eager_and_keeps_checkpoint_keys(tmp_path, fp32, mon
     assert_close(losses, fp32, rel=1e-3)
     state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["state_dict"]
     assert not any("_orig_mod" in key for key in state)  # loads into an eager model as well
+
+
+def test_gpu_config_layers_on_a_recipe(tmp_path):
+    # On a GPU-less machine the accelerator is overridden; everything else must parse and build.
+    cli = cli_main(["--config", "configs/improved.yaml", "--config", "configs/gpu.yaml", "--trainer.accelerator", "cpu",
+                    "--trainer.precision", "32", "--checkpoint_dir", str(tmp_path / "ckpt"),
+                    "--data.cache_dir", str(tmp_path / "cache")], run=False)
+    assert cli.model.hparams.compile and cli.model.hparams.channels_last
+    assert cli.datamodule.num_workers == 4 and cli.model.hparams.lr == 5e-5  # the recipe is kept
