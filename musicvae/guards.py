@@ -5,13 +5,16 @@
   skips the batch, up to `--skip_nonfinite N` times). Nothing is saved on the way out, and
   AtomicCheckpointIO refuses non-finite weights anyway, so `last.ckpt` and `best.ckpt` stay
   the last finite ones.
-- Preemption: Lightning notes SIGTERM, finishes the current step and raises SIGTERMException,
-  saving nothing and exiting 0. This writes `last.ckpt` when the weights are finite; the
-  command line then exits 143 (128 + SIGTERM), which schedulers read as preempted.
+- Preemption: on SIGTERM the current step finishes on every rank, then Lightning raises
+  SIGTERMException (by itself it saves nothing and exits 0). This writes `last.ckpt` when the
+  weights are finite; the command line then exits 143 (128 + SIGTERM), which schedulers read
+  as preempted.
 """
 
 from __future__ import annotations
 
+import signal
+import threading
 from pathlib import Path
 from typing import Any, Optional
 
@@ -135,6 +138,23 @@ class Preemption(Callback):
     def __init__(self, checkpoint_dir: Path) -> None:
         self.path = Path(checkpoint_dir) / "last.ckpt"
         self.saved = False
+        self.requested = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Replaces Lightning's SIGTERM handler (registered just before the fit loop): it runs a
+        # broadcast inside the handler, which deadlocks DDP ranks whose collectives it interleaves
+        # (seen: 3 of 3 two-process runs hung). Ours only notes the signal; the ranks agree on it
+        # after each batch, and Lightning's own checks then stop every rank at the same step.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._note)
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.requested = True  # no collective, no I/O: safe wherever the signal lands
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # One scalar all-reduce per step under DDP (none on one device): a signal to any rank stops all.
+        if trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+            trainer._signal_connector.received_sigterm = True
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException):
