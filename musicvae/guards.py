@@ -36,16 +36,24 @@ NONFINITE_EXIT = 3
 def all_finite(parts: dict[str, torch.Tensor], module: Optional[torch.nn.Module] = None) -> bool:
     """True when every loss part and (with `module`) every gradient is finite.
 
-    One device sync per step, whatever the number of parameters: this runs on every step, and
-    the names of what went wrong are only worked out when something did.
+    One device sync per step in the usual case: this runs on every step, and the names of what
+    went wrong are only worked out when something did.
     """
+    grads = [p.grad for p in module.parameters() if p.grad is not None] if module is not None else []
+    # A 2-norm is NaN/Inf whenever an element is (and when huge finite values overflow it, which
+    # the exact check below then clears); on a CPU it is ~12x faster than the infinity norm
+    # (0.8 vs 9.3 ms for the default model's 7.1M gradients, scripts/bench.py).
+    if _finite(parts, grads, 2.0):
+        return True
+    return _finite(parts, grads, float("inf"))
+
+
+def _finite(parts: dict[str, torch.Tensor], grads: list[torch.Tensor], norm: float) -> bool:
     checks = []
     if parts:
         checks.append(torch.isfinite(torch.stack([v.detach().float() for v in parts.values()])).all())
-    grads = [p.grad for p in module.parameters() if p.grad is not None] if module is not None else []
     if grads:
-        # The infinity norm is NaN or Inf exactly when an element is; one fused kernel per device.
-        norms = torch._foreach_norm(grads, float("inf"))
+        norms = torch._foreach_norm(grads, norm)  # one fused kernel per device
         checks.append(torch.isfinite(torch.stack([n.float() for n in norms])).all())
     if not checks:
         return True

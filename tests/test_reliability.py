@@ -291,3 +291,12 @@ def test_random_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
 def test_no_flag_means_no_mid_epoch_checkpoints(tmp_path):
     cli = cli_main(tiny_fit_args(tmp_path)[1:], run=False)
     assert cli.config.checkpoint_every_n_steps == 0 and cli.config.skip_nonfinite == 0
+
+
+def test_huge_finite_gradients_are_not_called_nonfinite():
+    # Their 2-norm overflows to Inf; the exact check must clear them.
+    module = torch.nn.Linear(4, 1)
+    module(torch.ones(1, 4)).sum().backward()
+    module.weight.grad.fill_(3e38)
+    assert all_finite({"loss": torch.tensor(1.0)}, module)
+    assert nonfinite_gradients(module) == []
