@@ -55,13 +55,14 @@ def test_channels_last_trains_like_fp32(tmp_path, fp32):
 
 
 @pytest.mark.slow
-def test_compile_trains_like_eager_and_keeps_checkpoint_keys(tmp_path, fp32, monkeypatch):
+def test_compile_trains_like_eager_and_keeps_checkpoint_keys(tmp_path, fp32):
     import torch._inductor.config as inductor
 
     # Compiled code draws random numbers (the reparameterisation noise) with its own generator;
-    # eager-compatible draws make the comparison with the eager losses meaningful.
-    monkeypatch.setattr(inductor, "fallback_random", True)
-    losses = step_losses(tmp_path, "--model.compile", "true", "--checkpoint_every_n_steps", str(STEPS))
+    # eager-compatible draws make the comparison with the eager losses meaningful. (patch(), not
+    # monkeypatch: undoing a monkeypatch deletes the option from torch's config module.)
+    with inductor.patch(fallback_random=True):
+        losses = step_losses(tmp_path, "--model.compile", "true", "--checkpoint_every_n_steps", str(STEPS))
     assert_close(losses, fp32, rel=1e-3)
     state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["state_dict"]
     assert not any("_orig_mod" in key for key in state)  # loads into an eager model as well
