@@ -7,7 +7,7 @@ from musicvae.evaluation import evaluate, evaluate_checkpoint
 from musicvae.export import export_checkpoint
 from musicvae.generation import load_generation_model
 from musicvae.inference import datamodule_for, load_module
-from musicvae.errors import CheckpointError, ConfigError, DataError, MusicVAEError
+from musicvae.errors import CheckpointError, ConfigError, DataError, MusicVAEError, NonFiniteError
 from musicvae.losses import (
     create_frequency_weights,
     kl_divergence,
@@ -20,6 +20,7 @@ from musicvae.losses import (
 from musicvae.metrics import LatentDiagnostics, ReconstructionDiagnostics
 from musicvae.model import ConvVAE
 from musicvae.module import MusicVAEModule
+from musicvae.quality import PCA, fit_pca
 from musicvae.vocoder import GriffinLimVocoder, denormalize
 
 __version__ = "0.1.0"
@@ -48,6 +49,9 @@ __all__ = [
     "MelSettings",
     "MusicVAEError",
     "MusicVAEModule",
+    "NonFiniteError",
+    "PCA",
+    "fit_pca",
     "create_frequency_weights",
     "kl_divergence",
     "log_mel",

@@ -1,0 +1,318 @@
+"""Is the VAE a better compressor than PCA? The quality benchmark of issue 9, as pure functions.
+
+A VAE with a `latent_dim`-dimensional code should at least beat the best *linear* code of the same
+size: PCA with `latent_dim` components, fitted on the very training segments the VAE saw. This
+file fits that PCA (:func:`fit_pca`), scores any reconstruction function on held-out segments with
+the diagnostics of `musicvae.metrics` (:func:`score_reconstructions`), judges prior samples against
+the held-out data's statistics (:func:`prior_diagnostics`), and turns the numbers into the goal
+table of `results.md` (:func:`goal_rows`, :func:`markdown_report`). `scripts/benchmark_quality.py`
+chains them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from musicvae.losses import Band
+from musicvae.metrics import (FEATURELESS_THRESHOLD, SILENT_VARIANCE, LatentDiagnostics, ReconstructionDiagnostics,
+                              band_edges, band_variances)
+
+# Exact PCA (eigh of the smaller of the Gram and covariance matrices, float64) up to this size of
+# that matrix: 4096^2 doubles are 128 MiB and eigh takes seconds. Beyond it the randomized SVD of
+# Halko et al. 2011 (torch.pca_lowrank) with 10 extra columns and 6 power iterations, whose error on
+# the top-k subspace is far below the differences this benchmark looks at (tests/test_quality.py
+# checks it against a full SVD).
+EXACT_PCA_MAX = 4096
+PCA_OVERSAMPLE = 10
+PCA_NITER = 6
+
+# The goals of issue 9.
+MSE_RATIO_GOAL = 0.8           # VAE MSE at most 0.8 x PCA's at the same code size
+FEATURELESS_GOAL = 0.0         # no featureless output
+RANGE_OUTSIDE_GOAL = 1e-3      # under 0.1 % of values outside the range band
+BAND_RATIO_GOAL = (0.9, 1.1)   # each band keeps its variance within 10 %
+ACTIVE_FRAC_GOAL = 0.5         # at least half of the latent dims active
+
+
+@dataclass
+class PCA:
+    """A fitted PCA of flattened segments.
+
+    Attributes:
+        mean: ``(D,)`` training mean.
+        components: ``(k, D)`` orthonormal rows, by decreasing variance.
+        variances: ``(k,)`` variance along each component (ddof 0).
+        total_variance: the training data's total variance (trace of its covariance, ddof 0).
+        method: "exact" or "randomized".
+    """
+
+    mean: Tensor
+    components: Tensor
+    variances: Tensor
+    total_variance: float
+    method: str
+
+    @property
+    def n_components(self) -> int:
+        return int(self.components.shape[0])
+
+    @property
+    def explained_variance_ratio(self) -> float:
+        """Share of the training variance the k components keep."""
+        return float(self.variances.sum()) / self.total_variance if self.total_variance > 0 else math.nan
+
+    def encode(self, x: Tensor) -> Tensor:
+        """``(B, ...)`` -> ``(B, k)`` coordinates."""
+        flat = x.flatten(1).to(self.mean.dtype)  # (B, ...) -> (B, D)
+        return (flat - self.mean) @ self.components.T
+
+    def decode(self, code: Tensor, shape: Sequence[int]) -> Tensor:
+        """``(B, k)`` -> ``(B, *shape)``."""
+        return (code @ self.components + self.mean).reshape(code.shape[0], *shape)
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Projection onto the mean plus the span of the components, in `x`'s shape and dtype."""
+        return self.decode(self.encode(x), x.shape[1:]).to(x.dtype)
+
+
+def fit_pca(data: Tensor, k: int, method: str = "auto", seed: int = 0) -> PCA:
+    """PCA with exactly `k` components of the rows of `data`.
+
+    Args:
+        data: ``(N, D)`` rows (flattened segments); centred here on their mean.
+        k: components; at most ``min(N, D)``.
+        method: "exact" (eigh of ``X X^T`` when N <= D, else of ``X^T X``, in float64), "randomized"
+            (torch.pca_lowrank, q = k + PCA_OVERSAMPLE, niter = PCA_NITER), or "auto" (exact when
+            ``min(N, D) <= EXACT_PCA_MAX``).
+        seed: for the randomized method's Gaussian test matrix.
+
+    Returns:
+        The fitted :class:`PCA` (float32 mean and components).
+    """
+    if data.dim() != 2:
+        raise ValueError(f"fit_pca expects (N, D) rows, got {tuple(data.shape)}")
+    n, d = data.shape
+    if not 1 <= k <= min(n, d):
+        raise ValueError(f"fit_pca: {k} components need 1 <= k <= min(N, D) = {min(n, d)} (N={n}, D={d})")
+    if method == "auto":
+        method = "exact" if min(n, d) <= EXACT_PCA_MAX else "randomized"
+    mean = data.double().mean(dim=0)  # (D,)
+    if method == "exact":
+        x = data.double() - mean  # (N, D)
+        total = float(x.pow(2).sum()) / n
+        if n <= d:
+            # Gram trick: X X^T = U S^2 U^T, and the components are V = X^T U / S.
+            evals, evecs = torch.linalg.eigh(x @ x.T)  # ascending
+            evals, evecs = evals.flip(0)[:k].clamp_min(0), evecs.flip(1)[:, :k]  # (k,), (N, k)
+            comps = (x.T @ evecs) / evals.sqrt().clamp_min(1e-300)  # (D, k)
+            comps = comps.T
+        else:
+            evals, evecs = torch.linalg.eigh(x.T @ x)
+            evals, comps = evals.flip(0)[:k].clamp_min(0), evecs.flip(1)[:, :k].T  # (k,), (k, D)
+        variances = evals / n
+    elif method == "randomized":
+        x = data.float() - mean.float()
+        total = float(x.double().pow(2).sum()) / n
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)  # pca_lowrank draws its test matrix from the global generator
+        try:
+            _, s, v = torch.pca_lowrank(x, q=min(k + PCA_OVERSAMPLE, n, d), center=False, niter=PCA_NITER)
+        finally:
+            torch.random.set_rng_state(generator_state)
+        comps, variances = v[:, :k].T.double(), s[:k].double().pow(2) / n  # (k, D), (k,)
+    else:
+        raise ValueError(f"fit_pca: unknown method {method!r} (exact, randomized or auto)")
+    return PCA(mean.float(), comps.float().contiguous(), variances, total, method)
+
+
+def stack_segments(dataset: Dataset, batch_size: int = 64) -> Tensor:
+    """Every segment of `dataset` flattened: ``(N, 1, n_mels, T)`` -> ``(N, n_mels * T)`` float32."""
+    batches = [x.flatten(1).float() for x in DataLoader(dataset, batch_size=batch_size, shuffle=False)]
+    if not batches:
+        raise ValueError("stack_segments: the dataset is empty")
+    return torch.cat(batches)
+
+
+def data_range(dataset: Dataset, batch_size: int = 64) -> float:
+    """max - min over every value of `dataset` (the SSIM range of the held-out data)."""
+    lo, hi = math.inf, -math.inf
+    for x in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        lo, hi = min(lo, float(x.min())), max(hi, float(x.max()))
+    return hi - lo
+
+
+Reconstruct = Callable[[Tensor], tuple[Tensor, Optional[tuple[Tensor, Tensor]]]]
+
+
+@torch.no_grad()
+def score_reconstructions(reconstruct: Reconstruct, dataset: Dataset, std: float, n_mels: int,
+                          bands: Sequence[Band], ssim_range: float, batch_size: int = 32,
+                          latent_dim: Optional[int] = None) -> dict[str, Any]:
+    """ReconstructionDiagnostics (and LatentDiagnostics when a posterior is given) over `dataset`.
+
+    Args:
+        reconstruct: ``x -> (x_hat, (mu, logvar) or None)`` for ``(B, 1, n_mels, T)`` batches.
+        dataset: normalised held-out segments.
+        std: the normalisation standard deviation (spectral convergence, LSD).
+        n_mels, bands: the frequency bands of the module's weights.
+        ssim_range: SSIM and PSNR data range (the held-out data's max - min).
+        latent_dim: D of the posterior, when `reconstruct` returns one.
+
+    Returns:
+        Plain floats: every key of ReconstructionDiagnostics, and with a posterior ``kl_nats``,
+        ``active_units`` (int) and ``active_frac``.
+    """
+    recon = ReconstructionDiagnostics(std=std, n_mels=n_mels, bands=bands, data_range=ssim_range)
+    latent = LatentDiagnostics(latent_dim) if latent_dim else None
+    for x in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        x_hat, posterior = reconstruct(x)
+        recon.update(x_hat, x)
+        if latent is not None and posterior is not None:
+            latent.update(*posterior)
+    out: dict[str, Any] = {k: float(v) for k, v in recon.compute().items()}
+    if latent is not None:
+        stats = latent.compute()
+        out.update(kl_nats=float(stats["kl_nats"]), active_units=int(stats["active_units"]),
+                   active_frac=float(stats["active_frac"]))
+    return out
+
+
+@torch.no_grad()
+def reference_statistics(dataset: Dataset, n_mels: int, bands: Sequence[Band], batch_size: int = 64) -> dict[str, Any]:
+    """What prior samples are judged against, from the held-out data (samples have no paired input).
+
+    Returns:
+        ``example_variance``: median per-example variance of the non-silent examples;
+        ``lo``, ``hi``: medians of the per-example minimum and maximum; ``band_variance``: mean
+        per-example variance in each band of :func:`musicvae.metrics.band_edges` (a list).
+    """
+    edges = band_edges(n_mels, bands)
+    var, lo, hi, band = [], [], [], []
+    for x in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        flat = x.double().flatten(1)  # (B, D)
+        var.append(flat.var(dim=1, correction=0))
+        lo.append(flat.amin(dim=1))
+        hi.append(flat.amax(dim=1))
+        band.append(band_variances(x, x, edges)[0])  # (B, n_bands)
+    var = torch.cat(var)
+    loud = var[var > SILENT_VARIANCE]
+    return {"example_variance": float((loud if len(loud) else var).median()), "lo": float(torch.cat(lo).median()),
+            "hi": float(torch.cat(hi).median()), "band_variance": torch.cat(band).mean(dim=0).tolist()}
+
+
+def prior_diagnostics(samples: Tensor, reference: dict[str, Any], n_mels: int, bands: Sequence[Band],
+                      margin: float = 0.5) -> dict[str, Any]:
+    """The reconstruction diagnostics, adapted to samples judged against the held-out data.
+
+    A sample is featureless when its variance is under FEATURELESS_THRESHOLD x the median held-out
+    example's; a value is outside when it leaves ``[lo - margin*(hi-lo), hi + margin*(hi-lo)]`` of
+    the median held-out example's range (the band of range_stats); a band's ratio is the samples'
+    mean band variance over the held-out data's.
+
+    Args:
+        samples: ``(N, 1, n_mels, T)`` decoded prior draws.
+        reference: from :func:`reference_statistics`.
+
+    Returns:
+        ``n_samples``, ``featureless_frac``, ``range_frac_outside``, ``sample_min``, ``sample_max``,
+        and ``band_ratio/{a}-{b}`` per band.
+    """
+    flat = samples.double().flatten(1)  # (N, D)
+    featureless = flat.var(dim=1, correction=0) < FEATURELESS_THRESHOLD * reference["example_variance"]
+    spread = margin * (reference["hi"] - reference["lo"])
+    outside = (flat < reference["lo"] - spread) | (flat > reference["hi"] + spread)
+    out: dict[str, Any] = {"n_samples": int(samples.shape[0]), "featureless_frac": float(featureless.double().mean()),
+                           "range_frac_outside": float(outside.double().mean()),
+                           "sample_min": float(flat.min()), "sample_max": float(flat.max())}
+    edges = band_edges(n_mels, bands)
+    sample_band = band_variances(samples, samples, edges)[0].mean(dim=0)  # (n_bands,)
+    for (a, b), num, den in zip(edges, sample_band.tolist(), reference["band_variance"]):
+        out[f"band_ratio/{a}-{b - 1}"] = num / den if den > 0 else math.nan
+    return out
+
+
+def _gap_interval(value: float, lo: float, hi: float) -> float:
+    return max(lo - value, value - hi, 0.0)
+
+
+def goal_rows(vae: dict[str, Any], pca: dict[str, Any], prior: dict[str, Any], latent_dim: int) -> list[dict[str, Any]]:
+    """The table of results.md: one row per metric with its goal and the VAE's gap to it.
+
+    ``gap`` is how far the VAE (or the prior samples) is from the goal, 0 when met, None for
+    rows without a goal; ``met`` says the same as a bool.
+    """
+    rows: list[dict[str, Any]] = []
+
+    def add(metric, v, p, goal=None, gap=None):
+        rows.append({"metric": metric, "vae": v, "pca": p, "goal": goal, "gap": gap,
+                     "met": None if gap is None else (math.isfinite(gap) and gap <= 0)})
+
+    ratio = vae["mse"] / pca["mse"] if pca["mse"] > 0 else math.nan
+    add("MSE", vae["mse"], pca["mse"], f"<= {MSE_RATIO_GOAL:g} x PCA = {MSE_RATIO_GOAL * pca['mse']:.4g}",
+        max(vae["mse"] - MSE_RATIO_GOAL * pca["mse"], 0.0))
+    add("MSE ratio VAE / PCA", ratio, 1.0, f"<= {MSE_RATIO_GOAL:g}", max(ratio - MSE_RATIO_GOAL, 0.0))
+    add("weighted MSE", vae["weighted_mse"], pca["weighted_mse"])
+    add("spectral convergence", vae["spectral_convergence"], pca["spectral_convergence"])
+    add("SSIM", vae["ssim"], pca["ssim"])
+    add("featureless fraction", vae["featureless_frac"], pca["featureless_frac"], f"{FEATURELESS_GOAL:g}",
+        max(vae["featureless_frac"] - FEATURELESS_GOAL, 0.0))
+    add("outside range band", vae["range_frac_outside"], pca["range_frac_outside"], f"< {RANGE_OUTSIDE_GOAL:g}",
+        max(vae["range_frac_outside"] - RANGE_OUTSIDE_GOAL, 0.0))
+    lo, hi = BAND_RATIO_GOAL
+    for key in (k for k in vae if k.startswith("band_ratio/")):
+        add(f"variance ratio bins {key.split('/', 1)[1]}", vae[key], pca[key], f"[{lo:g}, {hi:g}]",
+            _gap_interval(vae[key], lo, hi) if math.isfinite(vae[key]) else math.nan)
+    need = math.ceil(ACTIVE_FRAC_GOAL * latent_dim)
+    add("active units", vae["active_units"], None, f">= {need} of {latent_dim}", float(max(need - vae["active_units"], 0)))
+    add("KL (nats / example)", vae["kl_nats"], None)
+    add("prior: featureless fraction", prior["featureless_frac"], None, f"{FEATURELESS_GOAL:g}",
+        max(prior["featureless_frac"] - FEATURELESS_GOAL, 0.0))
+    add("prior: outside range band", prior["range_frac_outside"], None, f"< {RANGE_OUTSIDE_GOAL:g}",
+        max(prior["range_frac_outside"] - RANGE_OUTSIDE_GOAL, 0.0))
+    for key in (k for k in prior if k.startswith("band_ratio/")):
+        add(f"prior: variance ratio bins {key.split('/', 1)[1]}", prior[key], None)
+    return rows
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return "nan" if not math.isfinite(value) else f"{value:.4g}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """| metric | VAE | PCA | goal | gap | ; gap "met" when reached, "—" without a goal."""
+    lines = ["| metric | VAE | PCA | goal | gap |", "|---|---|---|---|---|"]
+    for row in rows:
+        gap = "—" if row["gap"] is None else "met" if row["met"] else _cell(row["gap"])
+        lines.append(f"| {row['metric']} | {_cell(row['vae'])} | {_cell(row['pca'])} | {_cell(row['goal'])} | {gap} |")
+    return "\n".join(lines)
+
+
+def markdown_report(result: dict[str, Any]) -> str:
+    """results.md: what was compared, then the goal table."""
+    ckpt, data, pca = result["checkpoint"], result["data"], result["pca"]
+    met = sum(1 for r in result["goals"] if r["met"])
+    judged = sum(1 for r in result["goals"] if r["met"] is not None)
+    return "\n".join([
+        "# Quality benchmark: VAE vs PCA at the same code size", "",
+        f"Checkpoint `{ckpt['path']}` (step {ckpt['global_step']}, latent_dim {ckpt['latent_dim']}). "
+        f"Trained on `{data['train_dir']}`; tested on every recording of `{data['test_dir']}` "
+        f"({data['n_test_examples']} segments).", "",
+        f"PCA: {pca['n_components']} components ({pca['method']}) fitted on the {pca['n_train_examples']} "
+        f"normalised training segments, keeping {pca['explained_variance_ratio']:.1%} of their variance. "
+        f"VAE reconstructions decoded from the posterior mean; SSIM with data_range {data['ssim_range']:.3g} "
+        f"(the test data's max - min). Prior: {result['prior']['n_samples']} samples judged against the test "
+        "data's statistics.", "",
+        f"Goals met: {met} of {judged}.", "",
+        markdown_table(result["goals"]), "",
+    ])
