@@ -49,6 +49,11 @@ def save_npy_atomic(path: Path, array: np.ndarray) -> None:
     write_atomic(path, lambda handle: np.save(handle, array, allow_pickle=False))
 
 
+def synthetic_piece_name(index: int) -> str:
+    """File name of synthetic piece `index`: also its key in the split by recording."""
+    return f"piece_{index:03d}.npy"
+
+
 def build_synthetic_collection(
     cache_dir: Path, n_pieces: int = 48, seconds: float = 20.0, mel: Optional[MelSettings] = None
 ) -> Path:
@@ -63,7 +68,7 @@ def build_synthetic_collection(
     folder.mkdir(parents=True, exist_ok=True)
     to_mel = LogMel(mel)
     for index in range(n_pieces):
-        target = folder / f"piece_{index:03d}.npy"
+        target = folder / synthetic_piece_name(index)
         if target.exists():
             continue
         wave = render_piece(index, seconds=seconds, sample_rate=mel.sample_rate, seed=0)

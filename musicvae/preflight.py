@@ -20,6 +20,7 @@ import soundfile as sf
 import torch
 
 from musicvae.cache import find_audio_files
+from musicvae.default_data import synthetic_piece_name
 from musicvae.errors import ConfigError
 from musicvae.split import MIN_FILES_FOR_FILE_SPLIT, segment_split_point, split_files
 
@@ -214,8 +215,7 @@ def _folder_files(datamodule: Any) -> Optional[list[tuple[str, int]]]:
 def _synthetic_files(datamodule: Any) -> list[tuple[str, int]]:
     mel = datamodule.mel
     n = synthetic_piece_frames(datamodule.synthetic_seconds, mel.sample_rate, mel.hop_length)
-    # The names default_data.build_synthetic_collection gives the pieces (the split's keys).
-    return [(f"piece_{index:03d}.npy", n) for index in range(int(datamodule.synthetic_pieces))]
+    return [(synthetic_piece_name(index), n) for index in range(int(datamodule.synthetic_pieces))]
 
 
 def train_segments_upper_bound(datamodule: Any) -> Optional[int]:
