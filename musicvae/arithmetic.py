@@ -23,7 +23,7 @@ def conv2d_flops(batch: int, in_ch: int, out_ch: int, kernel: tuple[int, int], o
 
 def training_step_loss(module: Any, batch: torch.Tensor) -> torch.Tensor:
     """Forward and `compute_loss` of one batch: the loss to call backward on."""
-    x_hat, mu, logvar = module.vae(batch)
+    x_hat, mu, logvar = module(batch)  # as training_step: forward() applies channels_last
     return module.compute_loss(x_hat, batch, mu, logvar)["loss"]
 
 

@@ -145,7 +145,7 @@ def plain_epoch(
     for batch in batches:
         batch = batch.to(device, non_blocking=device.type == "cuda")
         clock.lap("data")
-        x_hat, mu, logvar = module.vae(batch)
+        x_hat, mu, logvar = module(batch)  # as training_step: forward() applies channels_last
         parts = module.compute_loss(x_hat, batch, mu, logvar)
         module.last_loss_parts = {k: v.detach() for k, v in parts.items()}
         clock.lap("forward+loss")
