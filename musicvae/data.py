@@ -18,6 +18,7 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from musicvae.audio import AUDIO_SUFFIXES, MelSettings, read_mel_sidecar
+from musicvae.augment import AugmentSettings
 from musicvae.cache import CacheReport, build_audio_cache, find_audio_files
 from musicvae.default_data import build_synthetic_collection, default_cache_dir, synthetic_folder
 from musicvae.errors import ConfigError, DataError
@@ -67,6 +68,9 @@ class MelDataModule(L.LightningDataModule):
         on_bad_file: "skip" reports each unusable file once and trains on the rest; "error"
             stops at the first one.
         prepare_workers: processes that decode audio into the cache (None: every CPU core).
+        augment: random gain, mel-bin shift and mixing of training segments (see
+            musicvae/augment.py); None (the default) changes nothing. Validation, evaluation and
+            the normalisation statistics always see the segments as they are.
     """
 
     def __init__(
@@ -84,6 +88,7 @@ class MelDataModule(L.LightningDataModule):
         silence_margin: float = 6.9,
         on_bad_file: Literal["skip", "error"] = "skip",
         prepare_workers: Optional[int] = None,
+        augment: Optional[AugmentSettings] = None,
     ) -> None:
         super().__init__()
         if not 0.0 < val_split < 1.0:
@@ -98,6 +103,7 @@ class MelDataModule(L.LightningDataModule):
         if self.data_dir is not None and not self.data_dir.is_dir():
             raise DataError(f"data.data_dir={data_dir}: no such folder; point it at a folder of music files or mel arrays")
         self.mel = self._resolve_mel(mel)
+        self.augment = self._resolve_augment(augment)
         self.frames, self.batch_size, self.val_split, self.seed = frames, batch_size, val_split, seed
         self.num_workers, self.silence_margin, self.on_bad_file = num_workers, silence_margin, on_bad_file
         self.synthetic_pieces, self.synthetic_seconds = synthetic_pieces, synthetic_seconds
@@ -110,8 +116,9 @@ class MelDataModule(L.LightningDataModule):
         self.problems: list[str] = []  # one message per unusable file, for reports
         self.train_set: Optional[SegmentDataset] = None
         self.val_set: Optional[SegmentDataset] = None
-        self.save_hyperparameters(ignore=["mel"])
+        self.save_hyperparameters(ignore=["mel", "augment"])
         self.hparams["mel"] = self.mel.to_dict()  # plain values keep checkpoints weights_only-loadable
+        self.hparams["augment"] = self.augment.to_dict()
 
     @property
     def n_mels(self) -> int:
@@ -126,6 +133,17 @@ class MelDataModule(L.LightningDataModule):
                 "drop data.mel to use the folder's settings, or make them agree"
             )
         return declared or mel or MelSettings()
+
+    def _resolve_augment(self, augment: Optional[AugmentSettings | dict]) -> AugmentSettings:
+        # A dict is what the hyper-parameters hold (load_from_checkpoint passes it back).
+        augment = AugmentSettings.from_dict(augment) if isinstance(augment, dict) else augment or AugmentSettings()
+        augment.check()
+        if augment.freq_shift >= self.mel.n_mels:
+            raise ConfigError(
+                f"data.augment.freq_shift={augment.freq_shift} must be smaller than the number of mel bins "
+                f"({self.mel.n_mels}); a few bins (1-3) is typical"
+            )
+        return augment
 
     @property
     def folder(self) -> Path:
@@ -148,7 +166,9 @@ class MelDataModule(L.LightningDataModule):
         self._ensure_sources()
         train_items, val_items = self._split(self.sources)
         paths = [s.path for s in self.sources]
-        self.train_set = SegmentDataset(paths, train_items, self.frames, self.n_mels, self.normalizer, True)
+        # Only the training set is augmented; the statistics (`_raw`) and validation see the data as it is.
+        self.train_set = SegmentDataset(paths, train_items, self.frames, self.n_mels, self.normalizer, True,
+                                        augment=self.augment, power=self.mel.power)
         self.val_set = SegmentDataset(paths, val_items, self.frames, self.n_mels, self.normalizer, False)
         if stage in (None, "fit") and len(self.train_set) < self.batch_size:
             raise ConfigError(

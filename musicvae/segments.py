@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
+from musicvae.augment import AugmentSettings, augment_raw, draw_augmentation
 from musicvae.errors import DataError
 from musicvae.sampling import DRAW_RANGE
 
@@ -183,6 +184,9 @@ class SegmentDataset(Dataset):
         normalizer: shared with the data module, so statistics restored from a checkpoint apply.
         random_crop: training jitters each window by up to half its length inside its region;
             validation takes the windows as they are, so its loss is comparable across epochs.
+        augment: random gain, mel shift and mixing (musicvae/augment.py), for the training set
+            only; None or settings that are all off read segments as they are.
+        power: the spectrogram exponent of the arrays (MelSettings.power), the units of the gains.
     """
 
     def __init__(
@@ -193,6 +197,8 @@ class SegmentDataset(Dataset):
         n_mels: int,
         normalizer: Normalizer,
         random_crop: bool,
+        augment: Optional[AugmentSettings] = None,
+        power: float = 2.0,
     ) -> None:
         self.paths = paths
         self.items = np.asarray(items, dtype=np.int64).reshape(-1, 4)
@@ -200,6 +206,8 @@ class SegmentDataset(Dataset):
         self.n_mels = n_mels
         self.normalizer = normalizer
         self.random_crop = random_crop
+        self.augment = augment if augment is not None and augment.check().active else None
+        self.power = power
         self._open: dict[int, tuple[tuple[int, ...], np.ndarray]] = {}  # file index -> (stat stamp, array)
         self._unreadable = _unreadable_flags(paths)
 
@@ -260,16 +268,33 @@ class SegmentDataset(Dataset):
     def __getitem__(self, item: Union[int, tuple[int, int]]) -> torch.Tensor:
         """Item `index`'s segment; if its file became unreadable after the scan (deleted, truncated,
         replaced by something unusable), the segment of the next item of a readable file instead.
+        With `augment`, the segment is then augmented as a function of (index, draw).
 
         A file found unreadable is named in one warning and skipped for the rest of the run, by
         every DataLoader worker (the flags live in shared memory). Raises DataError only when no
         file of the dataset can be read any more.
         """
         index, draw = item if isinstance(item, tuple) else (item, None)  # CropSampler yields (index, draw)
+        if self.augment is not None and draw is None:
+            # What crop_start does without a draw (one value of the global torch generator), drawn
+            # here once so that the crop and the augmentation come from the same value.
+            draw = int(torch.randint(0, DRAW_RANGE, (1,)))
+        raw = torch.from_numpy(self._read(index, draw))
+        if self.augment is not None:
+            raw = self._augmented(raw, index, draw)
+        return self.normalizer(raw.unsqueeze(0))  # (n_mels, F) -> (1, n_mels, F)
+
+    def _read(self, index: int, draw: Optional[int]) -> np.ndarray:
+        """(n_mels, frames) raw segment of item `index`, or its stand-in when its file is unreadable."""
         segment = self._segment(index, draw)
-        if segment is None:
-            segment = self._stand_in(index, draw)
-        return self.normalizer(torch.from_numpy(segment).unsqueeze(0))  # (n_mels, F) -> (1, n_mels, F)
+        return segment if segment is not None else self._stand_in(index, draw)
+
+    def _augmented(self, raw: torch.Tensor, index: int, draw: int) -> torch.Tensor:
+        """`raw` augmented as (index, draw) decides; the segment mixed in is read like any item
+        (crop from its own draw, a stand-in if its file broke), so it is just as reproducible."""
+        aug = draw_augmentation(self.augment, draw, index, len(self.items))
+        other = torch.from_numpy(self._read(*aug.mix_with)) if aug.mix_with is not None else None
+        return augment_raw(raw, aug, self.power, other)
 
     def _segment(self, index: int, draw: Optional[int]) -> Optional[np.ndarray]:
         """(n_mels, frames) float32 segment of item `index`, or None when its file is unreadable."""
