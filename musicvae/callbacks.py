@@ -73,11 +73,12 @@ class ApplyResumedLearningRate(Callback):
             return
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:
-                group["lr"] = new_lr
+                # A group may run at a fixed multiple of the learning rate (the linear path's).
+                group["lr"] = new_lr * group.get("lr_scale", 1.0)
                 if "initial_lr" in group:
-                    group["initial_lr"] = new_lr
+                    group["initial_lr"] = group["lr"]
         for config in trainer.lr_scheduler_configs:
-            config.scheduler.base_lrs = [new_lr] * len(config.scheduler.base_lrs)
+            config.scheduler.base_lrs = [new_lr * g.get("lr_scale", 1.0) for g in config.scheduler.optimizer.param_groups]
         rank_zero_info(f"musicvae: learning rate set to {new_lr:g} in the restored optimizer (was {self.old_lr:g})")
 
 

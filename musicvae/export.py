@@ -30,7 +30,6 @@ from torch import Tensor, nn
 import musicvae
 from musicvae.errors import ConfigError
 from musicvae.generation import GenerationModel, load_generation_model
-from musicvae.model import LOGVAR_MAX, LOGVAR_MIN, ConvVAE
 
 #: Names of the metadata files stored in the program (read with `torch.jit.load(_extra_files=...)`).
 MEL_SETTINGS_FILE = "mel_settings.json"
@@ -40,26 +39,23 @@ EXPORT_ATOL = 1e-4
 
 
 class PortableVAE(nn.Module):
-    """ConvVAE's encoder and decoder with the normalisation inside, written for torch.jit.script.
+    """A VAE's encoder and decoder with the normalisation inside, written for torch.jit.script.
 
-    ConvVAE itself does not script (its shape check formats a tuple), so this module calls its
-    submodules the way ConvVAE.encode / decode do; `export_checkpoint` checks the two agree.
+    The networks' `encode` / `decode` do not script (their shape checks format tuples), so this
+    module checks shapes itself and calls their unchecked `posterior` / `generate`;
+    `export_checkpoint` checks the two agree.
 
     Args:
-        vae: the trained network (its submodules are shared, not copied).
+        vae: the trained network, any of the architectures (shared, not copied).
         mean, std: the training normalisation; inputs and outputs are un-normalised log-mels.
         mel_settings: the MelSettings as JSON, also kept as an attribute of the program.
     """
 
-    def __init__(self, vae: ConvVAE, mean: float, std: float, mel_settings: str) -> None:
+    def __init__(self, vae: nn.Module, mean: float, std: float, mel_settings: str) -> None:
         super().__init__()
-        self.encoder, self.to_latent = vae.encoder, vae.to_latent
-        self.from_latent, self.decoder = vae.from_latent, vae.decoder
+        self.vae = vae
         self.n_mels, self.frames, self.latent_dim = int(vae.n_mels), int(vae.frames), int(vae.latent_dim)
-        self.bottleneck = [int(s) for s in vae.bottleneck_shape]
         self.mean, self.std = float(mean), float(std)
-        # Attributes, not the module-level constants: TorchScript cannot read Python globals.
-        self.logvar_min, self.logvar_max = float(LOGVAR_MIN), float(LOGVAR_MAX)
         self.mel_settings = mel_settings
 
     @torch.jit.export
@@ -68,9 +64,7 @@ class PortableVAE(nn.Module):
         if log_mel.dim() != 4 or log_mel.size(1) != 1 or log_mel.size(2) != self.n_mels or log_mel.size(3) != self.frames:
             raise ValueError("expected log-mels of shape (B, 1, " + str(self.n_mels) + ", " + str(self.frames)
                              + "), got " + str(log_mel.shape))
-        h = self.encoder((log_mel - self.mean) / self.std)  # (B, 1, M, T) -> (B, C_last * M/2^S * T/2^S)
-        mu, logvar = self.to_latent(h).chunk(2, dim=1)  # -> 2 x (B, latent_dim)
-        return mu, logvar.clamp(self.logvar_min, self.logvar_max)
+        return self.vae.posterior((log_mel - self.mean) / self.std)
 
     @torch.jit.export
     def encode(self, log_mel: Tensor) -> Tensor:
@@ -82,8 +76,7 @@ class PortableVAE(nn.Module):
         """(B, latent_dim) -> (B, 1, n_mels, frames) natural-log mel power (denormalised)."""
         if z.dim() != 2 or z.size(1) != self.latent_dim:
             raise ValueError("expected latents of shape (B, " + str(self.latent_dim) + "), got " + str(z.shape))
-        h = self.from_latent(z).view(-1, self.bottleneck[0], self.bottleneck[1], self.bottleneck[2])
-        return self.decoder(h) * self.std + self.mean  # (B, C_last, M/2^S, T/2^S) -> (B, 1, M, T)
+        return self.vae.generate(z) * self.std + self.mean  # (B, L) -> (B, 1, M, T)
 
     def forward(self, log_mel: Tensor) -> Tensor:
         """Reconstruction from the posterior mean, log-mel in, log-mel out."""

@@ -120,15 +120,20 @@ def kl_divergence(mu: Tensor, logvar: Tensor) -> Tensor:
     return -0.5 * (1.0 + logvar - mu.pow(2) - logvar.exp())
 
 
-def _kl_terms(mu: Tensor, logvar: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-    kl_nats = kl_divergence(mu, logvar).sum(dim=1).mean()  # (B, D) -> scalar, nats/example
+def _kl_terms(mu: Tensor, logvar: Tensor, x: Tensor, free_bits: float = 0.0) -> tuple[Tensor, Tensor]:
+    per_dim = kl_divergence(mu, logvar).mean(dim=0)  # (B, D) -> (D,), nats per example
+    kl_nats = per_dim.sum()
+    # Free bits (Kingma et al. 2016, arXiv:1606.04934, eq. 15): a dimension's KL below `free_bits`
+    # nats is not penalised, so the optimiser has no reason to switch that dimension off.
+    # kl_nats itself stays the true KL, for logging.
+    penalised = per_dim.clamp_min(free_bits).sum() if free_bits > 0 else kl_nats
     # Normalised beta (Higgins et al. 2017, beta-VAE): divide by the elements per
     # example so beta weighs KL against a per-element mean reconstruction error.
-    return kl_nats / x[0].numel(), kl_nats
+    return penalised / x[0].numel(), kl_nats
 
 
 def vae_loss(
-    x_hat: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, beta: float = 0.1
+    x_hat: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, beta: float = 0.1, free_bits: float = 0.0
 ) -> dict[str, Tensor]:
     """Plain VAE loss: element-mean MSE plus beta times per-element KL.
 
@@ -138,19 +143,21 @@ def vae_loss(
         mu: Posterior means, ``(B, D)``.
         logvar: Posterior log-variances, ``(B, D)``.
         beta: Weight of the KL term.
+        free_bits: Nats per latent dimension (batch mean) below which its KL is not
+            penalised (0: plain KL).
 
     Returns:
         0-dim float32 tensors: ``loss`` (= recon + beta * kl), ``recon`` and ``mse``
         (both the MSE over all elements), ``kl_nats`` (KL summed over latent dims,
-        averaged over the batch) and ``kl`` (``kl_nats`` divided by the number of
-        elements per example).
+        averaged over the batch) and ``kl`` (the penalised KL, i.e. ``kl_nats`` after
+        free bits, divided by the number of elements per example).
 
     Raises:
         ValueError: If shapes do not match.
     """
     _check_pair(x_hat, x)
     mse = F.mse_loss(x_hat.float(), x.float())
-    kl, kl_nats = _kl_terms(mu, logvar, x)
+    kl, kl_nats = _kl_terms(mu, logvar, x, free_bits)
     return {"loss": mse + beta * kl, "recon": mse, "kl": kl, "kl_nats": kl_nats, "mse": mse}
 
 
@@ -241,6 +248,7 @@ def vae_loss_spectral(
     freq_weight: Tensor | None = None,
     spectral_weight: float = 0.1,
     output_reg_weight: float = 0.01,
+    free_bits: float = 0.0,
 ) -> dict[str, Tensor]:
     """VAE loss of the seed notebook's improved training.
 
@@ -256,6 +264,7 @@ def vae_loss_spectral(
             :func:`create_frequency_weights` with the default bands.
         spectral_weight: Weight of :func:`spectral_loss`.
         output_reg_weight: Weight of :func:`output_range_penalty`.
+        free_bits: As in :func:`vae_loss`.
 
     Returns:
         0-dim float32 tensors: ``loss``, ``recon`` (frequency-weighted MSE), ``kl``,
@@ -269,7 +278,7 @@ def vae_loss_spectral(
     if freq_weight is None:
         freq_weight = create_frequency_weights(x.shape[-2], device=x.device)
     recon = weighted_mse(x_hat, x, freq_weight)
-    kl, kl_nats = _kl_terms(mu, logvar, x)
+    kl, kl_nats = _kl_terms(mu, logvar, x, free_bits)
     spectral = spectral_loss(x_hat, x)
     output_reg = output_range_penalty(x_hat, x)
     loss = recon + beta * kl + spectral_weight * spectral + output_reg_weight * output_reg

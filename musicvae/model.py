@@ -136,6 +136,8 @@ class ConvVAE(nn.Module):
         ValueError: If the sizes or the configuration cannot work, saying which would.
     """
 
+    __jit_unused_properties__ = ["output_layer"]  # a module, for Python callers only
+
     def __init__(
         self,
         n_mels: int = 128,
@@ -162,6 +164,8 @@ class ConvVAE(nn.Module):
             _check_divisible(name, size, factor, channels)
 
         self.n_mels, self.frames, self.latent_dim = n_mels, frames, latent_dim
+        # Attributes rather than the module constants: TorchScript (export.py) cannot read Python globals.
+        self.logvar_min, self.logvar_max = LOGVAR_MIN, LOGVAR_MAX
         self.channels = channels
         self.bottleneck_shape = (channels[-1], n_mels // factor, frames // factor)
         flat = channels[-1] * (n_mels // factor) * (frames // factor)
@@ -204,9 +208,13 @@ class ConvVAE(nn.Module):
             raise ValueError(
                 f"expected input of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}"
             )
+        return self.posterior(x)
+
+    def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(mu, logvar)`` of log-mels (B, 1, M, T), without encode's shape check."""
         h = self.encoder(x)  # (B, 1, M, T) -> (B, C_last * M/2^S * T/2^S)
         mu, logvar = self.to_latent(h).chunk(2, dim=1)  # -> 2 x (B, latent_dim)
-        return mu, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
+        return mu, logvar.clamp(self.logvar_min, self.logvar_max)
 
     def reparameterize(self, mu: Tensor, logvar: Tensor) -> Tensor:
         """Draws ``z = mu + eps * std`` with ``eps ~ N(0, I)``, differentiably.
@@ -236,9 +244,20 @@ class ConvVAE(nn.Module):
         """
         if z.dim() != 2 or z.shape[1] != self.latent_dim:
             raise ValueError(f"expected latent of shape (B, {self.latent_dim}), got {tuple(z.shape)}")
-        h = self.from_latent(z).view(-1, *self.bottleneck_shape)  # (B, L) -> (B, C_last, M/2^S, T/2^S)
+        return self.generate(z)
+
+    def generate(self, z: Tensor) -> Tensor:
+        """Log-mels (B, 1, M, T) of latents (B, latent_dim), without decode's shape check."""
+        c, m, t = self.bottleneck_shape  # unpacked: TorchScript (export.py) has no star-arguments
+        h = self.from_latent(z).view(-1, c, m, t)  # (B, L) -> (B, C_last, M/2^S, T/2^S)
         return self.decoder(h)  # -> (B, 1, M, T)
 
+    @property
+    def output_layer(self) -> nn.Conv2d:
+        """The decoder's last conv (a linear path zeroes it, see musicvae.linear_path)."""
+        return self.decoder[-1].conv
+
+    @torch.jit.unused  # export.py scripts posterior/generate; forward samples, which a program does not
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Encodes, samples (training) or takes the mean (eval), and decodes.
 

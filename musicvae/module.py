@@ -12,12 +12,15 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from musicvae.audio import MelSettings
 from musicvae.errors import ConfigError
 from musicvae.losses import DEFAULT_BANDS, create_frequency_weights, vae_loss, vae_loss_spectral
+from musicvae.linear_path import LinearPathVAE, init_from_pca
 from musicvae.model import ConvVAE
+from musicvae.temporal import TemporalConvVAE
 from musicvae.metrics import LatentDiagnostics, ReconstructionDiagnostics
 from musicvae.vocoder import GriffinLimVocoder, denormalize
 from musicvae.plots import band_ratio_figure, kl_per_dim_figure, mel_comparison_figure
 
 LOSSES = ("standard", "spectral")
+ARCHITECTURES = {"conv2d": ConvVAE, "conv1d": TemporalConvVAE}
 
 
 class MusicVAEModule(L.LightningModule):
@@ -50,6 +53,14 @@ class MusicVAEModule(L.LightningModule):
             load with or without it). Pays on GPUs; slow to start, and seldom faster, on CPUs.
         channels_last: keep convolution weights and activations in channels-last memory format
             (NHWC), which tensor-core GPUs and oneDNN CPUs run faster for many conv shapes.
+        architecture: "conv2d" (ConvVAE: 2-D convs over the mel image, the notebook's) or "conv1d"
+            (TemporalConvVAE: 1-D convs over time with mel bins as channels, ~10x cheaper).
+        linear_path: add a linear path initialised from PCA of the training segments when training
+            starts (musicvae/linear_path.py): training begins at PCA's reconstructions.
+        linear_path_examples: at most this many training segments (evenly spaced) for that PCA.
+        linear_path_lr_scale: the linear path's learning rate as a multiple of `lr` (0 freezes it).
+        kl_warmup_steps: beta rises linearly from 0 to `beta` over this many steps (0: no warm-up).
+        free_bits: nats per latent dimension whose KL is not penalised (0: plain KL).
     """
 
     def __init__(
@@ -73,6 +84,12 @@ class MusicVAEModule(L.LightningModule):
         griffin_lim_iters: int = 32,
         compile: bool = False,
         channels_last: bool = False,
+        architecture: Literal["conv2d", "conv1d"] = "conv2d",
+        linear_path: bool = False,
+        linear_path_examples: int = 4096,
+        linear_path_lr_scale: float = 0.01,
+        kl_warmup_steps: int = 0,
+        free_bits: float = 0.0,
     ) -> None:
         super().__init__()
         if loss not in LOSSES:
@@ -83,9 +100,17 @@ class MusicVAEModule(L.LightningModule):
                 f"non-negative; got lr={lr}, beta={beta}, spectral_weight={spectral_weight}, "
                 f"output_reg_weight={output_reg_weight}"
             )
+        if architecture not in ARCHITECTURES:
+            raise ConfigError(f"model.architecture={architecture!r} is not one of {tuple(ARCHITECTURES)}")
+        if kl_warmup_steps < 0 or free_bits < 0 or linear_path_lr_scale < 0 or linear_path_examples < latent_dim:
+            raise ConfigError(
+                f"model.kl_warmup_steps={kl_warmup_steps}, model.free_bits={free_bits} and "
+                f"model.linear_path_lr_scale={linear_path_lr_scale} must be non-negative and "
+                f"model.linear_path_examples={linear_path_examples} at least model.latent_dim={latent_dim}"
+            )
         self.save_hyperparameters()
         try:
-            self.vae = ConvVAE(
+            self.vae = ARCHITECTURES[architecture](
                 n_mels=n_mels,
                 frames=frames,
                 latent_dim=latent_dim,
@@ -93,6 +118,8 @@ class MusicVAEModule(L.LightningModule):
                 blocks_per_stage=blocks_per_stage,
                 dropout=dropout,
             )
+            if linear_path:
+                self.vae = LinearPathVAE(self.vae)
             if channels_last:
                 self.vae.to(memory_format=torch.channels_last)
             if compile:
@@ -127,18 +154,61 @@ class MusicVAEModule(L.LightningModule):
         applies from the first resumed step.
         """
         hp = self.hparams
+        beta, free_bits = self.current_beta(), hp.get("free_bits", 0.0)
         if hp.loss == "standard":
-            return vae_loss(x_hat, x, mu, logvar, beta=hp.beta)
+            return vae_loss(x_hat, x, mu, logvar, beta=beta, free_bits=free_bits)
         return vae_loss_spectral(
             x_hat,
             x,
             mu,
             logvar,
-            beta=hp.beta,
+            beta=beta,
+            free_bits=free_bits,
             freq_weight=self.freq_weight,
             spectral_weight=hp.spectral_weight,
             output_reg_weight=hp.output_reg_weight,
         )
+
+    def current_beta(self) -> float:
+        """`beta`, scaled by the KL warm-up (Bowman et al. 2016, arXiv:1511.06349) while it lasts.
+
+        Validation uses the same value as the step it follows, so val/loss tracks what is optimised.
+        """
+        warmup = self.hparams.get("kl_warmup_steps", 0)
+        if warmup <= 0 or self._trainer is None:
+            return self.hparams.beta
+        return self.hparams.beta * min(1.0, self.global_step / warmup)
+
+    def on_train_start(self) -> None:
+        # After a resume the restored weights already hold the (trained) linear path: the buffer
+        # `pca_initialised` came back with them. Here rather than in setup(): the trainer's
+        # max_time clock runs from train start, so the PCA counts against the training budget.
+        if isinstance(self.vae, LinearPathVAE) and not bool(self.vae.pca_initialised):
+            self._init_linear_path()
+
+    def _init_linear_path(self) -> None:
+        from musicvae.quality import fit_pca, stack_segments
+        from musicvae.segments import SegmentDataset
+
+        datamodule = getattr(self.trainer, "datamodule", None)
+        train_set = getattr(datamodule, "train_set", None)
+        if train_set is None:
+            raise ConfigError("model.linear_path needs the training data module (MelDataModule) to fit its PCA")
+        k = self.hparams.latent_dim
+        if self.trainer.is_global_zero:
+            # Evenly spaced windows without random crops: deterministic, and the same on every run.
+            step = max(1, -(-len(train_set) // self.hparams.get("linear_path_examples", 4096)))
+            windows = SegmentDataset(train_set.paths, train_set.items[::step], train_set.frames, train_set.n_mels,
+                                     train_set.normalizer, False)
+            if len(windows) < k:
+                raise ConfigError(f"model.linear_path: {len(windows)} training segments cannot give {k} PCA "
+                                  f"components (model.latent_dim); use more data or a smaller latent_dim")
+            pca = fit_pca(stack_segments(windows), k)  # (N, M*T) -> k components
+            init_from_pca(self.vae, pca, self.hparams.beta)
+        # Every rank starts from rank 0's PCA (DDP has already synchronised the other weights).
+        for param in (*self.vae.lin_encoder.parameters(), *self.vae.lin_decoder.parameters(),
+                      *self.vae.inner.to_latent.parameters(), self.vae.pca_initialised):
+            param.data.copy_(self.trainer.strategy.broadcast(param.data.clone(), src=0))
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         x_hat, mu, logvar = self(batch)
@@ -237,9 +307,19 @@ class MusicVAEModule(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         hp = self.hparams
+        groups = [{"params": list(self.parameters()), "lr": hp.lr, "lr_scale": 1.0}]
+        if isinstance(self.vae, LinearPathVAE):
+            # Adam moves every weight by ~lr per step whatever its scale, and PCA's encoder weights
+            # are ~1e-4 to 1e-2: at the nonlinear path's lr they would leave PCA within a few
+            # steps. "lr_scale" stays in the group, so a learning rate changed on resume keeps it.
+            linear = {id(p) for m in (self.vae.lin_encoder, self.vae.lin_decoder) for p in m.parameters()}
+            scale = float(hp.get("linear_path_lr_scale", 1.0))
+            groups = [{"params": [p for p in self.parameters() if id(p) not in linear], "lr": hp.lr, "lr_scale": 1.0},
+                      {"params": [p for p in self.parameters() if id(p) in linear], "lr": hp.lr * scale,
+                       "lr_scale": scale}]
         if hp.weight_decay > 0:
-            return torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        return torch.optim.Adam(self.parameters(), lr=hp.lr)
+            return torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
+        return torch.optim.Adam(groups, lr=hp.lr)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:

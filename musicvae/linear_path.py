@@ -1,0 +1,119 @@
+"""A linear path beside a VAE's nonlinear one, initialised from PCA of the training segments.
+
+PCA with k components is the best linear autoencoder with a k-dimensional code, and issue 9
+measured that a convolutional VAE takes long to even match it on music it has not heard. So
+the latent mean is ``mu = A (x - m) + f(x)`` and the reconstruction ``x_hat = m + B z + g(z)``,
+with A and B set from PCA at the start of training and f, g (the wrapped VAE) starting at zero:
+step 0 *is* whitened PCA, and training only has to learn what is nonlinear. The code is whitened
+(A = Lambda^-1/2 P^T, B = P Lambda^1/2), so it has unit variance over the data, the variance
+the N(0, I) prior expects: prior samples are Gaussian draws in the PCA space from the start.
+A and B stay trainable.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from musicvae.quality import PCA
+
+
+class LinearPathVAE(nn.Module):
+    """Wraps a VAE (``ConvVAE`` or ``TemporalConvVAE``) with a PCA-initialisable linear path.
+
+    The wrapped VAE's mean head and last decoder layer are zeroed, so until :func:`init_from_pca`
+    runs the model is linear (with random A, B), and right after it, exactly PCA.
+
+    Args:
+        inner: the nonlinear VAE; needs ``posterior``, ``generate``, ``to_latent`` and ``output_layer``.
+    """
+
+    __jit_unused_properties__ = ["bottleneck_shape"]
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.n_mels, self.frames, self.latent_dim = inner.n_mels, inner.frames, inner.latent_dim
+        size = inner.n_mels * inner.frames
+        self.lin_encoder = nn.Linear(size, inner.latent_dim)
+        self.lin_decoder = nn.Linear(inner.latent_dim, size)
+        with torch.no_grad():
+            inner.to_latent.weight[: inner.latent_dim].zero_()  # rows of mu; logvar's stay
+            inner.to_latent.bias[: inner.latent_dim].zero_()
+            inner.output_layer.weight.zero_()
+            inner.output_layer.bias.zero_()
+        # Saved in checkpoints: a resumed run must not redo (and overwrite) the initialisation.
+        self.register_buffer("pca_initialised", torch.zeros((), dtype=torch.bool))
+
+    @property
+    def bottleneck_shape(self) -> tuple[int, ...]:
+        return self.inner.bottleneck_shape
+
+    def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(mu, logvar)`` of normalised log-mels (B, 1, M, T), unchecked."""
+        mu, logvar = self.inner.posterior(x)
+        return mu + self.lin_encoder(x.flatten(1)), logvar  # (B, 1, M, T) -> (B, M*T) -> (B, L)
+
+    def generate(self, z: Tensor) -> Tensor:
+        """Log-mels (B, 1, M, T) of latents (B, L), unchecked."""
+        linear = self.lin_decoder(z).view(-1, 1, self.n_mels, self.frames)  # (B, L) -> (B, 1, M, T)
+        return linear + self.inner.generate(z)
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """As the wrapped VAE's ``encode`` (same checks), plus the linear path."""
+        mu, logvar = self.inner.encode(x)
+        return mu + self.lin_encoder(x.flatten(1)), logvar
+
+    def decode(self, z: Tensor) -> Tensor:
+        """As the wrapped VAE's ``decode`` (same checks), plus the linear path."""
+        return self.lin_decoder(z).view(-1, 1, self.n_mels, self.frames) + self.inner.decode(z)
+
+    def reparameterize(self, mu: Tensor, logvar: Tensor) -> Tensor:
+        return mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+
+    @torch.jit.unused  # export.py scripts posterior/generate; forward samples, which a program does not
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        mu, logvar = self.encode(x)
+        z = self.reparameterize(mu, logvar) if self.training else mu
+        return self.decode(z), mu, logvar
+
+
+@torch.no_grad()
+def init_from_pca(vae: LinearPathVAE, pca: PCA, beta: float, min_variance: float = 1e-8) -> None:
+    """Sets the linear path to whitened PCA: ``A = Lambda^-1/2 P^T``, ``B = P Lambda^1/2``, and the
+    posterior variances to their optimum for that linear decoder.
+
+    With ``loss = MSE + beta * KL / D`` (D elements per example) and decoder column k of squared
+    norm ``lambda_k`` (the component's variance, summed over elements), posterior noise of variance
+    s^2 on code k costs ``s^2 lambda_k / D`` of MSE and ``beta/(2D) (s^2 - 1 - log s^2)`` of KL; the
+    sum is least at ``s^2 = beta / (2 lambda_k + beta)``. Starting there rather than at the encoder's
+    random ``s^2 ~ 1`` spares the first hundreds of steps, in which decoding prior-wide noise would
+    drag the linear path away from PCA.
+
+    Args:
+        vae: the model to initialise (in place); marks it initialised.
+        pca: fitted on flattened normalised training segments, with ``latent_dim`` components.
+        beta: the KL weight of the loss (on the per-element scale, as in musicvae.losses).
+        min_variance: floor on a component's variance, so a dead direction (e.g. fewer distinct
+            segments than components) does not divide by zero.
+
+    Raises:
+        ValueError: if the PCA's size does not match the model's.
+    """
+    k, d = pca.components.shape
+    if k != vae.latent_dim or d != vae.n_mels * vae.frames:
+        raise ValueError(f"PCA of shape {(k, d)} does not fit a model with latent_dim={vae.latent_dim} and "
+                         f"{vae.n_mels}x{vae.frames} inputs")
+    scale = pca.variances.double().clamp_min(min_variance).sqrt()  # (k,) standard deviation per component
+    comps, mean = pca.components.double(), pca.mean.double()  # (k, D), (D,)
+    encoder = comps / scale[:, None]  # (k, D)
+    vae.lin_encoder.weight.copy_(encoder)
+    vae.lin_encoder.bias.copy_(-(encoder @ mean))
+    vae.lin_decoder.weight.copy_((comps * scale[:, None]).T)  # (D, k)
+    vae.lin_decoder.bias.copy_(mean)
+    # lambda_k: the variance of code k's PCA coordinate, i.e. decoder column k's squared norm.
+    # beta = 0 (a plain autoencoder) would want s^2 = 0; e^-20 is as good as nothing there.
+    logvar = torch.log(beta / (2 * scale.pow(2) + beta)) if beta > 0 else torch.full_like(scale, -20.0)
+    vae.inner.to_latent.weight[k:].zero_()  # logvar rows
+    vae.inner.to_latent.bias[k:].copy_(logvar)
+    vae.pca_initialised.fill_(True)
