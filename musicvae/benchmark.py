@@ -7,8 +7,9 @@
   batches (`fixed_loader`) and time one epoch.
 - Where Lightning's extra time goes: `lightning_profile` (SimpleProfiler, `self.log`, each
   callback) and `python_hotspots` (cProfile).
-- Helpers: `median`, `overhead`, `spread`, `alternate`, and `report_table` for the printout.
-FLOPs and convolution times are in `musicvae/arithmetic.py`, memory in `musicvae/memory.py`.
+- Helpers: `median`, `overhead`, `spread`, `alternate`.
+FLOPs and convolution times are in `musicvae/arithmetic.py`, memory in `musicvae/memory.py`; the
+benchmark's sections, run and table in `musicvae/bench_*.py`.
 """
 
 from __future__ import annotations

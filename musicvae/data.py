@@ -20,6 +20,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from musicvae.audio import AUDIO_SUFFIXES, MelSettings, read_mel_sidecar
 from musicvae.augment import AugmentSettings
 from musicvae.cache import CacheReport, build_audio_cache, find_audio_files
+from musicvae.device_data import CropPlan, DeviceCrops, cache_bytes, check_fits
 from musicvae.default_data import build_synthetic_collection, default_cache_dir, synthetic_folder
 from musicvae.errors import ConfigError, DataError
 from musicvae.sampling import CropSampler
@@ -71,6 +72,10 @@ class MelDataModule(L.LightningDataModule):
         augment: random gain, mel-bin shift and mixing of training segments (see
             musicvae/augment.py); None (the default) changes nothing. Validation, evaluation and
             the normalisation statistics always see the segments as they are.
+        device_cache: keep the training log-mels on the training device and cut each batch's crops
+            there (musicvae/device_data.py): the loader then delivers only crop positions (and
+            augmentation draws), not segments. Batches are the loader path's, bitwise on a CPU.
+            Refused when the log-mels would not fit in the device's free memory.
     """
 
     def __init__(
@@ -89,6 +94,7 @@ class MelDataModule(L.LightningDataModule):
         on_bad_file: Literal["skip", "error"] = "skip",
         prepare_workers: Optional[int] = None,
         augment: Optional[AugmentSettings] = None,
+        device_cache: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 < val_split < 1.0:
@@ -108,6 +114,8 @@ class MelDataModule(L.LightningDataModule):
         self.num_workers, self.silence_margin, self.on_bad_file = num_workers, silence_margin, on_bad_file
         self.synthetic_pieces, self.synthetic_seconds = synthetic_pieces, synthetic_seconds
         self.prepare_workers = prepare_workers
+        self.device_cache = device_cache
+        self.device_crops: Optional[DeviceCrops] = None  # built by setup("fit") when device_cache
         self.normalizer = Normalizer()
         self.stats_restored = False
         self._resume_position: Optional[dict[str, int]] = None
@@ -161,8 +169,14 @@ class MelDataModule(L.LightningDataModule):
             self._audio_cache(workers=workers, progress=True)
 
     def setup(self, stage: Optional[str] = None) -> None:
-        if self.train_set is not None:
-            return
+        if self.train_set is None:
+            self._setup_sets(stage)
+        if self.device_cache and stage in (None, "fit") and self.device_crops is None:
+            device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+            check_fits(cache_bytes(self.train_set), device)  # before reading anything
+            self.device_crops = DeviceCrops(self.train_set, power=self.mel.power)
+
+    def _setup_sets(self, stage: Optional[str]) -> None:
         self._ensure_sources()
         train_items, val_items = self._split(self.sources)
         paths = [s.path for s in self.sources]
@@ -338,7 +352,7 @@ class MelDataModule(L.LightningDataModule):
             )
         return np.array(train, dtype=np.int64), np.array(val, dtype=np.int64)
 
-    def _loader(self, dataset: Optional[SegmentDataset], shuffle: bool) -> StatefulDataLoader:
+    def _loader(self, dataset: Optional[SegmentDataset | CropPlan], shuffle: bool) -> StatefulDataLoader:
         """A resumable loader: its position goes into checkpoints (Lightning saves any loader
         with `state_dict`), and order and crops come from CropSampler, so a run resumed mid-epoch
         sees the same batches as an uninterrupted one."""
@@ -371,7 +385,20 @@ class MelDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> StatefulDataLoader:
+        if self.device_cache:
+            self.setup("fit")  # a no-op after Lightning's setup; builds the cache outside a Trainer
+            return self._loader(self.device_crops.plan, shuffle=True)
         return self._loader(self.train_set, shuffle=True)
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit":
+            self.device_crops = None  # frees the device's copy for what follows (testing, evaluation)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Lightning calls this with the batch on the training device: a crop plan becomes its crops.
+        if self.device_crops is not None and DeviceCrops.is_plan(batch):
+            return self.device_crops.batch(batch)
+        return batch
 
     def val_dataloader(self) -> StatefulDataLoader:
         return self._loader(self.val_set, shuffle=False)

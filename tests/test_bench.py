@@ -1,4 +1,4 @@
-"""scripts/bench.py and its pieces: musicvae/benchmark.py, arithmetic.py, memory.py.
+"""scripts/bench.py and its pieces: musicvae/benchmark.py, bench_*.py, arithmetic.py, memory.py.
 
 Timings are never asserted on; only that measurements run, count what they claim, and are
 positive where a rate or a size must be.
@@ -243,6 +243,8 @@ def test_quick_bench_writes_every_section(tmp_path):
     for workers in (0, 2):
         assert _positive(report["data"][f"num_workers_{workers}"]["examples_per_s"])
         assert _positive(report["data"][f"num_workers_{workers}"]["ratio"])
+    device_path = report["data"]["device_path"]  # --data.device_cache's crops, cut on the bench device
+    assert device_path["device"] == "cpu" and _positive(device_path["examples_per_s"]) and _positive(device_path["cache_bytes"])
     fractions = report["memory"]["fractions"]
     assert [f["fraction"] for f in fractions] == [0.25, 0.5, 1.0]
     for entry in fractions:
@@ -251,5 +253,5 @@ def test_quick_bench_writes_every_section(tmp_path):
             peak = entry[phase]["peak"]
             assert _positive(peak["uss"]) and _positive(peak["anon"]) and entry[phase]["max_workers"] >= 1
             assert _positive(peak["mapped"])  # the workers read the cache through memory maps
-    assert "Lightning overhead" in done.stdout and "ex/s" in done.stdout
+    assert "Lightning overhead" in done.stdout and "ex/s" in done.stdout and "device path alone" in done.stdout
     assert not (tmp_path / "xdg" / "musicvae").exists()  # the bench's cache was temporary
