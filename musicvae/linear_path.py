@@ -21,27 +21,32 @@ from musicvae.quality import PCA
 class LinearPathVAE(nn.Module):
     """Wraps a VAE (``ConvVAE`` or ``TemporalConvVAE``) with a PCA-initialisable linear path.
 
-    The wrapped VAE's mean head and last decoder layer are zeroed, so until :func:`init_from_pca`
+    The wrapped VAE's mean head and last decoder layer are scaled by ``init_scale`` (0: zeroed), so until :func:`init_from_pca`
     runs the model is linear (with random A, B), and right after it, exactly PCA.
 
     Args:
         inner: the nonlinear VAE; needs ``posterior``, ``generate``, ``to_latent`` and ``output_layer``.
+        init_scale: multiplies the default initialisation of the mean head and output layer.
     """
 
     __jit_unused_properties__ = ["bottleneck_shape"]
 
-    def __init__(self, inner: nn.Module):
+    def __init__(self, inner: nn.Module, init_scale: float = 0.0):
         super().__init__()
         self.inner = inner
         self.n_mels, self.frames, self.latent_dim = inner.n_mels, inner.frames, inner.latent_dim
         size = inner.n_mels * inner.frames
         self.lin_encoder = nn.Linear(size, inner.latent_dim)
         self.lin_decoder = nn.Linear(inner.latent_dim, size)
+        # Scaled (by default zeroed) so that step 0 is PCA. Exactly zero is a stationary point,
+        # though: PCA's codes are least-squares optimal for its decoder, so the mean head gets
+        # no gradient, and the output layer only the residual's (weak) correlation with features
+        # of z; a small non-zero scale starts near PCA without sitting on that point.
         with torch.no_grad():
-            inner.to_latent.weight[: inner.latent_dim].zero_()  # rows of mu; logvar's stay
-            inner.to_latent.bias[: inner.latent_dim].zero_()
-            inner.output_layer.weight.zero_()
-            inner.output_layer.bias.zero_()
+            inner.to_latent.weight[: inner.latent_dim].mul_(init_scale)  # rows of mu; logvar's stay
+            inner.to_latent.bias[: inner.latent_dim].mul_(init_scale)
+            inner.output_layer.weight.mul_(init_scale)
+            inner.output_layer.bias.mul_(init_scale)
         # Saved in checkpoints: a resumed run must not redo (and overwrite) the initialisation.
         self.register_buffer("pca_initialised", torch.zeros((), dtype=torch.bool))
 

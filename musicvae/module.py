@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal, Optional
 
 import lightning as L
+import numpy as np
 import matplotlib.pyplot as plt
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -57,8 +58,12 @@ class MusicVAEModule(L.LightningModule):
             (TemporalConvVAE: 1-D convs over time with mel bins as channels, ~10x cheaper).
         linear_path: add a linear path initialised from PCA of the training segments when training
             starts (musicvae/linear_path.py): training begins at PCA's reconstructions.
-        linear_path_examples: at most this many training segments (evenly spaced) for that PCA.
+        linear_path_examples: at most this many training segments (evenly spaced) for that PCA; its
+            stack takes 4 bytes per value (16384 segments of 128x128: 1 GiB), exact PCA up to 4096
+            and the randomized one beyond (musicvae.quality.fit_pca).
         linear_path_lr_scale: the linear path's learning rate as a multiple of `lr` (0 freezes it).
+        nonlinear_init_scale: with a linear path, the nonlinear path's mean head and output layer start
+            at this multiple of their default initialisation (0: training starts exactly at PCA).
         kl_warmup_steps: beta rises linearly from 0 to `beta` over this many steps (0: no warm-up).
         free_bits: nats per latent dimension whose KL is not penalised (0: plain KL).
     """
@@ -86,8 +91,9 @@ class MusicVAEModule(L.LightningModule):
         channels_last: bool = False,
         architecture: Literal["conv2d", "conv1d"] = "conv2d",
         linear_path: bool = False,
-        linear_path_examples: int = 4096,
+        linear_path_examples: int = 16384,
         linear_path_lr_scale: float = 0.01,
+        nonlinear_init_scale: float = 0.0,
         kl_warmup_steps: int = 0,
         free_bits: float = 0.0,
     ) -> None:
@@ -119,7 +125,7 @@ class MusicVAEModule(L.LightningModule):
                 dropout=dropout,
             )
             if linear_path:
-                self.vae = LinearPathVAE(self.vae)
+                self.vae = LinearPathVAE(self.vae, nonlinear_init_scale)
             if channels_last:
                 self.vae.to(memory_format=torch.channels_last)
             if compile:
@@ -197,8 +203,9 @@ class MusicVAEModule(L.LightningModule):
         k = self.hparams.latent_dim
         if self.trainer.is_global_zero:
             # Evenly spaced windows without random crops: deterministic, and the same on every run.
-            step = max(1, -(-len(train_set) // self.hparams.get("linear_path_examples", 4096)))
-            windows = SegmentDataset(train_set.paths, train_set.items[::step], train_set.frames, train_set.n_mels,
+            count = min(len(train_set), self.hparams.get("linear_path_examples", 16384))
+            rows = np.unique(np.linspace(0, len(train_set) - 1, count).round().astype(np.int64))
+            windows = SegmentDataset(train_set.paths, train_set.items[rows], train_set.frames, train_set.n_mels,
                                      train_set.normalizer, False)
             if len(windows) < k:
                 raise ConfigError(f"model.linear_path: {len(windows)} training segments cannot give {k} PCA "

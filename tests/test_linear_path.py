@@ -120,3 +120,11 @@ def test_cli_fit_initialises_once_and_exports(tmp_path):
     # The architecture exports like the default one.
     model = load_generation_model(tmp_path / "ckpt" / "last.ckpt", "cpu")
     assert max_difference(script(model), model) < 1e-4
+
+
+def test_init_scale_keeps_a_small_nonlinear_start():
+    torch.manual_seed(0)
+    vae = LinearPathVAE(TemporalConvVAE(n_mels=8, frames=8, latent_dim=3, channels=(4, 8)), init_scale=0.1).eval()
+    with torch.no_grad():
+        out = vae.inner.generate(torch.randn(5, 3))
+    assert 0 < float(out.abs().max()) < 1.0  # present, and small
