@@ -140,6 +140,42 @@ def stack_segments(dataset: Dataset, batch_size: int = 64) -> Tensor:
     return torch.cat(batches)
 
 
+def linear_references(train_x: Tensor, test_x: Tensor, latent_dim: int, multiples: Sequence[int] = (2, 4),
+                      batch_size: int = 256) -> list[dict[str, Any]]:
+    """Test MSE of linear codes around PCA-`latent_dim`, to place the VAE between them.
+
+    PCA with `m * latent_dim` components fitted on the training segments says how many linear
+    components the VAE's code is worth; PCA-`latent_dim` fitted on the test segments themselves
+    is the best any linear code of that size can do on them (an oracle: it has seen the test set),
+    so the gap between it and the training PCA is the part of the error due to the albums differing.
+
+    Args:
+        train_x: ``(N, D)`` flattened normalised training segments.
+        test_x: ``(M, D)`` flattened normalised test segments.
+        latent_dim: the VAE's code size.
+        multiples: component counts to try, as multiples of `latent_dim` (capped at min(N, D)).
+
+    Returns:
+        Rows ``{"name", "components", "fitted_on", "mse"}``; MSE over every test value.
+    """
+    def mse(pca: PCA) -> float:
+        total = 0.0
+        for start in range(0, len(test_x), batch_size):
+            chunk = test_x[start:start + batch_size]
+            total += float((pca.reconstruct(chunk) - chunk).double().pow(2).sum())
+        return total / test_x.numel()
+
+    rows = []
+    for m in multiples:
+        k = min(m * latent_dim, *train_x.shape)
+        rows.append({"name": f"PCA-{k}, training segments", "components": k, "fitted_on": "train",
+                     "mse": mse(fit_pca(train_x, k))})
+    k = min(latent_dim, *test_x.shape)
+    rows.append({"name": f"PCA-{k}, test segments (oracle)", "components": k, "fitted_on": "test",
+                 "mse": mse(fit_pca(test_x, k))})
+    return rows
+
+
 def data_range(dataset: Dataset, batch_size: int = 64) -> float:
     """max - min over every value of `dataset` (the SSIM range of the held-out data)."""
     lo, hi = math.inf, -math.inf
@@ -315,4 +351,16 @@ def markdown_report(result: dict[str, Any]) -> str:
         "data's statistics.", "",
         f"Goals met: {met} of {judged}.", "",
         markdown_table(result["goals"]), "",
+        *_references_lines(result),
     ])
+
+
+def _references_lines(result: dict[str, Any]) -> list[str]:
+    rows = result.get("linear_references")
+    if not rows:
+        return []
+    pca_mse = result["pca_scores"]["mse"]
+    lines = ["## Linear references", "", "| code | test MSE | / PCA-latent_dim (train) |", "|---|---|---|",
+             f"| the VAE | {_cell(result['vae']['mse'])} | {_cell(result['mse_ratio'])} |"]
+    lines += [f"| {r['name']} | {_cell(r['mse'])} | {_cell(r['mse'] / pca_mse)} |" for r in rows]
+    return [*lines, ""]

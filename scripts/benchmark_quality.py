@@ -1,5 +1,6 @@
 """VAE vs PCA quality benchmark (issue 9): `python scripts/benchmark_quality.py --train_dir DIR --test_dir DIR
---config CFG (--minutes M | --steps N) --out DIR [--ckpt_path CKPT] [--cache_dir DIR] [-- EXTRA TRAINING FLAGS]`.
+--config CFG (--minutes M | --steps N) --out DIR [--ckpt_path CKPT] [--cache_dir DIR] [--references]
+[-- EXTRA TRAINING FLAGS]`.
 
 Trains the model through the real CLI on --train_dir for a time or step budget (or loads --ckpt_path),
 fits PCA with exactly latent_dim components on the same normalised training segments, and scores both
@@ -19,8 +20,9 @@ import torch  # noqa: E402
 
 from musicvae.errors import ConfigError, DataError, MusicVAEError  # noqa: E402
 from musicvae.evaluation import write_json  # noqa: E402
-from musicvae.quality import (data_range, fit_pca, goal_rows, markdown_report, markdown_table,  # noqa: E402
-                              prior_diagnostics, reference_statistics, score_reconstructions, stack_segments)
+from musicvae.quality import (data_range, fit_pca, goal_rows, linear_references, markdown_report,  # noqa: E402
+                              markdown_table, prior_diagnostics, reference_statistics, score_reconstructions,
+                              stack_segments)
 
 #: Flags the benchmark sets itself for a training run.
 OWNED_FLAGS = ("--data.data_dir", "--checkpoint_dir", "--trainer.logger.init_args.save_dir", "--trainer.max_time",
@@ -70,7 +72,7 @@ def train(args, extra: list[str]) -> Path:
 
 
 def benchmark(ckpt_path: Path, train_dir, test_dir: str, out: Path, cache_dir, n_prior: int,
-              log=print) -> dict:
+              log=print, references: bool = False) -> dict:
     from musicvae.inference import datamodule_for, load_module
     from musicvae.segments import SegmentDataset
 
@@ -89,7 +91,8 @@ def benchmark(ckpt_path: Path, train_dir, test_dir: str, out: Path, cache_dir, n
     started = time.monotonic()
     train_x = stack_segments(windows)  # (N, n_mels * frames)
     pca = fit_pca(train_x, int(hp.latent_dim))
-    del train_x
+    if not references:
+        del train_x
     log(f"PCA: {pca.n_components} components ({pca.method}) on {len(windows)} training segments in "
         f"{time.monotonic() - started:.0f} s, {pca.explained_variance_ratio:.1%} of the variance")
 
@@ -121,6 +124,10 @@ def benchmark(ckpt_path: Path, train_dir, test_dir: str, out: Path, cache_dir, n
         "prior": prior, "prior_reference": reference,
         "goals": goal_rows(vae, pca_scores, prior, int(hp.latent_dim)),
     }
+    if references:
+        started = time.monotonic()
+        result["linear_references"] = linear_references(train_x, stack_segments(test), int(hp.latent_dim))
+        log(f"linear references in {time.monotonic() - started:.0f} s")
     (out / "results.md").write_text(markdown_report(result))
     write_json(out / "results.json", result)  # last: its presence means the benchmark finished
     return result
@@ -140,6 +147,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="results folder (created); training writes ckpt/ and logs/ here")
     parser.add_argument("--ckpt_path", default=None, help="benchmark this checkpoint instead of training")
     parser.add_argument("--cache_dir", default=None, help="log-mel cache folder for both data folders")
+    parser.add_argument("--references", action="store_true",
+                        help="also score PCA with 2x and 4x latent_dim components (training segments) and PCA-latent_dim "
+                             "fitted on the test segments themselves (an oracle), to place the VAE between them")
     parser.add_argument("--prior_samples", type=int, default=DEFAULT_PRIOR_SAMPLES, help="prior draws (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.ckpt_path is None:
@@ -166,7 +176,8 @@ def main(argv=None) -> int:
             torch.set_grad_enabled(False)
         else:
             ckpt_path = Path(args.ckpt_path)
-        result = benchmark(ckpt_path, args.train_dir, args.test_dir, out, args.cache_dir, args.prior_samples)
+        result = benchmark(ckpt_path, args.train_dir, args.test_dir, out, args.cache_dir, args.prior_samples,
+                           references=args.references)
     except MusicVAEError as err:
         sys.stderr.write(f"benchmark_quality: error: {err}\n")
         return 2

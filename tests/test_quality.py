@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from musicvae.losses import DEFAULT_BANDS
-from musicvae.quality import fit_pca, goal_rows, markdown_table, prior_diagnostics, reference_statistics
+from musicvae.quality import (fit_pca, goal_rows, linear_references, markdown_table, prior_diagnostics,
+                              reference_statistics)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -181,6 +182,25 @@ def test_benchmark_end_to_end(tmp_path):
     # Benchmarking the checkpoint again without training gives the same numbers.
     again = run_script("--train_dir", str(tmp_path / "train"), "--test_dir", str(tmp_path / "test"),
                        "--ckpt_path", str(out / "ckpt" / "last.ckpt"), "--out", str(tmp_path / "again"),
-                       "--cache_dir", str(tmp_path / "cache"), "--prior_samples", "16")
+                       "--cache_dir", str(tmp_path / "cache"), "--prior_samples", "16", "--references")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert json.loads((tmp_path / "again" / "results.json").read_text())["vae"] == data["vae"]
+    again_data = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert again_data["vae"] == data["vae"]
+    # --references: nested training PCAs, and the oracle at least as good as the training PCA on the test set.
+    refs = {r["fitted_on"] + str(r["components"]): r["mse"] for r in again_data["linear_references"]}
+    assert refs["train32"] <= refs["train16"] <= data["pca_scores"]["mse"] * (1 + 1e-5)
+    assert refs["test8"] <= data["pca_scores"]["mse"] * (1 + 1e-5)
+    assert "## Linear references" in (tmp_path / "again" / "results.md").read_text()
+
+
+def test_linear_references_bracket_the_training_pca():
+    g = torch.Generator().manual_seed(0)
+    basis = torch.randn(12, 40, generator=g)
+    train = torch.randn(300, 12, generator=g) @ basis
+    test = torch.randn(100, 12, generator=g) @ (basis + 0.3 * torch.randn(12, 40, generator=g))  # another "album"
+    rows = {(r["fitted_on"], r["components"]): r["mse"] for r in linear_references(train, test, latent_dim=4)}
+    base = fit_pca(train, 4)
+    base_mse = float((base.reconstruct(test) - test).pow(2).mean())
+    assert set(rows) == {("train", 8), ("train", 16), ("test", 4)}
+    assert rows[("train", 16)] <= rows[("train", 8)] <= base_mse
+    assert rows[("test", 4)] < base_mse  # the oracle fits the test set's own directions
