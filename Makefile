@@ -20,7 +20,7 @@ $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
 	touch $@
 
 train: $(VENV)/.installed
-	$(BIN)/python scripts/train.py --config configs/quickstart.yaml $(ARGS)
+	$(BIN)/python scripts/train.py --config configs/recommended.yaml --trainer.max_epochs 40 $(ARGS)
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest --durations=15 $(ARGS)

@@ -92,7 +92,7 @@ class MusicVAEModule(L.LightningModule):
         architecture: Literal["conv2d", "conv1d"] = "conv2d",
         linear_path: bool = False,
         linear_path_examples: int = 16384,
-        linear_path_lr_scale: float = 0.01,
+        linear_path_lr_scale: float = 0.1,
         nonlinear_init_scale: float = 0.0,
         kl_warmup_steps: int = 0,
         free_bits: float = 0.0,

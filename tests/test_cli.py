@@ -86,7 +86,7 @@ def test_print_config_is_complete_and_reloadable(tmp_path, capsys):
         cli_main(["fit", "--config", str(tmp_path / "full.yaml"), "--print_config"])
 
 
-@pytest.mark.parametrize("name", ["quickstart", "standard", "improved"])
+@pytest.mark.parametrize("name", ["quickstart", "standard", "improved", "recommended"])
 def test_every_config_parses(name, capsys):
     with pytest.raises(SystemExit):
         cli_main(["fit", "--config", str(REPO / "configs" / f"{name}.yaml"), "--print_config"])
