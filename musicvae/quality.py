@@ -356,11 +356,16 @@ def markdown_report(result: dict[str, Any]) -> str:
 
 
 def _references_lines(result: dict[str, Any]) -> list[str]:
+    lines = []
+    if result.get("linear_path"):
+        shares = result["linear_path"]
+        lines += ["## Linear path", "", f"Standard deviation of the outputs over the test values: linear half "
+                  f"{shares['linear_output_std']:.4g}, nonlinear half {shares['nonlinear_output_std']:.4g}.", ""]
     rows = result.get("linear_references")
     if not rows:
-        return []
+        return lines
     pca_mse = result["pca_scores"]["mse"]
-    lines = ["## Linear references", "", "| code | test MSE | / PCA-latent_dim (train) |", "|---|---|---|",
+    lines += ["## Linear references", "", "| code | test MSE | / PCA-latent_dim (train) |", "|---|---|---|",
              f"| the VAE | {_cell(result['vae']['mse'])} | {_cell(result['mse_ratio'])} |"]
     lines += [f"| {r['name']} | {_cell(r['mse'])} | {_cell(r['mse'] / pca_mse)} |" for r in rows]
     return [*lines, ""]

@@ -71,6 +71,25 @@ def train(args, extra: list[str]) -> Path:
     raise MusicVAEError(f"training wrote no checkpoint into {out / 'ckpt'}")
 
 
+class PathShares:
+    """Standard deviations, over every test value, of a linear-path model's two halves' outputs."""
+
+    def __init__(self) -> None:
+        self.sums = torch.zeros(2, 2, dtype=torch.float64)  # (linear, nonlinear) x (sum, sum of squares)
+        self.count = 0
+
+    def update(self, linear: torch.Tensor, x_hat: torch.Tensor) -> None:
+        for i, part in enumerate((linear, x_hat - linear)):
+            part = part.double()
+            self.sums[i] += torch.stack([part.sum(), part.pow(2).sum()])
+        self.count += x_hat.numel()
+
+    def compute(self) -> dict:
+        mean = self.sums[:, 0] / self.count
+        std = (self.sums[:, 1] / self.count - mean.pow(2)).clamp_min(0).sqrt()
+        return {"linear_output_std": float(std[0]), "nonlinear_output_std": float(std[1])}
+
+
 def benchmark(ckpt_path: Path, train_dir, test_dir: str, out: Path, cache_dir, n_prior: int,
               log=print, references: bool = False) -> dict:
     from musicvae.inference import datamodule_for, load_module
@@ -101,9 +120,14 @@ def benchmark(ckpt_path: Path, train_dir, test_dir: str, out: Path, cache_dir, n
     test = test_dm.evaluation_set("all")
     std, ssim_range = test_dm.normalizer.std, data_range(test)
 
+    split = PathShares() if hasattr(module.vae, "lin_decoder") else None
+
     def vae_reconstruct(x):
         mu, logvar = module.vae.encode(x)
-        return module.vae.decode(mu), (mu, logvar)  # the posterior mean, as in evaluate()
+        x_hat = module.vae.decode(mu)  # the posterior mean, as in evaluate()
+        if split is not None:
+            split.update(module.vae.lin_decoder(mu).view_as(x_hat), x_hat)
+        return x_hat, (mu, logvar)
 
     common = dict(dataset=test, std=std, n_mels=int(hp.n_mels), bands=bands, ssim_range=ssim_range,
                   batch_size=test_dm.batch_size)
@@ -124,6 +148,8 @@ def benchmark(ckpt_path: Path, train_dir, test_dir: str, out: Path, cache_dir, n
         "prior": prior, "prior_reference": reference,
         "goals": goal_rows(vae, pca_scores, prior, int(hp.latent_dim)),
     }
+    if split is not None:
+        result["linear_path"] = split.compute()
     if references:
         started = time.monotonic()
         result["linear_references"] = linear_references(train_x, stack_segments(test), int(hp.latent_dim))

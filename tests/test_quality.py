@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import load_script
 from musicvae.losses import DEFAULT_BANDS
 from musicvae.quality import (fit_pca, goal_rows, linear_references, markdown_table, prior_diagnostics,
                               reference_statistics)
@@ -204,3 +205,12 @@ def test_linear_references_bracket_the_training_pca():
     assert set(rows) == {("train", 8), ("train", 16), ("test", 4)}
     assert rows[("train", 16)] <= rows[("train", 8)] <= base_mse
     assert rows[("test", 4)] < base_mse  # the oracle fits the test set's own directions
+
+
+def test_path_shares_split_a_linear_path_models_output():
+    shares = load_script("benchmark_quality").PathShares()
+    linear = torch.tensor([[1.0, -1.0, 1.0, -1.0]])  # std 1
+    nonlinear = torch.tensor([[0.5, 0.5, -0.5, -0.5]])  # std 0.5
+    shares.update(linear, linear + nonlinear)
+    out = shares.compute()
+    assert out["linear_output_std"] == pytest.approx(1.0) and out["nonlinear_output_std"] == pytest.approx(0.5)
