@@ -18,9 +18,12 @@ from musicvae.losses import (
     weighted_mse,
 )
 from musicvae.metrics import LatentDiagnostics, ReconstructionDiagnostics
+from musicvae.augment import AugmentSettings
+from musicvae.linear_path import LinearPathVAE, init_from_pca
 from musicvae.model import ConvVAE
 from musicvae.module import MusicVAEModule
 from musicvae.quality import PCA, fit_pca
+from musicvae.temporal import TemporalConvVAE
 from musicvae.vocoder import GriffinLimVocoder, denormalize
 
 __version__ = "0.1.0"
@@ -41,7 +44,11 @@ __all__ = [
     "load_generation_model",
     "load_module",
     "ConfigError",
+    "AugmentSettings",
     "ConvVAE",
+    "LinearPathVAE",
+    "TemporalConvVAE",
+    "init_from_pca",
     "GriffinLimVocoder",
     "DataError",
     "LogMel",

@@ -15,10 +15,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from musicvae.model import LatentVAE
 from musicvae.quality import PCA
 
 
-class LinearPathVAE(nn.Module):
+class LinearPathVAE(LatentVAE):
     """Wraps a VAE (``ConvVAE`` or ``TemporalConvVAE``) with a PCA-initialisable linear path.
 
     The wrapped VAE's mean head and last decoder layer are scaled by ``init_scale`` (0: zeroed), so until :func:`init_from_pca`
@@ -63,24 +64,6 @@ class LinearPathVAE(nn.Module):
         """Log-mels (B, 1, M, T) of latents (B, L), unchecked."""
         linear = self.lin_decoder(z).view(-1, 1, self.n_mels, self.frames)  # (B, L) -> (B, 1, M, T)
         return linear + self.inner.generate(z)
-
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """As the wrapped VAE's ``encode`` (same checks), plus the linear path."""
-        mu, logvar = self.inner.encode(x)
-        return mu + self.lin_encoder(x.flatten(1)), logvar
-
-    def decode(self, z: Tensor) -> Tensor:
-        """As the wrapped VAE's ``decode`` (same checks), plus the linear path."""
-        return self.lin_decoder(z).view(-1, 1, self.n_mels, self.frames) + self.inner.decode(z)
-
-    def reparameterize(self, mu: Tensor, logvar: Tensor) -> Tensor:
-        return mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
-
-    @torch.jit.unused  # export.py scripts posterior/generate; forward samples, which a program does not
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        mu, logvar = self.encode(x)
-        z = self.reparameterize(mu, logvar) if self.training else mu
-        return self.decode(z), mu, logvar
 
 
 @torch.no_grad()

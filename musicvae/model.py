@@ -117,7 +117,100 @@ def _check_divisible(name: str, size: int, factor: int, channels: tuple[int, ...
     )
 
 
-class ConvVAE(nn.Module):
+def check_network(channels: Sequence[int], latent_dim: int, blocks_per_stage: int, dropout: float) -> tuple[int, ...]:
+    """Validates the settings every network shares; returns ``channels`` as a tuple of ints.
+
+    Raises:
+        ValueError: naming the setting and what it must be.
+    """
+    channels = tuple(int(c) for c in channels)
+    if not channels or min(channels) < 1:
+        raise ValueError(f"channels must be a non-empty sequence of positive widths, got {channels}")
+    if latent_dim < 1:
+        raise ValueError(f"latent_dim must be >= 1, got {latent_dim}")
+    if blocks_per_stage < 0:
+        raise ValueError(f"blocks_per_stage must be >= 0, got {blocks_per_stage}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    return channels
+
+
+class LatentVAE(nn.Module):
+    """What every VAE here shares: checked ``encode``/``decode`` around the subclass's unchecked
+    ``posterior``/``generate`` (which export.py scripts), sampling, and the forward pass.
+
+    Subclasses set ``n_mels``, ``frames``, ``latent_dim`` and define ``posterior`` and ``generate``
+    (not declared here: TorchScript cannot read this module's postponed annotations).
+    """
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Maps log-mels to the posterior's parameters.
+
+        Args:
+            x: Log-mel spectrograms, (B, 1, n_mels, frames).
+
+        Returns:
+            ``(mu, logvar)``, each (B, latent_dim); logvar is clamped to
+            [LOGVAR_MIN, LOGVAR_MAX].
+
+        Raises:
+            ValueError: If ``x`` does not have shape (B, 1, n_mels, frames).
+        """
+        expected = (1, self.n_mels, self.frames)
+        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(
+                f"expected input of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}"
+            )
+        return self.posterior(x)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Maps latent vectors to log-mels.
+
+        Args:
+            z: Latent vectors, (B, latent_dim).
+
+        Returns:
+            Reconstructed log-mels, (B, 1, n_mels, frames), unbounded.
+
+        Raises:
+            ValueError: If ``z`` does not have shape (B, latent_dim).
+        """
+        if z.dim() != 2 or z.shape[1] != self.latent_dim:
+            raise ValueError(f"expected latent of shape (B, {self.latent_dim}), got {tuple(z.shape)}")
+        return self.generate(z)
+
+    def reparameterize(self, mu: Tensor, logvar: Tensor) -> Tensor:
+        """Draws ``z = mu + eps * std`` with ``eps ~ N(0, I)``, differentiably.
+
+        Always samples; callers that want the mean (eval) use ``mu`` directly.
+
+        Args:
+            mu: Posterior means, (B, latent_dim).
+            logvar: Posterior log-variances, (B, latent_dim).
+
+        Returns:
+            Latent samples, (B, latent_dim).
+        """
+        return mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+
+    @torch.jit.unused  # export.py scripts posterior/generate; forward samples, which a program does not
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Encodes, samples (training) or takes the mean (eval), and decodes.
+
+        Args:
+            x: Log-mel spectrograms, (B, 1, n_mels, frames).
+
+        Returns:
+            ``(x_hat, mu, logvar)``: reconstruction (B, 1, n_mels, frames) and the
+            posterior's parameters, each (B, latent_dim).
+        """
+        mu, logvar = self.encode(x)
+        # Eval decodes the mean so that validation metrics and listening are repeatable.
+        z = self.reparameterize(mu, logvar) if self.training else mu
+        return self.decode(z), mu, logvar
+
+
+class ConvVAE(LatentVAE):
     """Convolutional VAE on log-mel spectrograms of shape (B, 1, n_mels, frames).
 
     Each entry of ``channels`` is one stage that halves both the mel and the time
@@ -148,15 +241,7 @@ class ConvVAE(nn.Module):
         dropout: float = 0.0,
     ):
         super().__init__()
-        channels = tuple(int(c) for c in channels)
-        if not channels or min(channels) < 1:
-            raise ValueError(f"channels must be a non-empty sequence of positive widths, got {channels}")
-        if latent_dim < 1:
-            raise ValueError(f"latent_dim must be >= 1, got {latent_dim}")
-        if blocks_per_stage < 0:
-            raise ValueError(f"blocks_per_stage must be >= 0, got {blocks_per_stage}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        channels = check_network(channels, latent_dim, blocks_per_stage, dropout)
         factor = 2 ** len(channels)
         for name, size in (("n_mels", n_mels), ("frames", frames)):
             if size < 1:
@@ -190,61 +275,11 @@ class ConvVAE(nn.Module):
             dec += [*blocks(channels[i]), Upsample(channels[i], out, shuffle=i == 0)]
         self.decoder = nn.Sequential(*dec)
 
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Maps log-mels to the posterior's parameters.
-
-        Args:
-            x: Log-mel spectrograms, (B, 1, n_mels, frames).
-
-        Returns:
-            ``(mu, logvar)``, each (B, latent_dim); logvar is clamped to
-            [LOGVAR_MIN, LOGVAR_MAX].
-
-        Raises:
-            ValueError: If ``x`` does not have shape (B, 1, n_mels, frames).
-        """
-        expected = (1, self.n_mels, self.frames)
-        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(
-                f"expected input of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}"
-            )
-        return self.posterior(x)
-
     def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(mu, logvar)`` of log-mels (B, 1, M, T), without encode's shape check."""
         h = self.encoder(x)  # (B, 1, M, T) -> (B, C_last * M/2^S * T/2^S)
         mu, logvar = self.to_latent(h).chunk(2, dim=1)  # -> 2 x (B, latent_dim)
         return mu, logvar.clamp(self.logvar_min, self.logvar_max)
-
-    def reparameterize(self, mu: Tensor, logvar: Tensor) -> Tensor:
-        """Draws ``z = mu + eps * std`` with ``eps ~ N(0, I)``, differentiably.
-
-        Always samples; callers that want the mean (eval) use ``mu`` directly.
-
-        Args:
-            mu: Posterior means, (B, latent_dim).
-            logvar: Posterior log-variances, (B, latent_dim).
-
-        Returns:
-            Latent samples, (B, latent_dim).
-        """
-        return mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
-
-    def decode(self, z: Tensor) -> Tensor:
-        """Maps latent vectors to log-mels.
-
-        Args:
-            z: Latent vectors, (B, latent_dim).
-
-        Returns:
-            Reconstructed log-mels, (B, 1, n_mels, frames), unbounded.
-
-        Raises:
-            ValueError: If ``z`` does not have shape (B, latent_dim).
-        """
-        if z.dim() != 2 or z.shape[1] != self.latent_dim:
-            raise ValueError(f"expected latent of shape (B, {self.latent_dim}), got {tuple(z.shape)}")
-        return self.generate(z)
 
     def generate(self, z: Tensor) -> Tensor:
         """Log-mels (B, 1, M, T) of latents (B, latent_dim), without decode's shape check."""
@@ -256,19 +291,3 @@ class ConvVAE(nn.Module):
     def output_layer(self) -> nn.Conv2d:
         """The decoder's last conv (a linear path zeroes it, see musicvae.linear_path)."""
         return self.decoder[-1].conv
-
-    @torch.jit.unused  # export.py scripts posterior/generate; forward samples, which a program does not
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Encodes, samples (training) or takes the mean (eval), and decodes.
-
-        Args:
-            x: Log-mel spectrograms, (B, 1, n_mels, frames).
-
-        Returns:
-            ``(x_hat, mu, logvar)``: reconstruction (B, 1, n_mels, frames) and the
-            posterior's parameters, each (B, latent_dim).
-        """
-        mu, logvar = self.encode(x)
-        # Eval decodes the mean so that validation metrics and listening are repeatable.
-        z = self.reparameterize(mu, logvar) if self.training else mu
-        return self.decode(z), mu, logvar

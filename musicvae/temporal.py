@@ -11,10 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor, nn
 
-from musicvae.model import LOGVAR_MAX, LOGVAR_MIN, _check_divisible, num_groups
+from musicvae.model import LOGVAR_MAX, LOGVAR_MIN, LatentVAE, _check_divisible, check_network, num_groups
 
 
 def norm_act1d(channels: int) -> nn.Sequential:
@@ -42,7 +41,7 @@ class ResidualBlock1d(nn.Module):
         return x + self.branch(x)
 
 
-class TemporalConvVAE(nn.Module):
+class TemporalConvVAE(LatentVAE):
     """VAE over log-mels (B, 1, n_mels, frames) with 1-D convolutions along time.
 
     Each entry of ``channels`` is one stage that halves the time resolution (a strided conv);
@@ -73,15 +72,9 @@ class TemporalConvVAE(nn.Module):
         dropout: float = 0.0,
     ):
         super().__init__()
-        channels = tuple(int(c) for c in channels)
-        if not channels or min(channels) < 1:
-            raise ValueError(f"channels must be a non-empty sequence of positive widths, got {channels}")
-        if latent_dim < 1 or n_mels < 1 or frames < 1:
-            raise ValueError(f"latent_dim, n_mels and frames must be positive, got {latent_dim}, {n_mels}, {frames}")
-        if blocks_per_stage < 0:
-            raise ValueError(f"blocks_per_stage must be >= 0, got {blocks_per_stage}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        channels = check_network(channels, latent_dim, blocks_per_stage, dropout)
+        if n_mels < 1 or frames < 1:
+            raise ValueError(f"n_mels and frames must be positive, got {n_mels} and {frames}")
         factor = 2 ** len(channels)
         _check_divisible("frames", frames, factor, channels)
 
@@ -128,36 +121,3 @@ class TemporalConvVAE(nn.Module):
         c, t = self.bottleneck_shape
         h = self.from_latent(z).view(-1, c, t)  # (B, L) -> (B, C_last, T/2^S)
         return self.decoder(h).unsqueeze(1)  # -> (B, M, T) -> (B, 1, M, T)
-
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Maps log-mels (B, 1, n_mels, frames) to ``(mu, logvar)``, each (B, latent_dim).
-
-        Raises:
-            ValueError: If ``x`` does not have shape (B, 1, n_mels, frames).
-        """
-        expected = (1, self.n_mels, self.frames)
-        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"expected input of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
-        return self.posterior(x)
-
-    def decode(self, z: Tensor) -> Tensor:
-        """Maps latents (B, latent_dim) to log-mels (B, 1, n_mels, frames), unbounded.
-
-        Raises:
-            ValueError: If ``z`` does not have shape (B, latent_dim).
-        """
-        if z.dim() != 2 or z.shape[1] != self.latent_dim:
-            raise ValueError(f"expected latent of shape (B, {self.latent_dim}), got {tuple(z.shape)}")
-        return self.generate(z)
-
-    def reparameterize(self, mu: Tensor, logvar: Tensor) -> Tensor:
-        """``mu + eps * std`` with ``eps ~ N(0, I)``."""
-        return mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
-
-    @torch.jit.unused  # export.py scripts posterior/generate; forward samples, which a program does not
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(x_hat, mu, logvar)``; samples z in training, decodes the mean in eval."""
-        mu, logvar = self.encode(x)
-        z = self.reparameterize(mu, logvar) if self.training else mu
-        return self.decode(z), mu, logvar
-
