@@ -38,7 +38,7 @@ from musicvae.errors import CheckpointError, ConfigError, MusicVAEError, NonFini
 from musicvae.guards import NONFINITE_EXIT, PREEMPTED_EXIT, NonFiniteGuard, Preemption
 from musicvae.module import MusicVAEModule
 from musicvae.rng import ResumableRandomState
-from musicvae.preflight import check_batch_size, check_creatable_dir, logger_save_dirs
+from musicvae.preflight import check_batch_size, check_creatable_dir, check_linear_path, logger_save_dirs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "quickstart.yaml"
@@ -208,8 +208,9 @@ class MusicVAECLI(LightningCLI):
 
     def before_fit(self) -> None:
         # Before prepare_data: a batch the training set can never fill fails now, not after the cache is built.
-        check_batch_size(self.datamodule)
+        bound = check_batch_size(self.datamodule)
         if self.resume is None:
+            check_linear_path(self.model, bound)  # a resumed run's linear path is already set
             self._refuse_to_clobber()
         else:
             self._check_resume()

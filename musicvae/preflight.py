@@ -271,6 +271,25 @@ def check_batch_size(datamodule: Any) -> Optional[int]:
     return bound
 
 
+def check_linear_path(model: Any, bound: Optional[int]) -> None:
+    """Refuse a PCA-initialised linear path that the training set cannot fill, before any data is prepared.
+
+    PCA with `latent_dim` components needs at least that many training segments; `bound` (from
+    `check_batch_size`) is an upper bound, so this only refuses what must fail. The module checks
+    the real count again when training starts.
+
+    Raises:
+        ConfigError: naming model.latent_dim and the bound.
+    """
+    hp = getattr(model, "hparams", {})
+    if bound is None or not hp.get("linear_path") or bound >= hp.get("latent_dim", 0):
+        return
+    raise ConfigError(
+        f"model.linear_path needs at least model.latent_dim={hp['latent_dim']} training segments for its PCA, "
+        f"and the training set has at most {bound}: lower model.latent_dim, add data, or set model.linear_path false"
+    )
+
+
 def check_dirs(dirs: Iterable[tuple[str, str]]) -> None:
     """`check_creatable_dir` on each (setting, folder)."""
     for setting, folder in dirs:

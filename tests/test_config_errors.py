@@ -286,6 +286,11 @@ CASES = {
     "batch-size-wavs": (
         wav_files, ["data.batch_size=100000 is larger than the training set", "lower data.batch_size"]
     ),
+    "linear-path-too-few-segments": (
+        lambda root: ["--model.linear_path", "true", "--model.latent_dim", "100"],
+        ["model.linear_path needs at least model.latent_dim=100 training segments for its PCA, and the training "
+         "set has at most 64"],
+    ),
     "checkpoint-dir-under-file": (
         lambda root: ["--checkpoint_dir", str(file_at(root) / "ckpt")],
         ["--checkpoint_dir", "is a regular file, not a folder", "choose another --checkpoint_dir"],
