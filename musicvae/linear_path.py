@@ -30,8 +30,6 @@ class LinearPathVAE(LatentVAE):
         init_scale: multiplies the default initialisation of the mean head and output layer.
     """
 
-    __jit_unused_properties__ = ["bottleneck_shape"]
-
     def __init__(self, inner: nn.Module, init_scale: float = 0.0):
         super().__init__()
         self.inner = inner
@@ -50,10 +48,6 @@ class LinearPathVAE(LatentVAE):
             inner.output_layer.bias.mul_(init_scale)
         # Saved in checkpoints: a resumed run must not redo (and overwrite) the initialisation.
         self.register_buffer("pca_initialised", torch.zeros((), dtype=torch.bool))
-
-    @property
-    def bottleneck_shape(self) -> tuple[int, ...]:
-        return self.inner.bottleneck_shape
 
     def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(mu, logvar)`` of normalised log-mels (B, 1, M, T), unchecked."""

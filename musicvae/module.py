@@ -19,6 +19,8 @@ from musicvae.temporal import TemporalConvVAE
 from musicvae.metrics import LatentDiagnostics, ReconstructionDiagnostics
 from musicvae.vocoder import GriffinLimVocoder, denormalize
 from musicvae.plots import band_ratio_figure, kl_per_dim_figure, mel_comparison_figure
+from musicvae.quality import fit_pca, stack_segments
+from musicvae.segments import SegmentDataset
 
 LOSSES = ("standard", "spectral")
 ARCHITECTURES = {"conv2d": ConvVAE, "conv1d": TemporalConvVAE}
@@ -193,9 +195,6 @@ class MusicVAEModule(L.LightningModule):
             self._init_linear_path()
 
     def _init_linear_path(self) -> None:
-        from musicvae.quality import fit_pca, stack_segments
-        from musicvae.segments import SegmentDataset
-
         datamodule = getattr(self.trainer, "datamodule", None)
         train_set = getattr(datamodule, "train_set", None)
         if train_set is None:

@@ -176,6 +176,25 @@ def linear_references(train_x: Tensor, test_x: Tensor, latent_dim: int, multiple
     return rows
 
 
+class PathShares:
+    """Standard deviations, over every test value, of a linear-path model's two halves' outputs."""
+
+    def __init__(self) -> None:
+        self.sums = torch.zeros(2, 2, dtype=torch.float64)  # (linear, nonlinear) x (sum, sum of squares)
+        self.count = 0
+
+    def update(self, linear: torch.Tensor, x_hat: torch.Tensor) -> None:
+        for i, part in enumerate((linear, x_hat - linear)):
+            part = part.double()
+            self.sums[i] += torch.stack([part.sum(), part.pow(2).sum()])
+        self.count += x_hat.numel()
+
+    def compute(self) -> dict[str, float]:
+        mean = self.sums[:, 0] / self.count
+        std = (self.sums[:, 1] / self.count - mean.pow(2)).clamp_min(0).sqrt()
+        return {"linear_output_std": float(std[0]), "nonlinear_output_std": float(std[1])}
+
+
 def data_range(dataset: Dataset, batch_size: int = 64) -> float:
     """max - min over every value of `dataset` (the SSIM range of the held-out data)."""
     lo, hi = math.inf, -math.inf

@@ -20,8 +20,8 @@ import torch  # noqa: E402
 
 from musicvae.errors import ConfigError, DataError, MusicVAEError  # noqa: E402
 from musicvae.evaluation import write_json  # noqa: E402
-from musicvae.quality import (data_range, fit_pca, goal_rows, linear_references, markdown_report,  # noqa: E402
-                              markdown_table, prior_diagnostics, reference_statistics, score_reconstructions,
+from musicvae.quality import (PathShares, data_range, fit_pca, goal_rows, linear_references,  # noqa: E402
+                              markdown_report, markdown_table, prior_diagnostics, reference_statistics, score_reconstructions,
                               stack_segments)
 
 #: Flags the benchmark sets itself for a training run.
@@ -69,25 +69,6 @@ def train(args, extra: list[str]) -> Path:
         if (out / "ckpt" / name).is_file():
             return out / "ckpt" / name
     raise MusicVAEError(f"training wrote no checkpoint into {out / 'ckpt'}")
-
-
-class PathShares:
-    """Standard deviations, over every test value, of a linear-path model's two halves' outputs."""
-
-    def __init__(self) -> None:
-        self.sums = torch.zeros(2, 2, dtype=torch.float64)  # (linear, nonlinear) x (sum, sum of squares)
-        self.count = 0
-
-    def update(self, linear: torch.Tensor, x_hat: torch.Tensor) -> None:
-        for i, part in enumerate((linear, x_hat - linear)):
-            part = part.double()
-            self.sums[i] += torch.stack([part.sum(), part.pow(2).sum()])
-        self.count += x_hat.numel()
-
-    def compute(self) -> dict:
-        mean = self.sums[:, 0] / self.count
-        std = (self.sums[:, 1] / self.count - mean.pow(2)).clamp_min(0).sqrt()
-        return {"linear_output_std": float(std[0]), "nonlinear_output_std": float(std[1])}
 
 
 def benchmark(ckpt_path: Path, train_dir, test_dir: str, out: Path, cache_dir, n_prior: int,

@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import load_script
 from musicvae.losses import DEFAULT_BANDS
-from musicvae.quality import (fit_pca, goal_rows, linear_references, markdown_table, prior_diagnostics,
-                              reference_statistics)
+from musicvae.quality import (PathShares, fit_pca, goal_rows, linear_references, markdown_table,
+                              prior_diagnostics, reference_statistics)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -208,7 +207,7 @@ def test_linear_references_bracket_the_training_pca():
 
 
 def test_path_shares_split_a_linear_path_models_output():
-    shares = load_script("benchmark_quality").PathShares()
+    shares = PathShares()
     linear = torch.tensor([[1.0, -1.0, 1.0, -1.0]])  # std 1
     nonlinear = torch.tensor([[0.5, 0.5, -0.5, -0.5]])  # std 0.5
     shares.update(linear, linear + nonlinear)
