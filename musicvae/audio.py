@@ -24,7 +24,7 @@ import torch
 import torchaudio
 from torch import nn
 
-from musicvae.errors import DataError
+from musicvae.errors import ConfigError, DataError
 
 #: Name of the sidecar file that declares the mel settings of a folder of precomputed arrays.
 MEL_SIDECAR = "mel.json"
@@ -85,7 +85,7 @@ class MelSettings:
         if self.log_floor <= 0:
             problems.append(f"log_floor={self.log_floor} must be positive")
         if problems:
-            raise ValueError("invalid mel settings: " + "; ".join(problems))
+            raise ConfigError("invalid mel settings: " + "; ".join(problems))
 
     @property
     def frames_per_second(self) -> float:

@@ -38,7 +38,8 @@ from musicvae.errors import CheckpointError, ConfigError, MusicVAEError, NonFini
 from musicvae.guards import NONFINITE_EXIT, PREEMPTED_EXIT, NonFiniteGuard, Preemption
 from musicvae.module import MusicVAEModule
 from musicvae.rng import ResumableRandomState
-from musicvae.preflight import check_batch_size, check_creatable_dir, check_linear_path, logger_save_dirs
+from musicvae.preflight import (check_batch_size, check_creatable_dir, check_linear_path, check_mel_settings,
+                                logger_save_dirs)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "quickstart.yaml"
@@ -205,6 +206,7 @@ class MusicVAECLI(LightningCLI):
                 check_creatable_dir(folder, setting)
             if self._get(self.config, "data.cache_dir"):
                 check_creatable_dir(self._get(self.config, "data.cache_dir"), "--data.cache_dir")
+        check_mel_settings(self._get(self.config, "data.mel"))
 
     def before_fit(self) -> None:
         # Before prepare_data: a batch the training set can never fill fails now, not after the cache is built.

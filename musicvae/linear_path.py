@@ -28,10 +28,16 @@ class LinearPathVAE(LatentVAE):
     Args:
         inner: the nonlinear VAE; needs ``posterior``, ``generate``, ``to_latent`` and ``output_layer``.
         init_scale: multiplies the default initialisation of the mean head and output layer.
+        n_linear: codes the linear path uses (PCA components; default all ``latent_dim``). The
+            others start with the nonlinear encoder's default initialisation and no linear decoder.
     """
 
-    def __init__(self, inner: nn.Module, init_scale: float = 0.0):
+    def __init__(self, inner: nn.Module, init_scale: float = 0.0, n_linear: int | None = None):
         super().__init__()
+        n_linear = inner.latent_dim if n_linear is None else n_linear
+        if not 1 <= n_linear <= inner.latent_dim:
+            raise ValueError(f"linear_path_components (n_linear)={n_linear} must be in [1, latent_dim={inner.latent_dim}]")
+        self.n_linear = n_linear
         self.inner = inner
         self.n_mels, self.frames, self.latent_dim = inner.n_mels, inner.frames, inner.latent_dim
         size = inner.n_mels * inner.frames
@@ -42,8 +48,9 @@ class LinearPathVAE(LatentVAE):
         # no gradient, and the output layer only the residual's (weak) correlation with features
         # of z; a small non-zero scale starts near PCA without sitting on that point.
         with torch.no_grad():
-            inner.to_latent.weight[: inner.latent_dim].mul_(init_scale)  # rows of mu; logvar's stay
-            inner.to_latent.bias[: inner.latent_dim].mul_(init_scale)
+            # Rows of the linear path's mu; the free codes' rows (n_linear:) and logvar's stay.
+            inner.to_latent.weight[:n_linear].mul_(init_scale)
+            inner.to_latent.bias[:n_linear].mul_(init_scale)
             inner.output_layer.weight.mul_(init_scale)
             inner.output_layer.bias.mul_(init_scale)
         # Saved in checkpoints: a resumed run must not redo (and overwrite) the initialisation.
@@ -83,19 +90,24 @@ def init_from_pca(vae: LinearPathVAE, pca: PCA, beta: float, min_variance: float
         ValueError: if the PCA's size does not match the model's.
     """
     k, d = pca.components.shape
-    if k != vae.latent_dim or d != vae.n_mels * vae.frames:
-        raise ValueError(f"PCA of shape {(k, d)} does not fit a model with latent_dim={vae.latent_dim} and "
+    if k != vae.n_linear or d != vae.n_mels * vae.frames:
+        raise ValueError(f"PCA of shape {(k, d)} does not fit a model with {vae.n_linear} linear codes and "
                          f"{vae.n_mels}x{vae.frames} inputs")
     scale = pca.variances.double().clamp_min(min_variance).sqrt()  # (k,) standard deviation per component
     comps, mean = pca.components.double(), pca.mean.double()  # (k, D), (D,)
     encoder = comps / scale[:, None]  # (k, D)
-    vae.lin_encoder.weight.copy_(encoder)
-    vae.lin_encoder.bias.copy_(-(encoder @ mean))
-    vae.lin_decoder.weight.copy_((comps * scale[:, None]).T)  # (D, k)
+    # Codes k: (if any) are free: the linear path ignores them, the nonlinear one learns them.
+    vae.lin_encoder.weight.zero_()
+    vae.lin_encoder.bias.zero_()
+    vae.lin_decoder.weight.zero_()
+    vae.lin_encoder.weight[:k].copy_(encoder)
+    vae.lin_encoder.bias[:k].copy_(-(encoder @ mean))
+    vae.lin_decoder.weight[:, :k].copy_((comps * scale[:, None]).T)  # (D, k)
     vae.lin_decoder.bias.copy_(mean)
     # lambda_k: the variance of code k's PCA coordinate, i.e. decoder column k's squared norm.
     # beta = 0 (a plain autoencoder) would want s^2 = 0; e^-20 is as good as nothing there.
     logvar = torch.log(beta / (2 * scale.pow(2) + beta)) if beta > 0 else torch.full_like(scale, -20.0)
-    vae.inner.to_latent.weight[k:].zero_()  # logvar rows
-    vae.inner.to_latent.bias[k:].copy_(logvar)
+    first = vae.latent_dim  # logvar rows follow the latent_dim mu rows
+    vae.inner.to_latent.weight[first:first + k].zero_()
+    vae.inner.to_latent.bias[first:first + k].copy_(logvar)
     vae.pca_initialised.fill_(True)

@@ -66,6 +66,8 @@ class MusicVAEModule(L.LightningModule):
         linear_path_lr_scale: the linear path's learning rate as a multiple of `lr` (0 freezes it).
         nonlinear_init_scale: with a linear path, the nonlinear path's mean head and output layer start
             at this multiple of their default initialisation (0: training starts exactly at PCA).
+        linear_path_components: PCA components in the linear path (default: all `latent_dim` codes);
+            the remaining codes belong to the nonlinear half alone, started at its default initialisation.
         kl_warmup_steps: beta rises linearly from 0 to `beta` over this many steps (0: no warm-up).
         free_bits: nats per latent dimension whose KL is not penalised (0: plain KL).
     """
@@ -96,6 +98,7 @@ class MusicVAEModule(L.LightningModule):
         linear_path_examples: int = 16384,
         linear_path_lr_scale: float = 0.1,
         nonlinear_init_scale: float = 0.0,
+        linear_path_components: Optional[int] = None,
         kl_warmup_steps: int = 0,
         free_bits: float = 0.0,
     ) -> None:
@@ -127,7 +130,7 @@ class MusicVAEModule(L.LightningModule):
                 dropout=dropout,
             )
             if linear_path:
-                self.vae = LinearPathVAE(self.vae, nonlinear_init_scale)
+                self.vae = LinearPathVAE(self.vae, nonlinear_init_scale, linear_path_components)
             if channels_last:
                 self.vae.to(memory_format=torch.channels_last)
             if compile:
@@ -199,7 +202,7 @@ class MusicVAEModule(L.LightningModule):
         train_set = getattr(datamodule, "train_set", None)
         if train_set is None:
             raise ConfigError("model.linear_path needs the training data module (MelDataModule) to fit its PCA")
-        k = self.hparams.latent_dim
+        k = self.vae.n_linear
         if self.trainer.is_global_zero:
             # Evenly spaced windows without random crops: deterministic, and the same on every run.
             count = min(len(train_set), self.hparams.get("linear_path_examples", 16384))

@@ -294,3 +294,20 @@ def check_dirs(dirs: Iterable[tuple[str, str]]) -> None:
     """`check_creatable_dir` on each (setting, folder)."""
     for setting, folder in dirs:
         check_creatable_dir(folder, setting)
+
+
+def check_mel_settings(mel: Any) -> None:
+    """Refuse invalid ``--data.mel.*`` values before the data module is built.
+
+    Built inside jsonargparse, a MelSettings that refuses its values surfaces as a traceback that
+    lists every Union subtype; built here first, the same problems read as one line.
+    """
+    if mel is None:
+        return
+    from musicvae.audio import MelSettings  # audio pulls in torchaudio; only needed when mel is set
+
+    values = mel.as_dict() if hasattr(mel, "as_dict") else dict(mel)
+    try:
+        MelSettings(**values)
+    except ConfigError as err:
+        raise ConfigError(f"--data.mel: {err}") from None

@@ -174,3 +174,26 @@ class DataProbe(Callback):
     def _dump(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / f"rank{self.record['global_rank']}.json").write_text(json.dumps(self.record))
+
+
+class LinearPathProbe(Callback):
+    """Saves, at each rank's first training batch, the linear path the first step will start from
+    (after the module's `on_train_start` fitted PCA on rank 0 and broadcast it), into
+    `OUT/rank{global_rank}.pt`."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+        self.done = False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.done:
+            return
+        self.done = True
+        import torch
+
+        vae = pl_module.vae
+        state = {"pca_initialised": vae.pca_initialised.clone(), "lin_encoder": vae.lin_encoder.weight.detach().clone(),
+                 "lin_decoder": vae.lin_decoder.weight.detach().clone(),
+                 "logvar_bias": vae.inner.to_latent.bias.detach().clone()}
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.save(state, self.out / f"rank{trainer.global_rank}.pt")

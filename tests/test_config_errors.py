@@ -286,6 +286,14 @@ CASES = {
     "batch-size-wavs": (
         wav_files, ["data.batch_size=100000 is larger than the training set", "lower data.batch_size"]
     ),
+    "mel-n-fft-negative": (
+        lambda root: ["--data.mel.n_fft", "-5"],
+        ["--data.mel: invalid mel settings: n_fft=-5 and hop_length=256 must be positive"],
+    ),
+    "mel-f-max-above-nyquist": (
+        lambda root: ["--data.mel.f_max", "20000", "--data.mel.sample_rate", "16000"],
+        ["--data.mel: invalid mel settings: need 0 <= f_min < f_max <= sample_rate/2", "f_max=20000"],
+    ),
     "linear-path-too-few-segments": (
         lambda root: ["--model.linear_path", "true", "--model.latent_dim", "100"],
         ["model.linear_path needs at least model.latent_dim=100 training segments for its PCA, and the training "
@@ -310,7 +318,7 @@ CASES = {
 }
 #: A few run as real subprocesses (each start imports torch and Lightning: seconds); all run in-process.
 SUBPROCESS_CASES = ["unknown-yaml-key", "typo-flag", "lr-not-float", "val-split-0", "batch-size-wavs",
-                    "checkpoint-dir-under-file"]
+                    "checkpoint-dir-under-file", "mel-n-fft-negative"]
 
 
 def bad_run(tmp_path: Path, case: str) -> tuple[list[str], list[str], list[str]]:

@@ -220,6 +220,29 @@ def test_the_two_process_run_resumes_from_last_ckpt(ddp):
     assert sorted(ddp["resume"]["ranks"][0]["train"]) == ["2"]  # continued at the next epoch, not from 0
 
 
+def test_the_linear_path_starts_from_rank_zeros_pca_on_every_rank(ddp, tmp_path):
+    # Rank 0 alone fits the PCA (musicvae.module._init_linear_path) and broadcasts it: without
+    # the broadcast, rank 1 would start from the random linear path DDP synchronised at setup.
+    probe = tmp_path / "probe"
+    callbacks = [{"class_path": "ddp_probes.LinearPathProbe", "init_args": {"out": str(probe)}}]
+    args = tiny_fit_args(
+        tmp_path, "--data.data_dir", str(ddp["run"] / "music"), "--trainer.accelerator", "cpu",
+        "--trainer.devices", str(DEVICES), "--trainer.strategy", "ddp", "--trainer.max_epochs", "1",
+        "--model.linear_path", "true", "--trainer.callbacks", json.dumps(callbacks),
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), *args], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [torch.load(probe / f"rank{r}.pt", weights_only=True) for r in range(DEVICES)]
+    assert all(bool(r["pca_initialised"]) for r in ranks)
+    for key in ("lin_encoder", "lin_decoder", "logvar_bias"):
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+    # And it is the fitted PCA, not the random start: whitened rows of a (scaled) orthonormal basis.
+    rows = ranks[0]["lin_encoder"] / ranks[0]["lin_encoder"].norm(dim=1, keepdim=True)
+    torch.testing.assert_close(rows @ rows.T, torch.eye(len(rows)), atol=1e-4, rtol=0)
+
+
 def run_process_group(command: list[str], cwd: Path, env: dict, timeout: float) -> tuple[int, str, bool]:
     """Run `command` in its own process group: (exit status, stderr, whether every process of the
     group, rank 1 included, ended within 30 s of rank 0). A hang or a leftover is killed."""

@@ -3,6 +3,8 @@ whitened codes, initialisation once (not again on resume), free bits and KL warm
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -61,8 +63,31 @@ def test_linear_path_is_whitened_pca_after_init(inner):
 
 def test_init_from_pca_refuses_a_mismatched_pca():
     vae = LinearPathVAE(TemporalConvVAE(n_mels=8, frames=8, latent_dim=3, channels=(4, 8)))
-    with pytest.raises(ValueError, match="latent_dim=3"):
+    with pytest.raises(ValueError, match="3 linear codes"):
         init_from_pca(vae, fit_pca(_structured(50).flatten(1), 2), beta=0.05)
+    with pytest.raises(ValueError, match=r"\(n_linear\)=4 must be in \[1, latent_dim=3\]"):
+        LinearPathVAE(TemporalConvVAE(n_mels=8, frames=8, latent_dim=3, channels=(4, 8)), n_linear=4)
+
+
+def test_a_partial_linear_path_leaves_the_other_codes_to_the_nonlinear_half():
+    torch.manual_seed(0)
+    vae = LinearPathVAE(TemporalConvVAE(n_mels=8, frames=8, latent_dim=4, channels=(4, 8)), n_linear=2).eval()
+    data = _structured(200)
+    with torch.no_grad():
+        free_before = vae.inner.posterior(data)[0][:, 2:].clone()
+    pca = fit_pca(data.flatten(1), 2)
+    init_from_pca(vae, pca, beta=0.05)
+    with torch.no_grad():
+        mu, logvar = vae.posterior(data)
+        linear = vae.lin_decoder(mu).view_as(data)
+    # Codes 0-1: whitened PCA, decoded by the linear path exactly as PCA-2 reconstructs.
+    torch.testing.assert_close(torch.cov(mu[:, :2].T, correction=0), torch.eye(2), atol=1e-3, rtol=0)
+    torch.testing.assert_close(linear, pca.reconstruct(data), atol=1e-4, rtol=1e-4)
+    # Codes 2-3: the nonlinear encoder's at its default start, unseen by the linear path.
+    assert float(free_before.abs().max()) > 0
+    torch.testing.assert_close(mu[:, 2:], free_before, atol=0, rtol=0)
+    assert torch.equal(vae.lin_encoder.weight[2:], torch.zeros(2, 64))
+    assert torch.equal(vae.lin_decoder.weight[:, 2:], torch.zeros(64, 2))
 
 
 def test_free_bits_floor_each_dimension_and_keep_the_true_kl():
@@ -117,6 +142,12 @@ def test_cli_fit_initialises_once_and_exports(tmp_path):
                                      "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt")))
     assert resumed.trainer.global_step == cli.trainer.global_step  # nothing left to train: weights as loaded
     torch.testing.assert_close(resumed.model.vae.lin_encoder.weight, weight, atol=0, rtol=0)
+    # A learning rate changed on resume reaches both groups, the linear path's at its fixed scale.
+    probe = tmp_path / "probe.json"
+    spec = [{"class_path": "probes.FirstStepProbe", "init_args": {"out": str(probe)}}]
+    cli_main(tiny_fit_args(tmp_path, *LINEAR_FLAGS, "--trainer.max_epochs", "2", "--model.lr", "2e-4",
+                           "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt"), "--trainer.callbacks", json.dumps(spec)))
+    assert json.loads(probe.read_text())["lr"] == pytest.approx([2e-4, 2e-5])
     # The architecture exports like the default one.
     model = load_generation_model(tmp_path / "ckpt" / "last.ckpt", "cpu")
     assert max_difference(script(model), model) < 1e-4
