@@ -141,7 +141,7 @@ def stack_segments(dataset: Dataset, batch_size: int = 64) -> Tensor:
 
 
 def linear_references(train_x: Tensor, test_x: Tensor, latent_dim: int, multiples: Sequence[int] = (2, 4),
-                      batch_size: int = 256) -> list[dict[str, Any]]:
+                      batch_size: int = 256, shape: Optional[tuple[int, int]] = None) -> list[dict[str, Any]]:
     """Test MSE of linear codes around PCA-`latent_dim`, to place the VAE between them.
 
     PCA with `m * latent_dim` components fitted on the training segments says how many linear
@@ -154,10 +154,14 @@ def linear_references(train_x: Tensor, test_x: Tensor, latent_dim: int, multiple
         test_x: ``(M, D)`` flattened normalised test segments.
         latent_dim: the VAE's code size.
         multiples: component counts to try, as multiples of `latent_dim` (capped at min(N, D)).
+        shape: ``(n_mels, frames)`` of a segment; when given, also the separable basis
+            (musicvae.separable) with `latent_dim` and each multiple's components, fitted on the
+            training segments: the linear path's other starting point.
 
     Returns:
-        Rows ``{"name", "components", "fitted_on", "mse"}``; MSE over every test value.
+        Rows ``{"name", "basis", "components", "fitted_on", "mse"}``; MSE over every test value.
     """
+    from musicvae.separable import fit_separable_pca  # separable builds on this module's PCA
     def mse(pca: PCA) -> float:
         total = 0.0
         for start in range(0, len(test_x), batch_size):
@@ -168,11 +172,16 @@ def linear_references(train_x: Tensor, test_x: Tensor, latent_dim: int, multiple
     rows = []
     for m in multiples:
         k = min(m * latent_dim, *train_x.shape)
-        rows.append({"name": f"PCA-{k}, training segments", "components": k, "fitted_on": "train",
+        rows.append({"name": f"PCA-{k}, training segments", "basis": "pca", "components": k, "fitted_on": "train",
                      "mse": mse(fit_pca(train_x, k))})
     k = min(latent_dim, *test_x.shape)
-    rows.append({"name": f"PCA-{k}, test segments (oracle)", "components": k, "fitted_on": "test",
+    rows.append({"name": f"PCA-{k}, test segments (oracle)", "basis": "pca", "components": k, "fitted_on": "test",
                  "mse": mse(fit_pca(test_x, k))})
+    if shape is not None:
+        for m in (1, *multiples):
+            k = min(m * latent_dim, train_x.shape[1])
+            rows.append({"name": f"separable-{k} (mel eigenvectors x time DCT), training segments", "basis": "separable",
+                         "components": k, "fitted_on": "train", "mse": mse(fit_separable_pca(train_x, shape, k))})
     return rows
 
 

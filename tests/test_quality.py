@@ -187,7 +187,7 @@ def test_benchmark_end_to_end(tmp_path):
     again_data = json.loads((tmp_path / "again" / "results.json").read_text())
     assert again_data["vae"] == data["vae"]
     # --references: nested training PCAs, and the oracle at least as good as the training PCA on the test set.
-    refs = {r["fitted_on"] + str(r["components"]): r["mse"] for r in again_data["linear_references"]}
+    refs = {r["fitted_on"] + str(r["components"]): r["mse"] for r in again_data["linear_references"] if r["basis"] == "pca"}
     assert refs["train32"] <= refs["train16"] <= data["pca_scores"]["mse"] * (1 + 1e-5)
     assert refs["test8"] <= data["pca_scores"]["mse"] * (1 + 1e-5)
     assert "## Linear references" in (tmp_path / "again" / "results.md").read_text()
@@ -204,6 +204,15 @@ def test_linear_references_bracket_the_training_pca():
     assert set(rows) == {("train", 8), ("train", 16), ("test", 4)}
     assert rows[("train", 16)] <= rows[("train", 8)] <= base_mse
     assert rows[("test", 4)] < base_mse  # the oracle fits the test set's own directions
+
+
+def test_linear_references_add_the_separable_basis_when_given_a_shape():
+    g = torch.Generator().manual_seed(0)
+    train, test = torch.randn(60, 8 * 8, generator=g), torch.randn(20, 8 * 8, generator=g)
+    rows = linear_references(train, test, latent_dim=4, shape=(8, 8))
+    separable = {r["components"]: r["mse"] for r in rows if r["basis"] == "separable"}
+    assert set(separable) == {4, 8, 16}
+    assert separable[16] <= separable[8] <= separable[4]  # nested: the top-k by variance
 
 
 def test_path_shares_split_a_linear_path_models_output():
