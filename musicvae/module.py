@@ -24,7 +24,7 @@ from musicvae.segments import SegmentDataset
 from musicvae.separable import fit_separable_pca
 
 LOSSES = ("standard", "spectral")
-LINEAR_BASES = ("pca", "separable")
+LINEAR_BASES = ("pca", "separable", "dct")
 ARCHITECTURES = {"conv2d": ConvVAE, "conv1d": TemporalConvVAE}
 
 
@@ -70,9 +70,10 @@ class MusicVAEModule(L.LightningModule):
             at this multiple of their default initialisation (0: training starts exactly at PCA).
         linear_path_components: PCA components in the linear path (default: all `latent_dim` codes);
             the remaining codes belong to the nonlinear half alone, started at its default initialisation.
-        linear_path_basis: the linear path's starting basis: "pca" (PCA of the training windows) or
-            "separable" (mel eigenvectors x time DCT, musicvae/separable.py: fewer estimated
-            parameters, a better start on music not trained on).
+        linear_path_basis: the linear path's starting basis: "pca" (PCA of the training windows),
+            "separable" (mel-covariance eigenvectors x time DCT) or "dct" (2-D DCT; only the kept
+            coefficients are chosen from the data). See musicvae/separable.py: the fewer
+            parameters estimated, the better the start on music not trained on.
         kl_warmup_steps: beta rises linearly from 0 to `beta` over this many steps (0: no warm-up).
         free_bits: nats per latent dimension whose KL is not penalised (0: plain KL).
     """
@@ -104,7 +105,7 @@ class MusicVAEModule(L.LightningModule):
         linear_path_lr_scale: float = 0.1,
         nonlinear_init_scale: float = 0.0,
         linear_path_components: Optional[int] = None,
-        linear_path_basis: Literal["pca", "separable"] = "pca",
+        linear_path_basis: Literal["pca", "separable", "dct"] = "pca",
         kl_warmup_steps: int = 0,
         free_bits: float = 0.0,
     ) -> None:
@@ -221,10 +222,12 @@ class MusicVAEModule(L.LightningModule):
                 raise ConfigError(f"model.linear_path: {len(windows)} training segments cannot give {k} PCA "
                                   f"components (model.latent_dim); use more data or a smaller latent_dim")
             stack = stack_segments(windows)  # (N, M*T)
-            if self.hparams.get("linear_path_basis", "pca") == "separable":
-                pca = fit_separable_pca(stack, (train_set.n_mels, train_set.frames), k)
-            else:
+            basis = self.hparams.get("linear_path_basis", "pca")
+            if basis == "pca":
                 pca = fit_pca(stack, k)
+            else:
+                pca = fit_separable_pca(stack, (train_set.n_mels, train_set.frames), k,
+                                        mel_basis="eigen" if basis == "separable" else "dct")
             del stack
             init_from_pca(self.vae, pca, self.hparams.beta)
         # Every rank starts from rank 0's PCA (DDP has already synchronised the other weights).

@@ -155,8 +155,8 @@ def linear_references(train_x: Tensor, test_x: Tensor, latent_dim: int, multiple
         latent_dim: the VAE's code size.
         multiples: component counts to try, as multiples of `latent_dim` (capped at min(N, D)).
         shape: ``(n_mels, frames)`` of a segment; when given, also the separable basis
-            (musicvae.separable) with `latent_dim` and each multiple's components, fitted on the
-            training segments: the linear path's other starting point.
+            and the 2-D DCT (musicvae.separable) with `latent_dim` and each multiple's components,
+            fitted on the training segments: the linear path's other starting points.
 
     Returns:
         Rows ``{"name", "basis", "components", "fitted_on", "mse"}``; MSE over every test value.
@@ -178,10 +178,11 @@ def linear_references(train_x: Tensor, test_x: Tensor, latent_dim: int, multiple
     rows.append({"name": f"PCA-{k}, test segments (oracle)", "basis": "pca", "components": k, "fitted_on": "test",
                  "mse": mse(fit_pca(test_x, k))})
     if shape is not None:
-        for m in (1, *multiples):
-            k = min(m * latent_dim, train_x.shape[1])
-            rows.append({"name": f"separable-{k} (mel eigenvectors x time DCT), training segments", "basis": "separable",
-                         "components": k, "fitted_on": "train", "mse": mse(fit_separable_pca(train_x, shape, k))})
+        for basis, mel_basis, label in (("separable", "eigen", "mel eigenvectors x time DCT"), ("dct", "dct", "2-D DCT")):
+            for m in (1, *multiples):
+                k = min(m * latent_dim, train_x.shape[1])
+                rows.append({"name": f"{basis}-{k} ({label}), training segments", "basis": basis, "components": k,
+                             "fitted_on": "train", "mse": mse(fit_separable_pca(train_x, shape, k, mel_basis))})
     return rows
 
 

@@ -157,8 +157,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cache_dir", default=None, help="log-mel cache folder for both data folders")
     parser.add_argument("--references", action="store_true",
                         help="also score PCA with 2x and 4x latent_dim components (training segments) and PCA-latent_dim "
-                             "fitted on the test segments themselves (an oracle), and the separable basis (mel eigenvectors x "
-                             "time DCT) with 1x, 2x and 4x latent_dim components, to place the VAE between them")
+                             "fitted on the test segments themselves (an oracle), and the separable bases (mel eigenvectors x "
+                             "time DCT; 2-D DCT) with 1x, 2x and 4x latent_dim components, to place the VAE between them")
     parser.add_argument("--prior_samples", type=int, default=DEFAULT_PRIOR_SAMPLES, help="prior draws (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.ckpt_path is None:

@@ -210,9 +210,10 @@ def test_linear_references_add_the_separable_basis_when_given_a_shape():
     g = torch.Generator().manual_seed(0)
     train, test = torch.randn(60, 8 * 8, generator=g), torch.randn(20, 8 * 8, generator=g)
     rows = linear_references(train, test, latent_dim=4, shape=(8, 8))
-    separable = {r["components"]: r["mse"] for r in rows if r["basis"] == "separable"}
-    assert set(separable) == {4, 8, 16}
-    assert separable[16] <= separable[8] <= separable[4]  # nested: the top-k by variance
+    for basis in ("separable", "dct"):
+        got = {r["components"]: r["mse"] for r in rows if r["basis"] == basis}
+        assert set(got) == {4, 8, 16}
+        assert got[16] <= got[8] <= got[4]  # nested: the top-k by variance
 
 
 def test_path_shares_split_a_linear_path_models_output():
