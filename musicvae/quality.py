@@ -179,7 +179,7 @@ def linear_references(train_x: Tensor, test_x: Tensor, latent_dim: int, multiple
                  "mse": mse(fit_pca(test_x, k))})
     if shape is not None:
         for basis, mel_basis, label in (("separable", "eigen", "mel eigenvectors x time DCT"), ("dct", "dct", "2-D DCT")):
-            for m in (1, *multiples):
+            for m in dict.fromkeys((1, *multiples)):  # 1 once, even when among the multiples
                 k = min(m * latent_dim, train_x.shape[1])
                 rows.append({"name": f"{basis}-{k} ({label}), training segments", "basis": basis, "components": k,
                              "fitted_on": "train", "mse": mse(fit_separable_pca(train_x, shape, k, mel_basis))})
