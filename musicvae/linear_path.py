@@ -7,7 +7,11 @@ with A and B set from PCA at the start of training and f, g (the wrapped VAE) st
 step 0 *is* whitened PCA, and training only has to learn what is nonlinear. The code is whitened
 (A = Lambda^-1/2 P^T, B = P Lambda^1/2), so it has unit variance over the data, the variance
 the N(0, I) prior expects: prior samples are Gaussian draws in the PCA space from the start.
-A and B stay trainable.
+A and B stay trainable (at their own rate, possibly 0).
+
+"PCA" here is any orthonormal code with per-component variances (musicvae.quality.PCA): the
+separable bases of musicvae/separable.py (mel basis x time DCT) fit in the same way and
+generalise better to music unlike the training's.
 """
 
 from __future__ import annotations

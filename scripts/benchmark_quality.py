@@ -1,6 +1,6 @@
 """VAE vs PCA quality benchmark (issue 9): `python scripts/benchmark_quality.py --train_dir DIR --test_dir DIR
---config CFG (--minutes M | --steps N) --out DIR [--ckpt_path CKPT] [--cache_dir DIR] [--references]
-[-- EXTRA TRAINING FLAGS]`.
+--config CFG (--minutes M | --steps N) --out DIR [--checkpoint best|last] [--ckpt_path CKPT] [--cache_dir DIR]
+[--references] [-- EXTRA TRAINING FLAGS]`.
 
 Trains the model through the real CLI on --train_dir for a time or step budget (or loads --ckpt_path),
 fits PCA with exactly latent_dim components on the same normalised training segments, and scores both
@@ -48,7 +48,7 @@ def check_folders(train_dir, test_dir, train_label: str = "--train_dir") -> None
 
 
 def train(args, extra: list[str]) -> Path:
-    """Train through musicvae.cli.cli_main; returns the checkpoint of the model after the budget."""
+    """Train through musicvae.cli.cli_main; returns the checkpoint --checkpoint names (best or last)."""
     from musicvae.cli import cli_main
 
     clash = [f for f in extra if f.split("=", 1)[0] in OWNED_FLAGS]
@@ -65,7 +65,10 @@ def train(args, extra: list[str]) -> Path:
         cli_args += ["--data.cache_dir", args.cache_dir]
     print("training: musicvae.cli " + " ".join(cli_args), flush=True)
     cli_main(cli_args)
-    for name in ("last.ckpt", "best.ckpt"):  # last: the model after exactly the budget
+    # best: lowest val/loss on the training folder's held-out recordings (early stopping, and the
+    # checkpoint evaluate/generate are shown with); last: the model after exactly the budget.
+    names = ("best.ckpt", "last.ckpt") if args.checkpoint == "best" else ("last.ckpt", "best.ckpt")
+    for name in names:
         if (out / "ckpt" / name).is_file():
             return out / "ckpt" / name
     raise MusicVAEError(f"training wrote no checkpoint into {out / 'ckpt'}")
@@ -154,6 +157,10 @@ def main(argv=None) -> int:
     budget.add_argument("--steps", type=int, default=None, help="training optimizer steps")
     parser.add_argument("--out", required=True, help="results folder (created); training writes ckpt/ and logs/ here")
     parser.add_argument("--ckpt_path", default=None, help="benchmark this checkpoint instead of training")
+    parser.add_argument("--checkpoint", choices=("best", "last"), default="best",
+                        help="after training, score best.ckpt (lowest val/loss on the training folder's validation "
+                             "recordings: early stopping, never the test folder) or last.ckpt (after exactly the budget) "
+                             "(default: %(default)s)")
     parser.add_argument("--cache_dir", default=None, help="log-mel cache folder for both data folders")
     parser.add_argument("--references", action="store_true",
                         help="also score PCA with 2x and 4x latent_dim components (training segments) and PCA-latent_dim "

@@ -26,12 +26,14 @@ from musicvae.segments import SegmentDataset  # noqa: E402
 
 def windows(train_dir: str, test_dir: str, frames: int, seed: int, cache_dir) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Flattened normalised training windows (all of the training split) and test windows (every recording)."""
-    train_dm = MelDataModule(data_dir=train_dir, cache_dir=cache_dir, frames=frames, seed=seed)
+    # Both built first, so a bad test folder is named before the training folder is prepared; batch
+    # size 1: no loader is used here, and a small folder must not be refused for its batch count.
+    train_dm = MelDataModule(data_dir=train_dir, cache_dir=cache_dir, frames=frames, seed=seed, batch_size=1)
+    test_dm = MelDataModule(data_dir=test_dir, cache_dir=cache_dir, frames=frames, batch_size=1)
     train_dm.prepare_data()
     train_dm.setup("fit")
     train = train_dm.train_set
     train_x = stack_segments(SegmentDataset(train.paths, train.items, frames, train_dm.n_mels, train_dm.normalizer, False))
-    test_dm = MelDataModule(data_dir=test_dir, cache_dir=cache_dir, frames=frames)
     test_dm.load_state_dict(train_dm.state_dict())  # the training statistics, as a trained model would see it
     test_dm.prepare_data()
     return train_x, stack_segments(test_dm.evaluation_set("all")), train_dm.n_mels

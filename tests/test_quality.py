@@ -158,6 +158,26 @@ def _all_finite(section: dict) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("choice", ["best", "last"])
+def test_the_benchmark_scores_the_checkpoint_it_is_asked_for(choice, tmp_path, monkeypatch):
+    import argparse
+
+    import musicvae.cli
+    from conftest import load_script
+
+    def fake_training(cli_args):  # writes what a run writes: both checkpoints
+        folder = Path(cli_args[cli_args.index("--checkpoint_dir") + 1])
+        folder.mkdir(parents=True)
+        (folder / "best.ckpt").write_text("best")
+        (folder / "last.ckpt").write_text("last")
+
+    monkeypatch.setattr(musicvae.cli, "cli_main", fake_training)
+    args = argparse.Namespace(config="c.yaml", train_dir="t", out=str(tmp_path), minutes=None, steps=5, cache_dir=None,
+                              checkpoint=choice)
+    assert load_script("benchmark_quality").train(args, []) == tmp_path / "ckpt" / f"{choice}.ckpt"
+
+
+@pytest.mark.slow
 def test_benchmark_end_to_end(tmp_path):
     write_wavs(tmp_path / "train", seed=0, base_hz=220.0)
     write_wavs(tmp_path / "test", seed=1, base_hz=330.0, n_files=2)
@@ -165,13 +185,13 @@ def test_benchmark_end_to_end(tmp_path):
     config.write_text(TINY_CONFIG)
     out = tmp_path / "bench"
     result = run_script("--train_dir", str(tmp_path / "train"), "--test_dir", str(tmp_path / "test"),
-                        "--config", str(config), "--steps", "10", "--out", str(out),
+                        "--config", str(config), "--steps", "10", "--out", str(out), "--checkpoint", "last",
                         "--cache_dir", str(tmp_path / "cache"), "--prior_samples", "16")
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((out / "results.json").read_text())
     assert (out / "results.md").is_file() and "| metric | VAE | PCA | goal | gap |" in result.stdout
     assert data["pca"]["n_components"] == data["checkpoint"]["latent_dim"] == 8
-    assert data["checkpoint"]["global_step"] == 10
+    assert data["checkpoint"]["global_step"] == 10 and data["checkpoint"]["path"].endswith("last.ckpt")
     for section in ("vae", "pca_scores", "prior"):
         assert _all_finite(data[section]) and data[section]
     for key in ("mse", "weighted_mse", "spectral_convergence", "ssim", "featureless_frac", "range_frac_outside"):

@@ -1,0 +1,36 @@
+"""scripts/linear_codes.py: linear codes fitted on one folder, scored on another, without training."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import load_script, write_mel_folder
+
+
+def test_linear_codes_score_every_code_on_the_held_out_folder(tmp_path, capsys):
+    write_mel_folder(tmp_path / "train", n_files=8, frames=64, seed=0)
+    write_mel_folder(tmp_path / "test", n_files=3, frames=48, seed=1, offset=0.3)
+    out = tmp_path / "codes.json"
+    code = load_script("linear_codes").main([
+        "--train_dir", str(tmp_path / "train"), "--test_dir", str(tmp_path / "test"), "--k", "4", "--frames", "16",
+        "--cache_dir", str(tmp_path / "cache"), "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| PCA-4, training segments | " in printed and "| dct-4 (2-D DCT), training segments |" in printed
+    data = json.loads(out.read_text())
+    assert data["k"] == 4 and data["n_test"] == 9  # every window of the test folder: 3 files x 48 / 16
+    mse = {(r["basis"], r["fitted_on"], r["components"]): r["mse"] for r in data["rows"]}
+    assert set(mse) == {("pca", "train", 4), ("pca", "train", 8), ("pca", "train", 16), ("pca", "test", 4),
+                        *((b, "train", k) for b in ("separable", "dct") for k in (4, 8, 16))}
+    for basis in ("pca", "separable", "dct"):  # nested codes: more components never reconstruct worse
+        assert mse[(basis, "train", 16)] <= mse[(basis, "train", 8)] * (1 + 1e-6) <= mse[(basis, "train", 4)] * (1 + 1e-6)
+    assert mse[("pca", "test", 4)] <= mse[("pca", "train", 4)] * (1 + 1e-6)  # the oracle
+
+
+def test_a_missing_folder_is_named(tmp_path, capsys):
+    write_mel_folder(tmp_path / "train", n_files=8, frames=64, seed=0)
+    code = load_script("linear_codes").main([
+        "--train_dir", str(tmp_path / "train"), "--test_dir", str(tmp_path / "nowhere"), "--k", "4", "--frames", "16",
+        "--cache_dir", str(tmp_path / "cache")])
+    assert code == 2
+    assert "nowhere: no such folder" in capsys.readouterr().err
