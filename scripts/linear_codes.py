@@ -53,10 +53,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.k < 1 or args.frames < 1:
         parser.error("--k and --frames must be positive")
-    torch.set_grad_enabled(False)
     try:
-        train_x, test_x, n_mels = windows(args.train_dir, args.test_dir, args.frames, args.seed, args.cache_dir)
-        rows = linear_references(train_x, test_x, args.k, multiples=(1, 2, 4), shape=(n_mels, args.frames))
+        with torch.no_grad():  # scoped: tests call main() in-process
+            train_x, test_x, n_mels = windows(args.train_dir, args.test_dir, args.frames, args.seed, args.cache_dir)
+            rows = linear_references(train_x, test_x, args.k, multiples=(1, 2, 4), shape=(n_mels, args.frames))
     except MusicVAEError as err:
         sys.stderr.write(f"linear_codes: error: {err}\n")
         return 2
