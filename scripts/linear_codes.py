@@ -1,5 +1,7 @@
-"""Linear codes on a held-out folder, no training: `python scripts/linear_codes.py --train_dir DIR
---test_dir DIR [--k 128] [--frames 128] [--seed 0] [--cache_dir DIR] [--out FILE.json]`.
+"""Linear codes (PCA, separable, 2-D DCT) fitted on one folder and scored on a held-out one, without training.
+
+`python scripts/linear_codes.py --train_dir DIR --test_dir DIR [--k 128] [--frames 128] [--seed 0]
+[--cache_dir DIR] [--out FILE.json]`.
 
 Prepares both folders as training does (default mel settings, z-scored with the training folder's
 statistics, every window of --frames frames), fits on the training windows PCA with k, 2k and 4k
