@@ -25,7 +25,7 @@ MONITOR_KEY = "musicvae_monitor"
 #: Key of the data module's state (mel settings, statistics, split rule).
 DATA_STATE_KEY = "MelDataModule"
 #: Fields whose change makes the weights meaningless or unloadable.
-ARCHITECTURE_FIELDS = ("n_mels", "frames", "latent_dim", "channels", "blocks_per_stage")
+ARCHITECTURE_FIELDS = ("n_mels", "frames", "latent_dim", "channels", "blocks_per_stage", "linear_path_components")
 #: Fields of the run that may differ on resume without being a change of hyper-parameters.
 NOT_HYPERPARAMETERS = ("ckpt_path", "overwrite")
 

@@ -57,8 +57,24 @@ class LinearPathVAE(LatentVAE):
             inner.to_latent.bias[:n_linear].mul_(init_scale)
             inner.output_layer.weight.mul_(init_scale)
             inner.output_layer.bias.mul_(init_scale)
+        if n_linear < inner.latent_dim:
+            # The free codes stay out of the linear path for good, not only at step 0: their rows of
+            # A and columns of B get no gradient (so Adam never moves them; AdamW decays zeros to zeros).
+            self.lin_encoder.weight.register_hook(self._rows_only)
+            self.lin_encoder.bias.register_hook(self._rows_only)
+            self.lin_decoder.weight.register_hook(self._columns_only)
         # Saved in checkpoints: a resumed run must not redo (and overwrite) the initialisation.
         self.register_buffer("pca_initialised", torch.zeros((), dtype=torch.bool))
+
+    def _rows_only(self, grad: Tensor) -> Tensor:
+        grad = grad.clone()
+        grad[self.n_linear:] = 0
+        return grad
+
+    def _columns_only(self, grad: Tensor) -> Tensor:
+        grad = grad.clone()
+        grad[:, self.n_linear:] = 0
+        return grad
 
     def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(mu, logvar)`` of normalised log-mels (B, 1, M, T), unchecked."""

@@ -70,6 +70,9 @@ def train(args, extra: list[str]) -> Path:
     names = ("best.ckpt", "last.ckpt") if args.checkpoint == "best" else ("last.ckpt", "best.ckpt")
     for name in names:
         if (out / "ckpt" / name).is_file():
+            if name != names[0]:
+                print(f"benchmark_quality: no {names[0]} was written; scoring {name}", file=sys.stderr)
+            print(f"scoring {out / 'ckpt' / name}", flush=True)
             return out / "ckpt" / name
     raise MusicVAEError(f"training wrote no checkpoint into {out / 'ckpt'}")
 

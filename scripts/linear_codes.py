@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 
 from musicvae.data import MelDataModule  # noqa: E402
-from musicvae.errors import MusicVAEError  # noqa: E402
+from musicvae.errors import DataError, MusicVAEError  # noqa: E402
 from musicvae.evaluation import write_json  # noqa: E402
 from musicvae.quality import linear_references, stack_segments  # noqa: E402
 from musicvae.segments import SegmentDataset  # noqa: E402
@@ -58,6 +58,9 @@ def main(argv=None) -> int:
     try:
         with torch.no_grad():  # scoped: tests call main() in-process
             train_x, test_x, n_mels = windows(args.train_dir, args.test_dir, args.frames, args.seed, args.cache_dir)
+            if len(train_x) < args.k:
+                raise DataError(f"--train_dir {args.train_dir}: {len(train_x)} training windows of {args.frames} frames "
+                                f"cannot give PCA-{args.k}; lower --k or --frames, or add music")
             rows = linear_references(train_x, test_x, args.k, multiples=(1, 2, 4), shape=(n_mels, args.frames))
     except MusicVAEError as err:
         sys.stderr.write(f"linear_codes: error: {err}\n")

@@ -34,3 +34,13 @@ def test_a_missing_folder_is_named(tmp_path, capsys):
         "--cache_dir", str(tmp_path / "cache")])
     assert code == 2
     assert "nowhere: no such folder" in capsys.readouterr().err
+
+
+def test_too_few_training_windows_for_k_are_named(tmp_path, capsys):
+    write_mel_folder(tmp_path / "train", n_files=8, frames=64, seed=0)
+    write_mel_folder(tmp_path / "test", n_files=3, frames=48, seed=1)
+    code = load_script("linear_codes").main([
+        "--train_dir", str(tmp_path / "train"), "--test_dir", str(tmp_path / "test"), "--k", "40", "--frames", "16",
+        "--cache_dir", str(tmp_path / "cache")])
+    assert code == 2
+    assert "training windows of 16 frames cannot give PCA-40; lower --k or --frames" in capsys.readouterr().err

@@ -88,6 +88,18 @@ def test_a_partial_linear_path_leaves_the_other_codes_to_the_nonlinear_half():
     torch.testing.assert_close(mu[:, 2:], free_before, atol=0, rtol=0)
     assert torch.equal(vae.lin_encoder.weight[2:], torch.zeros(2, 64))
     assert torch.equal(vae.lin_decoder.weight[:, 2:], torch.zeros(64, 2))
+    # ... and stay so through training: the free codes' linear weights get no gradient.
+    vae.train()
+    used = vae.lin_encoder.weight[:2].detach().clone()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-2, weight_decay=0.1)
+    for _ in range(3):
+        optimizer.zero_grad()
+        x_hat, mu, logvar = vae(data)
+        vae_loss(x_hat, data, mu, logvar, beta=0.05)["loss"].backward()
+        optimizer.step()
+    assert torch.equal(vae.lin_encoder.weight[2:], torch.zeros(2, 64)) and torch.equal(vae.lin_encoder.bias[2:], torch.zeros(2))
+    assert torch.equal(vae.lin_decoder.weight[:, 2:], torch.zeros(64, 2))
+    assert not torch.equal(vae.lin_encoder.weight[:2], used)  # the linear codes' weights do train
 
 
 def test_free_bits_floor_each_dimension_and_keep_the_true_kl():
