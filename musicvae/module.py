@@ -20,7 +20,6 @@ from musicvae.metrics import LatentDiagnostics, ReconstructionDiagnostics
 from musicvae.vocoder import GriffinLimVocoder, denormalize
 from musicvae.plots import band_ratio_figure, kl_per_dim_figure, mel_comparison_figure
 from musicvae.quality import fit_pca, stack_segments
-from musicvae.segments import SegmentDataset
 from musicvae.separable import fit_separable_pca
 
 LOSSES = ("standard", "spectral")
@@ -216,8 +215,7 @@ class MusicVAEModule(L.LightningModule):
             # Evenly spaced windows without random crops: deterministic, and the same on every run.
             count = min(len(train_set), self.hparams.get("linear_path_examples", 16384))
             rows = np.unique(np.linspace(0, len(train_set) - 1, count).round().astype(np.int64))
-            windows = SegmentDataset(train_set.paths, train_set.items[rows], train_set.frames, train_set.n_mels,
-                                     train_set.normalizer, False)
+            windows = train_set.fixed_windows(rows)
             if len(windows) < k:
                 raise ConfigError(f"model.linear_path: {len(windows)} training segments cannot give {k} PCA "
                                   f"components (model.latent_dim); use more data or a smaller latent_dim")

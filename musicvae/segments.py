@@ -214,6 +214,12 @@ class SegmentDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def fixed_windows(self, rows: Optional[np.ndarray] = None) -> "SegmentDataset":
+        """The same segments (or those at `rows`) with fixed crops and no augmentation: what a
+        linear code is fitted on and what the quality benchmark compares on, the same on every run."""
+        items = self.items if rows is None else self.items[rows]
+        return SegmentDataset(self.paths, items, self.frames, self.n_mels, self.normalizer, False, power=self.power)
+
     def __getstate__(self) -> dict:
         # Workers re-open (re-map) arrays themselves instead of receiving copies.
         state = self.__dict__.copy()

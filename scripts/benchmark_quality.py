@@ -80,7 +80,6 @@ def train(args, extra: list[str]) -> Path:
 def benchmark(ckpt_path: Path, train_dir, test_dir: str, out: Path, cache_dir, n_prior: int,
               log=print, references: bool = False) -> dict:
     from musicvae.inference import datamodule_for, load_module
-    from musicvae.segments import SegmentDataset
 
     module, ckpt = load_module(ckpt_path)
     hp = module.hparams
@@ -92,8 +91,7 @@ def benchmark(ckpt_path: Path, train_dir, test_dir: str, out: Path, cache_dir, n
         check_folders(str(train_dm.folder), test_dir, "the checkpoint's training folder")
     train_dm.prepare_data()
     train_dm.setup("validate")
-    windows = SegmentDataset(train_dm.train_set.paths, train_dm.train_set.items, train_dm.frames, train_dm.n_mels,
-                             train_dm.normalizer, False)
+    windows = train_dm.train_set.fixed_windows()
     started = time.monotonic()
     train_x = stack_segments(windows)  # (N, n_mels * frames)
     pca = fit_pca(train_x, int(hp.latent_dim))

@@ -23,7 +23,6 @@ from musicvae.data import MelDataModule  # noqa: E402
 from musicvae.errors import DataError, MusicVAEError  # noqa: E402
 from musicvae.evaluation import write_json  # noqa: E402
 from musicvae.quality import linear_references, stack_segments  # noqa: E402
-from musicvae.segments import SegmentDataset  # noqa: E402
 
 
 def windows(train_dir: str, test_dir: str, frames: int, seed: int, cache_dir) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -34,8 +33,7 @@ def windows(train_dir: str, test_dir: str, frames: int, seed: int, cache_dir) ->
     test_dm = MelDataModule(data_dir=test_dir, cache_dir=cache_dir, frames=frames, batch_size=1)
     train_dm.prepare_data()
     train_dm.setup("fit")
-    train = train_dm.train_set
-    train_x = stack_segments(SegmentDataset(train.paths, train.items, frames, train_dm.n_mels, train_dm.normalizer, False))
+    train_x = stack_segments(train_dm.train_set.fixed_windows())
     test_dm.load_state_dict(train_dm.state_dict())  # the training statistics, as a trained model would see it
     test_dm.prepare_data()
     return train_x, stack_segments(test_dm.evaluation_set("all")), train_dm.n_mels

@@ -21,6 +21,8 @@ from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
+from probes import FirstBatchProbe
+
 #: Environment variable naming the folder of the audit logs; the hook is installed only when set.
 AUDIT_ENV = "MUSICVAE_TEST_WRITE_AUDIT"
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
@@ -176,19 +178,12 @@ class DataProbe(Callback):
         (self.out / f"rank{self.record['global_rank']}.json").write_text(json.dumps(self.record))
 
 
-class LinearPathProbe(Callback):
+class LinearPathProbe(FirstBatchProbe):
     """Saves, at each rank's first training batch, the linear path the first step will start from
     (after the module's `on_train_start` fitted PCA on rank 0 and broadcast it), into
     `OUT/rank{global_rank}.pt`."""
 
-    def __init__(self, out: str) -> None:
-        self.out = Path(out)
-        self.done = False
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self.done:
-            return
-        self.done = True
+    def record(self, trainer, pl_module) -> None:
         import torch
 
         vae = pl_module.vae

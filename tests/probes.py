@@ -9,17 +9,27 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 
-class FirstStepProbe(Callback):
-    """Records, at the first training batch of a run, what the step will actually use."""
+class FirstBatchProbe(Callback):
+    """Calls `record(trainer, pl_module)` once, at the first training batch of a run (after
+    `on_train_start`, before the first step): what that step will actually use."""
 
     def __init__(self, out: str) -> None:
         self.out = Path(out)
         self.done = False
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self.done:
-            return
-        self.done = True
+        if not self.done:
+            self.done = True
+            self.record(trainer, pl_module)
+
+    def record(self, trainer, pl_module) -> None:
+        raise NotImplementedError
+
+
+class FirstStepProbe(FirstBatchProbe):
+    """Records the learning rates, loss weights and optimizer state of the first step."""
+
+    def record(self, trainer, pl_module) -> None:
         optimizer = trainer.optimizers[0]
         record = {
             "lr": [group["lr"] for group in optimizer.param_groups],

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from conftest import load_script, write_mel_folder
 
 
-def test_linear_codes_score_every_code_on_the_held_out_folder(tmp_path, capsys):
+def run(tmp_path: Path, test_dir: Path, k: int, *extra: str) -> int:
+    """linear_codes on 8 training arrays of 64 frames (16-frame windows) against `test_dir`."""
     write_mel_folder(tmp_path / "train", n_files=8, frames=64, seed=0)
+    return load_script("linear_codes").main([
+        "--train_dir", str(tmp_path / "train"), "--test_dir", str(test_dir), "--k", str(k), "--frames", "16",
+        "--cache_dir", str(tmp_path / "cache"), *extra])
+
+
+def test_linear_codes_score_every_code_on_the_held_out_folder(tmp_path, capsys):
     write_mel_folder(tmp_path / "test", n_files=3, frames=48, seed=1, offset=0.3)
     out = tmp_path / "codes.json"
-    code = load_script("linear_codes").main([
-        "--train_dir", str(tmp_path / "train"), "--test_dir", str(tmp_path / "test"), "--k", "4", "--frames", "16",
-        "--cache_dir", str(tmp_path / "cache"), "--out", str(out)])
-    assert code == 0
+    assert run(tmp_path, tmp_path / "test", 4, "--out", str(out)) == 0
     printed = capsys.readouterr().out
     assert "| PCA-4, training segments | " in printed and "| dct-4 (2-D DCT), training segments |" in printed
     data = json.loads(out.read_text())
@@ -28,19 +33,11 @@ def test_linear_codes_score_every_code_on_the_held_out_folder(tmp_path, capsys):
 
 
 def test_a_missing_folder_is_named(tmp_path, capsys):
-    write_mel_folder(tmp_path / "train", n_files=8, frames=64, seed=0)
-    code = load_script("linear_codes").main([
-        "--train_dir", str(tmp_path / "train"), "--test_dir", str(tmp_path / "nowhere"), "--k", "4", "--frames", "16",
-        "--cache_dir", str(tmp_path / "cache")])
-    assert code == 2
+    assert run(tmp_path, tmp_path / "nowhere", 4) == 2
     assert "nowhere: no such folder" in capsys.readouterr().err
 
 
 def test_too_few_training_windows_for_k_are_named(tmp_path, capsys):
-    write_mel_folder(tmp_path / "train", n_files=8, frames=64, seed=0)
     write_mel_folder(tmp_path / "test", n_files=3, frames=48, seed=1)
-    code = load_script("linear_codes").main([
-        "--train_dir", str(tmp_path / "train"), "--test_dir", str(tmp_path / "test"), "--k", "40", "--frames", "16",
-        "--cache_dir", str(tmp_path / "cache")])
-    assert code == 2
+    assert run(tmp_path, tmp_path / "test", 40) == 2
     assert "training windows of 16 frames cannot give PCA-40; lower --k or --frames" in capsys.readouterr().err
