@@ -1,70 +1,40 @@
-"""musicvae: variational autoencoders on log-mel spectrograms of music, with PyTorch Lightning."""
+"""musicvae: variational autoencoders on log-mel spectrograms of music, with PyTorch Lightning.
 
-from musicvae.audio import AudioError, LogMel, MelSettings, audio_to_log_mel, load_audio, log_mel
-from musicvae.cache import build_audio_cache
-from musicvae.data import MelDataModule
-from musicvae.evaluation import evaluate, evaluate_checkpoint
-from musicvae.export import export_checkpoint
-from musicvae.generation import load_generation_model
-from musicvae.inference import datamodule_for, load_module
-from musicvae.errors import CheckpointError, ConfigError, DataError, MusicVAEError, NonFiniteError
-from musicvae.losses import (
-    create_frequency_weights,
-    kl_divergence,
-    output_range_penalty,
-    spectral_loss,
-    vae_loss,
-    vae_loss_spectral,
-    weighted_mse,
-)
-from musicvae.metrics import LatentDiagnostics, ReconstructionDiagnostics
-from musicvae.augment import AugmentSettings
-from musicvae.linear_path import LinearPathVAE, init_from_pca
-from musicvae.model import ConvVAE
-from musicvae.module import MusicVAEModule
-from musicvae.quality import PCA, fit_pca
-from musicvae.temporal import TemporalConvVAE
-from musicvae.vocoder import GriffinLimVocoder, denormalize
+The public names below are imported on first use (PEP 562), so `import musicvae.losses` stays
+free of Lightning, matplotlib and torchaudio. Layout: `audio/` (sound in and out), `data/`,
+`models/` (plain networks), `training/` (Lightning), `inference/`, `evaluation/`; `losses.py`
+and `metrics.py` are pure functions; `benchmarks/` is tooling the rest never imports.
+"""
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
 
-__all__ = [
-    "AudioError",
-    "CheckpointError",
-    "LatentDiagnostics",
-    "ReconstructionDiagnostics",
-    "audio_to_log_mel",
-    "build_audio_cache",
-    "datamodule_for",
-    "denormalize",
-    "evaluate",
-    "evaluate_checkpoint",
-    "export_checkpoint",
-    "load_audio",
-    "load_generation_model",
-    "load_module",
-    "ConfigError",
-    "AugmentSettings",
-    "ConvVAE",
-    "LinearPathVAE",
-    "TemporalConvVAE",
-    "init_from_pca",
-    "GriffinLimVocoder",
-    "DataError",
-    "LogMel",
-    "MelDataModule",
-    "MelSettings",
-    "MusicVAEError",
-    "MusicVAEModule",
-    "NonFiniteError",
-    "PCA",
-    "fit_pca",
-    "create_frequency_weights",
-    "kl_divergence",
-    "log_mel",
-    "output_range_penalty",
-    "spectral_loss",
-    "vae_loss",
-    "vae_loss_spectral",
-    "weighted_mse",
-]
+from musicvae._lazy import lazy_exports
+
+try:
+    __version__ = version("musicvae")  # written once, in pyproject.toml
+except PackageNotFoundError:  # a source tree on sys.path without an install
+    __version__ = "0+unknown"
+
+_EXPORTS = {
+    "AudioError": "audio.mel", "LogMel": "audio.mel", "MelSettings": "audio.mel",
+    "audio_to_log_mel": "audio.mel", "load_audio": "audio.mel", "log_mel": "audio.mel",
+    "GriffinLimVocoder": "audio.vocoder", "denormalize": "audio.vocoder",
+    "AugmentSettings": "data.augment", "MelDataModule": "data.datamodule", "build_audio_cache": "data.cache",
+    "Normalizer": "data.segments",
+    "ConvVAE": "models.conv2d", "TemporalConvVAE": "models.conv1d",
+    "LinearPathVAE": "models.linear_path", "init_from_code": "models.linear_path",
+    "LinearCode": "models.linear_codes", "fit_pca": "models.linear_codes",
+    "MusicVAEModule": "training.module", "cli_main": "training.cli",
+    "datamodule_for": "inference.loading", "load_module": "inference.loading",
+    "load_generation_model": "inference.generation", "export_checkpoint": "inference.export",
+    "evaluate": "evaluation.evaluate", "evaluate_checkpoint": "evaluation.evaluate",
+    "CheckpointError": "errors", "ConfigError": "errors", "DataError": "errors", "MusicVAEError": "errors",
+    "NonFiniteError": "errors",
+    "create_frequency_weights": "losses", "kl_divergence": "losses", "output_range_penalty": "losses",
+    "spectral_loss": "losses", "vae_loss": "losses", "vae_loss_spectral": "losses", "weighted_mse": "losses",
+    "LatentDiagnostics": "metrics", "ReconstructionDiagnostics": "metrics",
+}
+_SUBPACKAGES = ("audio", "data", "models", "training", "inference", "evaluation", "losses", "metrics", "errors")
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, _SUBPACKAGES)

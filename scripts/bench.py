@@ -21,7 +21,7 @@ spectral loss, batch 32, gradient clipping 1.0) and data, in one process on one 
     and training on 25%, 50% and 100% of a collection of at least 2 hours of audio, each in a
     fresh process, to show it does not grow with the collection; beside it the tree's
     anonymous memory (summed Pss_Anon, which USS undercounts for forked workers) and the
-    memory-mapped cache pages (musicvae/memory.py explains each).
+    memory-mapped cache pages (musicvae/benchmarks/memory.py explains each).
 A benchmark, not a test: timings depend on what else runs (the load average is recorded).
 Without --data_dir the built-in synthetic music is used, rendered long enough (2 h).
 The sections are in musicvae/bench_*.py; this script parses the options.
@@ -37,8 +37,8 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from musicvae.bench_memory import memory_probe  # noqa: E402
-from musicvae.bench_report import run  # noqa: E402
+from musicvae.benchmarks.speed_memory import memory_probe  # noqa: E402
+from musicvae.benchmarks.speed_report import run  # noqa: E402
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -58,7 +58,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    if args.memory_probe:  # kept for old callers; the bench itself runs `python -m musicvae.bench_memory`
+    if args.memory_probe:  # kept for old callers; the bench itself runs `python -m musicvae.benchmarks.speed_memory`
         print(json.dumps(memory_probe(json.loads(args.memory_probe))))
         return 0
     return run(args, " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]))

@@ -2,7 +2,7 @@
 
 `python scripts/bench_prepare.py [--files 20] [--seconds 30] [--workers N] [--out bench.json]`
 
-Generates a collection of stereo OGG/Vorbis files of synthetic music (musicvae.synth), then
+Generates a collection of stereo OGG/Vorbis files of synthetic music (musicvae.audio.synth), then
 measures, in one run on one machine:
   * cold preparation (empty cache) with a process pool and in one process, as seconds of audio
     per second of wall time (the real-time factor);
@@ -37,9 +37,9 @@ import numpy as np  # noqa: E402
 import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
 
-from musicvae.audio import LogMel, MelSettings, decode_audio, resample  # noqa: E402
-from musicvae.cache import init_worker_process, build_audio_cache  # noqa: E402
-from musicvae.synth import render_piece  # noqa: E402
+from musicvae.audio.mel import LogMel, MelSettings, decode_audio, resample  # noqa: E402
+from musicvae.data.cache import init_worker_process, build_audio_cache  # noqa: E402
+from musicvae.audio.synth import render_piece  # noqa: E402
 
 MEL = MelSettings()  # the settings librosa is asked to match: 22050 Hz, 1024/256, 128 htk bands
 

@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 
 from musicvae.errors import ConfigError, DataError, MusicVAEError  # noqa: E402
-from musicvae.evaluation import write_json  # noqa: E402
-from musicvae.quality import (PathShares, data_range, fit_pca, goal_rows, linear_references,  # noqa: E402
+from musicvae.evaluation.evaluate import write_json  # noqa: E402
+from musicvae.benchmarks.quality import (PathShares, data_range, fit_pca, goal_rows, linear_references,  # noqa: E402
                               markdown_report, markdown_table, prior_diagnostics, reference_statistics, score_reconstructions,
                               stack_segments)
 
@@ -48,8 +48,8 @@ def check_folders(train_dir, test_dir, train_label: str = "--train_dir") -> None
 
 
 def train(args, extra: list[str]) -> Path:
-    """Train through musicvae.cli.cli_main; returns the checkpoint --checkpoint names (best or last)."""
-    from musicvae.cli import cli_main
+    """Train through musicvae.training.cli.cli_main; returns the checkpoint --checkpoint names (best or last)."""
+    from musicvae.training.cli import cli_main
 
     clash = [f for f in extra if f.split("=", 1)[0] in OWNED_FLAGS]
     if clash:
@@ -63,7 +63,7 @@ def train(args, extra: list[str]) -> Path:
                 *budget, "--trainer.max_epochs", "-1"]
     if args.cache_dir:
         cli_args += ["--data.cache_dir", args.cache_dir]
-    print("training: musicvae.cli " + " ".join(cli_args), flush=True)
+    print("training: musicvae.training.cli " + " ".join(cli_args), flush=True)
     cli_main(cli_args)
     # best: lowest val/loss on the training folder's held-out recordings (early stopping, and the
     # checkpoint evaluate/generate are shown with); last: the model after exactly the budget.
@@ -79,7 +79,7 @@ def train(args, extra: list[str]) -> Path:
 
 def benchmark(ckpt_path: Path, train_dir, test_dir: str, out: Path, cache_dir, n_prior: int,
               log=print, references: bool = False) -> dict:
-    from musicvae.inference import datamodule_for, load_module
+    from musicvae.inference.loading import datamodule_for, load_module
 
     module, ckpt = load_module(ckpt_path)
     hp = module.hparams

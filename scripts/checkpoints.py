@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from musicvae.checkpoints import list_checkpoints  # noqa: E402
+from musicvae.training.checkpoints import list_checkpoints  # noqa: E402
 
 
 def main(argv=None) -> int:

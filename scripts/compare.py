@@ -4,7 +4,7 @@ Trains configs/standard.yaml and configs/improved.yaml, each with --base on top 
 configs/compare_small.yaml), for the same number of optimizer steps over several seeds, evaluates
 every run on the same held-out files, and writes comparison.md / comparison.json into --out: every
 metric as mean ± std with its winner, and whether each of the notebook's four expected
-improvements held. The rules are in musicvae/comparison.py.
+improvements held. The rules are in musicvae/benchmarks/recipes.py.
 """
 
 import argparse
@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from musicvae.comparison import DEFAULT_BASE, DEFAULT_SEEDS, DEFAULT_STEPS, run_comparison  # noqa: E402
+from musicvae.benchmarks.recipes import DEFAULT_BASE, DEFAULT_SEEDS, DEFAULT_STEPS, run_comparison  # noqa: E402
 from musicvae.errors import MusicVAEError  # noqa: E402
 
 

@@ -2,7 +2,7 @@
 
 Without --data_dir the run's own validation split is rebuilt from the checkpoint; with it, every
 recording of that folder is evaluated, seen through the checkpoint's mel settings and normalisation.
-Writes metrics.json, report.md and PNG figures into --out (see musicvae/evaluation.py).
+Writes metrics.json, report.md and PNG figures into --out (see musicvae/evaluation/evaluate.py).
 """
 
 import argparse
@@ -12,7 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from musicvae.errors import MusicVAEError  # noqa: E402
-from musicvae.evaluation import evaluate_checkpoint  # noqa: E402
+from musicvae.evaluation.evaluate import evaluate_checkpoint  # noqa: E402
 
 
 def main(argv=None) -> int:

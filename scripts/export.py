@@ -2,7 +2,7 @@
 
 Writes one TorchScript file that needs only torch to run: `encode(log_mel) -> mu`,
 `decode(z) -> log_mel`, with the normalisation inside and the mel settings stored in it
-(see musicvae/export.py for how to load it).
+(see musicvae/inference/export.py for how to load it).
 """
 
 import argparse
@@ -12,7 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from musicvae.errors import MusicVAEError  # noqa: E402
-from musicvae.export import export_checkpoint  # noqa: E402
+from musicvae.inference.export import export_checkpoint  # noqa: E402
 
 
 def main(argv=None) -> int:

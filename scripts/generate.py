@@ -6,7 +6,7 @@
   ceiling AUDIO                                  how close Griffin-Lim gets to a recording from its own log-mel
 
 Audio is written as 16-bit WAV at the model's sample rate, with a PNG of the mels beside it
-(see musicvae/generation.py and musicvae/vocoder.py).
+(see musicvae/inference/generation.py and musicvae/audio/vocoder.py).
 """
 
 import argparse
@@ -15,11 +15,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from musicvae.audio import MelSettings  # noqa: E402
+from musicvae.audio.mel import MelSettings  # noqa: E402
 from musicvae.errors import MusicVAEError  # noqa: E402
-from musicvae.generation import (METHODS, interpolate_files, load_generation_model, reconstruct_file,  # noqa: E402
+from musicvae.inference.generation import (METHODS, interpolate_files, load_generation_model, reconstruct_file,  # noqa: E402
                                  sample_files)
-from musicvae.vocoder import measure_ceiling  # noqa: E402
+from musicvae.audio.vocoder import measure_ceiling  # noqa: E402
 
 
 def positive_int(text: str) -> int:

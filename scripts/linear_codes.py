@@ -19,10 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-from musicvae.data import MelDataModule  # noqa: E402
+from musicvae.data.datamodule import MelDataModule  # noqa: E402
 from musicvae.errors import DataError, MusicVAEError  # noqa: E402
-from musicvae.evaluation import write_json  # noqa: E402
-from musicvae.quality import linear_references, stack_segments  # noqa: E402
+from musicvae.evaluation.evaluate import write_json  # noqa: E402
+from musicvae.benchmarks.quality import linear_references, stack_segments  # noqa: E402
 
 
 def windows(train_dir: str, test_dir: str, frames: int, seed: int, cache_dir) -> tuple[torch.Tensor, torch.Tensor, int]:

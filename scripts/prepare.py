@@ -15,9 +15,9 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from musicvae.audio import AUDIO_SUFFIXES, MelSettings  # noqa: E402
-from musicvae.cache import build_audio_cache, cache_folder  # noqa: E402
-from musicvae.default_data import default_cache_dir  # noqa: E402
+from musicvae.audio.mel import AUDIO_SUFFIXES, MelSettings  # noqa: E402
+from musicvae.data.cache import build_audio_cache, cache_folder  # noqa: E402
+from musicvae.data.builtin import default_cache_dir  # noqa: E402
 from musicvae.errors import MusicVAEError  # noqa: E402
 
 EPILOG = """\

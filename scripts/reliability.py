@@ -3,7 +3,7 @@
 Each trial trains a tiny model on synthetic music in a subprocess (checkpointing every step)
 and SIGKILLs its whole process group, either
 - injected: halfway through a chosen checkpoint write (the test-only hook of
-  musicvae/checkpoint_io.py), the worst moment there is; or
+  musicvae/training/checkpoint_io.py), the worst moment there is; or
 - random: at a uniformly random moment after the first checkpoint, timed from a clean run.
 A trial survives when `last.ckpt` loads with `torch.load(weights_only=True)` and `--ckpt_path`
 on it trains to the end of the run.
@@ -32,7 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from musicvae.checkpoint_io import KILL_HOOK_ENV  # noqa: E402
+from musicvae.training.checkpoint_io import KILL_HOOK_ENV  # noqa: E402
 
 #: A tiny run: 10 synthetic pieces, 32 mels, 5 epochs of 8 steps, a checkpoint after every step.
 TINY = [

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from musicvae.audio import MelSettings
+from musicvae.audio.mel import MelSettings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,7 +78,7 @@ def tiny_fit_args(root: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One tiny model trained for 2 epochs through the real CLI, shared by every test that needs one."""
-    from musicvae.cli import cli_main
+    from musicvae.training.cli import cli_main
 
     root = tmp_path_factory.mktemp("tiny_run")
     cli = cli_main(tiny_fit_args(root))

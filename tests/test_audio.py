@@ -11,8 +11,8 @@ import soundfile as sf
 import torch
 import torchaudio
 
-from musicvae import audio
-from musicvae.audio import (
+from musicvae.audio.mel import mel as audio
+from musicvae.audio.mel import (
     AUDIO_SUFFIXES,
     AudioError,
     MelSettings,

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import tiny_fit_args, write_mel_folder
-from musicvae.augment import (
+from musicvae.data.augment import (
     AugmentDraw,
     AugmentSettings,
     apply_gain,
@@ -21,10 +21,10 @@ from musicvae.augment import (
     mix_power,
     shift_mel_bins,
 )
-from musicvae.data import MelDataModule
+from musicvae.data.datamodule import MelDataModule
 from musicvae.errors import ConfigError
-from musicvae.sampling import DRAW_RANGE
-from musicvae.segments import Normalizer, SegmentDataset
+from musicvae.data.sampling import DRAW_RANGE
+from musicvae.data.segments import Normalizer, SegmentDataset
 from test_cli import run_script
 from test_reliability import assert_same_weights, fit_args, run_train, signal_probe, step_of
 

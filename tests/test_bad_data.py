@@ -24,13 +24,14 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from conftest import tiny_fit_args, write_mel_folder
-from musicvae import cache, data
-from musicvae.audio import AudioError, MelSettings, decode_audio
-from musicvae.cache import build_audio_cache
-from musicvae.cli import cli_main
-from musicvae.data import MelDataModule
+from musicvae.data.datamodule import cache as cache
+from musicvae.data.datamodule import datamodule as data
+from musicvae.audio.mel import AudioError, MelSettings, decode_audio
+from musicvae.data.cache import build_audio_cache
+from musicvae.training.cli import cli_main
+from musicvae.data.datamodule import MelDataModule
 from musicvae.errors import DataError
-from musicvae.segments import Normalizer, SegmentDataset
+from musicvae.data.segments import Normalizer, SegmentDataset
 
 REPO = Path(__file__).resolve().parents[1]
 N_MELS, FRAMES = 32, 32

@@ -1,4 +1,4 @@
-"""scripts/bench.py and its pieces: musicvae/benchmark.py, bench_*.py, arithmetic.py, memory.py.
+"""scripts/bench.py and its pieces: musicvae/benchmarks/timing.py, bench_*.py, arithmetic.py, memory.py.
 
 Timings are never asserted on; only that measurements run, count what they claim, and are
 positive where a rate or a size must be.
@@ -16,10 +16,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from musicvae import arithmetic as A
-from musicvae import benchmark as B
-from musicvae import memory as M
-from musicvae.module import MusicVAEModule
+from musicvae.benchmarks import arithmetic as A
+from musicvae.benchmarks import timing as B
+from musicvae.benchmarks import memory as M
+from musicvae.training.module import MusicVAEModule
 from conftest import REPO
 
 BENCH = REPO / "scripts" / "bench.py"

@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from musicvae import atomic, cache
-from musicvae.audio import MelSettings
-from musicvae.cache import MANIFEST, CacheReport, build_audio_cache, cache_folder
-from musicvae.segments import load_mel_array
+from musicvae import atomic
+
+from musicvae.data.datamodule import cache as cache
+from musicvae.audio.mel import MelSettings
+from musicvae.data.cache import MANIFEST, CacheReport, build_audio_cache, cache_folder
+from musicvae.data.segments import load_mel_array
 
 MEL = MelSettings(n_mels=32)
 GOOD = ["a.wav", "b.flac", "c.ogg", "sub/d.wav", "sub/deeper/e.WAV"]

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from conftest import tiny_fit_args
-from musicvae.checkpoints import list_checkpoints, load_checkpoint
-from musicvae.cli import checkpoint_callbacks, cli_main
+from musicvae.training.checkpoints import list_checkpoints, load_checkpoint
+from musicvae.training.cli import checkpoint_callbacks, cli_main
 from musicvae.errors import CheckpointError, ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

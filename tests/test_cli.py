@@ -13,7 +13,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import tiny_fit_args
-from musicvae.cli import cli_main
+from musicvae.training.cli import cli_main
 
 REPO = Path(__file__).resolve().parents[1]
 LOSS_PARTS = ("loss", "recon", "kl", "kl_nats", "spectral", "output_reg", "mse")

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from conftest import TINY_FLAGS
-from musicvae.comparison import (CLAIMS, DEFAULT_BASE, HIGHER, LOWER, RECIPE_KEYS, TOWARD_ONE, check_base,
+from musicvae.benchmarks.recipes import (CLAIMS, DEFAULT_BASE, HIGHER, LOWER, RECIPE_KEYS, TOWARD_ONE, check_base,
                                  claim_results, direction, judge, parse_flags, training_args)
 from musicvae.errors import ConfigError
 

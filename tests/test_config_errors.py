@@ -1,4 +1,4 @@
-"""Bad configuration fails before any work: preflight checks (musicvae/preflight.py) and the CLI.
+"""Bad configuration fails before any work: preflight checks (musicvae/training/preflight.py) and the CLI.
 
 Each bad configuration must end with exit status 2, one message that names the setting and
 says what to change, no traceback, and nothing written: no cache, no checkpoint folder, no logs.
@@ -18,13 +18,13 @@ import soundfile as sf
 import torch
 from jsonargparse import Namespace
 
-import musicvae.preflight as preflight
+import musicvae.training.preflight as preflight
 from conftest import REPO, tiny_fit_args, write_mel_folder
-from musicvae.audio import MelSettings
-from musicvae.cli import main
-from musicvae.data import MelDataModule
+from musicvae.audio.mel import MelSettings
+from musicvae.training.cli import main
+from musicvae.data.datamodule import MelDataModule
 from musicvae.errors import ConfigError
-from musicvae.preflight import (
+from musicvae.training.preflight import (
     audio_frames,
     check_batch_size,
     check_creatable_dir,
@@ -32,7 +32,7 @@ from musicvae.preflight import (
     train_segments_upper_bound,
     training_windows_bound,
 )
-from musicvae.split import MIN_FILES_FOR_FILE_SPLIT, split_files
+from musicvae.data.split import MIN_FILES_FOR_FILE_SPLIT, split_files
 
 # ---------------------------------------------------------------------------------------------
 # Preflight functions

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from conftest import write_mel_folder
-from musicvae.audio import MelSettings
-from musicvae.data import MelDataModule
+from musicvae.audio.mel import MelSettings
+from musicvae.data.datamodule import MelDataModule
 from musicvae.errors import ConfigError, DataError
-from musicvae.split import is_validation_file, split_files
+from musicvae.data.split import is_validation_file, split_files
 
 
 def make_dm(folder: Path, **kwargs) -> MelDataModule:

@@ -10,11 +10,11 @@ import soundfile as sf
 import torch
 
 from conftest import tiny_fit_args
-from musicvae.audio import MelSettings
-from musicvae.cli import cli_main
-from musicvae.data import MelDataModule
+from musicvae.audio.mel import MelSettings
+from musicvae.training.cli import cli_main
+from musicvae.data.datamodule import MelDataModule
 from musicvae.errors import DataError
-from musicvae.synth import render_piece
+from musicvae.audio.synth import render_piece
 
 MEL = MelSettings(n_mels=32)
 # (relative path, sample rate, channels, format, subtype): a spread of what a collection holds.

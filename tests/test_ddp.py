@@ -15,7 +15,7 @@ Everything the training processes may write lives under one folder (their workin
 data, cache, checkpoints, logs); the instruments write outside it.
 
 A separate test sends SIGTERM to both ranks of a 2-process run (Lightning's own handler deadlocked them;
-musicvae.guards.Preemption replaces it).
+musicvae.training.guards.Preemption replaces it).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import torch
 
 from conftest import REPO, tiny_fit_args
 from ddp_probes import AUDIT_ENV, read_audit
-from musicvae.synth import render_piece
+from musicvae.audio.synth import render_piece
 
 pytestmark = pytest.mark.slow
 
@@ -221,7 +221,7 @@ def test_the_two_process_run_resumes_from_last_ckpt(ddp):
 
 
 def test_the_linear_path_starts_from_rank_zeros_pca_on_every_rank(ddp, tmp_path):
-    # Rank 0 alone fits the PCA (musicvae.module._init_linear_path) and broadcasts it: without
+    # Rank 0 alone fits the PCA (musicvae.training.module._init_linear_path) and broadcasts it: without
     # the broadcast, rank 1 would start from the random linear path DDP synchronised at setup.
     probe = tmp_path / "probe"
     callbacks = [{"class_path": "ddp_probes.LinearPathProbe", "init_args": {"out": str(probe)}}]

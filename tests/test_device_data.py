@@ -1,4 +1,4 @@
-"""--data.device_cache (musicvae/device_data.py): the device path gives the loader path's batches,
+"""--data.device_cache (musicvae/data/device_crops.py): the device path gives the loader path's batches,
 bitwise on a CPU, with and without augmentation, and the same weights after training."""
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from conftest import tiny_fit_args, write_mel_folder
 from test_cli import run_script
 import test_reliability
 from test_reliability import assert_same_weights, fit_args, run_train, signal_probe, step_of
-from musicvae.augment import AugmentSettings
-from musicvae.cli import cli_main
-from musicvae.data import MelDataModule
-from musicvae.device_data import CropPlan
+from musicvae.data.augment import AugmentSettings
+from musicvae.training.cli import cli_main
+from musicvae.data.datamodule import MelDataModule
+from musicvae.data.device_crops import CropPlan
 from musicvae.errors import ConfigError
-from musicvae.segments import SegmentDataset
+from musicvae.data.segments import SegmentDataset
 
 ALL_ON = AugmentSettings(gain_db=6.0, freq_shift=2, mix_prob=0.5, mix_gain_db=6.0)
 AUGMENT_FLAGS = ["--data.augment.gain_db", "3", "--data.augment.freq_shift", "1", "--data.augment.mix_prob", "0.5"]

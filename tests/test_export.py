@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from conftest import load_script
-from musicvae.checkpoints import DATA_STATE_KEY
-from musicvae.export import MEL_SETTINGS_FILE, METADATA_FILE
-from musicvae.generation import load_generation_model
+from musicvae.training.checkpoints import DATA_STATE_KEY
+from musicvae.inference.export import MEL_SETTINGS_FILE, METADATA_FILE
+from musicvae.inference.generation import load_generation_model
 
 REPO = Path(__file__).resolve().parents[1]
-# torch 2.11 warns on every torch.jit call; musicvae.export explains why TorchScript is still the format.
+# torch 2.11 warns on every torch.jit call; musicvae.inference.export explains why TorchScript is still the format.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 
 

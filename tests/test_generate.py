@@ -13,12 +13,12 @@ import soundfile as sf
 import torch
 
 from conftest import load_script
-from musicvae.audio import MelSettings
-from musicvae.checkpoints import DATA_STATE_KEY
-from musicvae.generation import (GenerationModel, crossfade_concat, interpolate_files, interpolation_mels,
+from musicvae.audio.mel import MelSettings
+from musicvae.training.checkpoints import DATA_STATE_KEY
+from musicvae.inference.generation import (GenerationModel, crossfade_concat, interpolate_files, interpolation_mels,
                                  latent_path, load_generation_model, load_log_mel, overlap_add, reconstruct_file,
                                  reconstruct_mel, sample_files, segment_at, segment_starts)
-from musicvae.vocoder import GriffinLimVocoder
+from musicvae.audio.vocoder import GriffinLimVocoder
 
 REPO = Path(__file__).resolve().parents[1]
 

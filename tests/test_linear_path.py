@@ -10,13 +10,13 @@ import torch
 
 from conftest import tiny_fit_args
 from musicvae.errors import ConfigError
-from musicvae.export import script
-from musicvae.linear_path import LinearPathVAE, init_from_pca
+from musicvae.inference.export import script
+from musicvae.models.linear_path import LinearPathVAE, init_from_code
 from musicvae.losses import vae_loss
-from musicvae.module import MusicVAEModule
-from musicvae.quality import fit_pca
-from musicvae.temporal import TemporalConvVAE
-from musicvae.model import ConvVAE
+from musicvae.training.module import MusicVAEModule
+from musicvae.models.linear_codes import fit_pca
+from musicvae.models.conv1d import TemporalConvVAE
+from musicvae.models.conv2d import ConvVAE
 
 
 def test_temporal_vae_shapes_and_checks():
@@ -52,7 +52,7 @@ def test_linear_path_is_whitened_pca_after_init(inner):
         assert torch.equal(vae.inner.generate(torch.randn(5, 3)), torch.zeros(5, 1, 8, 8))
     assert not bool(vae.pca_initialised)
     pca = fit_pca(data.flatten(1), 3)
-    init_from_pca(vae, pca, beta=0.05)
+    init_from_code(vae, pca, beta=0.05)
     assert bool(vae.pca_initialised)
     with torch.no_grad():
         x_hat, mu, _ = vae(data)
@@ -61,10 +61,10 @@ def test_linear_path_is_whitened_pca_after_init(inner):
     torch.testing.assert_close(torch.cov(mu.T, correction=0), torch.eye(3), atol=1e-3, rtol=0)
 
 
-def test_init_from_pca_refuses_a_mismatched_pca():
+def test_init_from_code_refuses_a_mismatched_pca():
     vae = LinearPathVAE(TemporalConvVAE(n_mels=8, frames=8, latent_dim=3, channels=(4, 8)))
     with pytest.raises(ValueError, match="3 linear codes"):
-        init_from_pca(vae, fit_pca(_structured(50).flatten(1), 2), beta=0.05)
+        init_from_code(vae, fit_pca(_structured(50).flatten(1), 2), beta=0.05)
     with pytest.raises(ValueError, match=r"\(n_linear\)=4 must be in \[1, latent_dim=3\]"):
         LinearPathVAE(TemporalConvVAE(n_mels=8, frames=8, latent_dim=3, channels=(4, 8)), n_linear=4)
 
@@ -76,7 +76,7 @@ def test_a_partial_linear_path_leaves_the_other_codes_to_the_nonlinear_half():
     with torch.no_grad():
         free_before = vae.inner.posterior(data)[0][:, 2:].clone()
     pca = fit_pca(data.flatten(1), 2)
-    init_from_pca(vae, pca, beta=0.05)
+    init_from_code(vae, pca, beta=0.05)
     with torch.no_grad():
         mu, logvar = vae.posterior(data)
         linear = vae.lin_decoder(mu).view_as(data)
@@ -138,10 +138,10 @@ LINEAR_FLAGS = ("--model.architecture", "conv1d", "--model.linear_path", "true",
 
 @pytest.mark.slow
 def test_cli_fit_initialises_once_and_exports(tmp_path):
-    from musicvae.cli import cli_main
-    from musicvae.checkpoints import load_checkpoint
-    from musicvae.generation import load_generation_model
-    from musicvae.export import max_difference
+    from musicvae.training.cli import cli_main
+    from musicvae.training.checkpoints import load_checkpoint
+    from musicvae.inference.generation import load_generation_model
+    from musicvae.inference.export import max_difference
 
     cli = cli_main(tiny_fit_args(tmp_path, *LINEAR_FLAGS, "--trainer.max_epochs", "1"))
     module = cli.model

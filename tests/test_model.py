@@ -1,9 +1,9 @@
-"""Tests for musicvae.model: shapes, sampling, learning, validation, precision and layout."""
+"""Tests for musicvae.models.conv2d: shapes, sampling, learning, validation, precision and layout."""
 
 import pytest
 import torch
 
-from musicvae.model import ConvVAE, ResidualBlock, num_groups
+from musicvae.models.conv2d import ConvVAE, ResidualBlock, num_groups
 
 # Small widths keep every test well under a second on a 2-core CPU.
 TINY = dict(n_mels=32, frames=16, latent_dim=8, channels=(4, 8))

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import tiny_fit_args
-from musicvae.cli import cli_main
+from musicvae.training.cli import cli_main
 
 STEPS = 4
 

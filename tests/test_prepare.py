@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from conftest import load_script
-from musicvae.audio import MelSettings
-from musicvae.cache import MANIFEST, build_audio_cache, cache_folder
-from musicvae.segments import load_mel_array
+from musicvae.audio.mel import MelSettings
+from musicvae.data.cache import MANIFEST, build_audio_cache, cache_folder
+from musicvae.data.segments import load_mel_array
 from test_cache import write_tone
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,8 +109,8 @@ def test_sigkill_during_prepare_leaves_a_usable_cache(tmp_path: Path) -> None:
 
 KILL_AT_FOURTH = """
 import os, signal, sys
-from musicvae import cache
-from musicvae.audio import MelSettings
+from musicvae.data.datamodule import cache as cache
+from musicvae.audio.mel import MelSettings
 cache._SAVE_EVERY_S = 0.0  # save the manifest after every file
 done = []
 real = cache._prepare_one

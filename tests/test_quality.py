@@ -1,4 +1,4 @@
-"""The quality benchmark (issue 9): PCA at the VAE's code size, and scripts/benchmark_quality.py end to end."""
+"""The quality benchmark (issue 9): LinearCode at the VAE's code size, and scripts/benchmark_quality.py end to end."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from musicvae.losses import DEFAULT_BANDS
-from musicvae.quality import (PathShares, fit_pca, goal_rows, linear_references, markdown_table,
+from musicvae.benchmarks.quality import (PathShares, fit_pca, goal_rows, linear_references, markdown_table,
                               prior_diagnostics, reference_statistics)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,7 +162,7 @@ def _all_finite(section: dict) -> bool:
 def test_the_benchmark_scores_the_checkpoint_it_is_asked_for(choice, tmp_path, monkeypatch):
     import argparse
 
-    import musicvae.cli
+    import musicvae.training.cli
     from conftest import load_script
 
     def fake_training(cli_args):  # writes what a run writes: both checkpoints
@@ -171,7 +171,7 @@ def test_the_benchmark_scores_the_checkpoint_it_is_asked_for(choice, tmp_path, m
         (folder / "best.ckpt").write_text("best")
         (folder / "last.ckpt").write_text("last")
 
-    monkeypatch.setattr(musicvae.cli, "cli_main", fake_training)
+    monkeypatch.setattr(musicvae.training.cli, "cli_main", fake_training)
     args = argparse.Namespace(config="c.yaml", train_dir="t", out=str(tmp_path), minutes=None, steps=5, cache_dir=None,
                               checkpoint=choice)
     assert load_script("benchmark_quality").train(args, []) == tmp_path / "ckpt" / f"{choice}.ckpt"

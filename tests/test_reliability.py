@@ -18,12 +18,12 @@ import pytest
 import torch
 
 from musicvae.atomic import HOST, remove_abandoned
-from musicvae.checkpoint_io import KILL_HOOK_ENV, AtomicCheckpointIO, nonfinite_entries
-from musicvae.cli import cli_main, main
+from musicvae.training.checkpoint_io import KILL_HOOK_ENV, AtomicCheckpointIO, nonfinite_entries
+from musicvae.training.cli import cli_main, main
 from musicvae.errors import NonFiniteError
-from musicvae.guards import all_finite, nonfinite_gradients, nonfinite_parts
-from musicvae.rng import capture, restore
-from musicvae.sampling import CropSampler
+from musicvae.training.guards import all_finite, nonfinite_gradients, nonfinite_parts
+from musicvae.training.random_state import capture, restore
+from musicvae.data.sampling import CropSampler
 from conftest import REPO, load_script, tiny_fit_args
 
 #: Dropout and two loader workers on, so exactness covers worker prefetch and dropout masks;
@@ -183,11 +183,11 @@ def test_main_exits_3_on_nonfinite_and_143_on_sigterm(monkeypatch, capsys):
             raise exc
         return raiser
 
-    monkeypatch.setattr("musicvae.cli.cli_main", stop(NonFiniteError("training stopped at step 7")))
+    monkeypatch.setattr("musicvae.training.cli.cli_main", stop(NonFiniteError("training stopped at step 7")))
     with pytest.raises(SystemExit) as exit_info:
         main()
     assert exit_info.value.code == 3 and "step 7" in capsys.readouterr().err
-    monkeypatch.setattr("musicvae.cli.cli_main", stop(SIGTERMException()))
+    monkeypatch.setattr("musicvae.training.cli.cli_main", stop(SIGTERMException()))
     with pytest.raises(SystemExit) as exit_info:
         main()
     assert exit_info.value.code == 143

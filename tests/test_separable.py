@@ -1,6 +1,6 @@
 """The separable basis (mel eigenvectors x time DCT): an orthonormal code ordered by training
 variance, worse than PCA on the training windows, better on fresh windows when the training
-set is small against the window size (the reason it exists, musicvae/separable.py)."""
+set is small against the window size (the reason it exists, musicvae/models/linear_codes.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import tiny_fit_args
-from musicvae.quality import fit_pca
-from musicvae.separable import dct_basis, fit_separable_pca
+from musicvae.models.linear_codes import fit_pca
+from musicvae.models.linear_codes import dct_basis, fit_separable_code
 
 
 def stationary_windows(n: int, m: int = 8, t: int = 16, seed: int = 0) -> torch.Tensor:
@@ -38,7 +38,7 @@ def test_the_dct_basis_is_orthonormal_with_a_constant_first_row():
 @pytest.mark.parametrize("mel_basis", ["eigen", "dct"])
 def test_components_are_orthonormal_and_ordered_by_their_training_variance(mel_basis):
     data = stationary_windows(50)
-    fitted = fit_separable_pca(data, (8, 16), 20, mel_basis)
+    fitted = fit_separable_code(data, (8, 16), 20, mel_basis)
     comps = fitted.components.double()
     torch.testing.assert_close(comps @ comps.T, torch.eye(20, dtype=torch.float64), atol=1e-5, rtol=0)
     projected = (data.double() - fitted.mean.double()) @ comps.T  # (N, k)
@@ -52,19 +52,19 @@ def test_components_are_orthonormal_and_ordered_by_their_training_variance(mel_b
 @pytest.mark.parametrize("mel_basis", ["eigen", "dct"])
 def test_every_component_reconstructs_exactly(mel_basis):
     data = stationary_windows(10, m=4, t=8)
-    fitted = fit_separable_pca(data, (4, 8), 32, mel_basis)
+    fitted = fit_separable_code(data, (4, 8), 32, mel_basis)
     torch.testing.assert_close(fitted.reconstruct(data), data, atol=1e-5, rtol=0)
 
 
 def test_it_generalises_better_than_pca_from_few_windows():
     train, test = stationary_windows(40, seed=1), stationary_windows(2000, seed=2)
-    separable, pca = fit_separable_pca(train, (8, 16), 16), fit_pca(train, 16)
+    separable, pca = fit_separable_code(train, (8, 16), 16), fit_pca(train, 16)
     assert mse(separable, test) < 0.95 * mse(pca, test)
 
 
 def test_the_dct_variant_chooses_2d_dct_coefficients():
     data = stationary_windows(30)
-    fitted = fit_separable_pca(data, (8, 16), 5, mel_basis="dct")
+    fitted = fit_separable_code(data, (8, 16), 5, mel_basis="dct")
     mel, time = dct_basis(8), dct_basis(16)
     for row in fitted.components.double().view(5, 8, 16):
         coefficients = mel @ row @ time.T  # a 2-D DCT atom has exactly one non-zero coefficient
@@ -77,15 +77,15 @@ def test_the_dct_variant_chooses_2d_dct_coefficients():
 ])
 def test_bad_arguments_say_what_is_wrong(rows, shape, k, needle):
     with pytest.raises(ValueError, match=needle):
-        fit_separable_pca(torch.zeros(rows), shape, k)
+        fit_separable_code(torch.zeros(rows), shape, k)
     with pytest.raises(ValueError, match="mel_basis='wavelet' is not"):
-        fit_separable_pca(torch.zeros(5, 16), (4, 4), 2, mel_basis="wavelet")
+        fit_separable_code(torch.zeros(5, 16), (4, 4), 2, mel_basis="wavelet")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("basis", ["separable", "dct"])
 def test_the_cli_starts_a_linear_path_from_a_separable_basis(tmp_path, basis):
-    from musicvae.cli import cli_main
+    from musicvae.training.cli import cli_main
 
     cli = cli_main(tiny_fit_args(tmp_path, "--model.linear_path", "true", "--model.linear_path_basis", basis,
                                  "--model.linear_path_lr_scale", "0", "--trainer.max_epochs", "1"))

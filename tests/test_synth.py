@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from musicvae.synth import SynthConfig, Voice, _tone, describe_piece, render_collection, render_piece
+from musicvae.audio.synth import SynthConfig, Voice, _tone, describe_piece, render_collection, render_piece
 
 SR = 22050
 SECONDS = 8.0  # two to five bars: enough for tempo and spectrum statistics, fast to render

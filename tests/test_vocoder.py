@@ -9,10 +9,10 @@ import soundfile as sf
 import torch
 import torchaudio
 
-from musicvae.audio import LogMel, MelSettings
+from musicvae.audio.mel import LogMel, MelSettings
 from musicvae.errors import DataError
-from musicvae.segments import Normalizer
-from musicvae.vocoder import (GriffinLimVocoder, denormalize, griffin_lim_ceiling, measure_ceiling,
+from musicvae.data.segments import Normalizer
+from musicvae.audio.vocoder import (GriffinLimVocoder, denormalize, griffin_lim_ceiling, measure_ceiling,
                               waveform_spectral_convergence)
 
 #: The project's default features: 128 mels at n_fft 1024, whose filterbank is rank-deficient (126).

@@ -1,0 +1,445 @@
+"""MelDataModule: folders of mel arrays (or the built-in synthetic music) as Lightning data."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import warnings
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import lightning as L
+from lightning.pytorch.accelerators import CUDAAccelerator
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.trainer.states import TrainerFn
+import numpy as np
+import torch
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from musicvae.audio.mel import AUDIO_SUFFIXES, MelSettings, read_mel_sidecar
+from musicvae.data.augment import AugmentSettings
+from musicvae.data.cache import CacheReport, build_audio_cache, find_audio_files
+from musicvae.data.device_crops import CropPlan, DeviceCrops, cache_bytes, check_fits
+from musicvae.data.builtin import build_synthetic_collection, default_cache_dir, synthetic_folder
+from musicvae.errors import ConfigError, DataError
+from musicvae.data.sampling import CropSampler
+from musicvae.data.segments import (
+    ARRAY_SUFFIXES,
+    MelSource,
+    Normalizer,
+    SegmentDataset,
+    scan_mel_file,
+    segment_statistics,
+    window_starts,
+)
+from musicvae.data.split import MIN_FILES_FOR_FILE_SPLIT, segment_split_point, split_files
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    # Schedulers send SIGTERM to every process of a job; a worker dying of it would crash the
+    # main process before it can save. The main process handles preemption and ends the workers.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def find_array_files(folder: Path) -> list[Path]:
+    """Mel array files under `folder`, recursively, in a stable order (dangling links included)."""
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix in ARRAY_SUFFIXES and not p.is_dir())
+
+
+class MelDataModule(L.LightningDataModule):
+    """Log-mel segments for training a MusicVAE, split by recording and z-scored.
+
+    Args:
+        data_dir: folder of music files (WAV, FLAC, OGG, Opus, MP3, AIFF) and/or `.npy`/`.pt`
+            log-mel arrays of shape (n_mels, frames) or (1, n_mels, frames), searched
+            recursively. None uses the built-in synthetic music.
+        cache_dir: where derived data (audio log-mels, the synthetic collection) is written; defaults to
+            `$MUSICVAE_CACHE` or `~/.cache/musicvae`, never inside `data_dir`.
+        frames: segment length in frames (128 frames are about 1.5 s at the default settings).
+        batch_size: examples per batch on each device.
+        val_split: fraction of recordings held out for validation, in (0, 1).
+        seed: seeds the split; the CLI links it to `seed_everything`.
+        num_workers: DataLoader worker processes.
+        mel: the mel settings of the arrays; None reads `data_dir/mel.json`, else the defaults.
+        synthetic_pieces: number of synthetic recordings when `data_dir` is None.
+        synthetic_seconds: length of each synthetic recording.
+        silence_margin: a segment whose loudest value is within this many natural-log units of
+            silence (6.9 = 30 dB) is skipped, because silent segments teach dark outputs.
+        on_bad_file: "skip" reports each unusable file once and trains on the rest; "error"
+            stops at the first one.
+        prepare_workers: processes that decode audio into the cache (None: every CPU core).
+        augment: random gain, mel-bin shift and mixing of training segments (see
+            musicvae/data/augment.py); None (the default) changes nothing. Validation, evaluation and
+            the normalisation statistics always see the segments as they are.
+        device_cache: keep the training log-mels on the training device and cut each batch's crops
+            there (musicvae/data/device_crops.py): the loader then delivers only crop positions (and
+            augmentation draws), not segments. Batches are the loader path's, bitwise on a CPU.
+            Refused when the log-mels would not fit in the device's free memory.
+    """
+
+    def __init__(
+        self,
+        data_dir: Optional[str] = None,
+        cache_dir: Optional[str] = None,
+        frames: int = 128,
+        batch_size: int = 32,
+        val_split: float = 0.1,
+        seed: int = 0,
+        num_workers: int = 0,
+        mel: Optional[MelSettings] = None,
+        synthetic_pieces: int = 48,
+        synthetic_seconds: float = 20.0,
+        silence_margin: float = 6.9,
+        on_bad_file: Literal["skip", "error"] = "skip",
+        prepare_workers: Optional[int] = None,
+        augment: Optional[AugmentSettings] = None,
+        device_cache: bool = False,
+    ) -> None:
+        super().__init__()
+        if not 0.0 < val_split < 1.0:
+            raise ConfigError(f"data.val_split={val_split} must be between 0 and 1 (exclusive), e.g. 0.1")
+        if frames < 1 or batch_size < 1 or num_workers < 0:
+            raise ConfigError(
+                f"data.frames={frames} and data.batch_size={batch_size} must be positive, "
+                f"data.num_workers={num_workers} non-negative"
+            )
+        self.data_dir = Path(data_dir).expanduser().resolve() if data_dir else None
+        self.cache_dir = Path(cache_dir).expanduser().resolve() if cache_dir else default_cache_dir()
+        if self.data_dir is not None and not self.data_dir.is_dir():
+            raise DataError(f"data.data_dir={data_dir}: no such folder; point it at a folder of music files or mel arrays")
+        self.mel = self._resolve_mel(mel)
+        self.augment = self._resolve_augment(augment)
+        self.frames, self.batch_size, self.val_split, self.seed = frames, batch_size, val_split, seed
+        self.num_workers, self.silence_margin, self.on_bad_file = num_workers, silence_margin, on_bad_file
+        self.synthetic_pieces, self.synthetic_seconds = synthetic_pieces, synthetic_seconds
+        self.prepare_workers = prepare_workers
+        self.device_cache = device_cache
+        self.device_crops: Optional[DeviceCrops] = None  # built by setup("fit") when device_cache
+        self.normalizer = Normalizer()
+        self.stats_restored = False
+        self._resume_position: Optional[dict[str, int]] = None
+        self.split_mode: Optional[str] = None
+        self.sources: list[MelSource] = []
+        self.problems: list[str] = []  # one message per unusable file, for reports
+        self.train_set: Optional[SegmentDataset] = None
+        self.val_set: Optional[SegmentDataset] = None
+        self.save_hyperparameters(ignore=["mel", "augment"])
+        self.hparams["mel"] = self.mel.to_dict()  # plain values keep checkpoints weights_only-loadable
+        self.hparams["augment"] = self.augment.to_dict()
+
+    @property
+    def n_mels(self) -> int:
+        return self.mel.n_mels
+
+    def _resolve_mel(self, mel: Optional[MelSettings]) -> MelSettings:
+        declared = read_mel_sidecar(self.data_dir) if self.data_dir else None
+        if declared and mel and declared != mel:
+            diffs = ", ".join(f"{k}: mel.json {a!r} vs config {b!r}" for k, (a, b) in declared.differences(mel).items())
+            raise ConfigError(
+                f"{self.data_dir}/mel.json declares other mel settings than data.mel ({diffs}); "
+                "drop data.mel to use the folder's settings, or make them agree"
+            )
+        return declared or mel or MelSettings()
+
+    def _resolve_augment(self, augment: Optional[AugmentSettings | dict]) -> AugmentSettings:
+        # A dict is what the hyper-parameters hold (load_from_checkpoint passes it back).
+        augment = AugmentSettings.from_dict(augment) if isinstance(augment, dict) else augment or AugmentSettings()
+        augment.check()
+        if augment.freq_shift >= self.mel.n_mels:
+            raise ConfigError(
+                f"data.augment.freq_shift={augment.freq_shift} must be smaller than the number of mel bins "
+                f"({self.mel.n_mels}); a few bins (1-3) is typical"
+            )
+        return augment
+
+    @property
+    def folder(self) -> Path:
+        """The folder of arrays actually read."""
+        if self.data_dir is not None:
+            return self.data_dir
+        return synthetic_folder(self.cache_dir, self.synthetic_pieces, self.synthetic_seconds, self.mel)
+
+    def prepare_data(self) -> None:
+        # Lightning runs this on one process per node, so processes never race on the cache.
+        if self.data_dir is None:
+            build_synthetic_collection(self.cache_dir, self.synthetic_pieces, self.synthetic_seconds, self.mel)
+        else:
+            workers = self.prepare_workers if self.prepare_workers is not None else (os.cpu_count() or 1)
+            self._audio_cache(workers=workers, progress=True)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.train_set is None:
+            self._setup_sets(stage)
+        if self.device_cache and stage in (None, "fit") and self.device_crops is None:
+            device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+            check_fits(cache_bytes(self.train_set), device)  # before reading anything
+            self.device_crops = DeviceCrops(self.train_set, power=self.mel.power)
+
+    def _setup_sets(self, stage: Optional[str]) -> None:
+        self._ensure_sources()
+        train_items, val_items = self._split(self.sources)
+        paths = [s.path for s in self.sources]
+        # Only the training set is augmented; the statistics (`_raw`) and validation see the data as it is.
+        self.train_set = SegmentDataset(paths, train_items, self.frames, self.n_mels, self.normalizer, True,
+                                        augment=self.augment, power=self.mel.power)
+        self.val_set = SegmentDataset(paths, val_items, self.frames, self.n_mels, self.normalizer, False)
+        if stage in (None, "fit") and len(self.train_set) < self.batch_size:
+            raise ConfigError(
+                f"data.batch_size={self.batch_size} is larger than the training set "
+                f"({len(self.train_set)} segments of {self.frames} frames): lower data.batch_size or add data"
+            )
+        if not self.stats_restored:
+            self.normalizer.mean, self.normalizer.std = segment_statistics(self._raw(self.train_set))
+
+    def _ensure_sources(self) -> None:
+        if self.sources:
+            return
+        if self.data_dir is None:
+            self.prepare_data()  # a no-op once built; builds on demand outside a Trainer (notebooks)
+        self.sources = self._scan()
+
+    def evaluation_set(self, split: Literal["val", "all"] = "val") -> SegmentDataset:
+        """Deterministic windows for evaluation: the validation split, or every recording whole.
+
+        "all" is for a folder the model never trained on (e.g. another album); it needs the
+        normalisation statistics restored from a checkpoint (`load_state_dict`).
+        """
+        if split == "val":
+            self.setup("validate")
+            return self.val_set
+        if not self.stats_restored:
+            raise ConfigError("evaluation_set('all') needs the training statistics: call load_state_dict first")
+        self._ensure_sources()
+        items = [
+            (index, start, 0, source.n_frames)
+            for index, source in enumerate(self.sources)
+            for start in window_starts(source, 0, source.n_frames, self.frames, self.silence_margin)
+        ]
+        if not items:
+            raise DataError(f"{self.folder}: no non-silent segment of {self.frames} frames to evaluate")
+        return SegmentDataset([s.path for s in self.sources], np.array(items, dtype=np.int64), self.frames,
+                              self.n_mels, self.normalizer, False)
+
+    def _raw(self, dataset: SegmentDataset) -> SegmentDataset:
+        return SegmentDataset(dataset.paths, dataset.items, self.frames, self.n_mels, Normalizer(), False)
+
+    def _audio_cache(self, workers: int, progress: bool = False) -> Optional[CacheReport]:
+        """Bring the log-mel cache of the folder's audio files up to date (None: no audio there).
+
+        With workers=0 on a warm cache this only compares sizes and modification times.
+        """
+        if self.data_dir is None:
+            return None
+        rels, odd_dirs = find_audio_files(self.data_dir)
+        if not rels and not odd_dirs:
+            return None
+        return build_audio_cache(self.data_dir, self.cache_dir, self.mel, workers=workers, progress=progress)
+
+    def _candidates(self) -> tuple[list[tuple[str, Path]], list[str]]:
+        """(relative path, array file) of every recording, and messages about unusable files.
+
+        Arrays are read where they are; audio files through their cached log-mels, keyed by the
+        audio file's own relative path so the split by recording sees the music folder.
+        """
+        # A cache_dir placed inside data_dir holds derived arrays, not more recordings.
+        cache_inside = self.data_dir is not None and self.data_dir in self.cache_dir.parents
+        arrays = [
+            (path.relative_to(self.folder).as_posix(), path)
+            for path in find_array_files(self.folder)
+            if not (cache_inside and self.cache_dir in path.parents)
+        ]
+        messages = [f"{path}: is a directory, not an array file" for path in self._array_named_dirs(cache_inside)]
+        report = self._audio_cache(workers=0)
+        if report is not None:
+            arrays += [(entry.rel, Path(entry.array)) for entry in report.entries]
+            messages += [f"{path}: {reason}" for path, reason in report.problems]
+        return sorted(arrays), messages
+
+    def _array_named_dirs(self, cache_inside: bool) -> list[Path]:
+        """Folders named like array files (`take_3.npy/`): reported, since find_array_files skips them."""
+        found = []
+        for root, dirs, _ in os.walk(self.folder):
+            if cache_inside and (Path(root) == self.cache_dir or self.cache_dir in Path(root).parents):
+                continue
+            found += [Path(root) / name for name in dirs if os.path.splitext(name)[1] in ARRAY_SUFFIXES]
+        return sorted(found)
+
+    def _scan(self) -> list[MelSource]:
+        candidates, problems = self._candidates()
+        problems.sort()  # "path: reason", so by path
+        if problems and self.on_bad_file == "error":
+            raise DataError(problems[0])
+        if not candidates and not problems:
+            raise DataError(
+                f"{self.folder}: no mel arrays or audio files found (looked recursively for "
+                f"{', '.join(ARRAY_SUFFIXES + AUDIO_SUFFIXES)})"
+            )
+        sources, too_short = [], []
+        for rel, path in candidates:
+            try:
+                source = scan_mel_file(path, rel, self.n_mels, self.mel.log_floor_value)
+                if source.n_frames >= self.frames:
+                    self._check_not_silent(source)
+            except DataError as err:
+                if self.on_bad_file == "error":
+                    raise
+                problems.append(str(err))
+                continue
+            if source.n_frames < self.frames:
+                too_short.append(rel)
+                continue
+            sources.append(source)
+        problems.sort()  # "path: reason", so by path: one list whatever stage found each problem
+        if too_short:
+            # Every name, however many: a file left out of a run is one its owner must be able to find.
+            warnings.warn(
+                f"skipped {len(too_short)} file(s) shorter than one segment ({self.frames} frames): "
+                + ", ".join(too_short),
+                stacklevel=2,
+            )
+        if problems:
+            warnings.warn(
+                f"skipped {len(problems)} unusable file(s):\n" + "\n".join(f"  {msg}" for msg in problems),
+                stacklevel=2,
+            )
+        self.problems = problems + [f"{rel}: shorter than one segment" for rel in too_short]
+        if not sources:
+            raise DataError(f"{self.folder}: none of the files is usable (see the warnings above)")
+        return sources
+
+    def _check_not_silent(self, source: MelSource) -> None:
+        """Refuse a recording none of whose windows would be trained on (all are silent), naming
+        the file in the data folder (an audio file, not its cached array).
+
+        Raises:
+            DataError: the file is silent at `silence_margin`.
+        """
+        if window_starts(source, 0, source.n_frames, self.frames, self.silence_margin):
+            return
+        db = 10 * self.silence_margin / math.log(10)
+        raise DataError(
+            f"{self.folder / source.rel}: silent: no segment of {self.frames} frames rises more than "
+            f"{db:.0f} dB above the file's floor (lower data.silence_margin to train on quiet material)"
+        )
+
+    def _split(self, sources: list[MelSource]) -> tuple[np.ndarray, np.ndarray]:
+        is_val = split_files([s.rel for s in sources], self.val_split, self.seed)
+        self.split_mode = "file"
+        if len(sources) < MIN_FILES_FOR_FILE_SPLIT or all(is_val) or not any(is_val):
+            warnings.warn(
+                f"{len(sources)} recording(s) cannot be split by file with val_split={self.val_split}: "
+                "holding out the last part of each recording instead (segment split); "
+                "add recordings for a split by recording",
+                stacklevel=2,
+            )
+            self.split_mode = "segment"
+        train, val = [], []
+        for index, source in enumerate(sources):
+            if self.split_mode == "file":
+                regions = [(0, source.n_frames, val if is_val[index] else train)]
+            else:
+                cut = segment_split_point(source.n_frames, self.val_split, self.frames)
+                regions = [(0, cut, train), (cut, source.n_frames, val)]
+            for lo, hi, target in regions:
+                for start in window_starts(source, lo, hi, self.frames, self.silence_margin):
+                    target.append((index, start, lo, hi))
+        if not train or not val:
+            side = "training" if not train else "validation"
+            raise DataError(
+                f"{self.folder}: the {side} split has no non-silent segment of {self.frames} frames; "
+                "add recordings, shorten data.frames or change data.val_split"
+            )
+        return np.array(train, dtype=np.int64), np.array(val, dtype=np.int64)
+
+    def _loader(self, dataset: Optional[SegmentDataset | CropPlan], shuffle: bool) -> StatefulDataLoader:
+        """A resumable loader: its position goes into checkpoints (Lightning saves any loader
+        with `state_dict`), and order and crops come from CropSampler, so a run resumed mid-epoch
+        sees the same batches as an uninterrupted one."""
+        if dataset is None:
+            raise RuntimeError("call setup() before asking for a dataloader")
+        kwargs = (self.trainer.distributed_sampler_kwargs if self.trainer is not None else None) or {}
+        replicas = dict(num_replicas=kwargs.get("num_replicas", 1), rank=kwargs.get("rank", 0))
+        if shuffle:
+            sampler = CropSampler(dataset, seed=self.seed, **replicas)
+            if self._resume_position is not None:
+                sampler.load_state_dict(self._resume_position)
+                self._resume_position = None
+        elif kwargs:
+            # Lightning's default DistributedSampler pads by repeating examples, which would count
+            # them twice in the validation metrics; this one gives each example to exactly one rank.
+            sampler = UnrepeatedDistributedSampler(dataset, shuffle=False, **replicas)
+        else:
+            sampler = None
+        return StatefulDataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator),
+            # Worker seeds come from this generator, not the global one, so creating a loader
+            # never shifts the random stream of the training steps (dropout, reparameterisation).
+            generator=torch.Generator().manual_seed(self.seed),
+            worker_init_fn=_ignore_sigterm,
+        )
+
+    def train_dataloader(self) -> StatefulDataLoader:
+        if self.device_cache:
+            self.setup("fit")  # a no-op after Lightning's setup; builds the cache outside a Trainer
+            return self._loader(self.device_crops.plan, shuffle=True)
+        return self._loader(self.train_set, shuffle=True)
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit":
+            self.device_crops = None  # frees the device's copy for what follows (testing, evaluation)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Lightning calls this with the batch on the training device: a crop plan becomes its crops.
+        if self.device_crops is not None and DeviceCrops.is_plan(batch):
+            return self.device_crops.batch(batch)
+        return batch
+
+    def val_dataloader(self) -> StatefulDataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> StatefulDataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs to rebuild the data exactly: features, split rule, statistics."""
+        return {
+            "mel": self.mel.to_dict(),
+            "frames": self.frames,
+            "mean": self.normalizer.mean,
+            "std": self.normalizer.std,
+            "val_split": self.val_split,
+            "seed": self.seed,
+            "split_mode": self.split_mode,
+            "data_dir": str(self.data_dir) if self.data_dir else None,
+            "silence_margin": self.silence_margin,
+            "train_position": self._train_position(),
+        }
+
+    def _train_position(self) -> Optional[dict[str, int]]:
+        """Where the training epoch stands: its number and the examples this rank has consumed.
+
+        Counted from Lightning's finished batches, not from the sampler, which the loader's
+        workers have already read ahead of the training step.
+        """
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return None
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": trainer.current_epoch, "yielded": done * self.batch_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # The statistics of the run being resumed win over freshly computed ones, so the model
+        # keeps seeing inputs on the scale it was trained on.
+        self.normalizer.mean = float(state["mean"])
+        self.normalizer.std = float(state["std"])
+        self.stats_restored = True
+        # Applied to the next training sampler. Lightning 2.6 restores the loader's own state
+        # only mid-epoch: from a checkpoint of an epoch's last step it would replay that epoch's
+        # order (the iterator is built before set_epoch), so the position travels here as well.
+        self._resume_position = state.get("train_position")

@@ -1,0 +1,385 @@
+"""Mel arrays on disk -> validated sources -> fixed-length segments.
+
+Scanning reads each array once, checks it, and keeps only a per-frame loudness profile, so the
+arrays themselves stay on disk (memory-mapped `.npy`) and a collection need not fit in RAM.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import warnings
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, get_worker_info
+
+from musicvae.data.augment import AugmentSettings, augment_raw, draw_augmentation
+from musicvae.errors import DataError
+from musicvae.data.sampling import DRAW_RANGE
+
+#: File suffixes read as precomputed log-mel arrays.
+ARRAY_SUFFIXES = (".npy", ".pt")
+
+
+@dataclass
+class MelSource:
+    """One usable recording: where it is and how loud each frame is.
+
+    Attributes:
+        path: absolute path of the array file.
+        rel: path relative to the data folder (the key of the split by recording).
+        n_frames: number of time frames.
+        frame_max: (n_frames,) loudest mel bin of each frame, used to skip silent segments.
+        floor: log value treated as silence for this file.
+    """
+
+    path: str
+    rel: str
+    n_frames: int
+    frame_max: np.ndarray
+    floor: float
+
+
+def load_mel_array(path: Path, n_mels: int) -> np.ndarray:
+    """Open a `(n_mels, T)` or `(1, n_mels, T)` array; `.npy` files are memory-mapped.
+
+    Raises:
+        DataError: naming the file and what was expected.
+    """
+    path = Path(path)
+    try:
+        if path.suffix == ".npy":
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(obj, torch.Tensor):
+                raise DataError(f"{path}: expected a tensor of shape (n_mels, frames), got a {type(obj).__name__}")
+            array = obj.detach().float().numpy()
+    except DataError:
+        raise
+    except Exception as err:  # numpy and torch raise many types for unreadable/corrupt files
+        raise DataError(f"{path}: cannot read the array ({_read_failure(path, err)})") from err
+    if array.ndim == 3 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 2:
+        raise DataError(f"{path}: expected shape (n_mels, frames) or (1, n_mels, frames), got {tuple(array.shape)}")
+    if array.shape[0] != n_mels:
+        hint = " (it looks transposed: save it as (n_mels, frames))" if array.shape[1] == n_mels else ""
+        raise DataError(
+            f"{path}: has {array.shape[0]} mel bins, expected {n_mels}{hint}; "
+            f"set --data.mel.n_mels or the folder's mel.json to match the arrays"
+        )
+    if not np.issubdtype(array.dtype, np.floating):
+        raise DataError(f"{path}: expected a floating-point log-mel array, got dtype {array.dtype}")
+    return array
+
+
+def _read_failure(path: Path, err: BaseException) -> str:
+    """Why `path` could not be read, in words, without repeating the path (the caller names it)."""
+    if isinstance(err, FileNotFoundError):
+        return "broken symbolic link" if path.is_symlink() else "vanished after it was listed: file not found"
+    if isinstance(err, IsADirectoryError):
+        return "is a directory, not an array file"
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    try:
+        size = os.stat(path).st_size
+    except OSError:
+        size = None
+    if size == 0:
+        return "empty file (0 bytes)"
+    if size is not None and path.suffix == ".npy":
+        shortfall = _npy_shortfall(path, size)
+        if shortfall:
+            return shortfall
+    message = str(err).replace(repr(str(path)), "the file").replace(str(path), "the file")
+    if "Weights only load failed" in message:  # torch's page-long advice to unpickle unsafely
+        detail = re.search(r"WeightsUnpickler error: (.+)", message)
+        return "not a tensor file that torch.load reads safely" + (f" ({detail.group(1).strip()})" if detail else "")
+    return f"{type(err).__name__}: {message.strip().splitlines()[0] if message.strip() else ''}"
+
+
+def _npy_shortfall(path: Path, size: int) -> Optional[str]:
+    """'truncated: ...' when a `.npy` file holds fewer bytes than its header declares, else None."""
+    try:
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(handle)
+            offset = handle.tell()
+    except Exception:  # not even a readable header: nothing more specific to say
+        return None
+    expected = math.prod(shape) * dtype.itemsize
+    if size - offset < expected:
+        return f"truncated: the header promises {expected} bytes of data, the file holds {size - offset}"
+    return None
+
+
+def scan_mel_file(path: Path, rel: str, n_mels: int, log_floor: float) -> MelSource:
+    """Validate one array file and summarise it as a MelSource.
+
+    Raises:
+        DataError: unreadable, wrong shape, or non-finite values (with the first bad frame).
+    """
+    array = load_mel_array(path, n_mels)
+    n_frames = array.shape[1]
+    frame_max = np.empty(n_frames, dtype=np.float32)
+    file_min = math.inf
+    chunk = 4096  # frames per read: bounded memory on long memory-mapped files
+    for start in range(0, n_frames, chunk):
+        block = np.asarray(array[:, start : start + chunk], dtype=np.float32)
+        finite = np.isfinite(block)
+        if not finite.all():
+            frame = start + int(np.argmin(finite.all(axis=0)))
+            raise DataError(f"{path}: contains NaN or Inf (first at frame {frame}); fix or remove the file")
+        frame_max[start : start + chunk] = block.max(axis=0)
+        file_min = min(file_min, float(block.min()))
+    # Silence is judged against the lower of the file's own minimum and the declared log floor:
+    # arrays in other log units (dB) have minima far below our floor and must not all look silent.
+    floor = min(file_min, log_floor) if n_frames else log_floor
+    return MelSource(str(Path(path).resolve()), rel, n_frames, frame_max, floor)
+
+
+def window_starts(source: MelSource, lo: int, hi: int, frames: int, silence_margin: float) -> list[int]:
+    """Starts of non-overlapping, non-silent windows of `frames` inside [lo, hi).
+
+    A window is silent when its loudest value is within `silence_margin` (natural-log units) of
+    the file's floor: such segments teach the model to output dark spectrograms.
+    """
+    starts = []
+    for start in range(lo, hi - frames + 1, frames):
+        if source.frame_max[start : start + frames].max() > source.floor + silence_margin:
+            starts.append(start)
+    return starts
+
+
+class Normalizer:
+    """z-score with training-split statistics: (x - mean) / std, and back."""
+
+    def __init__(self, mean: float = 0.0, std: float = 1.0) -> None:
+        self.mean = float(mean)
+        self.std = float(std)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def inverse(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.std + self.mean
+
+
+class SegmentDataset(Dataset):
+    """Fixed-length `(1, n_mels, frames)` segments of mel arrays, normalised.
+
+    Args:
+        paths: array files, indexed by `items[:, 0]`.
+        items: (N, 4) int64 rows of (file index, window start, region start, region end).
+        frames: segment length.
+        n_mels: mel bins (checked when the file was scanned).
+        normalizer: shared with the data module, so statistics restored from a checkpoint apply.
+        random_crop: training jitters each window by up to half its length inside its region;
+            validation takes the windows as they are, so its loss is comparable across epochs.
+        augment: random gain, mel shift and mixing (musicvae/data/augment.py), for the training set
+            only; None or settings that are all off read segments as they are.
+        power: the spectrogram exponent of the arrays (MelSettings.power), the units of the gains.
+    """
+
+    def __init__(
+        self,
+        paths: list[str],
+        items: np.ndarray,
+        frames: int,
+        n_mels: int,
+        normalizer: Normalizer,
+        random_crop: bool,
+        augment: Optional[AugmentSettings] = None,
+        power: float = 2.0,
+    ) -> None:
+        self.paths = paths
+        self.items = np.asarray(items, dtype=np.int64).reshape(-1, 4)
+        self.frames = frames
+        self.n_mels = n_mels
+        self.normalizer = normalizer
+        self.random_crop = random_crop
+        self.augment = augment if augment is not None and augment.check().active else None
+        self.power = power
+        self._open: dict[int, tuple[tuple[int, ...], np.ndarray]] = {}  # file index -> (stat stamp, array)
+        self._unreadable = _unreadable_flags(paths)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def fixed_windows(self, rows: Optional[np.ndarray] = None) -> "SegmentDataset":
+        """The same segments (or those at `rows`) with fixed crops and no augmentation: what a
+        linear code is fitted on and what the quality benchmark compares on, the same on every run."""
+        items = self.items if rows is None else self.items[rows]
+        return SegmentDataset(self.paths, items, self.frames, self.n_mels, self.normalizer, False, power=self.power)
+
+    def __getstate__(self) -> dict:
+        # Workers re-open (re-map) arrays themselves instead of receiving copies.
+        state = self.__dict__.copy()
+        state["_open"] = {}
+        return state
+
+    def array(self, file_index: int) -> np.ndarray:
+        """The file's array, opened again whenever the file changed on disk since it was opened.
+
+        Each call stats the file (about a microsecond), so a file deleted, truncated or replaced
+        during training is noticed before it is read: reading a memory-mapped file beyond a
+        truncation would kill the process with SIGBUS, which no `except` can catch.
+
+        Raises:
+            DataError: naming the file and why it cannot be read.
+        """
+        path = self.paths[file_index]
+        try:
+            st = os.stat(path)
+        except FileNotFoundError as err:
+            reason = "broken symbolic link" if os.path.islink(path) else "file not found: deleted or moved"
+            raise DataError(f"{path}: {reason}") from err
+        except OSError as err:
+            raise DataError(f"{path}: cannot read the array ({_read_failure(Path(path), err)})") from err
+        stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        opened = self._open.get(file_index)
+        if opened is None or opened[0] != stamp:
+            self._open.pop(file_index, None)
+            opened = self._open[file_index] = (stamp, load_mel_array(Path(path), self.n_mels))
+        return opened[1]
+
+    def unreadable_files(self) -> list[str]:
+        """Files found unreadable while this dataset (or one over the same files, in any DataLoader
+        worker) was read: their segments are being replaced by segments of other files."""
+        return [self.paths[i] for i in np.flatnonzero(self._unreadable.numpy())]
+
+    def crop_start(self, index: int, draw: Optional[int] = None) -> int:
+        """Start frame of item `index`: its window, jittered by `draw` when cropping randomly.
+
+        `draw` is a random integer from the sampler (see musicvae/data/sampling.py), so crops repeat
+        exactly on resume; without one the global torch generator is used.
+        """
+        _, start, lo, hi = (int(v) for v in self.items[index])
+        if not self.random_crop:
+            return start
+        jitter = self.frames // 2
+        first, last = max(lo, start - jitter), min(hi - self.frames, start + jitter)
+        if draw is None:
+            draw = int(torch.randint(0, DRAW_RANGE, (1,)))
+        return first + draw % (last - first + 1)
+
+    def __getitem__(self, item: Union[int, tuple[int, int]]) -> torch.Tensor:
+        """Item `index`'s segment; if its file became unreadable after the scan (deleted, truncated,
+        replaced by something unusable), the segment of the next item of a readable file instead.
+        With `augment`, the segment is then augmented as a function of (index, draw).
+
+        A file found unreadable is named in one warning and skipped for the rest of the run, by
+        every DataLoader worker (the flags live in shared memory). Raises DataError only when no
+        file of the dataset can be read any more.
+        """
+        index, draw = item if isinstance(item, tuple) else (item, None)  # CropSampler yields (index, draw)
+        if self.augment is not None and draw is None:
+            # What crop_start does without a draw (one value of the global torch generator), drawn
+            # here once so that the crop and the augmentation come from the same value.
+            draw = int(torch.randint(0, DRAW_RANGE, (1,)))
+        raw = torch.from_numpy(self._read(index, draw))
+        if self.augment is not None:
+            raw = self._augmented(raw, index, draw)
+        return self.normalizer(raw.unsqueeze(0))  # (n_mels, F) -> (1, n_mels, F)
+
+    def _read(self, index: int, draw: Optional[int]) -> np.ndarray:
+        """(n_mels, frames) raw segment of item `index`, or its stand-in when its file is unreadable."""
+        segment = self._segment(index, draw)
+        return segment if segment is not None else self._stand_in(index, draw)
+
+    def _augmented(self, raw: torch.Tensor, index: int, draw: int) -> torch.Tensor:
+        """`raw` augmented as (index, draw) decides; the segment mixed in is read like any item
+        (crop from its own draw, a stand-in if its file broke), so it is just as reproducible."""
+        aug = draw_augmentation(self.augment, draw, index, len(self.items))
+        other = torch.from_numpy(self._read(*aug.mix_with)) if aug.mix_with is not None else None
+        return augment_raw(raw, aug, self.power, other)
+
+    def _segment(self, index: int, draw: Optional[int]) -> Optional[np.ndarray]:
+        """(n_mels, frames) float32 segment of item `index`, or None when its file is unreadable."""
+        file_index = int(self.items[index, 0])
+        if self._unreadable.numpy()[file_index]:
+            return None
+        start = self.crop_start(index, draw)
+        try:
+            segment = np.array(self.array(file_index)[:, start : start + self.frames], dtype=np.float32)
+            path = self.paths[file_index]
+            if segment.shape[1] != self.frames:
+                raise DataError(f"{path}: changed since the scan: frames {start}-{start + self.frames} are gone")
+            if not np.isfinite(segment).all():
+                raise DataError(f"{path}: changed since the scan: contains NaN or Inf in frames {start}-{start + self.frames}")
+        except (OSError, ValueError) as err:  # DataError is a ValueError
+            self._give_up(file_index, err)
+            return None
+        return segment
+
+    def _stand_in(self, index: int, draw: Optional[int]) -> np.ndarray:
+        """The segment of the first item after `index` (wrapping around) whose file is readable:
+        the same stand-in in every process and on every resume, given the same unreadable files."""
+        n = len(self.items)
+        order = (index + 1 + np.arange(n - 1)) % n
+        for candidate in order[self._unreadable.numpy()[self.items[order, 0]] == 0]:
+            segment = self._segment(int(candidate), draw)
+            if segment is not None:
+                return segment
+        files = len(np.unique(self.items[:, 0]))
+        raise DataError(f"none of the {files} files of this dataset can be read any more (see the warnings above)")
+
+    def _give_up(self, file_index: int, err: Exception) -> None:
+        flags = self._unreadable.numpy()
+        if flags[file_index]:
+            return  # another worker found it first and said so
+        flags[file_index] = 1
+        path = Path(self.paths[file_index])
+        reason = str(err).removeprefix(f"{path}: ") if isinstance(err, DataError) else _read_failure(path, err)
+        if reason.startswith("cannot read the array (") and reason.endswith(")"):
+            reason = reason[len("cannot read the array (") : -1]
+        worker = get_worker_info()
+        where = f" [DataLoader worker {worker.id}]" if worker is not None else ""
+        warnings.warn(
+            f"{path}: became unreadable during training ({reason}); skipped for the rest of this run, "
+            f"segments of other files take its place{where}",
+            stacklevel=3,
+        )
+
+
+def _unreadable_flags(paths: list[str]) -> torch.Tensor:
+    """One flag per file, in shared memory, so DataLoader workers (forked or spawned) and the main
+    process see which files were found unreadable; datasets over the same file list (the training
+    and validation splits) share one set, so each file is reported once."""
+    key = tuple(paths)
+    flags = _FLAGS.get(key)
+    if flags is None:
+        flags = torch.zeros(len(paths), dtype=torch.uint8)
+        try:
+            flags.share_memory_()
+        except RuntimeError:  # no shared memory here: each process keeps its own flags
+            pass
+        _FLAGS[key] = flags
+    return flags
+
+
+_FLAGS: "weakref.WeakValueDictionary[tuple[str, ...], torch.Tensor]" = weakref.WeakValueDictionary()
+
+
+def segment_statistics(dataset: SegmentDataset) -> tuple[float, float]:
+    """Mean and standard deviation over the dataset's windows (un-normalised, no crop jitter)."""
+    total, total_sq, count = 0.0, 0.0, 0
+    for file_index, start, _, _ in dataset.items:
+        block = np.asarray(dataset.array(int(file_index))[:, start : start + dataset.frames], dtype=np.float64)
+        total += block.sum()
+        total_sq += np.square(block).sum()
+        count += block.size
+    if count == 0:
+        raise DataError("no training segments to compute normalisation statistics from")
+    mean = float(total / count)  # plain floats: numpy scalars would break weights_only loading
+    std = math.sqrt(max(float(total_sq / count) - mean * mean, 0.0))
+    # A constant training set would divide by zero; 1.0 keeps it finite and the data unchanged in scale.
+    return mean, std if std > 1e-6 else 1.0

@@ -1,0 +1,10 @@
+"""Scoring a trained checkpoint on held-out music: metrics, the three problems' verdicts, report and figures."""
+
+from musicvae._lazy import lazy_exports
+
+_EXPORTS = {
+    "evaluate": "evaluate",
+    "evaluate_checkpoint": "evaluate",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, ['evaluate'])

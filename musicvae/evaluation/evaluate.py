@@ -1,0 +1,335 @@
+"""Evaluating a trained checkpoint on held-out mels: scores, the notebook's three problems as
+verdicts, and the files of a report (`metrics.json`, `report.md`, PNG figures).
+
+`evaluate` computes, `verdicts` judges, `write_report` / `write_figures` write; `evaluate_checkpoint`
+chains them for `scripts/evaluate.py` and `scripts/compare.py`. Reconstructions are decoded from the
+posterior mean, as in validation, so every number is repeatable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import matplotlib.pyplot as plt
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from musicvae.atomic import write_atomic
+from musicvae.inference.loading import datamodule_for, load_module
+from musicvae.metrics import (ACTIVE_UNIT_THRESHOLD, FEATURELESS_THRESHOLD, LatentDiagnostics,
+                              ReconstructionDiagnostics)
+from musicvae.training.module import MusicVAEModule
+from musicvae.plots import band_ratio_figure, kl_per_dim_figure, mel_comparison_figure
+
+# Verdict thresholds, fixed from what each problem means before any recipe was compared.
+# (1) Range: the band of range_stats already gives every example 50 % headroom beyond its input's
+# own range on each side, so a sound decoder essentially never leaves it; 0.1 % of values (16
+# pixels of a 128x128 mel) tolerates isolated outliers but not a widened output scale.
+RANGE_OUTSIDE_THRESHOLD = 1e-3
+# (2) High frequencies: a band keeping under 80 % of its input's variance has lost a fifth of its
+# detail (its standard deviation is down by more than ~10 %), a smoothing the eye sees on the
+# shared colour scale; a mild blur stays above.
+HF_RATIO_THRESHOLD = 0.8
+# "Upper" bands are the segments of the weight table starting in the top half of the mel axis
+# (bins 90-101 and 102-127 of 128): where the notebook saw detail go missing.
+UPPER_BAND_START = 0.5
+# (3) Featureless: the notebook's symptom is that *some* outputs were dark, so a single flat
+# reconstruction of a non-silent input counts; FEATURELESS_THRESHOLD already makes each
+# example's test generous (under 10 % of its input's variance).
+FEATURELESS_FRAC_THRESHOLD = 0.0
+
+#: Scores shown under "reconstruction quality", with their report labels.
+QUALITY_METRICS = {"mse": "MSE", "weighted_mse": "weighted MSE", "spectral_convergence": "spectral convergence",
+                   "lsd_db": "LSD (dB)", "ssim": "SSIM", "psnr": "PSNR (dB)"}
+FIGURES = ("reconstructions.png", "band_ratios.png", "kl_per_dim.png")
+
+
+@dataclass
+class Verdict:
+    """One of the notebook's problems judged on measured metrics.
+
+    Attributes:
+        problem: short name ("output range", "high frequencies", "featureless outputs").
+        present: True / False, or None when the metric is undefined (e.g. every input silent).
+        value: the number the verdict rests on.
+        threshold: the threshold it was compared with.
+        rule: the rule in words, e.g. "present if range_frac_outside > 0.001".
+        detail: supporting numbers for the report.
+    """
+
+    problem: str
+    present: Optional[bool]
+    value: float
+    threshold: float
+    rule: str
+    detail: str
+
+    @property
+    def status(self) -> str:
+        return {True: "present", False: "absent", None: "not measurable"}[self.present]
+
+
+def band_start(name: str) -> int:
+    """First mel bin of a band named like ``"90-101"`` (see ReconstructionDiagnostics.band_names)."""
+    return int(name.split("-")[0])
+
+
+def upper_band_names(metrics: dict[str, Any]) -> list[str]:
+    """Band names (``"a-b"``) of the bands starting at or above ``UPPER_BAND_START * n_mels``."""
+    names = [key.split("/", 1)[1] for key in metrics if key.startswith("band_ratio/")]
+    return [name for name in names if band_start(name) >= UPPER_BAND_START * metrics["n_mels"]]
+
+
+@torch.no_grad()
+def evaluate(module: MusicVAEModule, dataset: Dataset, std: float, batch_size: int = 32,
+             device: str = "cpu") -> dict[str, Any]:
+    """Every diagnostic of `module` on `dataset`, reconstructing from the posterior mean.
+
+    Args:
+        module: a trained module; it is moved to `device` and put in eval mode while this runs.
+        dataset: normalised `(1, n_mels, frames)` segments (MelDataModule.evaluation_set).
+        std: the data's normalisation standard deviation (for spectral convergence and LSD).
+        batch_size: examples per forward pass.
+        device: "cpu" or "cuda[:i]".
+
+    Returns:
+        Plain values: ``n_examples``, ``n_mels``, ``latent_dim``; every scalar of
+        ReconstructionDiagnostics and LatentDiagnostics as float (``active_units`` as int);
+        ``kl_per_dim`` and ``mu_var`` as lists; ``upper_band_ratio_min`` (the lowest variance
+        ratio among :func:`upper_band_names`, ignoring NaN); and ``examples``: the ``best``, ``median`` and
+        ``worst`` example by per-example MSE, each ``{"index", "mse"}`` plus ``file`` and
+        ``start_frame`` when the dataset is a SegmentDataset.
+    """
+    if len(dataset) == 0:
+        raise ValueError("evaluate: the dataset is empty")
+    hp = module.hparams
+    bands = [tuple(float(v) for v in band) for band in hp.freq_bands]
+    recon = ReconstructionDiagnostics(std=std, n_mels=hp.n_mels, bands=bands).to(device)
+    latent = LatentDiagnostics(hp.latent_dim).to(device)
+    was_training = module.training
+    module.to(device).eval()
+    example_mse = []
+    try:
+        for x in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+            x = x.to(device)
+            mu, logvar = module.vae.encode(x)
+            x_hat = module.vae.decode(mu)  # the posterior mean: no sampling noise in the scores
+            recon.update(x_hat, x)
+            latent.update(mu, logvar)
+            example_mse.append((x_hat - x).double().pow(2).flatten(1).mean(dim=1).cpu())  # (B,)
+    finally:
+        module.train(was_training)
+    metrics: dict[str, Any] = {"n_examples": len(dataset), "n_mels": int(hp.n_mels), "latent_dim": int(hp.latent_dim)}
+    metrics.update({k: float(v) for k, v in recon.compute().items()})
+    upper = [metrics[f"band_ratio/{name}"] for name in upper_band_names(metrics)]
+    upper = [r for r in upper if math.isfinite(r)]  # NaN: a band without input variance says nothing
+    metrics["upper_band_ratio_min"] = min(upper) if upper else math.nan
+    for key, value in latent.compute().items():
+        metrics[key] = value.tolist() if value.dim() else (int(value) if key == "active_units" else float(value))
+    metrics["examples"] = _pick_examples(torch.cat(example_mse), dataset)
+    return metrics
+
+
+def _pick_examples(mse: torch.Tensor, dataset: Dataset) -> dict[str, dict[str, Any]]:
+    order = torch.argsort(mse)  # ascending: best first
+    picks = {"best": int(order[0]), "median": int(order[len(order) // 2]), "worst": int(order[-1])}
+    examples = {}
+    for role, index in picks.items():
+        entry: dict[str, Any] = {"index": index, "mse": float(mse[index])}
+        items = getattr(dataset, "items", None)
+        if items is not None:
+            entry["file"] = str(dataset.paths[int(items[index, 0])])
+            entry["start_frame"] = int(items[index, 1])
+        examples[role] = entry
+    return examples
+
+
+def verdicts(metrics: dict[str, Any]) -> list[Verdict]:
+    """The notebook's three problems, each present or absent by its module-level threshold.
+
+    Args:
+        metrics: as returned by :func:`evaluate` (at least ``range_frac_outside``, the four
+            ``recon_/input_`` min/max, ``featureless_frac``, ``n_mels`` and ``band_ratio/*``).
+
+    Returns:
+        ``[output range, high frequencies, featureless outputs]`` verdicts.
+    """
+    out = []
+    frac = metrics["range_frac_outside"]
+    out.append(Verdict(
+        "output range", _above(frac, RANGE_OUTSIDE_THRESHOLD), frac, RANGE_OUTSIDE_THRESHOLD,
+        f"present if more than {RANGE_OUTSIDE_THRESHOLD:.1%} of values lie outside each input's "
+        "[min - 0.5 range, max + 0.5 range]",
+        f"{frac:.3%} of values outside; reconstructions span [{metrics['recon_min']:.2f}, {metrics['recon_max']:.2f}], "
+        f"inputs [{metrics['input_min']:.2f}, {metrics['input_max']:.2f}]",
+    ))
+    upper = upper_band_names(metrics)
+    ratios = {name: metrics[f"band_ratio/{name}"] for name in upper}
+    finite = {name: r for name, r in ratios.items() if math.isfinite(r)}
+    lowest = min(finite, key=finite.get) if finite else None
+    value = finite[lowest] if lowest else math.nan
+    out.append(Verdict(
+        "high frequencies", None if lowest is None else value < HF_RATIO_THRESHOLD, value, HF_RATIO_THRESHOLD,
+        f"present if any upper band (starting at or above bin {math.ceil(UPPER_BAND_START * metrics['n_mels'])}) "
+        f"keeps under {HF_RATIO_THRESHOLD:g} of its input's variance",
+        "variance ratio (recon / input) per upper band: "
+        + ", ".join(f"bins {name}: {r:.3f}" for name, r in ratios.items()),
+    ))
+    featureless = metrics["featureless_frac"]
+    out.append(Verdict(
+        "featureless outputs", _above(featureless, FEATURELESS_FRAC_THRESHOLD), featureless,
+        FEATURELESS_FRAC_THRESHOLD,
+        f"present if the featureless fraction of non-silent examples exceeds {FEATURELESS_FRAC_THRESHOLD:g} "
+        f"(featureless: variance under {FEATURELESS_THRESHOLD:g} x the input's)",
+        f"{featureless:.2%} of non-silent examples featureless ({metrics.get('silent_frac', 0.0):.1%} of inputs silent)",
+    ))
+    return out
+
+
+def _above(value: float, threshold: float) -> Optional[bool]:
+    return None if not math.isfinite(value) else value > threshold
+
+
+def thresholds() -> dict[str, float]:
+    """The verdict thresholds, for the record in metrics.json."""
+    return {"range_frac_outside": RANGE_OUTSIDE_THRESHOLD, "upper_band_ratio": HF_RATIO_THRESHOLD,
+            "upper_band_start_frac": UPPER_BAND_START, "featureless_frac": FEATURELESS_FRAC_THRESHOLD,
+            "featureless_variance_fraction": FEATURELESS_THRESHOLD, "active_unit_variance": ACTIVE_UNIT_THRESHOLD}
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with NaN and +-inf floats as None, so the JSON written is standard (no NaN tokens)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def write_json(path: Path, data: Any) -> None:
+    """`data` as indented standard JSON, via a temporary file so a kill never leaves half a file."""
+    text = json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n"
+    write_atomic(path, lambda handle: handle.write(text), mode="w")
+
+
+def write_figures(out_dir: Path, module: MusicVAEModule, dataset: Dataset, metrics: dict[str, Any],
+                  device: str = "cpu") -> list[Path]:
+    """`reconstructions.png` (best, median, worst example), `band_ratios.png`, `kl_per_dim.png`."""
+    roles = ("best", "median", "worst")
+    picks = [metrics["examples"][role] for role in roles]
+    x = torch.stack([dataset[p["index"]] for p in picks]).to(device)  # (3, 1, n_mels, frames)
+    with torch.no_grad():
+        x_hat = module.vae.decode(module.vae.encode(x)[0])
+    names = [key.split("/", 1)[1] for key in metrics if key.startswith("band_ratio/")]
+    figures = {
+        "reconstructions.png": mel_comparison_figure(
+            x, x_hat, "best | median | worst by MSE, left to right: "
+            + " / ".join(f"{p['mse']:.3g}" for p in picks)),
+        "band_ratios.png": band_ratio_figure(names, [metrics[f"band_ratio/{n}"] for n in names],
+                                             f"bands from bin {math.ceil(UPPER_BAND_START * metrics['n_mels'])} "
+                                             f"judged against {HF_RATIO_THRESHOLD:g}"),
+        "kl_per_dim.png": kl_per_dim_figure(torch.tensor(metrics["kl_per_dim"]), torch.tensor(metrics["mu_var"]),
+                                            ACTIVE_UNIT_THRESHOLD, f"KL {metrics['kl_nats']:.2f} nats"),
+    }
+    paths = []
+    for name, figure in figures.items():
+        figure.savefig(out_dir / name, dpi=90)
+        plt.close(figure)
+        paths.append(out_dir / name)
+    return paths
+
+
+def write_report(out_dir: Path, metrics: dict[str, Any], found: list[Verdict], info: dict[str, Any],
+                 figures: tuple[str, ...] = FIGURES) -> Path:
+    """`report.md`: each problem present/absent with its number and threshold, then scores.
+
+    Args:
+        out_dir: existing folder.
+        metrics: from :func:`evaluate`.
+        found: from :func:`verdicts`.
+        info: ``checkpoint`` ({path, epoch, global_step}) and ``data`` ({folder, split}).
+        figures: file names of the figures to link.
+
+    Returns:
+        The report's path.
+    """
+    ckpt, data = info["checkpoint"], info["data"]
+    lines = [
+        f"# Evaluation of `{ckpt['path']}`", "",
+        f"Checkpoint epoch {ckpt['epoch']}, step {ckpt['global_step']}; {metrics['n_examples']} examples "
+        f"({data['split']}) from `{data['folder']}`. Reconstructions decoded from the posterior mean.", "",
+        "## The notebook's three problems", "",
+        "| problem | verdict | measured | rule |", "|---|---|---|---|",
+    ]
+    lines += [f"| {i}. {v.problem} | **{v.status}** | {v.detail} | {v.rule} |" for i, v in enumerate(found, 1)]
+    lines += ["", "## Reconstruction quality", "",
+              "| " + " | ".join(QUALITY_METRICS.values()) + " |", "|" + "---|" * len(QUALITY_METRICS),
+              "| " + " | ".join(f"{metrics[k]:.4g}" for k in QUALITY_METRICS) + " |", "",
+              "Variance ratio per band (recon / input; 1 is ideal): "
+              + ", ".join(f"{k.split('/', 1)[1]}: {v:.3f}" for k, v in metrics.items() if k.startswith("band_ratio/")),
+              "", "## Latent usage", "",
+              f"KL {metrics['kl_nats']:.3f} nats per example; {metrics['active_units']} of {metrics['latent_dim']} "
+              f"latent units active (variance of the posterior mean over the data > {ACTIVE_UNIT_THRESHOLD:g}).", "",
+              *(["## Figures", ""] if figures else [])]
+    lines += [f"![{name}]({name})" for name in figures]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def windows_digest(dataset: Dataset) -> Optional[str]:
+    """A short hash of which windows of which files a SegmentDataset holds (same files -> same hash)."""
+    items = getattr(dataset, "items", None)
+    if items is None:
+        return None
+    rows = sorted((Path(dataset.paths[int(f)]).name, int(s)) for f, s in items[:, :2])
+    return hashlib.sha1(repr(rows).encode()).hexdigest()[:12]
+
+
+def evaluate_checkpoint(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, data_dir: Optional[str] = None,
+                        device: str = "cpu", batch_size: Optional[int] = None, figures: bool = True) -> dict[str, Any]:
+    """Evaluate a checkpoint and write `metrics.json`, `report.md` and the figures into `out_dir`.
+
+    Without `data_dir` the run's own validation split is rebuilt from the rule stored in the
+    checkpoint; with it, every recording of that folder is used. Mel settings and normalisation
+    always come from the checkpoint.
+
+    Returns:
+        What `metrics.json` holds: ``checkpoint``, ``data``, ``metrics``, ``examples``,
+        ``verdicts`` and ``thresholds``.
+
+    Raises:
+        MusicVAEError: (CheckpointError, ConfigError, DataError) a missing or unreadable
+            checkpoint, or data that does not match it, with a message for the user.
+    """
+    module, ckpt = load_module(ckpt_path, device)
+    datamodule = datamodule_for(ckpt, data_dir=data_dir, batch_size=batch_size)
+    split = "all" if data_dir is not None else "val"
+    dataset = datamodule.evaluation_set(split)
+    metrics = evaluate(module, dataset, datamodule.normalizer.std, datamodule.batch_size, device)
+    examples = metrics.pop("examples")
+    found = verdicts(metrics)
+    info = {
+        "checkpoint": {"path": str(Path(ckpt_path).resolve()), "epoch": ckpt.get("epoch"),
+                       "global_step": ckpt.get("global_step")},
+        "data": {"folder": str(datamodule.folder), "split": "every recording" if split == "all" else
+                 f"validation split: seed {datamodule.seed}, val_split {datamodule.val_split}",
+                 "n_files": len({int(f) for f in dataset.items[:, 0]}), "windows_sha1": windows_digest(dataset)},
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {**info, "metrics": metrics, "examples": examples, "verdicts": [asdict(v) | {"status": v.status} for v in found],
+              "thresholds": thresholds()}
+    if figures:
+        write_figures(out, module, dataset, {**metrics, "examples": examples}, device)
+    write_report(out, metrics, found, info, FIGURES if figures else ())
+    write_json(out / "metrics.json", result)  # last: its presence means the evaluation finished
+    return result

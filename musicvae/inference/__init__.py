@@ -1,0 +1,13 @@
+"""A trained run back from its checkpoint: loading, generation (reconstruct, sample, interpolate), export."""
+
+from musicvae._lazy import lazy_exports
+
+_EXPORTS = {
+    "load_module": "loading",
+    "datamodule_for": "loading",
+    "load_generation_model": "generation",
+    "GenerationModel": "generation",
+    "export_checkpoint": "export",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, ['export', 'generation', 'loading'])

@@ -1,0 +1,158 @@
+"""A trained checkpoint as one TorchScript file that runs with torch alone (`scripts/export.py`).
+
+The program maps natural-log mels to latents and back, with the training normalisation inside,
+and carries the mel settings that made its inputs; without musicvae installed:
+
+    extra = {"mel_settings.json": "", "musicvae.json": ""}
+    model = torch.jit.load("model.pt", _extra_files=extra)          # mel settings: json.loads(extra[...])
+    mu = model.encode(log_mel)        # (B, 1, n_mels, frames) natural-log mel power -> (B, latent_dim)
+    log_mel_hat = model.decode(mu)    # (B, latent_dim) -> (B, 1, n_mels, frames), denormalised
+
+TorchScript rather than torch.export: one file holds several methods (`encode`, `decode`,
+`posterior`, `forward`), attributes and metadata, and loads with `torch.jit.load` in Python or
+C++; torch.export captures one entry point per program. torch 2.11 marks torch.jit.script
+deprecated but still supports it fully; the test in tests/test_export.py will say when not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import musicvae
+from musicvae.errors import ConfigError
+from musicvae.inference.generation import GenerationModel, load_generation_model
+
+#: Names of the metadata files stored in the program (read with `torch.jit.load(_extra_files=...)`).
+MEL_SETTINGS_FILE = "mel_settings.json"
+METADATA_FILE = "musicvae.json"
+#: Largest |difference| between the program and the checkpoint's module accepted at export.
+EXPORT_ATOL = 1e-4
+
+
+class PortableVAE(nn.Module):
+    """A VAE's encoder and decoder with the normalisation inside, written for torch.jit.script.
+
+    The networks' `encode` / `decode` do not script (their shape checks format tuples), so this
+    module checks shapes itself and calls their unchecked `posterior` / `generate`;
+    `export_checkpoint` checks the two agree.
+
+    Args:
+        vae: the trained network, any of the architectures (shared, not copied).
+        mean, std: the training normalisation; inputs and outputs are un-normalised log-mels.
+        mel_settings: the MelSettings as JSON, also kept as an attribute of the program.
+    """
+
+    def __init__(self, vae: nn.Module, mean: float, std: float, mel_settings: str) -> None:
+        super().__init__()
+        self.vae = vae
+        self.n_mels, self.frames, self.latent_dim = int(vae.n_mels), int(vae.frames), int(vae.latent_dim)
+        self.mean, self.std = float(mean), float(std)
+        self.mel_settings = mel_settings
+
+    @torch.jit.export
+    def posterior(self, log_mel: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, 1, n_mels, frames) natural-log mel power -> (mu, logvar), each (B, latent_dim)."""
+        if log_mel.dim() != 4 or log_mel.size(1) != 1 or log_mel.size(2) != self.n_mels or log_mel.size(3) != self.frames:
+            raise ValueError("expected log-mels of shape (B, 1, " + str(self.n_mels) + ", " + str(self.frames)
+                             + "), got " + str(log_mel.shape))
+        return self.vae.posterior((log_mel - self.mean) / self.std)
+
+    @torch.jit.export
+    def encode(self, log_mel: Tensor) -> Tensor:
+        """(B, 1, n_mels, frames) natural-log mel power -> (B, latent_dim) posterior mean."""
+        return self.posterior(log_mel)[0]
+
+    @torch.jit.export
+    def decode(self, z: Tensor) -> Tensor:
+        """(B, latent_dim) -> (B, 1, n_mels, frames) natural-log mel power (denormalised)."""
+        if z.dim() != 2 or z.size(1) != self.latent_dim:
+            raise ValueError("expected latents of shape (B, " + str(self.latent_dim) + "), got " + str(z.shape))
+        return self.vae.generate(z) * self.std + self.mean  # (B, L) -> (B, 1, M, T)
+
+    def forward(self, log_mel: Tensor) -> Tensor:
+        """Reconstruction from the posterior mean, log-mel in, log-mel out."""
+        return self.decode(self.encode(log_mel))
+
+
+@contextlib.contextmanager
+def _jit_quietly() -> Iterator[None]:
+    # torch 2.11 warns on every torch.jit call that it is deprecated; see the module docstring for why it is still used.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        yield
+
+
+def script(model: GenerationModel) -> torch.jit.ScriptModule:
+    """The checkpoint's network and normalisation as a scripted PortableVAE, on the CPU, in eval mode."""
+    vae = model.module.vae.cpu().eval()
+    portable = PortableVAE(vae, model.mean, model.std, json.dumps(model.mel.to_dict(), sort_keys=True)).eval()
+    with _jit_quietly():
+        return torch.jit.script(portable)
+
+
+@torch.no_grad()
+def max_difference(program: torch.jit.ScriptModule, model: GenerationModel, n: int = 4, seed: int = 0) -> float:
+    """Largest |difference| between the program and the module on `n` inputs drawn around the data.
+
+    Inputs are N(0, 1) in normalised units, so they cover the scale the network was trained on;
+    both the latent means and the decoded log-mels are compared.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, model.mel.n_mels, model.frames, generator=generator)
+    vae = model.module.vae.cpu().eval()
+    mu = vae.encode(x)[0]
+    expected_mel = model.denormalize(vae.decode(mu))
+    log_mel = model.denormalize(x)
+    return max(float((program.encode(log_mel) - mu).abs().max()),
+               float((program.decode(mu) - expected_mel).abs().max()))
+
+
+def export_checkpoint(ckpt_path: str | os.PathLike, out_path: str | os.PathLike) -> dict[str, Any]:
+    """Write a checkpoint as a TorchScript program (see the module docstring).
+
+    Returns:
+        The metadata stored in the program, with ``path`` and ``max_difference`` (program vs
+        checkpoint module, checked before writing).
+
+    Raises:
+        CheckpointError: the checkpoint is missing, unreadable, or lacks its mel settings.
+        ConfigError: the program does not reproduce the module, or `out_path` cannot be written.
+    """
+    model = load_generation_model(ckpt_path, "cpu")
+    program = script(model)
+    difference = max_difference(program, model)
+    if not difference <= EXPORT_ATOL:
+        raise ConfigError(f"the exported program differs from the checkpoint's module by {difference:.3g} "
+                          f"(> {EXPORT_ATOL:g}); not written")
+    metadata = {
+        "format": "musicvae-torchscript-1",
+        "checkpoint": str(Path(ckpt_path).resolve()),
+        "musicvae_version": musicvae.__version__,
+        "torch_version": torch.__version__,
+        "n_mels": model.mel.n_mels,
+        "frames": model.frames,
+        "latent_dim": int(model.module.hparams.latent_dim),
+        "mean": model.mean,
+        "std": model.std,
+        "input": "natural-log mel power (B, 1, n_mels, frames), made with mel_settings.json",
+        "methods": {"encode": "log-mel -> posterior mean", "posterior": "log-mel -> (mu, logvar)",
+                    "decode": "latent -> log-mel", "forward": "log-mel -> reconstructed log-mel"},
+    }
+    out = Path(out_path)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with _jit_quietly():
+            torch.jit.save(program, str(out), _extra_files={MEL_SETTINGS_FILE: program.mel_settings,
+                                                            METADATA_FILE: json.dumps(metadata, indent=2)})
+    except (OSError, RuntimeError) as err:
+        raise ConfigError(f"{out}: cannot write the exported program ({err})") from None
+    return {**metadata, "path": str(out), "max_difference": difference}

@@ -1,0 +1,372 @@
+"""Hearing what a trained model does: reconstruct a whole recording, sample from the prior, and
+morph between two recordings through the latent space (`scripts/generate.py`).
+
+Tensor functions first (cutting a piece into segments and overlap-adding them back, latent
+paths), then `GenerationModel`, which carries a checkpoint's module, mel settings and
+normalisation, then the file-level functions the script calls; each writes WAVs and a PNG.
+Everything is decoded from posterior means, so the same inputs always give the same outputs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import matplotlib.pyplot as plt
+import numpy as np
+import soundfile as sf
+import torch
+from matplotlib.figure import Figure
+from torch import Tensor
+
+from musicvae.audio.mel import AUDIO_SUFFIXES, MelSettings, decode_audio, mono_to_log_mel
+from musicvae.training.checkpoints import DATA_STATE_KEY
+from musicvae.errors import CheckpointError, ConfigError, DataError
+from musicvae.inference.loading import load_module
+from musicvae.training.module import MusicVAEModule
+from musicvae.plots import mel_comparison_figure, mel_grid_figure
+from musicvae.data.segments import ARRAY_SUFFIXES, load_mel_array
+from musicvae.audio.vocoder import GriffinLimVocoder, denormalize
+
+METHODS = ("slerp", "linear")
+#: Crossfade between the steps of a morph: long enough to hide the cut, short against a segment.
+CROSSFADE_SECONDS = 0.05
+#: Peak a written WAV is scaled down to when it would clip (16-bit PCM stops at 1.0).
+MAX_PEAK = 0.99
+
+
+# --- segments of a whole piece ------------------------------------------------------------------
+
+def segment_starts(total: int, frames: int, hop: int) -> list[int]:
+    """Starts of `frames`-long windows every `hop` frames covering [0, total), the last one ending at `total`.
+
+    The last window is aligned to the end instead of padded past it, so every window the model
+    sees is real music; it overlaps its neighbour by more than `frames - hop`, which the
+    normalised overlap-add absorbs. `total < frames` gives [0] (the caller pads).
+    """
+    if total <= frames:
+        return [0]
+    starts = list(range(0, total - frames + 1, hop))
+    if starts[-1] != total - frames:
+        starts.append(total - frames)
+    return starts
+
+
+def overlap_add(segments: Tensor, starts: list[int], total: int) -> Tensor:
+    """Blend overlapping segments (N, n_mels, frames) into one (n_mels, total) by a normalised Hann window.
+
+    Each frame is the window-weighted mean of the segments covering it, so the result passes
+    from one segment to the next by a smooth crossfade, with no seam where a segment ends.
+    """
+    frames = segments.shape[-1]
+    # Hann of frames + 2 without its zero ends: every frame keeps a positive weight, so the first
+    # and last frames of the piece (covered by one segment only) are that segment, not 0/0.
+    window = torch.hann_window(frames + 2, periodic=False, dtype=segments.dtype, device=segments.device)[1:-1]
+    out = segments.new_zeros(segments.shape[-2], total)
+    weight = segments.new_zeros(total)
+    for segment, start in zip(segments, starts):
+        out[:, start : start + frames] += segment * window
+        weight[start : start + frames] += window
+    return out / weight
+
+
+def slerp(a: Tensor, b: Tensor, t: Tensor) -> Tensor:
+    """Spherical interpolation (D,), (D,), (S,) -> (S, D), with t=0 exactly `a` and t=1 exactly `b`.
+
+    Draws from a Gaussian prior concentrate on a shell; a straight line between two of them
+    passes nearer the origin, where the decoder saw few latents (White 2016, arXiv:1609.04468).
+    """
+    omega = torch.arccos(torch.clamp(torch.dot(a / a.norm(), b / b.norm()), -1.0, 1.0))
+    t = t[:, None]
+    if omega.abs() < 1e-4:  # (anti)parallel: sin(omega) ~ 0, and the arc is the line anyway
+        return (1 - t) * a + t * b
+    return (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
+
+
+def latent_path(a: Tensor, b: Tensor, steps: int, method: str = "slerp") -> Tensor:
+    """`steps` latents from `a` to `b`, both included: (D,), (D,) -> (steps, D)."""
+    if method not in METHODS:
+        raise ConfigError(f"--method {method!r}: use one of {METHODS}")
+    if steps < 2:
+        raise ConfigError(f"--steps {steps}: a path needs at least 2 steps (its two ends)")
+    t = torch.linspace(0.0, 1.0, steps, dtype=a.dtype, device=a.device)
+    path = slerp(a, b, t) if method == "slerp" else (1 - t[:, None]) * a + t[:, None] * b
+    path[0], path[-1] = a, b  # exact ends, whatever the rounding of the formula
+    return path
+
+
+# --- a checkpoint ready to generate -------------------------------------------------------------
+
+@dataclass
+class GenerationModel:
+    """A trained module with the features and normalisation it was trained on.
+
+    Attributes:
+        module: the MusicVAEModule, in eval mode.
+        mel: the checkpoint's mel settings.
+        frames: frames per segment.
+        mean, std: the training split's normalisation statistics.
+    """
+
+    module: MusicVAEModule
+    mel: MelSettings
+    frames: int
+    mean: float
+    std: float
+
+    @property
+    def device(self) -> torch.device:
+        return self.module.device
+
+    def normalize(self, log_mel: Tensor) -> Tensor:
+        return (log_mel - self.mean) / self.std
+
+    def denormalize(self, x: Tensor) -> Tensor:
+        return denormalize(x, self.mean, self.std)
+
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> Tensor:
+        """Posterior means of normalised segments: (B, 1, n_mels, frames) -> (B, latent_dim)."""
+        return self.module.vae.encode(x.to(self.device))[0]
+
+    @torch.no_grad()
+    def decode(self, z: Tensor) -> Tensor:
+        """(B, latent_dim) -> (B, 1, n_mels, frames) normalised log-mels."""
+        return self.module.vae.decode(z.to(self.device))
+
+    def vocoder(self, n_iter: int) -> GriffinLimVocoder:
+        return GriffinLimVocoder(self.mel, n_iter=n_iter).to(self.device)
+
+
+def load_generation_model(ckpt_path: str | os.PathLike, device: str = "cpu") -> GenerationModel:
+    """Load a checkpoint for generation.
+
+    Raises:
+        CheckpointError: missing or unreadable, or without the mel settings and statistics
+            that turn the model's outputs back into sound.
+    """
+    module, ckpt = load_module(ckpt_path, device)
+    state = ckpt[DATA_STATE_KEY]
+    missing = [k for k in ("mel", "mean", "std") if k not in state]
+    if missing:
+        raise CheckpointError(
+            f"{ckpt_path}: the checkpoint's {DATA_STATE_KEY} state lacks {missing}, so its outputs "
+            "cannot be turned back into audio (written by an older musicvae? retrain or re-save it)"
+        )
+    mel = MelSettings.from_dict(state["mel"], source=f"{ckpt_path} mel settings")
+    frames = int(state.get("frames", module.hparams.frames))
+    if mel.n_mels != module.hparams.n_mels or frames != module.hparams.frames:
+        raise CheckpointError(
+            f"{ckpt_path}: the data state ({mel.n_mels} mels x {frames} frames) does not match the model "
+            f"({module.hparams.n_mels} x {module.hparams.frames})"
+        )
+    return GenerationModel(module, mel, frames, float(state["mean"]), float(state["std"]))
+
+
+# --- mels in, mels out --------------------------------------------------------------------------
+
+def load_log_mel(path: str | os.PathLike, mel: MelSettings) -> tuple[Tensor, int]:
+    """A recording as (n_mels, T) natural-log mel power: audio files through `mel`, arrays as they are.
+
+    Returns:
+        The log-mel and the recording's length in samples at `mel.sample_rate` (for an array,
+        (T - 1) * hop_length, the length whose centred STFT has T frames).
+
+    Raises:
+        DataError: unreadable, silent, too short, non-finite, or an array of other mel bins.
+    """
+    path = Path(path)
+    if path.suffix.lower() in ARRAY_SUFFIXES:
+        array = torch.from_numpy(np.array(load_mel_array(path, mel.n_mels), dtype=np.float32))
+        if array.shape[-1] == 0:
+            raise DataError(f"{path}: the array has no frames")
+        if not torch.isfinite(array).all():
+            raise DataError(f"{path}: the array contains NaN or Inf")
+        if array.max() <= array.min():
+            raise DataError(f"{path}: silent (the log-mel is constant at {float(array.min()):.3g})")
+        return array, (array.shape[-1] - 1) * mel.hop_length
+    if path.suffix.lower() not in AUDIO_SUFFIXES and path.is_file():
+        raise DataError(f"{path}: unknown file type; use audio ({', '.join(AUDIO_SUFFIXES)}) or a .npy log-mel")
+    wave, rate = decode_audio(path)
+    log_mel = torch.from_numpy(mono_to_log_mel(wave, rate, mel, source=str(path)))
+    return log_mel, -(-len(wave) * mel.sample_rate // rate)  # resample's length: ceil(n * new / old)
+
+
+def pad_to(log_mel: Tensor, frames: int, floor: float) -> Tensor:
+    """(n_mels, T) -> (n_mels, max(T, frames)), padded at the end with silence (the log floor)."""
+    if log_mel.shape[-1] >= frames:
+        return log_mel
+    return torch.nn.functional.pad(log_mel, (0, frames - log_mel.shape[-1]), value=floor)
+
+
+def reconstruct_mel(model: GenerationModel, log_mel: Tensor, hop: Optional[int] = None,
+                    batch_size: int = 32) -> Tensor:
+    """Reconstruct a piece of any length through the model, segment by segment.
+
+    Args:
+        model: the loaded checkpoint.
+        log_mel: (n_mels, T) natural-log mel power of the whole piece.
+        hop: frames between segment starts; default half a segment.
+        batch_size: segments per forward pass.
+
+    Returns:
+        (n_mels, T) natural-log mel power: each segment decoded from its posterior mean, the
+        normalised outputs overlap-added (see `overlap_add`) and denormalised once.
+    """
+    hop = hop or max(1, model.frames // 2)
+    if not 1 <= hop <= model.frames:
+        raise ConfigError(f"--hop {hop}: must be 1..{model.frames} (a segment) so that segments leave no gaps")
+    total = log_mel.shape[-1]
+    padded = pad_to(log_mel.float(), model.frames, model.mel.log_floor_value)
+    starts = segment_starts(padded.shape[-1], model.frames, hop)
+    x = model.normalize(padded)
+    segments = torch.stack([x[:, s : s + model.frames] for s in starts])[:, None]  # -> (N, 1, n_mels, frames)
+    outputs = torch.cat([model.decode(model.encode(batch)).cpu() for batch in segments.split(batch_size)])
+    joined = overlap_add(outputs[:, 0], starts, padded.shape[-1])  # (N, n_mels, frames) -> (n_mels, T')
+    return model.denormalize(joined[:, :total])
+
+
+def segment_at(log_mel: Tensor, offset_s: float, frames: int, mel: MelSettings, source: str) -> tuple[Tensor, float]:
+    """The `frames`-long segment of a (n_mels, T) log-mel starting `offset_s` seconds in.
+
+    An offset too close to the end is moved back so the segment fits; a piece shorter than a
+    segment is padded with silence.
+
+    Returns:
+        (n_mels, frames) and the offset actually used, in seconds.
+    """
+    start = int(round(offset_s * mel.frames_per_second))
+    total = log_mel.shape[-1]
+    if offset_s < 0 or start >= total:
+        raise ConfigError(f"{source}: offset {offset_s:g} s is outside the recording (0 to {total / mel.frames_per_second:.2f} s)")
+    start = max(0, min(start, total - frames))
+    return pad_to(log_mel, frames, mel.log_floor_value)[:, start : start + frames], start / mel.frames_per_second
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+def write_wav(path: Path, wave: Tensor, sample_rate: int) -> float:
+    """Write a mono waveform as 16-bit PCM; returns the gain applied (< 1 only when it would clip)."""
+    wave = wave.detach().float().cpu()
+    peak = float(wave.abs().max()) if wave.numel() else 0.0
+    gain = MAX_PEAK / peak if peak > MAX_PEAK else 1.0
+    try:
+        sf.write(str(path), (wave * gain).numpy(), sample_rate, subtype="PCM_16")
+    except (OSError, RuntimeError) as err:  # soundfile's LibsndfileError is a RuntimeError
+        raise ConfigError(f"{path}: cannot write the WAV ({err})") from None
+    return gain
+
+
+def crossfade_concat(waves: list[Tensor], fade: int) -> Tensor:
+    """Join (samples,) waveforms, each overlapping the next by `fade` samples with an equal-power fade.
+
+    Equal power (sin/cos) rather than linear: consecutive steps are different sounds, whose
+    powers add, so a linear fade would dip by 3 dB in the middle.
+    """
+    fade = min(fade, *(w.shape[-1] // 2 for w in waves))
+    ramp = torch.sin(torch.linspace(0.0, math.pi / 2, fade)) if fade else torch.zeros(0)
+    out = waves[0]
+    for wave in waves[1:]:
+        mixed = out[out.shape[-1] - fade :] * ramp.flip(0) + wave[:fade] * ramp
+        out = torch.cat([out[: out.shape[-1] - fade], mixed, wave[fade:]])
+    return out
+
+
+def save_figure(fig: Figure, path: Path) -> Path:
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _out_dir(out: str | os.PathLike) -> Path:
+    folder = Path(out)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"--out {folder}: cannot create the folder ({err.strerror})") from None
+    return folder
+
+
+# --- the three things a user can hear -----------------------------------------------------------
+
+def reconstruct_file(ckpt_path: str | os.PathLike, input_path: str | os.PathLike, out_wav: str | os.PathLike,
+                     device: str = "cpu", griffin_lim_iters: int = 64, hop: Optional[int] = None) -> dict[str, Any]:
+    """Reconstruct a whole recording through a checkpoint; write `out_wav` and a PNG beside it.
+
+    The piece's mel is reconstructed by `reconstruct_mel` and inverted once, so the audio has
+    no seams between segments. Returns the paths written and the piece's length.
+    """
+    model = load_generation_model(ckpt_path, device)
+    log_mel, samples = load_log_mel(input_path, model.mel)
+    recon = reconstruct_mel(model, log_mel.to(model.device), hop)
+    out_wav = Path(out_wav)
+    _out_dir(out_wav.parent)
+    with torch.inference_mode():
+        wave = model.vocoder(griffin_lim_iters)(recon.to(model.device), length=samples)
+    gain = write_wav(out_wav, wave, model.mel.sample_rate)
+    fig = mel_comparison_figure(model.normalize(log_mel)[None], model.normalize(recon.cpu())[None],
+                                f"{Path(input_path).name}: input (top) and reconstruction")
+    fig.set_size_inches(min(24.0, max(6.0, log_mel.shape[-1] / 100)), 5.2)  # long pieces get a wide figure
+    png = save_figure(fig, out_wav.with_suffix(".png"))
+    return {"wav": str(out_wav), "png": str(png), "frames": int(log_mel.shape[-1]), "samples": int(wave.shape[-1]),
+            "seconds": wave.shape[-1] / model.mel.sample_rate, "gain": gain}
+
+
+def sample_files(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, n: int = 8, temperature: float = 1.0,
+                 seed: Optional[int] = None, device: str = "cpu", griffin_lim_iters: int = 64) -> dict[str, Any]:
+    """Decode `n` draws from the prior N(0, temperature^2 I); write `sample_XX.wav` and `samples.png`."""
+    if n < 1:
+        raise ConfigError(f"-n {n}: draw at least one sample")
+    if temperature <= 0:
+        raise ConfigError(f"--temperature {temperature}: must be positive")
+    model = load_generation_model(ckpt_path, device)
+    out = _out_dir(out_dir)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    with torch.inference_mode():
+        mels = model.denormalize(model.module.sample(n, temperature, generator)[:, 0])  # -> (n, n_mels, frames)
+        waves = model.vocoder(griffin_lim_iters)(mels).cpu()  # -> (n, samples)
+    wavs = [out / f"sample_{i:02d}.wav" for i in range(n)]
+    for path, wave in zip(wavs, waves):
+        write_wav(path, wave, model.mel.sample_rate)
+    fig = mel_grid_figure(mels, [f"sample {i}" for i in range(n)], min(n, 4),
+                          f"prior samples, temperature {temperature:g}" + (f", seed {seed}" if seed is not None else ""))
+    return {"wavs": [str(p) for p in wavs], "png": str(save_figure(fig, out / "samples.png"))}
+
+
+def interpolation_mels(model: GenerationModel, segment_a: Tensor, segment_b: Tensor, steps: int,
+                       method: str = "slerp") -> Tensor:
+    """Decode the latent path between two (n_mels, frames) log-mel segments -> (steps, n_mels, frames).
+
+    Step 0 decodes A's posterior mean and the last step B's: they equal `reconstruct_mel` of
+    the segments alone.
+    """
+    x = model.normalize(torch.stack([segment_a, segment_b]).float())[:, None]  # -> (2, 1, n_mels, frames)
+    mu = model.encode(x)
+    return model.denormalize(model.decode(latent_path(mu[0], mu[1], steps, method))[:, 0])
+
+
+def interpolate_files(ckpt_path: str | os.PathLike, path_a: str | os.PathLike, path_b: str | os.PathLike,
+                      out_dir: str | os.PathLike, steps: int = 8, method: str = "slerp", offset_a: float = 0.0,
+                      offset_b: float = 0.0, device: str = "cpu", griffin_lim_iters: int = 64) -> dict[str, Any]:
+    """Morph from a segment of A to one of B; write `step_XX.wav`, `morph.wav` and `interpolation.png`."""
+    latent_path(torch.zeros(1), torch.ones(1), steps, method)  # refuse bad settings before any work
+    model = load_generation_model(ckpt_path, device)
+    seg_a, used_a = segment_at(load_log_mel(path_a, model.mel)[0], offset_a, model.frames, model.mel, str(path_a))
+    seg_b, used_b = segment_at(load_log_mel(path_b, model.mel)[0], offset_b, model.frames, model.mel, str(path_b))
+    out = _out_dir(out_dir)  # only once the inputs are known good: a failed run leaves no empty folder
+    with torch.inference_mode():
+        mels = interpolation_mels(model, seg_a, seg_b, steps, method)
+        waves = model.vocoder(griffin_lim_iters)(mels).cpu()  # (steps, n_mels, frames) -> (steps, samples)
+    wavs = [out / f"step_{i:02d}.wav" for i in range(steps)]
+    for path, wave in zip(wavs, waves):
+        write_wav(path, wave, model.mel.sample_rate)
+    morph = crossfade_concat(list(waves), int(CROSSFADE_SECONDS * model.mel.sample_rate))
+    write_wav(out / "morph.wav", morph, model.mel.sample_rate)
+    titles = [f"{i}: A" if i == 0 else f"{i}: B" if i == steps - 1 else str(i) for i in range(steps)]
+    fig = mel_grid_figure(mels, titles, steps, f"{method} from {Path(path_a).name} @ {used_a:.2f} s "
+                          f"to {Path(path_b).name} @ {used_b:.2f} s")
+    return {"wavs": [str(p) for p in wavs], "morph": str(out / "morph.wav"),
+            "png": str(save_figure(fig, out / "interpolation.png")), "offsets": [used_a, used_b]}

@@ -1,0 +1,68 @@
+"""Load a trained run from its checkpoint, for evaluation, generation and export.
+
+Everything needed comes from the checkpoint itself, read with `weights_only=True`: the model's
+hyper-parameters and weights, and the data module's mel settings, normalisation and split rule.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from musicvae.audio.mel import MelSettings, read_mel_sidecar
+from musicvae.training.checkpoints import DATA_STATE_KEY, load_checkpoint, run_config
+from musicvae.data.datamodule import MelDataModule
+from musicvae.errors import CheckpointError, ConfigError
+from musicvae.training.module import MusicVAEModule
+
+#: Data settings that evaluation may take from the stored run (the rest come from the checkpoint).
+_DATA_KEYS = ("data_dir", "cache_dir", "frames", "batch_size", "val_split", "seed", "synthetic_pieces",
+              "synthetic_seconds", "silence_margin", "on_bad_file")
+
+
+def load_module(ckpt_path: str | os.PathLike, device: str = "cpu") -> tuple[MusicVAEModule, dict[str, Any]]:
+    """The trained module in eval mode on `device`, and the checkpoint it came from."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    ckpt = load_checkpoint(ckpt_path)
+    hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
+    hparams["compile"] = False  # a training speed setting; evaluation and export run eagerly
+    try:
+        module = MusicVAEModule(**hparams)
+        module.load_state_dict(ckpt["state_dict"])
+    except (TypeError, RuntimeError) as err:
+        raise CheckpointError(f"{ckpt_path}: the weights do not fit a MusicVAEModule ({err})") from None
+    return module.eval().to(device), ckpt
+
+
+def datamodule_for(
+    ckpt: dict[str, Any], data_dir: Optional[str] = None, batch_size: Optional[int] = None, **overrides: Any
+) -> MelDataModule:
+    """A MelDataModule that sees data exactly as the checkpoint's model was trained to.
+
+    Mel settings, segment length and normalisation statistics come from the checkpoint; the
+    folder, split rule and cache location from the stored run unless `data_dir` or `overrides`
+    say otherwise. A folder whose arrays declare other mel settings is refused.
+    """
+    state = ckpt.get(DATA_STATE_KEY) or {}
+    stored = (run_config(ckpt).get("data") or {}) if ckpt else {}
+    kwargs = {k: stored[k] for k in _DATA_KEYS if k in stored}
+    kwargs.update({"frames": state.get("frames", kwargs.get("frames", 128)), "val_split": state.get("val_split", 0.1),
+                   "seed": state.get("seed", 0), "num_workers": 0})
+    if data_dir is not None:
+        kwargs["data_dir"] = str(data_dir)
+    if batch_size is not None:
+        kwargs["batch_size"] = batch_size
+    kwargs.update(overrides)
+    mel = MelSettings.from_dict(state["mel"], source="checkpoint") if "mel" in state else None
+    folder = kwargs.get("data_dir")
+    declared = read_mel_sidecar(Path(folder)) if folder and Path(folder).is_dir() else None
+    if declared is not None and mel is not None and declared != mel:
+        diffs = ", ".join(f"{k} {b!r} (the folder has {a!r})" for k, (a, b) in declared.differences(mel).items())
+        raise ConfigError(f"{folder}: the arrays do not match the checkpoint, which expects {diffs}")
+    datamodule = MelDataModule(mel=mel, **kwargs)
+    datamodule.load_state_dict(state)
+    return datamodule

@@ -1,0 +1,119 @@
+"""Callbacks that make checkpoints self-describing and resumes honour new hyper-parameters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
+
+from musicvae.atomic import write_atomic
+from musicvae.training.checkpoints import MONITOR_KEY, RUN_CONFIG_KEY, dump_yaml
+
+
+class RunMetadata(Callback):
+    """Puts the run's full config and the monitored value into every checkpoint.
+
+    The config (with an absolute `checkpoint_dir`) is also written beside the checkpoints as
+    `config.yaml`, for people; `--ckpt_path` alone reads the copy inside the checkpoint. The
+    TensorBoard logger's folder and version are pinned in it, so a resumed run continues the
+    same curves instead of starting a new version relative to wherever it was started.
+    """
+
+    def __init__(self, config: dict[str, Any], monitor: str, checkpoint_dir: Path) -> None:
+        self.config = config
+        self.monitor = monitor
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.config_yaml = dump_yaml(config)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._pin_logger(trainer)
+        # Not in setup(): ModelCheckpoint warns about a non-empty folder if the file is already there.
+        if not trainer.is_global_zero:
+            return
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.checkpoint_dir / "config.yaml", lambda handle: handle.write(self.config_yaml), mode="w")
+
+    def _pin_logger(self, trainer: L.Trainer) -> None:
+        spec = (self.config.get("trainer") or {}).get("logger")
+        logger = trainer.logger
+        if not isinstance(logger, TensorBoardLogger) or not isinstance(spec, dict):
+            return
+        if not str(spec.get("class_path", "")).endswith("TensorBoardLogger"):
+            return
+        init_args = spec.setdefault("init_args", {})
+        init_args["save_dir"] = str(Path(logger.save_dir).resolve())
+        init_args["name"] = logger.name
+        init_args["version"] = logger.version
+        self.config_yaml = dump_yaml(self.config)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint[RUN_CONFIG_KEY] = self.config_yaml
+        value = trainer.callback_metrics.get(self.monitor)
+        checkpoint[MONITOR_KEY] = {"name": self.monitor, "value": None if value is None else float(value)}
+
+
+class ApplyResumedLearningRate(Callback):
+    """Puts a learning rate changed on resume into the restored optimizer.
+
+    Lightning restores the optimizer's state, old learning rate included, after the module is
+    built with the new one; without this a `--model.lr` given on resume is silently ignored.
+    Adam's moment estimates are kept.
+    """
+
+    def __init__(self, old_lr: Optional[float]) -> None:
+        self.old_lr = old_lr
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        new_lr = float(pl_module.hparams.lr)
+        if trainer.ckpt_path is None or self.old_lr is None or new_lr == self.old_lr:
+            return
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                # A group may run at a fixed multiple of the learning rate (the linear path's).
+                group["lr"] = new_lr * group.get("lr_scale", 1.0)
+                if "initial_lr" in group:
+                    group["initial_lr"] = group["lr"]
+        for config in trainer.lr_scheduler_configs:
+            config.scheduler.base_lrs = [new_lr * g.get("lr_scale", 1.0) for g in config.scheduler.optimizer.param_groups]
+        rank_zero_info(f"musicvae: learning rate set to {new_lr:g} in the restored optimizer (was {self.old_lr:g})")
+
+
+class FixedNameCheckpoint(ModelCheckpoint):
+    """A ModelCheckpoint with a fixed file name whose best score survives a moved run folder.
+
+    Lightning restores `best_model_score` only when the stored `dirpath` string equals the
+    current one; otherwise a resumed run would replace `best.ckpt` with its first, possibly
+    worse, model. File names are fixed here, so the stored paths map onto the new folder by
+    name, and the score is kept whenever that folder holds the file it refers to.
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        stored_dir = state_dict.get("dirpath", self.dirpath)
+        if stored_dir == self.dirpath or self.dirpath is None:
+            return super().load_state_dict(state_dict)
+        moved = {key: self._moved(state_dict.get(key)) for key in ("best_model_path", "kth_best_model_path", "last_model_path")}
+        if moved["best_model_path"] and Path(moved["best_model_path"]).exists():
+            self.best_model_score = state_dict["best_model_score"]
+            self.kth_value = state_dict.get("kth_value", self.kth_value)
+            self.best_k_models = {self._moved(path): score for path, score in state_dict.get("best_k_models", {}).items()}
+            self.best_model_path = moved["best_model_path"]
+            self.kth_best_model_path = moved["kth_best_model_path"] or ""
+            self.last_model_path = moved["last_model_path"] or ""
+            rank_zero_info(f"musicvae: run folder moved from {stored_dir} to {self.dirpath}; best score kept")
+        else:
+            rank_zero_info(
+                f"musicvae: {self.dirpath} holds no {self.filename}.ckpt of the resumed run (it was in {stored_dir}); "
+                "the best score starts afresh in the new folder"
+            )
+
+    def _ModelCheckpoint__warn_if_dir_not_empty(self, dirpath: str) -> None:  # noqa: N802
+        # Lightning warns whenever the folder holds checkpoints, resumes included; the CLI already
+        # refuses a fresh run into a used folder, so the warning would only ever be noise here.
+        return None
+
+    def _moved(self, path: Optional[str]) -> Optional[str]:
+        return str(Path(self.dirpath) / Path(path).name) if path else None

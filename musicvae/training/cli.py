@@ -1,0 +1,336 @@
+"""The `scripts/train.py` command line: LightningCLI over MusicVAEModule and MelDataModule.
+
+Resuming (`--ckpt_path`) differs from plain LightningCLI in two ways, both on purpose:
+- the run's full config stored in the checkpoint is the base, and explicit `--config` files and
+  flags override it (LightningCLI would instead merge the checkpoint's model hyper-parameters
+  over the command line, silently ignoring e.g. a new `--model.lr`);
+- a new learning rate is put into the restored optimizer (see ApplyResumedLearningRate).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.fabric.plugins import CheckpointIO
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from musicvae.atomic import remove_abandoned
+from musicvae.training.callbacks import ApplyResumedLearningRate, FixedNameCheckpoint, RunMetadata
+from musicvae.training.checkpoint_io import AtomicCheckpointIO
+from musicvae.training.checkpoints import (
+    config_changes,
+    config_from_hyperparameters,
+    dump_yaml,
+    load_checkpoint,
+    run_config,
+    unresumable_changes,
+)
+from musicvae.data.datamodule import MelDataModule
+from musicvae.errors import CheckpointError, ConfigError, MusicVAEError, NonFiniteError
+from musicvae.training.guards import NONFINITE_EXIT, PREEMPTED_EXIT, NonFiniteGuard, Preemption
+from musicvae.training.module import MusicVAEModule
+from musicvae.training.random_state import ResumableRandomState
+from musicvae.training.preflight import (check_batch_size, check_creatable_dir, check_linear_path, check_mel_settings,
+                                logger_save_dirs)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "quickstart.yaml"
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "logger": {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": "logs", "name": "musicvae"},
+    },
+}
+#: Which loss weights each monitorable metric depends on (for the resume warning).
+MONITOR_DEPENDS = {
+    "val/loss": ("loss", "beta", "spectral_weight", "output_reg_weight", "freq_bands"),
+    "val/recon": ("loss", "freq_bands"),
+    "val/kl": (),
+    "val/kl_nats": (),
+    "val/mse": (),
+    "val/spectral": ("loss",),
+    "val/output_reg": ("loss",),
+    # Diagnostics (musicvae/metrics.py) where lower is better.
+    "val/weighted_mse": ("freq_bands",),
+    "val/spectral_convergence": (),
+    "val/lsd_db": (),
+    "val/range_frac_outside": (),
+    "val/featureless_frac": (),
+}
+
+
+def split_seed(seed_everything: Union[bool, int, None]) -> int:
+    """The split seed follows `seed_everything` when that is a number; a random seed would move files."""
+    if isinstance(seed_everything, bool) or seed_everything is None:
+        return 0
+    return int(seed_everything)
+
+
+def checkpoint_callbacks(checkpoint_dir: Path, monitor: str = "val/loss", every_n_steps: int = 0) -> list[Callback]:
+    """`best.ckpt` (lowest `monitor`) and `last.ckpt` (newest state) under an absolute folder.
+
+    Two callbacks, because with a monitor Lightning 2.6 refreshes `last.ckpt` only when a new
+    best is saved; a third refreshes `last.ckpt` every `every_n_steps` training steps (mid-epoch,
+    resumable exactly), because ModelCheckpoint takes step or epoch triggers, not both. The
+    folder is absolute because ModelCheckpoint restores its best score only when the stored
+    `dirpath` string is identical (FixedNameCheckpoint also follows a moved folder).
+    """
+    common = dict(dirpath=str(checkpoint_dir), auto_insert_metric_name=False, enable_version_counter=False)
+    best = FixedNameCheckpoint(filename="best", monitor=monitor, mode="min", save_top_k=1, **common)
+    last = FixedNameCheckpoint(filename="last", monitor=None, save_top_k=1, **common)
+    if every_n_steps <= 0:
+        return [best, last]
+    steps = FixedNameCheckpoint(filename="last", monitor=None, save_top_k=1, every_n_train_steps=every_n_steps, **common)
+    return [best, last, steps]
+
+
+def with_atomic_checkpoints(plugins: Any) -> list[Any]:
+    """The trainer's plugins plus AtomicCheckpointIO, unless a CheckpointIO was configured."""
+    plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
+    return plugins
+
+
+class SaveConfigToLogDir(SaveConfigCallback):
+    """LightningCLI's config.yaml in the TensorBoard run folder, skipped when there is no logger.
+
+    Without a logger Lightning's log_dir is the working directory, which must not collect files;
+    the run's config is beside the checkpoints anyway.
+    """
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if trainer.logger is None:
+            return
+        super().setup(trainer, pl_module, stage)
+
+
+class MusicVAECLI(LightningCLI):
+    """LightningCLI with the project's links, checkpoint folder, resume rules and defaults."""
+
+    def __init__(self, *args: Any, resume: Optional[dict] = None, **kwargs: Any) -> None:
+        self.resume = resume  # the checkpoint given with --ckpt_path, already loaded safely
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--checkpoint_dir", type=str, default="checkpoints/musicvae",
+            help="Folder for best.ckpt, last.ckpt and config.yaml (made absolute).",
+        )
+        parser.add_argument(
+            "--monitor", type=str, default="val/loss",
+            help=f"Validation metric that picks best.ckpt (lower is better): one of {', '.join(MONITOR_DEPENDS)}.",
+        )
+        parser.add_argument(
+            "--overwrite", type=bool, default=False,
+            help="Start a fresh run in a checkpoint_dir that already holds checkpoints (they get replaced).",
+        )
+        parser.add_argument(
+            "--checkpoint_every_n_steps", type=int, default=0,
+            help="Also refresh last.ckpt every N training steps, mid-epoch (0: only after each validation). "
+            "A resume from such a checkpoint continues with the same batches and random draws.",
+        )
+        parser.add_argument(
+            "--skip_nonfinite", type=int, default=0,
+            help="Batches with a NaN/Inf loss or gradient to skip (update dropped, warning logged) before "
+            "training stops; 0 stops at the first.",
+        )
+        # One source of truth for shapes: the model takes them from the data.
+        parser.link_arguments("data.frames", "model.frames")
+        parser.link_arguments("data.n_mels", "model.n_mels", apply_on="instantiate")
+        parser.link_arguments("seed_everything", "data.seed", compute_fn=split_seed)
+
+    def _parse_ckpt_path(self) -> None:
+        # Replaced by the stored run config injected under the command line (see cli_main).
+        return None
+
+    def _setting(self, key: str) -> Any:
+        return self._get(self.config, key)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self._setting("checkpoint_dir")).expanduser().resolve()
+
+    def _stored_config(self) -> str:
+        """This run's config as YAML, with absolute paths so it resumes from any directory."""
+        config = (self.config[self.subcommand] if self.subcommand else self.config).clone()
+        config.checkpoint_dir = str(self.checkpoint_dir)
+        config.overwrite = False
+        if "ckpt_path" in config:  # absent without a subcommand (run=False)
+            config.ckpt_path = None
+        return self._parser(self.subcommand).dump(config, skip_none=False)
+
+    def instantiate_trainer(self, **kwargs: Any):
+        monitor = self._setting("monitor")
+        if monitor not in MONITOR_DEPENDS:
+            raise ConfigError(f"--monitor {monitor!r} is not a logged validation metric; use one of {list(MONITOR_DEPENDS)}")
+        if monitor in ("val/spectral", "val/output_reg") and self.model.hparams.loss != "spectral":
+            raise ConfigError(f"--monitor {monitor} is only logged with --model.loss spectral")
+        parser = self._parser(self.subcommand)
+        extra = [self._get(self.config_init, key) for key in parser.callback_keys]
+        every = self._setting("checkpoint_every_n_steps")
+        skip = self._setting("skip_nonfinite")
+        if every < 0 or skip < 0:
+            raise ConfigError(
+                f"--checkpoint_every_n_steps ({every}) and --skip_nonfinite ({skip}) must be 0 or more"
+            )
+        extra += checkpoint_callbacks(self.checkpoint_dir, monitor, every)
+        extra.append(RunMetadata(yaml.safe_load(self._stored_config()), monitor, self.checkpoint_dir))
+        old_lr = (self.resume or {}).get("hyper_parameters", {}).get("lr")
+        extra.append(ApplyResumedLearningRate(old_lr))
+        extra += [ResumableRandomState(), NonFiniteGuard(skip), Preemption(self.checkpoint_dir)]
+        trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        trainer_config["plugins"] = with_atomic_checkpoints(trainer_config.get("plugins"))
+        return self._instantiate_trainer(trainer_config, extra)
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand and self._setting("ckpt_path") and self.resume is None:
+            raise ConfigError(
+                "ckpt_path is set in a config file; give it on the command line (--ckpt_path FILE) so the "
+                "stored run settings and the checkpoint are checked before anything is built"
+            )
+        # Folders the run will write into, checked (never created) before anything is built.
+        if self.subcommand:
+            if self.subcommand == "fit":
+                check_creatable_dir(self._setting("checkpoint_dir"), "--checkpoint_dir")
+            for setting, folder in logger_save_dirs(self._get(self.config, "trainer.logger")):
+                check_creatable_dir(folder, setting)
+            if self._get(self.config, "data.cache_dir"):
+                check_creatable_dir(self._get(self.config, "data.cache_dir"), "--data.cache_dir")
+        check_mel_settings(self._get(self.config, "data.mel"))
+
+    def before_fit(self) -> None:
+        # Before prepare_data: a batch the training set can never fill fails now, not after the cache is built.
+        bound = check_batch_size(self.datamodule)
+        if self.resume is None:
+            check_linear_path(self.model, bound)  # a resumed run's linear path is already set
+            self._refuse_to_clobber()
+        else:
+            self._check_resume()
+        for path in remove_abandoned(self.checkpoint_dir, recursive=False):
+            rank_zero_info(f"musicvae: removed {path.name}, left by a checkpoint write that was killed")
+
+    def after_fit(self) -> None:
+        trainer = self.trainer
+        if not trainer.is_global_zero:
+            return
+        lines = [f"  checkpoints: {self.checkpoint_dir}/{{best,last}}.ckpt (and config.yaml)"]
+        # logger.log_dir, not trainer.log_dir: the trainer's broadcasts, and other ranks have left.
+        log_dir = getattr(trainer.logger, "log_dir", None)
+        if log_dir:
+            lines.append(f"  TensorBoard logs: {log_dir}  (view: tensorboard --logdir {trainer.logger.save_dir})")
+        lines.append(f"  resume: python scripts/train.py --ckpt_path {self.checkpoint_dir / 'last.ckpt'} [--trainer.max_epochs N]")
+        rank_zero_info("musicvae: training finished.\n" + "\n".join(lines))
+
+    def _refuse_to_clobber(self) -> None:
+        existing = sorted(p.name for p in self.checkpoint_dir.glob("*.ckpt")) if self.checkpoint_dir.is_dir() else []
+        if existing and not self._setting("overwrite"):
+            raise ConfigError(
+                f"{self.checkpoint_dir} already holds {', '.join(existing)} from an earlier run. Resume it with "
+                f"--ckpt_path {self.checkpoint_dir / 'last.ckpt'}, choose another --checkpoint_dir, or pass "
+                "--overwrite true to start afresh (the old checkpoints are replaced as the new run saves)."
+            )
+        # Nothing is created here: RunMetadata and the checkpoint callbacks make the folder when they
+        # first write into it, and before_instantiate_classes has checked that they can.
+
+    def _check_resume(self) -> None:
+        ckpt = self.resume
+        problems = unresumable_changes(ckpt, dict(self.model.hparams), self.datamodule.mel.to_dict())
+        if problems:
+            raise CheckpointError(
+                "cannot resume: the checkpoint's weights do not fit the new settings: " + "; ".join(problems)
+                + ". Keep these as they were, or start a fresh run without --ckpt_path."
+            )
+        old = run_config(ckpt)
+        if not old:
+            return
+        changes = config_changes(old, yaml.safe_load(self._stored_config()))
+        if changes:
+            listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
+            rank_zero_info(f"musicvae: resuming with changed settings: {listed}")
+        monitor = self._setting("monitor")
+        touched = [k for k in changes if k.split(".", 1)[-1] in MONITOR_DEPENDS.get(monitor, ()) and k.startswith("model.")]
+        if touched or "monitor" in changes:
+            rank_zero_warn(
+                f"{', '.join(touched) or 'monitor'} changed on resume while best.ckpt is chosen by {monitor}: "
+                "best-score comparisons across the change mix two scales (consider --monitor val/mse)."
+            )
+
+
+def _ckpt_path_arg(args: list[str]) -> Optional[str]:
+    for i, arg in enumerate(args):
+        if arg == "--ckpt_path" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--ckpt_path="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def with_default_subcommand(args: list[str]) -> list[str]:
+    """No arguments means `fit --config configs/quickstart.yaml`; no subcommand means `fit`."""
+    if not args:
+        return ["fit", "--config", str(DEFAULT_CONFIG)]
+    if args[0] in SUBCOMMANDS:
+        return args
+    return ["fit", *args]
+
+
+def cli_main(args: Optional[list[str]] = None, run: bool = True) -> MusicVAECLI:
+    """Run the training command line with `args` (default: `sys.argv[1:]`); tests call this.
+
+    With `run=False` no subcommand is taken: the config is parsed and the model, data module and
+    trainer are built but nothing runs (for inspecting a configuration).
+    """
+    args = list(sys.argv[1:] if args is None else args)
+    if run:
+        args = with_default_subcommand(args)
+    resume = None
+    ckpt_path = _ckpt_path_arg(args)
+    if ckpt_path and run and args[0] in SUBCOMMANDS:
+        resume = load_checkpoint(ckpt_path)
+        stored = run_config(resume) or config_from_hyperparameters(resume)
+        if stored:
+            # The stored run is the base; everything on the command line overrides it.
+            args = [args[0], "--config", dump_yaml(stored), *args[1:]]
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    # Deprecations inside Lightning's own use of its dependencies: nothing a user can act on.
+    os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    return MusicVAECLI(
+        MusicVAEModule,
+        MelDataModule,
+        args=args,
+        run=run,
+        resume=resume,
+        seed_everything_default=0,
+        trainer_defaults=TRAINER_DEFAULTS,
+        save_config_callback=SaveConfigToLogDir,
+        save_config_kwargs={"overwrite": True},
+        # No prefix matching: a mistyped `--trainer.max_epoch` must fail, not silently mean max_epochs.
+        parser_kwargs={"allow_abbrev": False, **{name: {"allow_abbrev": False} for name in SUBCOMMANDS}},
+        auto_configure_optimizers=False,  # the module owns its optimizer (lr is a model hyper-parameter)
+    )
+
+
+def main() -> None:
+    """Console entry point. Exit status: 0 done; 2 a user error (one clear line, no traceback);
+    3 stopped by a NaN/Inf; 143 stopped by SIGTERM (after saving last.ckpt when finite)."""
+    try:
+        cli_main()
+    except SIGTERMException:
+        raise SystemExit(PREEMPTED_EXIT) from None
+    except NonFiniteError as err:
+        sys.stderr.write(f"musicvae: error: {err}\n")
+        raise SystemExit(NONFINITE_EXIT) from None
+    except MusicVAEError as err:
+        sys.stderr.write(f"musicvae: error: {err}\n")
+        raise SystemExit(2) from None

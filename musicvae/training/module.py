@@ -1,0 +1,356 @@
+"""MusicVAEModule: the ConvVAE with the notebook's losses, logging and optimizer."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import lightning as L
+import numpy as np
+import matplotlib.pyplot as plt
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from musicvae.audio.mel import MelSettings
+from musicvae.errors import ConfigError
+from musicvae.losses import DEFAULT_BANDS, create_frequency_weights, vae_loss, vae_loss_spectral
+from musicvae.models.linear_path import LinearPathVAE, init_from_code
+from musicvae.models.conv2d import ConvVAE
+from musicvae.models.conv1d import TemporalConvVAE
+from musicvae.metrics import LatentDiagnostics, ReconstructionDiagnostics
+from musicvae.audio.vocoder import GriffinLimVocoder, denormalize
+from musicvae.plots import band_ratio_figure, kl_per_dim_figure, mel_comparison_figure
+from musicvae.models.linear_codes import fit_pca, fit_separable_code, stack_segments
+
+LOSSES = ("standard", "spectral")
+LINEAR_BASES = ("pca", "separable", "dct")
+ARCHITECTURES = {"conv2d": ConvVAE, "conv1d": TemporalConvVAE}
+
+
+class MusicVAEModule(L.LightningModule):
+    """A VAE on normalised log-mel segments, trained with `vae_loss` or `vae_loss_spectral`.
+
+    Only plain values are taken (numbers, strings, lists), so checkpoints load with
+    `torch.load(weights_only=True)` and every argument is a command-line flag.
+
+    Args:
+        n_mels: mel bins of the input (linked to the data's mel settings by the CLI).
+        frames: frames per segment (linked to `data.frames` by the CLI).
+        latent_dim: size of the latent vector.
+        channels: feature channels per encoder stage; each stage halves both axes.
+        blocks_per_stage: residual blocks per stage.
+        dropout: dropout inside residual blocks.
+        loss: "standard" (the notebook's `vae_loss`) or "spectral" (`vae_loss_spectral`).
+        beta: weight of the KL term, on the per-element scale of the reconstruction.
+        spectral_weight: weight of the FFT-magnitude loss (spectral loss only).
+        output_reg_weight: weight of the output-range penalty (spectral loss only).
+        freq_bands: (start_frac, end_frac, weight) bands of the frequency weights.
+        lr: Adam learning rate.
+        weight_decay: AdamW-style decoupled weight decay (0 = plain Adam, as in the notebook).
+        n_figure_examples: validation examples drawn in the TensorBoard figure each epoch.
+        audio_every_n_epochs: every this many validation epochs, a few validation clips go to
+            TensorBoard as audio, input and reconstruction inverted alike (0 turns it off).
+        n_audio_clips: clips per time (taken from the figure's examples).
+        griffin_lim_iters: Griffin-Lim iterations for those clips (32: ~0.006 worse spectral
+            convergence than 64 at half the cost; they are for listening, not for scoring).
+        compile: compile the VAE with `torch.compile` (in place: checkpoints keep their keys and
+            load with or without it). Pays on GPUs; slow to start, and seldom faster, on CPUs.
+        channels_last: keep convolution weights and activations in channels-last memory format
+            (NHWC), which tensor-core GPUs and oneDNN CPUs run faster for many conv shapes.
+        architecture: "conv2d" (ConvVAE: 2-D convs over the mel image, the notebook's) or "conv1d"
+            (TemporalConvVAE: 1-D convs over time with mel bins as channels, ~10x cheaper).
+        linear_path: add a linear path initialised from PCA of the training segments when training
+            starts (musicvae/models/linear_path.py): training begins at PCA's reconstructions.
+        linear_path_examples: at most this many training segments (evenly spaced) for that PCA; its
+            stack takes 4 bytes per value (16384 segments of 128x128: 1 GiB), exact PCA up to 4096
+            and the randomized one beyond (musicvae.models.linear_codes.fit_pca).
+        linear_path_lr_scale: the linear path's learning rate as a multiple of `lr` (0 freezes it).
+        nonlinear_init_scale: with a linear path, the nonlinear path's mean head and output layer start
+            at this multiple of their default initialisation (0: training starts exactly at PCA).
+        linear_path_components: LinearCode components in the linear path (default: all `latent_dim` codes);
+            the remaining codes belong to the nonlinear half alone, started at its default initialisation.
+        linear_path_basis: the linear path's starting basis: "pca" (PCA of the training windows),
+            "separable" (mel-covariance eigenvectors x time DCT) or "dct" (2-D DCT; only the kept
+            coefficients are chosen from the data). See musicvae/models/linear_codes.py: the fewer
+            parameters estimated, the better the start on music not trained on.
+        kl_warmup_steps: beta rises linearly from 0 to `beta` over this many steps (0: no warm-up).
+        free_bits: nats per latent dimension whose KL is not penalised (0: plain KL).
+    """
+
+    def __init__(
+        self,
+        n_mels: int = 128,
+        frames: int = 128,
+        latent_dim: int = 64,
+        channels: list[int] = [32, 64, 128, 256],  # noqa: B006 - a plain list keeps the CLI/hparams simple
+        blocks_per_stage: int = 1,
+        dropout: float = 0.0,
+        loss: Literal["standard", "spectral"] = "spectral",
+        beta: float = 0.05,
+        spectral_weight: float = 0.1,
+        output_reg_weight: float = 0.01,
+        freq_bands: list[list[float]] = [list(b) for b in DEFAULT_BANDS],  # noqa: B006
+        lr: float = 5e-5,
+        weight_decay: float = 0.0,
+        n_figure_examples: int = 4,
+        audio_every_n_epochs: int = 5,
+        n_audio_clips: int = 2,
+        griffin_lim_iters: int = 32,
+        compile: bool = False,
+        channels_last: bool = False,
+        architecture: Literal["conv2d", "conv1d"] = "conv2d",
+        linear_path: bool = False,
+        linear_path_examples: int = 16384,
+        linear_path_lr_scale: float = 0.1,
+        nonlinear_init_scale: float = 0.0,
+        linear_path_components: Optional[int] = None,
+        linear_path_basis: Literal["pca", "separable", "dct"] = "pca",
+        kl_warmup_steps: int = 0,
+        free_bits: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if loss not in LOSSES:
+            raise ConfigError(f"model.loss={loss!r} is not one of {LOSSES}")
+        if linear_path_basis not in LINEAR_BASES:
+            raise ConfigError(f"model.linear_path_basis={linear_path_basis!r} is not one of {LINEAR_BASES}")
+        if lr <= 0 or beta < 0 or spectral_weight < 0 or output_reg_weight < 0:
+            raise ConfigError(
+                "model.lr must be positive and model.beta, model.spectral_weight, model.output_reg_weight "
+                f"non-negative; got lr={lr}, beta={beta}, spectral_weight={spectral_weight}, "
+                f"output_reg_weight={output_reg_weight}"
+            )
+        if architecture not in ARCHITECTURES:
+            raise ConfigError(f"model.architecture={architecture!r} is not one of {tuple(ARCHITECTURES)}")
+        if kl_warmup_steps < 0 or free_bits < 0 or linear_path_lr_scale < 0 or linear_path_examples < latent_dim:
+            raise ConfigError(
+                f"model.kl_warmup_steps={kl_warmup_steps}, model.free_bits={free_bits} and "
+                f"model.linear_path_lr_scale={linear_path_lr_scale} must be non-negative and "
+                f"model.linear_path_examples={linear_path_examples} at least model.latent_dim={latent_dim}"
+            )
+        self.save_hyperparameters()
+        try:
+            self.vae = ARCHITECTURES[architecture](
+                n_mels=n_mels,
+                frames=frames,
+                latent_dim=latent_dim,
+                channels=tuple(channels),
+                blocks_per_stage=blocks_per_stage,
+                dropout=dropout,
+            )
+            if linear_path:
+                self.vae = LinearPathVAE(self.vae, nonlinear_init_scale, linear_path_components)
+            if channels_last:
+                self.vae.to(memory_format=torch.channels_last)
+            if compile:
+                self.vae.compile()
+            bands = [tuple(float(v) for v in band) for band in freq_bands]
+            # A buffer, so the weights travel in checkpoints and follow the module to the GPU.
+            self.register_buffer("freq_weight", create_frequency_weights(n_mels, bands))
+        except ValueError as err:
+            raise ConfigError(
+                f"model: {err} (the CLI takes n_mels from data.mel.n_mels and frames from data.frames)"
+            ) from None
+        self._figure_batch: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self.last_loss_parts: dict[str, torch.Tensor] = {}
+        # Built on first use, on the CPU; a dict keeps it out of the module tree and the state_dict.
+        self._vocoders: dict[MelSettings, GriffinLimVocoder] = {}
+        # Epoch diagnostics of the notebook's three problems (exact under DDP; see metrics.py).
+        # std is the data's z-score scale, set from the data module before each validation.
+        self.val_diagnostics = ReconstructionDiagnostics(std=1.0, n_mels=n_mels, bands=bands)
+        self.val_latent = LatentDiagnostics(latent_dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.hparams.get("channels_last"):
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.vae(x)
+
+    def compute_loss(
+        self, x_hat: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The configured loss and all its parts, by name.
+
+        Weights are read from `self.hparams` at every step, so a value changed on resume
+        applies from the first resumed step.
+        """
+        hp = self.hparams
+        beta, free_bits = self.current_beta(), hp.get("free_bits", 0.0)
+        if hp.loss == "standard":
+            return vae_loss(x_hat, x, mu, logvar, beta=beta, free_bits=free_bits)
+        return vae_loss_spectral(
+            x_hat,
+            x,
+            mu,
+            logvar,
+            beta=beta,
+            free_bits=free_bits,
+            freq_weight=self.freq_weight,
+            spectral_weight=hp.spectral_weight,
+            output_reg_weight=hp.output_reg_weight,
+        )
+
+    def current_beta(self) -> float:
+        """`beta`, scaled by the KL warm-up (Bowman et al. 2016, arXiv:1511.06349) while it lasts.
+
+        Validation uses the same value as the step it follows, so val/loss tracks what is optimised.
+        """
+        warmup = self.hparams.get("kl_warmup_steps", 0)
+        if warmup <= 0 or self._trainer is None:
+            return self.hparams.beta
+        return self.hparams.beta * min(1.0, self.global_step / warmup)
+
+    def on_train_start(self) -> None:
+        # After a resume the restored weights already hold the (trained) linear path: the buffer
+        # `pca_initialised` came back with them. Here rather than in setup(): the trainer's
+        # max_time clock runs from train start, so the PCA counts against the training budget.
+        if isinstance(self.vae, LinearPathVAE) and not bool(self.vae.pca_initialised):
+            self._init_linear_path()
+
+    def _init_linear_path(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        train_set = getattr(datamodule, "train_set", None)
+        if train_set is None:
+            raise ConfigError("model.linear_path needs the training data module (MelDataModule) to fit its PCA")
+        k = self.vae.n_linear
+        if self.trainer.is_global_zero:
+            # Evenly spaced windows without random crops: deterministic, and the same on every run.
+            count = min(len(train_set), self.hparams.get("linear_path_examples", 16384))
+            rows = np.unique(np.linspace(0, len(train_set) - 1, count).round().astype(np.int64))
+            windows = train_set.fixed_windows(rows)
+            if len(windows) < k:
+                raise ConfigError(f"model.linear_path: {len(windows)} training segments cannot give {k} PCA "
+                                  f"components (model.latent_dim); use more data or a smaller latent_dim")
+            stack = stack_segments(windows)  # (N, M*T)
+            basis = self.hparams.get("linear_path_basis", "pca")
+            if basis == "pca":
+                pca = fit_pca(stack, k)
+            else:
+                pca = fit_separable_code(stack, (train_set.n_mels, train_set.frames), k,
+                                        mel_basis="eigen" if basis == "separable" else "dct")
+            del stack
+            init_from_code(self.vae, pca, self.hparams.beta)
+        # Every rank starts from rank 0's PCA (DDP has already synchronised the other weights).
+        for param in (*self.vae.lin_encoder.parameters(), *self.vae.lin_decoder.parameters(),
+                      *self.vae.inner.to_latent.parameters(), self.vae.pca_initialised):
+            param.data.copy_(self.trainer.strategy.broadcast(param.data.clone(), src=0))
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        x_hat, mu, logvar = self(batch)
+        parts = self.compute_loss(x_hat, batch, mu, logvar)
+        # Read by NonFiniteGuard after backward, to name the part that went NaN/Inf.
+        self.last_loss_parts = {k: v.detach() for k, v in parts.items()}
+        self.log("train/loss", parts["loss"], prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch))
+        others = {f"train/{k}": v for k, v in parts.items() if k != "loss"}
+        self.log_dict(others, on_step=True, on_epoch=True, batch_size=len(batch))
+        return parts["loss"]
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        # In eval mode the VAE decodes the posterior mean: the score has no sampling noise.
+        x_hat, mu, logvar = self(batch)
+        parts = self.compute_loss(x_hat, batch, mu, logvar)
+        self.log("val/loss", parts["loss"], prog_bar=True, sync_dist=True, batch_size=len(batch))
+        others = {f"val/{k}": v for k, v in parts.items() if k != "loss"}
+        self.log_dict(others, sync_dist=True, batch_size=len(batch))
+        self.val_diagnostics.update(x_hat, batch)
+        self.val_latent.update(mu, logvar)
+        if batch_idx == 0:
+            n = self.hparams.n_figure_examples
+            self._figure_batch = (batch[:n].detach().cpu(), x_hat[:n].detach().float().cpu())
+
+    def on_validation_epoch_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        normalizer = getattr(datamodule, "normalizer", None)
+        if normalizer is not None:
+            self.val_diagnostics.std = normalizer.std
+
+    def on_validation_epoch_end(self) -> None:
+        diagnostics = self.val_diagnostics.compute()  # already reduced across processes
+        latent = self.val_latent.compute()
+        self.val_diagnostics.reset()
+        self.val_latent.reset()
+        scalars = {f"val/{k}": v.float() for k, v in diagnostics.items()}
+        scalars.update({"val/active_units": latent["active_units"].float(), "val/active_frac": latent["active_frac"].float()})
+        self.log_dict(scalars)
+        if self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            self._figure_batch = None
+            return
+        title = f"epoch {self.current_epoch}, step {self.global_step}"
+        figures = {
+            "val/band_variance_ratio": band_ratio_figure(
+                self.val_diagnostics.band_names,
+                [float(diagnostics[f"band_ratio/{name}"]) for name in self.val_diagnostics.band_names],
+                title,
+            ),
+            "val/kl_per_dim": kl_per_dim_figure(latent["kl_per_dim"].cpu(), latent["mu_var"].cpu(), title=title),
+        }
+        clips = {}
+        if self._figure_batch is not None:
+            figures["val/reconstructions"] = mel_comparison_figure(*self._figure_batch, title)
+            if self._audio_due():
+                clips = self._audio_clips(*self._figure_batch)
+            self._figure_batch = None
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                for tag, figure in figures.items():
+                    logger.experiment.add_figure(tag, figure, self.global_step)
+                for tag, (wave, rate) in clips.items():
+                    logger.experiment.add_audio(tag, wave.unsqueeze(0), self.global_step, sample_rate=rate)
+        plt.close("all")
+
+    def _audio_due(self) -> bool:
+        every = self.hparams.get("audio_every_n_epochs", 0)
+        return every > 0 and self.current_epoch % every == 0 and getattr(self.trainer, "datamodule", None) is not None
+
+    def _audio_clips(self, inputs: torch.Tensor, outputs: torch.Tensor) -> dict[str, tuple[torch.Tensor, int]]:
+        """Input and reconstruction of a few examples, inverted to audio the same way.
+
+        Both go through the same Griffin-Lim, so what differs between them is the model.
+        """
+        datamodule = self.trainer.datamodule
+        mel, norm = datamodule.mel, datamodule.normalizer
+        if mel not in self._vocoders:
+            self._vocoders[mel] = GriffinLimVocoder(mel, n_iter=self.hparams.griffin_lim_iters)
+        clips = {}
+        # One thread: on a busy machine two OpenMP threads made these tiny FFTs 30x slower
+        # (7.8 s vs 0.26 s for four 64-frame clips measured with another job running).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for i in range(min(self.hparams.n_audio_clips, len(inputs))):
+                for name, x in (("input", inputs[i]), ("reconstruction", outputs[i])):
+                    with torch.no_grad():
+                        wave = self._vocoders[mel](denormalize(x[0].float(), norm.mean, norm.std))  # (n_mels, T) -> (samples,)
+                    clips[f"val/audio/{i}_{name}"] = (wave / wave.abs().max().clamp_min(1.0), mel.sample_rate)
+        finally:
+            torch.set_num_threads(threads)
+        return clips
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # The bands are a hyper-parameter: on resume the configured ones win over the stored buffer.
+        checkpoint["state_dict"]["freq_weight"] = self.freq_weight.detach().clone()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        hp = self.hparams
+        groups = [{"params": list(self.parameters()), "lr": hp.lr, "lr_scale": 1.0}]
+        if isinstance(self.vae, LinearPathVAE):
+            # Adam moves every weight by ~lr per step whatever its scale, and PCA's encoder weights
+            # are ~1e-4 to 1e-2: at the nonlinear path's lr they would leave PCA within a few
+            # steps. "lr_scale" stays in the group, so a learning rate changed on resume keeps it.
+            linear = {id(p) for m in (self.vae.lin_encoder, self.vae.lin_decoder) for p in m.parameters()}
+            scale = float(hp.get("linear_path_lr_scale", 1.0))
+            groups = [{"params": [p for p in self.parameters() if id(p) not in linear], "lr": hp.lr, "lr_scale": 1.0},
+                      {"params": [p for p in self.parameters() if id(p) in linear], "lr": hp.lr * scale,
+                       "lr_scale": scale}]
+        if hp.weight_decay > 0:
+            return torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
+        return torch.optim.Adam(groups, lr=hp.lr)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstruction of normalised mels `x` (B, 1, n_mels, frames) from the posterior mean."""
+        mu, _ = self.vae.encode(x.to(self.device))
+        return self.vae.decode(mu)
+
+    @torch.no_grad()
+    def sample(self, n: int, temperature: float = 1.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Decode `n` draws from the prior N(0, temperature^2 I) -> (n, 1, n_mels, frames)."""
+        z = torch.randn(n, self.hparams.latent_dim, generator=generator) * temperature
+        return self.vae.decode(z.to(self.device))

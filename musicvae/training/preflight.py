@@ -1,0 +1,313 @@
+"""Checks that refuse a configuration that cannot work before anything is prepared or written.
+
+Everything here only looks: folders are stat'ed, never created, and data files are read for
+their headers (array shapes, audio lengths), never decoded, so a folder of thousands of
+recordings is checked in seconds. The data module's own checks after preparation stay the
+final word; these catch the mistakes that would otherwise surface only after minutes of work.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import stat
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from musicvae.data.cache import find_audio_files
+from musicvae.data.builtin import synthetic_piece_name
+from musicvae.errors import ConfigError
+from musicvae.data.split import MIN_FILES_FOR_FILE_SPLIT, segment_split_point, split_files
+
+#: Audio formats whose length libsndfile may estimate from the header (compressed streams):
+#: their bound gets a margin, so an estimate that is a little short never refuses a real run.
+_ESTIMATED_LENGTH = (".ogg", ".oga", ".opus", ".mp3")
+_LENGTH_MARGIN = 1.05  # relative, on top of one second
+
+
+def check_creatable_dir(path: str | os.PathLike, setting: str) -> Path:
+    """Refuse a folder that could not be created or written into, without creating anything.
+
+    Walks up from `path` to the first part that exists. That part must be a folder this process
+    may write into; a regular file (or anything else that is not a folder, a dangling symbolic
+    link included) on the way makes `mkdir` fail, and so does a folder without write permission
+    (`os.access`, so root passes unless the file system is read-only).
+
+    Args:
+        path: the folder the run will write into; `~` is expanded, relative paths are taken
+            from the working directory.
+        setting: the command-line name of the setting, e.g. `--checkpoint_dir`, used in the message.
+
+    Returns:
+        The absolute path of the folder.
+
+    Raises:
+        ConfigError: naming `setting`, the offending path component and what to change.
+    """
+    target = Path(os.path.abspath(Path(path).expanduser()))
+    part = target
+    while True:
+        try:
+            mode = os.stat(part).st_mode  # follows symbolic links, as mkdir's parents do
+        except FileNotFoundError:
+            if os.path.islink(part):
+                raise ConfigError(_cannot_create(setting, target, part, "is a dangling symbolic link")) from None
+            if part.parent == part:  # a missing root: nothing more to walk
+                return target
+            part = part.parent
+            continue
+        except NotADirectoryError:  # a file further up; walk on to name it
+            part = part.parent
+            continue
+        except OSError as err:
+            raise ConfigError(_cannot_create(setting, target, part, f"cannot be inspected ({err.strerror})")) from None
+        break
+    if not stat.S_ISDIR(mode):
+        kind = "a regular file" if stat.S_ISREG(mode) else "not a folder"
+        raise ConfigError(_cannot_create(setting, target, part, f"is {kind}, not a folder"))
+    if not os.access(part, os.W_OK | os.X_OK):
+        raise ConfigError(_cannot_create(setting, target, part, "is a folder this user may not write into"))
+    return target
+
+
+def _cannot_create(setting: str, target: Path, part: Path, reason: str) -> str:
+    where = "it" if part == target else str(part)
+    return (
+        f"{setting} {target}: cannot be created or written, because {where} {reason}; "
+        f"choose another {setting} (or move {part} out of the way)"
+    )
+
+
+def logger_save_dirs(logger: Any) -> list[tuple[str, str]]:
+    """(setting, folder) of each configured logger that writes under `init_args.save_dir`.
+
+    Args:
+        logger: the parsed `trainer.logger` value: None/bool, one `{class_path, init_args}`
+            namespace or dict, or a list of them.
+
+    Returns:
+        `("--trainer.logger.init_args.save_dir", folder)` per logger with a save_dir (an index
+        in the setting for a list of loggers); empty when there is none.
+    """
+    if logger is None or isinstance(logger, bool):
+        return []
+    many = isinstance(logger, (list, tuple))
+    found = []
+    for index, spec in enumerate(logger if many else [logger]):
+        spec = spec.as_dict() if hasattr(spec, "as_dict") else spec
+        if not isinstance(spec, dict):
+            continue  # an already built logger object: nothing to read from the config
+        save_dir = (spec.get("init_args") or {}).get("save_dir")
+        if save_dir:
+            setting = f"--trainer.logger[{index}].init_args.save_dir" if many else "--trainer.logger.init_args.save_dir"
+            found.append((setting, str(save_dir)))
+    return found
+
+
+def windows(n_frames: int, frames: int) -> int:
+    """Non-overlapping windows of `frames` in `n_frames` (as `segments.window_starts`, before
+    silent ones are dropped)."""
+    return n_frames // frames if n_frames >= frames else 0
+
+
+def training_windows_bound(
+    files: Sequence[tuple[str, int]], frames: int, val_split: float, seed: int
+) -> int:
+    """At most how many training windows the data module's split gives these files.
+
+    The data module splits by file when at least MIN_FILES_FOR_FILE_SPLIT usable files land
+    on both sides, else it keeps the first (1 - val_split) of each file for training. Which
+    files turn out usable is known only after decoding, so where a split by file is possible
+    the larger of the two counts is returned: either rule can apply to any subset of the files,
+    and each count only grows with more files.
+
+    Args:
+        files: (path relative to the data folder, frame count) per candidate recording.
+        frames: segment length.
+        val_split: fraction held out for validation.
+        seed: the split seed.
+    """
+    long_enough = [(rel, n) for rel, n in files if n >= frames]
+    by_segment = sum(windows(segment_split_point(n, val_split, frames), frames) for _, n in long_enough)
+    if len(long_enough) < MIN_FILES_FOR_FILE_SPLIT:
+        return by_segment
+    is_val = split_files([rel for rel, _ in long_enough], val_split, seed)
+    if all(is_val) or not any(is_val):
+        return by_segment
+    by_file = sum(windows(n, frames) for (_, n), val in zip(long_enough, is_val) if not val)
+    return max(by_file, by_segment)
+
+
+def synthetic_piece_frames(seconds: float, sample_rate: int, hop_length: int) -> int:
+    """Frames of one synthetic piece's log-mel: `round(seconds * rate)` samples, centred STFT."""
+    return 1 + round(seconds * sample_rate) // hop_length
+
+
+def array_frames(path: Path, n_mels: int) -> Optional[int]:
+    """Frames of a `.npy` log-mel array from its header (memory-mapped, nothing read).
+
+    Returns:
+        The frame count; 0 when the data module would reject the file (unreadable, wrong shape
+        or dtype); None for a `.pt` file whose shape cannot be read without loading it.
+    """
+    try:
+        if path.suffix == ".npy":
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+            shape, floating = array.shape, np.issubdtype(array.dtype, np.floating)
+        else:
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception:
+                return None  # e.g. the legacy (non-zip) format, which cannot be memory-mapped
+            if not isinstance(obj, torch.Tensor):
+                return 0
+            shape, floating = tuple(obj.shape), True  # the data module converts any tensor to float
+    except Exception:  # numpy raises many types for unreadable or corrupt files
+        return 0
+    if len(shape) == 3 and shape[0] == 1:
+        shape = shape[1:]
+    if len(shape) != 2 or shape[0] != n_mels or not floating:
+        return 0
+    return int(shape[1])
+
+
+def audio_frames(path: Path, sample_rate: int, hop_length: int) -> int:
+    """At most how many log-mel frames an audio file gives, from its header (0 if unreadable)."""
+    try:
+        info = sf.info(str(path))
+    except Exception:  # libsndfile raises several types; the data module reports the file
+        return 0
+    if info.frames <= 0 or info.samplerate <= 0:
+        return 0
+    samples = float(info.frames)
+    if path.suffix.lower() in _ESTIMATED_LENGTH:
+        samples = samples * _LENGTH_MARGIN + info.samplerate
+    resampled = math.ceil(samples * sample_rate / info.samplerate)
+    return 1 + resampled // hop_length
+
+
+def _folder_files(datamodule: Any) -> Optional[list[tuple[str, int]]]:
+    """(relative path, frame bound) of every candidate recording of a data folder, or None."""
+    from musicvae.data.datamodule import find_array_files  # here: musicvae.data.datamodule imports Lightning
+
+    data_dir: Path = datamodule.data_dir
+    cache_dir = Path(datamodule.cache_dir).expanduser().resolve()
+    cache_inside = data_dir in cache_dir.parents
+    mel = datamodule.mel
+    files: list[tuple[str, int]] = []
+    for path in find_array_files(data_dir):
+        if cache_inside and cache_dir in path.parents:
+            continue
+        n = array_frames(path, mel.n_mels)
+        if n is None:
+            return None
+        files.append((path.relative_to(data_dir).as_posix(), n))
+    rels, _ = find_audio_files(data_dir)
+    files += [(rel, audio_frames(data_dir / rel, mel.sample_rate, mel.hop_length)) for rel in rels]
+    return sorted(files)
+
+
+def _synthetic_files(datamodule: Any) -> list[tuple[str, int]]:
+    mel = datamodule.mel
+    n = synthetic_piece_frames(datamodule.synthetic_seconds, mel.sample_rate, mel.hop_length)
+    return [(synthetic_piece_name(index), n) for index in range(int(datamodule.synthetic_pieces))]
+
+
+def train_segments_upper_bound(datamodule: Any) -> Optional[int]:
+    """At most how many training segments `datamodule` will have, without preparing any data.
+
+    The built-in synthetic music is counted from its settings; a data folder from the headers
+    of its arrays (memory-mapped `.npy`, `.pt` where memory-mappable) and audio files
+    (`soundfile.info`). Silent windows, which the data module drops, are counted, and so are
+    files it will reject whose headers look fine: the result is an upper bound, never a guess
+    that could be too low. Files whose header cannot be read count as 0 (the data module
+    reports them).
+
+    Args:
+        datamodule: a `MelDataModule` (only its settings are read; nothing is built).
+
+    Returns:
+        The bound, or None when it cannot be known cheaply (a `.pt` file that cannot be
+        memory-mapped).
+    """
+    if datamodule.data_dir is None:
+        files = _synthetic_files(datamodule)
+    else:
+        files = _folder_files(datamodule)
+        if files is None:
+            return None
+    return training_windows_bound(files, datamodule.frames, datamodule.val_split, datamodule.seed)
+
+
+def check_batch_size(datamodule: Any) -> Optional[int]:
+    """Refuse a batch larger than the training set can ever be, before any data is prepared.
+
+    Args:
+        datamodule: a `MelDataModule`.
+
+    Returns:
+        The bound on training segments (None when unknown; then the data module's own check
+        after preparation decides).
+
+    Raises:
+        ConfigError: `data.batch_size` exceeds the bound, with the bound and what to change.
+    """
+    bound = train_segments_upper_bound(datamodule)
+    if bound is not None and bound < datamodule.batch_size:
+        if datamodule.data_dir is None:
+            where = (f"the built-in synthetic music: data.synthetic_pieces={datamodule.synthetic_pieces} "
+                     f"of data.synthetic_seconds={datamodule.synthetic_seconds:g}")
+        else:
+            where = str(datamodule.data_dir)
+        raise ConfigError(
+            f"data.batch_size={datamodule.batch_size} is larger than the training set (at most {bound} "
+            f"segments of {datamodule.frames} frames in {where}): lower data.batch_size or add data"
+        )
+    return bound
+
+
+def check_linear_path(model: Any, bound: Optional[int]) -> None:
+    """Refuse a PCA-initialised linear path that the training set cannot fill, before any data is prepared.
+
+    PCA with `latent_dim` components needs at least that many training segments; `bound` (from
+    `check_batch_size`) is an upper bound, so this only refuses what must fail. The module checks
+    the real count again when training starts.
+
+    Raises:
+        ConfigError: naming model.latent_dim and the bound.
+    """
+    hp = getattr(model, "hparams", {})
+    if bound is None or not hp.get("linear_path") or bound >= hp.get("latent_dim", 0):
+        return
+    raise ConfigError(
+        f"model.linear_path needs at least model.latent_dim={hp['latent_dim']} training segments for its PCA, "
+        f"and the training set has at most {bound}: lower model.latent_dim, add data, or set model.linear_path false"
+    )
+
+
+def check_dirs(dirs: Iterable[tuple[str, str]]) -> None:
+    """`check_creatable_dir` on each (setting, folder)."""
+    for setting, folder in dirs:
+        check_creatable_dir(folder, setting)
+
+
+def check_mel_settings(mel: Any) -> None:
+    """Refuse invalid ``--data.mel.*`` values before the data module is built.
+
+    Built inside jsonargparse, a MelSettings that refuses its values surfaces as a traceback that
+    lists every Union subtype; built here first, the same problems read as one line.
+    """
+    if mel is None:
+        return
+    from musicvae.audio.mel import MelSettings  # audio pulls in torchaudio; only needed when mel is set
+
+    values = mel.as_dict() if hasattr(mel, "as_dict") else dict(mel)
+    try:
+        MelSettings(**values)
+    except ConfigError as err:
+        raise ConfigError(f"--data.mel: {err}") from None
