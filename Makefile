@@ -1,33 +1,73 @@
-# Two commands on a fresh machine with only Python 3.10+: `make train` and `make test`.
-# Each creates .venv when missing and (re)installs when pyproject.toml changes.
+# Two commands on a fresh machine with only Python 3.11+: `make train` and `make test`.
+# Both install exactly what uv.lock pins (hashed, every platform and Python version) into .venv,
+# with sync semantics: a changed lock or pyproject.toml changes the venv, extra packages go.
 PYTHON ?= python3
+SHELL  := bash
+# A failing `uv export` must fail the pipe into check_env.py.
+.SHELLFLAGS := -eo pipefail -c
 VENV   := .venv
 BIN    := $(VENV)/bin
+# uv itself, hash-pinned in tools/uv-requirements.txt, in a venv of its own (syncing .venv
+# exactly would uninstall a uv living there).
+UV_DIR := .uv
+UV     := $(UV_DIR)/bin/uv
 ARGS   ?=
 
-.PHONY: train test test-fast clean-venv
+# uv reads neither pip's configuration files nor PIP_* variables, so a machine's pip caps or
+# local wheel folders cannot change what is installed; it must not download a Python either.
+export UV_PYTHON_DOWNLOADS := never
+export UV_PROJECT_ENVIRONMENT := $(VENV)
+# pip compiles .pyc files at install; uv does not by default. Without them every process
+# (and PYTHONDONTWRITEBYTECODE=1 machines never write them) recompiles torch and Lightning
+# from source at import: `import lightning` took 25 s instead of a few here.
+export UV_COMPILE_BYTECODE := 1
 
-$(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+.PHONY: train test test-fast test-latest check-env lock lock-upgrade clean-venv
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e .
+$(UV):
+	$(PYTHON) -m venv $(UV_DIR)
+	$(UV_DIR)/bin/python -m pip install -q --require-hashes -r tools/uv-requirements.txt
+
+# --locked: refuse (with uv's message naming `uv lock`) when uv.lock disagrees with pyproject.toml.
+$(VENV)/.synced: pyproject.toml uv.lock | $(UV)
+	$(UV) sync --locked --extra dev --python $(PYTHON)
 	touch $@
 
-$(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
-	$(BIN)/python -m pip install -q -e ".[dev]"
-	touch $@
-
-train: $(VENV)/.installed
+train: $(VENV)/.synced
 	$(BIN)/python scripts/train.py --config configs/recommended.yaml --trainer.max_epochs 40 $(ARGS)
 
-test: $(VENV)/.installed-dev
+test: check-env
 	$(BIN)/python -m pytest --durations=15 $(ARGS)
 
 # The inner loop: everything but the end-to-end tests.
-test-fast: $(VENV)/.installed-dev
+test-fast: $(VENV)/.synced
 	$(BIN)/python -m pytest -m "not slow" $(ARGS)
 
+# The lock against pyproject.toml, the venv against the lock, and the stack loads (torchaudio's
+# C++ extension included). Fails with one line per disagreement.
+check-env: $(VENV)/.synced
+	$(UV) lock --check --python $(PYTHON)
+	$(UV) export --frozen --no-hashes --extra dev --no-emit-project --format requirements-txt -q \
+		| $(BIN)/python tools/check_env.py
+
+# The newest versions pyproject.toml's ranges allow, without the lock and without any pip
+# configuration of this machine (uv reads none; --no-config skips uv's own), in .venv-latest:
+# prints what it tested, then runs the fast tests. Finds the next upstream break before a user does.
+test-latest: | $(UV)
+	rm -rf .venv-latest
+	$(UV) venv -q --no-config --python $(PYTHON) .venv-latest
+	VIRTUAL_ENV=.venv-latest $(UV) pip install -q --no-config --refresh -e ".[dev]"
+	$(UV) export --frozen --no-hashes --extra dev --no-emit-project --format requirements-txt -q \
+		| .venv-latest/bin/python tools/check_env.py --newer-than-lock
+	.venv-latest/bin/python -m pytest -m "not slow" -p no:cacheprovider $(ARGS)
+
+# After editing dependencies in pyproject.toml: the smallest change to uv.lock that fits them.
+lock: | $(UV)
+	$(UV) lock --python $(PYTHON)
+
+# Every locked package to the newest version its range allows (then run `make test`).
+lock-upgrade: | $(UV)
+	$(UV) lock --upgrade --python $(PYTHON)
+
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) .venv-latest
