@@ -18,7 +18,7 @@ except PackageNotFoundError:  # a source tree on sys.path without an install
 _EXPORTS = {
     "AudioError": "audio.mel", "LogMel": "audio.mel", "MelSettings": "audio.mel",
     "audio_to_log_mel": "audio.mel", "load_audio": "audio.mel", "log_mel": "audio.mel",
-    "GriffinLimVocoder": "audio.vocoder", "denormalize": "audio.vocoder",
+    "GriffinLimVocoder": "audio.vocoder",
     "AugmentSettings": "data.augment", "MelDataModule": "data.datamodule", "build_audio_cache": "data.cache",
     "Normalizer": "data.segments",
     "ConvVAE": "models.conv2d", "TemporalConvVAE": "models.conv1d",
@@ -36,5 +36,19 @@ _EXPORTS = {
 }
 _SUBPACKAGES = ("audio", "data", "models", "training", "inference", "evaluation", "losses", "metrics", "errors")
 
+#: Old public names (before the linear codes were named for what they are): still importable, with a warning.
+_RENAMED = {"PCA": "LinearCode", "init_from_pca": "init_from_code"}
+# musicvae.denormalize(x, mean, std) became musicvae.Normalizer(mean, std).inverse(x) (docs/migration.md).
+
 __all__ = sorted(_EXPORTS) + ["__version__"]
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, _SUBPACKAGES)
+_lazy_getattr, __dir__ = lazy_exports(__name__, _EXPORTS, _SUBPACKAGES)
+
+
+def __getattr__(name: str) -> object:
+    if name in _RENAMED:
+        import warnings
+
+        warnings.warn(f"musicvae.{name} is now musicvae.{_RENAMED[name]} (docs/migration.md)",
+                      DeprecationWarning, stacklevel=2)
+        return _lazy_getattr(_RENAMED[name])
+    return _lazy_getattr(name)

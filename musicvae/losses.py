@@ -183,7 +183,19 @@ def spectral_loss(x_hat: Tensor, x: Tensor) -> Tensor:
     return F.mse_loss(mag_hat, mag)
 
 
-def output_range_penalty(x_hat: Tensor, x: Tensor, margin: float = 0.5) -> Tensor:
+#: How far past an input's own range an output may go before it counts as out of range: half the
+#: range on each side (the notebook's output-range penalty); the diagnostics judge by the same band.
+RANGE_MARGIN = 0.5
+
+
+def range_band(lo: Tensor, hi: Tensor, margin: float = RANGE_MARGIN) -> tuple[Tensor, Tensor]:
+    """The band ``[lo - margin*(hi-lo), hi + margin*(hi-lo)]`` around an input range: the one rule
+    the output-range penalty, the validation diagnostics and the prior-sample scores share."""
+    spread = margin * (hi - lo)
+    return lo - spread, hi + spread
+
+
+def output_range_penalty(x_hat: Tensor, x: Tensor, margin: float = RANGE_MARGIN) -> Tensor:
     """Squared excess of ``x_hat`` outside each example's widened input range.
 
     Each example's band is ``[min - margin*range, max + margin*range]`` of its own
@@ -204,10 +216,9 @@ def output_range_penalty(x_hat: Tensor, x: Tensor, margin: float = 0.5) -> Tenso
     x_hat = x_hat.float()
     with torch.no_grad():
         flat = x.float().flatten(1)  # (B, ...) -> (B, N)
-        lo, hi = flat.amin(dim=1), flat.amax(dim=1)  # (B,)
-        spread = margin * (hi - lo)
+        lo, hi = range_band(flat.amin(dim=1), flat.amax(dim=1), margin)  # (B,)
         view = (-1,) + (1,) * (x.dim() - 1)  # broadcast (B,) over the non-batch dims
-        lo, hi = (lo - spread).view(view), (hi + spread).view(view)
+        lo, hi = lo.view(view), hi.view(view)
     excess = F.relu(x_hat - hi) + F.relu(lo - x_hat)
     return excess.pow(2).mean()
 

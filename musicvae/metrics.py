@@ -29,8 +29,8 @@ from torchmetrics import Metric
 from torchmetrics.functional.image import peak_signal_noise_ratio as _psnr
 from torchmetrics.functional.image import structural_similarity_index_measure as _ssim
 
-from musicvae.losses import (DEFAULT_BANDS, Band, band_bins, create_frequency_weights, kl_divergence,
-                             weighted_mse)
+from musicvae.losses import (DEFAULT_BANDS, RANGE_MARGIN, Band, band_bins, create_frequency_weights, kl_divergence,
+                             range_band, weighted_mse)
 
 # A reconstruction keeping under 10 % of its input's variance (a standard deviation
 # under sqrt(0.1) ~ 32 % of the input's) spans under a third of the input's colour
@@ -92,7 +92,7 @@ def band_edges(n_mels: int, bands: Sequence[Band] = DEFAULT_BANDS) -> list[tuple
     return [(a, b) for a, b in zip(cuts, cuts[1:]) if a < b]
 
 
-def range_stats(x_hat: Tensor, x: Tensor, margin: float = 0.5) -> dict[str, Tensor]:
+def range_stats(x_hat: Tensor, x: Tensor, margin: float = RANGE_MARGIN) -> dict[str, Tensor]:
     """Value-range statistics of one batch.
 
     A value is outside when it lies beyond its own example's band
@@ -106,8 +106,8 @@ def range_stats(x_hat: Tensor, x: Tensor, margin: float = 0.5) -> dict[str, Tens
     _check_pair(x_hat, x)
     flat_hat, flat = x_hat.detach().double().flatten(1), x.detach().double().flatten(1)  # (B, N)
     lo, hi = flat.amin(dim=1, keepdim=True), flat.amax(dim=1, keepdim=True)  # (B, 1)
-    spread = margin * (hi - lo)
-    outside = (flat_hat < lo - spread) | (flat_hat > hi + spread)
+    low, high = range_band(lo, hi, margin)
+    outside = (flat_hat < low) | (flat_hat > high)
     return {
         "n_outside": outside.sum().double(),
         "n_values": torch.tensor(float(flat.numel()), dtype=torch.float64, device=x.device),
@@ -241,7 +241,7 @@ class ReconstructionDiagnostics(Metric):
              "sc_sum", "lsd_sum", "ssim_sum", "psnr_sum")
 
     def __init__(self, std: float, n_mels: int = 128, bands: Sequence[Band] = DEFAULT_BANDS,
-                 data_range: float = DEFAULT_DATA_RANGE, margin: float = 0.5,
+                 data_range: float = DEFAULT_DATA_RANGE, margin: float = RANGE_MARGIN,
                  featureless_threshold: float = FEATURELESS_THRESHOLD, **kwargs) -> None:
         super().__init__(**kwargs)
         if not (std > 0 and math.isfinite(std)):

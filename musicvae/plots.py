@@ -1,15 +1,16 @@
-"""Figures for TensorBoard and reports (matplotlib, headless)."""
+"""Figures for TensorBoard and reports, with matplotlib's object API.
+
+Each function returns a `matplotlib.figure.Figure` that pyplot does not manage: drawing needs no
+display and no backend switch, nothing here closes a notebook user's own figures, and a figure is
+freed like any object once TensorBoard or `savefig` is done with it.
+"""
 
 from __future__ import annotations
 
 import math
-import matplotlib
 
-matplotlib.use("Agg")  # no display on training machines; must precede pyplot
-
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import torch
+from matplotlib.figure import Figure
 
 
 def mel_comparison_figure(inputs: torch.Tensor, outputs: torch.Tensor, title: str = "") -> Figure:
@@ -21,14 +22,15 @@ def mel_comparison_figure(inputs: torch.Tensor, outputs: torch.Tensor, title: st
         title: figure title.
 
     Returns:
-        A matplotlib Figure; the caller closes it (TensorBoard's add_figure does).
+        A matplotlib Figure; not registered with pyplot.
     """
     inputs = inputs.detach().float().cpu().reshape(-1, *inputs.shape[-2:])
     outputs = outputs.detach().float().cpu().reshape(-1, *outputs.shape[-2:])
     n = inputs.shape[0]
     # One colour scale from the inputs: an output wider than its input's range shows as clipped colour.
     vmin, vmax = float(inputs.min()), float(inputs.max())
-    fig, axes = plt.subplots(2, n, figsize=(2.6 * n, 5.2), squeeze=False, constrained_layout=True)
+    fig = Figure(figsize=(2.6 * n, 5.2), layout="constrained")
+    axes = fig.subplots(2, n, squeeze=False)
     for i in range(n):
         for row, (data, label) in enumerate(((inputs[i], "input"), (outputs[i], "reconstruction"))):
             ax = axes[row][i]
@@ -52,10 +54,11 @@ def band_ratio_figure(names: list[str], ratios: torch.Tensor | list[float], titl
         title: figure title.
 
     Returns:
-        A matplotlib Figure; the caller closes it.
+        A matplotlib Figure.
     """
     values = torch.as_tensor(ratios, dtype=torch.float64).detach().cpu().tolist()
-    fig, ax = plt.subplots(figsize=(1.2 * len(values) + 2, 3.2), constrained_layout=True)
+    fig = Figure(figsize=(1.2 * len(values) + 2, 3.2), layout="constrained")
+    ax = fig.subplots()
     ax.bar(range(len(values)), values, color="tab:blue")
     # Below the line the band lost detail (a blur keeps energy, not variance); above, it gained noise.
     ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="input variance")
@@ -86,7 +89,7 @@ def kl_per_dim_figure(
         title: figure title.
 
     Returns:
-        A matplotlib Figure; the caller closes it.
+        A matplotlib Figure.
     """
     kl = kl_per_dim.detach().double().cpu()
     order = torch.argsort(kl, descending=True)
@@ -94,7 +97,8 @@ def kl_per_dim_figure(
     if mu_var is not None:
         active = (mu_var.detach().double().cpu() > active_threshold)[order].tolist()
         colors = ["tab:orange" if a else "tab:gray" for a in active]
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.12 * kl.numel() + 2), 3.2), constrained_layout=True)
+    fig = Figure(figsize=(max(4.0, 0.12 * kl.numel() + 2), 3.2), layout="constrained")
+    ax = fig.subplots()
     ax.bar(range(kl.numel()), kl[order].tolist(), color=colors, width=0.9)
     ax.set_xlabel("latent dimension (sorted by KL)")
     ax.set_ylabel("KL (nats)")
@@ -110,7 +114,8 @@ def mel_grid_figure(mels: torch.Tensor, titles: list[str], columns: int, title: 
     """(N, n_mels, frames) log-mels in a grid of `columns`, on one colour scale."""
     mels = mels.detach().float().cpu()
     rows = math.ceil(len(mels) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.2 * rows), squeeze=False, constrained_layout=True)
+    fig = Figure(figsize=(2.4 * columns, 2.2 * rows), layout="constrained")
+    axes = fig.subplots(rows, columns, squeeze=False)
     vmin, vmax = float(mels.min()), float(mels.max())
     for i, ax in enumerate(axes.flat):
         ax.set_xticks([])

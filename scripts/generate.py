@@ -1,104 +1,11 @@
-"""Hear a trained model: `python scripts/generate.py {reconstruct,sample,interpolate,ceiling} ...`.
+"""`python scripts/generate.py ...` is `musicvae generate ...` (see `musicvae generate --help`)."""
 
-  reconstruct --ckpt_path C IN --out OUT.wav     a whole recording (audio or .npy log-mel) through the model
-  sample --ckpt_path C -n 8 --out DIR            draws from the prior
-  interpolate --ckpt_path C A B --out DIR        a morph from a segment of A to one of B through the latent space
-  ceiling AUDIO                                  how close Griffin-Lim gets to a recording from its own log-mel
-
-Audio is written as 16-bit WAV at the model's sample rate, with a PNG of the mels beside it
-(see musicvae/inference/generation.py and musicvae/audio/vocoder.py).
-"""
-
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from musicvae.audio.mel import MelSettings  # noqa: E402
-from musicvae.errors import MusicVAEError  # noqa: E402
-from musicvae.inference.generation import (METHODS, interpolate_files, load_generation_model, reconstruct_file,  # noqa: E402
-                                 sample_files)
-from musicvae.audio.vocoder import measure_ceiling  # noqa: E402
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: must be a positive integer")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="generate", description=__doc__.splitlines()[0], allow_abbrev=False)
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    def command(name: str, help: str, ckpt: bool = True) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help, description=help, allow_abbrev=False)
-        sub.add_argument("--ckpt_path", required=ckpt, help="checkpoint (best.ckpt or last.ckpt)"
-                         + ("" if ckpt else "; its mel settings are measured (default: the project's defaults)"))
-        sub.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
-        sub.add_argument("--griffin_lim_iters", type=positive_int, default=64, help="Griffin-Lim iterations")
-        return sub
-
-    sub = command("reconstruct", "reconstruct a whole recording through the model")
-    sub.add_argument("input", help="audio file or .npy log-mel (n_mels, frames), any length")
-    sub.add_argument("--out", required=True, help="WAV to write; a PNG of input vs output goes beside it")
-    sub.add_argument("--hop", type=positive_int, default=None, help="frames between segments (default: half a segment)")
-
-    sub = command("sample", "decode draws from the prior")
-    sub.add_argument("-n", type=positive_int, default=8, help="number of samples")
-    sub.add_argument("--out", required=True, help="folder for sample_XX.wav and samples.png")
-    sub.add_argument("--temperature", type=float, default=1.0, help="standard deviation of the prior draws")
-    sub.add_argument("--seed", type=int, default=None, help="seed of the draws (default: a fresh one)")
-
-    sub = command("interpolate", "morph between two recordings through the latent space")
-    sub.add_argument("a", help="first recording (audio or .npy log-mel)")
-    sub.add_argument("b", help="second recording")
-    sub.add_argument("--steps", type=int, default=8, help="points on the path, both ends included")
-    sub.add_argument("--out", required=True, help="folder for step_XX.wav, morph.wav and interpolation.png")
-    sub.add_argument("--method", choices=METHODS, default="slerp", help="path through the latent space")
-    sub.add_argument("--offset_a", type=float, default=0.0, help="seconds into A where its segment starts")
-    sub.add_argument("--offset_b", type=float, default=0.0, help="seconds into B where its segment starts")
-
-    sub = command("ceiling", "spectral convergence of Griffin-Lim on a recording's own log-mel", ckpt=False)
-    sub.add_argument("audio", help="a recording")
-    sub.add_argument("--offset", type=float, default=0.0, help="start of the excerpt, seconds")
-    sub.add_argument("--seconds", type=float, default=30.0, help="length of the excerpt; 0 for the rest of the file")
-    return parser
-
-
-def run(args: argparse.Namespace) -> None:
-    common = {"device": args.device, "griffin_lim_iters": args.griffin_lim_iters}
-    if args.command == "reconstruct":
-        result = reconstruct_file(args.ckpt_path, args.input, args.out, hop=args.hop, **common)
-        print(f"reconstructed {result['seconds']:.2f} s ({result['frames']} frames) -> {result['wav']}, {result['png']}")
-    elif args.command == "sample":
-        result = sample_files(args.ckpt_path, args.out, args.n, args.temperature, args.seed, **common)
-        print(f"wrote {len(result['wavs'])} samples and {result['png']}")
-    elif args.command == "interpolate":
-        result = interpolate_files(args.ckpt_path, args.a, args.b, args.out, args.steps, args.method,
-                                   args.offset_a, args.offset_b, **common)
-        print(f"wrote {len(result['wavs'])} steps, {result['morph']} and {result['png']} "
-              f"(segments at {result['offsets'][0]:.2f} s and {result['offsets'][1]:.2f} s)")
-    else:
-        mel = load_generation_model(args.ckpt_path).mel if args.ckpt_path else MelSettings()
-        result = measure_ceiling(args.audio, mel, args.offset, args.seconds or None, **common)
-        print(f"Griffin-Lim ceiling on {args.audio} ({result['seconds']:.1f} s from {args.offset:g} s, "
-              f"{mel.n_mels} mels, n_fft {mel.n_fft}, hop {mel.hop_length}, {args.griffin_lim_iters} iterations): "
-              f"spectral convergence {result['spectral_convergence']:.4f} "
-              f"({result['in_band']:.4f} over the STFT bins the mel filters cover)")
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except MusicVAEError as err:
-        sys.stderr.write(f"generate: error: {err}\n")
-        return 2
-    return 0
-
+from musicvae.commands import run  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run("generate", sys.argv[1:]))

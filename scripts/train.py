@@ -1,7 +1,7 @@
-"""Train a MusicVAE: `python scripts/train.py [fit|validate|test] --config configs/improved.yaml ...`.
+"""`python scripts/train.py ...` is `musicvae fit|validate|test|predict ...`; bare, it is the quickstart.
 
-With no arguments this is `fit --config configs/quickstart.yaml`. Every LightningCLI and Trainer
-flag works; see `python scripts/train.py --help`.
+Without a subcommand the command is `fit`. Every LightningCLI and Trainer flag works; see
+`python scripts/train.py --help`.
 """
 
 import sys

@@ -92,12 +92,10 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def load_script(name: str):
-    """scripts/NAME.py as a module, to call its main() in-process."""
-    path = REPO / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"script_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The command module behind scripts/NAME.py (`musicvae NAME`), to call its main() in-process."""
+    from musicvae.commands import COMMANDS
+
+    return importlib.import_module(COMMANDS[name.replace("_", "-")].target.split(":")[0])
 
 
 @pytest.fixture(scope="module")

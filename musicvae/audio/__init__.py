@@ -16,7 +16,6 @@ _EXPORTS = {
     "resample": "mel",
     "write_mel_sidecar": "mel",
     "GriffinLimVocoder": "vocoder",
-    "denormalize": "vocoder",
     "render_piece": "synth",
 }
 __all__ = sorted(_EXPORTS)

@@ -21,11 +21,6 @@ from musicvae.audio.mel import LogMel, MelSettings, decode_audio, resample
 from musicvae.errors import ConfigError, DataError
 
 
-def denormalize(x: Tensor, mean: float, std: float) -> Tensor:
-    """Normalised log-mels (what the model reads and writes) -> natural-log mel power: x * std + mean."""
-    return x * std + mean
-
-
 def mel_filterbank(mel: MelSettings) -> Tensor:
     """The (n_fft/2+1, n_mels) filterbank LogMel applies as fb^T @ spectrogram."""
     return torchaudio.functional.melscale_fbanks(
@@ -102,7 +97,7 @@ class GriffinLimVocoder(nn.Module):
         """Invert log-mels to audio.
 
         Args:
-            log_mel: (..., n_mels, T) natural-log mel power (denormalised; see `denormalize`).
+            log_mel: (..., n_mels, T) natural-log mel power (denormalised: Normalizer.inverse).
             length: samples of the result; default (T - 1) * hop_length, the length whose
                 centred STFT has T frames.
 

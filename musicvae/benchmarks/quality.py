@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from musicvae.losses import Band
+from musicvae import tables
+from musicvae.losses import RANGE_MARGIN, Band, range_band
 from musicvae.models.linear_codes import LinearCode, fit_pca, fit_separable_code, stack_segments
 from musicvae.metrics import (FEATURELESS_THRESHOLD, SILENT_VARIANCE, LatentDiagnostics, ReconstructionDiagnostics,
                               band_edges, band_variances)
@@ -166,7 +167,7 @@ def reference_statistics(dataset: Dataset, n_mels: int, bands: Sequence[Band], b
 
 
 def prior_diagnostics(samples: Tensor, reference: dict[str, Any], n_mels: int, bands: Sequence[Band],
-                      margin: float = 0.5) -> dict[str, Any]:
+                      margin: float = RANGE_MARGIN) -> dict[str, Any]:
     """The reconstruction diagnostics, adapted to samples judged against the held-out data.
 
     A sample is featureless when its variance is under FEATURELESS_THRESHOLD x the median held-out
@@ -184,8 +185,8 @@ def prior_diagnostics(samples: Tensor, reference: dict[str, Any], n_mels: int, b
     """
     flat = samples.double().flatten(1)  # (N, D)
     featureless = flat.var(dim=1, correction=0) < FEATURELESS_THRESHOLD * reference["example_variance"]
-    spread = margin * (reference["hi"] - reference["lo"])
-    outside = (flat < reference["lo"] - spread) | (flat > reference["hi"] + spread)
+    low, high = range_band(torch.as_tensor(reference["lo"]), torch.as_tensor(reference["hi"]), margin)
+    outside = (flat < low) | (flat > high)
     out: dict[str, Any] = {"n_samples": int(samples.shape[0]), "featureless_frac": float(featureless.double().mean()),
                            "range_frac_outside": float(outside.double().mean()),
                            "sample_min": float(flat.min()), "sample_max": float(flat.max())}
@@ -249,11 +250,9 @@ def _cell(value: Any) -> str:
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """| metric | VAE | PCA | goal | gap | ; gap "met" when reached, "—" without a goal."""
-    lines = ["| metric | VAE | PCA | goal | gap |", "|---|---|---|---|---|"]
-    for row in rows:
-        gap = "—" if row["gap"] is None else "met" if row["met"] else _cell(row["gap"])
-        lines.append(f"| {row['metric']} | {_cell(row['vae'])} | {_cell(row['pca'])} | {_cell(row['goal'])} | {gap} |")
-    return "\n".join(lines)
+    cells = [(row["metric"], _cell(row["vae"]), _cell(row["pca"]), _cell(row["goal"]),
+              "—" if row["gap"] is None else "met" if row["met"] else _cell(row["gap"])) for row in rows]
+    return "\n".join(tables.markdown_table(("metric", "VAE", "PCA", "goal", "gap"), cells))
 
 
 def markdown_report(result: dict[str, Any]) -> str:

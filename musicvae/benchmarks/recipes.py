@@ -34,14 +34,15 @@ from typing import Any, Optional
 
 import yaml
 
+from musicvae.tables import markdown_table
+from musicvae.training.recipes import recipe_path
 from musicvae.training.checkpoints import flatten
 from musicvae.errors import ConfigError
 from musicvae.evaluation.evaluate import evaluate_checkpoint, write_json
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 BASELINE, CANDIDATE = "standard", "improved"
-RECIPES = {BASELINE: REPO_ROOT / "configs" / "standard.yaml", CANDIDATE: REPO_ROOT / "configs" / "improved.yaml"}
-DEFAULT_BASE = REPO_ROOT / "configs" / "compare_small.yaml"
+RECIPES = {BASELINE: recipe_path("standard.yaml"), CANDIDATE: recipe_path("improved.yaml")}
+DEFAULT_BASE = recipe_path("compare_small.yaml")
 # About 19 epochs of the default synthetic data at batch 32 with compare_small.yaml. Measured: both
 # recipes halve their validation MSE (0.66 -> 0.32 and 0.74 -> 0.34 at seed 0) and still improve
 # slowly, and 3 seeds x 2 recipes take about 12 minutes on a 2-core CPU.
@@ -292,20 +293,19 @@ def markdown(result: dict[str, Any]) -> str:
         f"Wall time {result['wall_seconds']:.0f} s.", "",
         f"Values are mean ± sample std over seeds. Rule: {s['rule']}.", "",
         "## The notebook's expected improvements", "",
-        f"| expected improvement | metric | {BASELINE} | {CANDIDATE} | result |", "|---|---|---|---|---|",
     ]
-    lines += [f"| {c['claim']} | {c['metric']} | {_cell(c[BASELINE])} | {_cell(c[CANDIDATE])} | **{c['result']}** |"
-              for c in result["claims"]]
-    lines += ["", "## Every metric", "",
-              f"| metric | better | {BASELINE} | {CANDIDATE} | winner | beyond spread |", "|---|---|---|---|---|---|"]
-    for row in result["table"]:
-        spread = {True: "yes", False: "no", None: "-"}[row["beyond_spread"]]
-        lines.append(f"| {row['metric']} | {row['better'] or 'not judged'} | {_cell(row[BASELINE])} | "
-                     f"{_cell(row[CANDIDATE])} | {row['winner'] or '-'} | {spread} |")
+    lines += markdown_table(("expected improvement", "metric", BASELINE, CANDIDATE, "result"),
+                            [(c["claim"], c["metric"], _cell(c[BASELINE]), _cell(c[CANDIDATE]), f"**{c['result']}**")
+                             for c in result["claims"]])
+    lines += ["", "## Every metric", ""]
+    lines += markdown_table(("metric", "better", BASELINE, CANDIDATE, "winner", "beyond spread"),
+                            [(row["metric"], row["better"] or "not judged", _cell(row[BASELINE]), _cell(row[CANDIDATE]),
+                              row["winner"] or "-", {True: "yes", False: "no", None: "-"}[row["beyond_spread"]])
+                             for row in result["table"]])
     lines += ["", "weighted_mse is part of the improved recipe's training loss and mse is the standard recipe's; "
               "each is shown as defined, not adjusted.", "",
-              "## The notebook's problems, runs where present", "",
-              f"| problem | {BASELINE} | {CANDIDATE} |", "|---|---|---|"]
-    lines += [f"| {p['problem']} | {p[BASELINE]}/{p['runs_per_recipe']} | {p[CANDIDATE]}/{p['runs_per_recipe']} |"
-              for p in result["problems"]]
+              "## The notebook's problems, runs where present", ""]
+    lines += markdown_table(("problem", BASELINE, CANDIDATE),
+                            [(p["problem"], f"{p[BASELINE]}/{p['runs_per_recipe']}", f"{p[CANDIDATE]}/{p['runs_per_recipe']}")
+                             for p in result["problems"]])
     return "\n".join(lines) + "\n"

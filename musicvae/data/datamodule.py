@@ -15,6 +15,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.trainer.states import TrainerFn
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from musicvae.audio.mel import AUDIO_SUFFIXES, MelSettings, read_mel_sidecar
@@ -28,6 +29,7 @@ from musicvae.data.segments import (
     ARRAY_SUFFIXES,
     MelSource,
     Normalizer,
+    RecordingWindows,
     SegmentDataset,
     scan_mel_file,
     segment_statistics,
@@ -118,6 +120,8 @@ class MelDataModule(L.LightningDataModule):
         self.device_crops: Optional[DeviceCrops] = None  # built by setup("fit") when device_cache
         self.normalizer = Normalizer()
         self.stats_restored = False
+        self.trained_on: Optional[str] = None  # the checkpoint's training folder (None: built-in data)
+        self.predict_reconstructions = False  # set by `musicvae predict --predict_reconstructions true`
         self._resume_position: Optional[dict[str, int]] = None
         self.split_mode: Optional[str] = None
         self.sources: list[MelSource] = []
@@ -169,6 +173,8 @@ class MelDataModule(L.LightningDataModule):
             self._audio_cache(workers=workers, progress=True)
 
     def setup(self, stage: Optional[str] = None) -> None:
+        if stage in ("test", "predict"):
+            return  # their loaders are built after the checkpoint's statistics are restored
         if self.train_set is None:
             self._setup_sets(stage)
         if self.device_cache and stage in (None, "fit") and self.device_crops is None:
@@ -404,7 +410,31 @@ class MelDataModule(L.LightningDataModule):
         return self._loader(self.val_set, shuffle=False)
 
     def test_dataloader(self) -> StatefulDataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        # Called after Lightning restored the checkpoint's statistics (load_state_dict).
+        return self._loader(self.evaluation_set(self.test_split()), shuffle=False)
+
+    def test_split(self) -> Literal["val", "all"]:
+        """What `musicvae test` scores: the validation recordings of the folder the checkpoint was
+        trained on, or every recording of another folder (music the model never saw)."""
+        if not self.stats_restored or self.trained_on == (str(self.data_dir) if self.data_dir else None):
+            return "val"
+        return "all"
+
+    def predict_dataloader(self) -> DataLoader:
+        """Every usable recording of the folder, one batch each (RecordingWindows)."""
+        if not self.stats_restored:
+            raise ConfigError("predict needs a trained model's statistics: give --ckpt_path")
+        self._ensure_sources()
+        extra = {"frames": self.frames, "mel": self.mel.to_dict(), "mean": self.normalizer.mean,
+                 "std": self.normalizer.std, "chunk": self.batch_size, "reconstructions": self.predict_reconstructions}
+        dataset = RecordingWindows(self.sources, self.frames, self.n_mels, self.normalizer,
+                                   self.mel.hop_length / self.mel.sample_rate, extra)
+        kwargs = (self.trainer.distributed_sampler_kwargs if self.trainer is not None else None) or {}
+        # Each recording to exactly one rank, none repeated to even out the ranks (a repeat would
+        # write its file twice, from two processes).
+        sampler = UnrepeatedDistributedSampler(dataset, shuffle=False, **kwargs) if kwargs else None
+        return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=self.num_workers,
+                          collate_fn=lambda item: item)  # tensors as they are, strings and numbers too
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs to rebuild the data exactly: features, split rule, statistics."""
@@ -439,6 +469,7 @@ class MelDataModule(L.LightningDataModule):
         self.normalizer.mean = float(state["mean"])
         self.normalizer.std = float(state["std"])
         self.stats_restored = True
+        self.trained_on = state.get("data_dir")
         # Applied to the next training sampler. Lightning 2.6 restores the loader's own state
         # only mid-epoch: from a checkpoint of an epoch's last step it would replay that epoch's
         # order (the iterator is built before set_epoch), so the position travels here as well.

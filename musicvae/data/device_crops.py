@@ -189,7 +189,6 @@ class DeviceCrops:
         self.length, self.augment, self.power = dataset.frames, dataset.augment, power
         self.normalizer: Normalizer = dataset.normalizer  # shared: restored statistics apply
         self._on: dict[torch.device, torch.Tensor] = {}
-        self._stats: dict[tuple[torch.device, float, float], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @staticmethod
     def is_plan(batch: Any) -> bool:
@@ -219,14 +218,4 @@ class DeviceCrops:
             other = gather(frames, plan["mix_position"], self.length) if self.augment.mix_prob > 0 else raw
             exact = device.type == "cpu" if exact_mix is None else exact_mix
             raw = augment_batch(raw, other, plan, self.augment, self.power, exact)
-        mean, std = self._statistics(device)
-        return ((raw - mean) / std).unsqueeze(1)  # (B, n_mels, F) -> (B, 1, n_mels, F)
-
-    def _statistics(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        # Device tensors, not Python floats: CUDA divides by a host scalar as a multiplication by
-        # its reciprocal, which is not the CPU loader path's correctly rounded division.
-        key = (device, self.normalizer.mean, self.normalizer.std)
-        if key not in self._stats:
-            self._stats = {key: (torch.tensor(key[1], dtype=torch.float32, device=device),
-                                 torch.tensor(key[2], dtype=torch.float32, device=device))}
-        return self._stats[key]
+        return self.normalizer(raw).unsqueeze(1)  # (B, n_mels, F) -> (B, 1, n_mels, F)

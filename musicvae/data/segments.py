@@ -160,17 +160,38 @@ def window_starts(source: MelSource, lo: int, hi: int, frames: int, silence_marg
 
 
 class Normalizer:
-    """z-score with training-split statistics: (x - mean) / std, and back."""
+    """z-score with training-split statistics: (x - mean) / std, and back.
+
+    The one place this rule lives: the data sets, the device crops, generation, the TensorBoard
+    media and predict all call it (the exported TorchScript program carries the same two lines,
+    checked against this class by tests/inference/test_export.py).
+    """
 
     def __init__(self, mean: float = 0.0, std: float = 1.0) -> None:
         self.mean = float(mean)
         self.std = float(std)
+        self._on: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _statistics(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Tensors on x's device, not Python floats: CUDA divides by a host scalar as a
+        # multiplication by its reciprocal, which is not the CPU's correctly rounded division, and
+        # the device crops must match the loader path bitwise. On the CPU both forms are equal.
+        key = (like.device, like.dtype, self.mean, self.std)
+        if key not in self._on:
+            self._on = {key: (torch.tensor(self.mean, dtype=like.dtype, device=like.device),
+                              torch.tensor(self.std, dtype=like.dtype, device=like.device))}
+        return self._on[key]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
+        mean, std = self._statistics(x)
+        return (x - mean) / std
 
     def inverse(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.std + self.mean
+        mean, std = self._statistics(x)
+        return x * std + mean
+
+    def __getstate__(self) -> dict:
+        return {"mean": self.mean, "std": self.std, "_on": {}}  # loader workers rebuild their own
 
 
 class SegmentDataset(Dataset):
@@ -367,6 +388,43 @@ def _unreadable_flags(paths: list[str]) -> torch.Tensor:
 
 
 _FLAGS: "weakref.WeakValueDictionary[tuple[str, ...], torch.Tensor]" = weakref.WeakValueDictionary()
+
+
+class RecordingWindows(Dataset):
+    """One item per recording: all its windows, for `musicvae predict` (latent codes per recording).
+
+    Windows tile the recording from its first frame, one every `frames` frames, silent ones
+    included, so that window i starts at frame i * frames; the tail shorter than a window is left
+    out (`n_frames` says how long the recording is). With DataLoader(batch_size=None) each batch
+    is one whole recording, so under DDP a recording goes to exactly one process.
+    """
+
+    def __init__(self, sources: list[MelSource], frames: int, n_mels: int, normalizer: Normalizer,
+                 hop_seconds: float, extra: Optional[dict] = None) -> None:
+        self.sources = sources
+        self.frames = frames
+        self.normalizer = normalizer
+        self.hop_seconds = hop_seconds  # seconds per frame, for the window start times
+        self.extra = dict(extra or {})  # the same in every item (mel settings, statistics)
+        # Only for SegmentDataset.array(): reopens a file that changed, names one that broke.
+        self._files = SegmentDataset([s.path for s in sources], np.zeros((0, 4)), frames, n_mels, normalizer, False)
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, index: int) -> dict:
+        source = self.sources[index]
+        array = self._files.array(index)  # (n_mels, T), memory-mapped
+        starts = np.arange(0, source.n_frames - self.frames + 1, self.frames)
+        windows = np.stack([np.asarray(array[:, s:s + self.frames], dtype=np.float32) for s in starts])
+        return {
+            "windows": self.normalizer(torch.from_numpy(windows)).unsqueeze(1),  # (W, n_mels, F) -> (W, 1, n_mels, F)
+            "source": source.rel,
+            "start_frames": torch.from_numpy(starts),
+            "start_seconds": torch.from_numpy(starts * self.hop_seconds),  # float64
+            "n_frames": source.n_frames,
+            **self.extra,
+        }
 
 
 def segment_statistics(dataset: SegmentDataset) -> tuple[float, float]:

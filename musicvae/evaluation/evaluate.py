@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import matplotlib.pyplot as plt
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -24,6 +23,7 @@ from musicvae.atomic import write_atomic
 from musicvae.inference.loading import datamodule_for, load_module
 from musicvae.metrics import (ACTIVE_UNIT_THRESHOLD, FEATURELESS_THRESHOLD, LatentDiagnostics,
                               ReconstructionDiagnostics)
+from musicvae.tables import markdown_table
 from musicvae.training.module import MusicVAEModule
 from musicvae.plots import band_ratio_figure, kl_per_dim_figure, mel_comparison_figure
 
@@ -242,7 +242,6 @@ def write_figures(out_dir: Path, module: MusicVAEModule, dataset: Dataset, metri
     paths = []
     for name, figure in figures.items():
         figure.savefig(out_dir / name, dpi=90)
-        plt.close(figure)
         paths.append(out_dir / name)
     return paths
 
@@ -267,12 +266,12 @@ def write_report(out_dir: Path, metrics: dict[str, Any], found: list[Verdict], i
         f"Checkpoint epoch {ckpt['epoch']}, step {ckpt['global_step']}; {metrics['n_examples']} examples "
         f"({data['split']}) from `{data['folder']}`. Reconstructions decoded from the posterior mean.", "",
         "## The notebook's three problems", "",
-        "| problem | verdict | measured | rule |", "|---|---|---|---|",
+        *markdown_table(("problem", "verdict", "measured", "rule"),
+                        [(f"{i}. {v.problem}", f"**{v.status}**", v.detail, v.rule) for i, v in enumerate(found, 1)]),
+        "", "## Reconstruction quality", "",
+        *markdown_table(list(QUALITY_METRICS.values()), [[f"{metrics[k]:.4g}" for k in QUALITY_METRICS]]),
     ]
-    lines += [f"| {i}. {v.problem} | **{v.status}** | {v.detail} | {v.rule} |" for i, v in enumerate(found, 1)]
-    lines += ["", "## Reconstruction quality", "",
-              "| " + " | ".join(QUALITY_METRICS.values()) + " |", "|" + "---|" * len(QUALITY_METRICS),
-              "| " + " | ".join(f"{metrics[k]:.4g}" for k in QUALITY_METRICS) + " |", "",
+    lines += ["",
               "Variance ratio per band (recon / input; 1 is ideal): "
               + ", ".join(f"{k.split('/', 1)[1]}: {v:.3f}" for k, v in metrics.items() if k.startswith("band_ratio/")),
               "", "## Latent usage", "",

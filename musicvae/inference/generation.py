@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import matplotlib.pyplot as plt
 import numpy as np
 import soundfile as sf
 import torch
@@ -28,8 +27,8 @@ from musicvae.errors import CheckpointError, ConfigError, DataError
 from musicvae.inference.loading import load_module
 from musicvae.training.module import MusicVAEModule
 from musicvae.plots import mel_comparison_figure, mel_grid_figure
-from musicvae.data.segments import ARRAY_SUFFIXES, load_mel_array
-from musicvae.audio.vocoder import GriffinLimVocoder, denormalize
+from musicvae.data.segments import ARRAY_SUFFIXES, Normalizer, load_mel_array
+from musicvae.audio.vocoder import GriffinLimVocoder
 
 METHODS = ("slerp", "linear")
 #: Crossfade between the steps of a morph: long enough to hide the cut, short against a segment.
@@ -108,24 +107,31 @@ class GenerationModel:
         module: the MusicVAEModule, in eval mode.
         mel: the checkpoint's mel settings.
         frames: frames per segment.
-        mean, std: the training split's normalisation statistics.
+        normalizer: the training split's normalisation (from the checkpoint).
     """
 
     module: MusicVAEModule
     mel: MelSettings
     frames: int
-    mean: float
-    std: float
+    normalizer: Normalizer
+
+    @property
+    def mean(self) -> float:
+        return self.normalizer.mean
+
+    @property
+    def std(self) -> float:
+        return self.normalizer.std
 
     @property
     def device(self) -> torch.device:
         return self.module.device
 
     def normalize(self, log_mel: Tensor) -> Tensor:
-        return (log_mel - self.mean) / self.std
+        return self.normalizer(log_mel)
 
     def denormalize(self, x: Tensor) -> Tensor:
-        return denormalize(x, self.mean, self.std)
+        return self.normalizer.inverse(x)
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:
@@ -163,7 +169,7 @@ def load_generation_model(ckpt_path: str | os.PathLike, device: str = "cpu") -> 
             f"{ckpt_path}: the data state ({mel.n_mels} mels x {frames} frames) does not match the model "
             f"({module.hparams.n_mels} x {module.hparams.frames})"
         )
-    return GenerationModel(module, mel, frames, float(state["mean"]), float(state["std"]))
+    return GenerationModel(module, mel, frames, Normalizer(state["mean"], state["std"]))
 
 
 # --- mels in, mels out --------------------------------------------------------------------------
@@ -277,7 +283,6 @@ def crossfade_concat(waves: list[Tensor], fade: int) -> Tensor:
 
 def save_figure(fig: Figure, path: Path) -> Path:
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 

@@ -27,7 +27,7 @@ DATA_STATE_KEY = "MelDataModule"
 #: Fields whose change makes the weights meaningless or unloadable.
 ARCHITECTURE_FIELDS = ("n_mels", "frames", "latent_dim", "channels", "blocks_per_stage", "linear_path_components")
 #: Fields of the run that may differ on resume without being a change of hyper-parameters.
-NOT_HYPERPARAMETERS = ("ckpt_path", "overwrite")
+NOT_HYPERPARAMETERS = ("ckpt_path", "overwrite", "predict_dir", "predict_reconstructions")
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> dict[str, Any]:

@@ -38,11 +38,13 @@ from musicvae.errors import CheckpointError, ConfigError, MusicVAEError, NonFini
 from musicvae.training.guards import NONFINITE_EXIT, PREEMPTED_EXIT, NonFiniteGuard, Preemption
 from musicvae.training.module import MusicVAEModule
 from musicvae.training.random_state import ResumableRandomState
+from musicvae.training.media import MediaLogger
+from musicvae.training.predictions import LatentWriter
+from musicvae.training.recipes import recipe_path
 from musicvae.training.preflight import (check_batch_size, check_creatable_dir, check_linear_path, check_mel_settings,
                                 logger_save_dirs)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "quickstart.yaml"
+DEFAULT_CONFIG = recipe_path("quickstart.yaml")
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 TRAINER_DEFAULTS: dict[str, Any] = {
     "logger": {
@@ -140,6 +142,14 @@ class MusicVAECLI(LightningCLI):
             "A resume from such a checkpoint continues with the same batches and random draws.",
         )
         parser.add_argument(
+            "--predict_dir", type=str, default="predictions",
+            help="predict: folder for one latent-code file per recording (<recording>.pt; made absolute).",
+        )
+        parser.add_argument(
+            "--predict_reconstructions", type=bool, default=False,
+            help="predict: also write each window's reconstruction (log-mel) into the recording's file.",
+        )
+        parser.add_argument(
             "--skip_nonfinite", type=int, default=0,
             help="Batches with a NaN/Inf loss or gradient to skip (update dropped, warning logged) before "
             "training stops; 0 stops at the first.",
@@ -187,7 +197,9 @@ class MusicVAECLI(LightningCLI):
         extra.append(RunMetadata(yaml.safe_load(self._stored_config()), monitor, self.checkpoint_dir))
         old_lr = (self.resume or {}).get("hyper_parameters", {}).get("lr")
         extra.append(ApplyResumedLearningRate(old_lr))
-        extra += [ResumableRandomState(), NonFiniteGuard(skip), Preemption(self.checkpoint_dir)]
+        extra += [ResumableRandomState(), NonFiniteGuard(skip), Preemption(self.checkpoint_dir), MediaLogger()]
+        if self.subcommand == "predict":
+            extra.append(LatentWriter(self._setting("predict_dir")))
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         trainer_config["plugins"] = with_atomic_checkpoints(trainer_config.get("plugins"))
         return self._instantiate_trainer(trainer_config, extra)
@@ -218,6 +230,15 @@ class MusicVAECLI(LightningCLI):
             self._check_resume()
         for path in remove_abandoned(self.checkpoint_dir, recursive=False):
             rank_zero_info(f"musicvae: removed {path.name}, left by a checkpoint write that was killed")
+
+    def before_predict(self) -> None:
+        if self.resume is None:
+            raise ConfigError("predict encodes with a trained model: give --ckpt_path CHECKPOINT")
+        self.datamodule.predict_reconstructions = bool(self._setting("predict_reconstructions"))
+
+    def after_predict(self) -> None:
+        writer = next(cb for cb in self.trainer.callbacks if isinstance(cb, LatentWriter))
+        rank_zero_info(f"musicvae: wrote the latent codes of each recording into {writer.predict_dir}")
 
     def after_fit(self) -> None:
         trainer = self.trainer
@@ -277,7 +298,7 @@ def _ckpt_path_arg(args: list[str]) -> Optional[str]:
 
 def with_default_subcommand(args: list[str]) -> list[str]:
     """No arguments means `fit --config configs/quickstart.yaml`; no subcommand means `fit`."""
-    if not args:
+    if not args or args == ["fit"]:  # bare `musicvae fit` / `python scripts/train.py`: the quickstart
         return ["fit", "--config", str(DEFAULT_CONFIG)]
     if args[0] in SUBCOMMANDS:
         return args
@@ -321,16 +342,23 @@ def cli_main(args: Optional[list[str]] = None, run: bool = True) -> MusicVAECLI:
     )
 
 
-def main() -> None:
-    """Console entry point. Exit status: 0 done; 2 a user error (one clear line, no traceback);
-    3 stopped by a NaN/Inf; 143 stopped by SIGTERM (after saving last.ckpt when finite)."""
+def subcommand_main(argv: Optional[list[str]] = None) -> int:
+    """`musicvae fit|validate|test|predict ...`. Exit status: 0 done; 2 a user error (one clear
+    line, no traceback); 3 stopped by a NaN/Inf; 143 stopped by SIGTERM (after saving last.ckpt
+    when finite)."""
     try:
-        cli_main()
+        cli_main(argv)
     except SIGTERMException:
-        raise SystemExit(PREEMPTED_EXIT) from None
+        return PREEMPTED_EXIT
     except NonFiniteError as err:
         sys.stderr.write(f"musicvae: error: {err}\n")
-        raise SystemExit(NONFINITE_EXIT) from None
+        return NONFINITE_EXIT
     except MusicVAEError as err:
         sys.stderr.write(f"musicvae: error: {err}\n")
-        raise SystemExit(2) from None
+        return 2
+    return 0
+
+
+def main() -> None:
+    """`python scripts/train.py ...`: without a subcommand it is `fit`."""
+    raise SystemExit(subcommand_main())

@@ -6,9 +6,7 @@ from typing import Literal, Optional
 
 import lightning as L
 import numpy as np
-import matplotlib.pyplot as plt
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 
 from musicvae.audio.mel import MelSettings
 from musicvae.errors import ConfigError
@@ -17,8 +15,6 @@ from musicvae.models.linear_path import LinearPathVAE, init_from_code
 from musicvae.models.conv2d import ConvVAE
 from musicvae.models.conv1d import TemporalConvVAE
 from musicvae.metrics import LatentDiagnostics, ReconstructionDiagnostics
-from musicvae.audio.vocoder import GriffinLimVocoder, denormalize
-from musicvae.plots import band_ratio_figure, kl_per_dim_figure, mel_comparison_figure
 from musicvae.models.linear_codes import fit_pca, fit_separable_code, stack_segments
 
 LOSSES = ("standard", "spectral")
@@ -149,10 +145,11 @@ class MusicVAEModule(L.LightningModule):
             raise ConfigError(
                 f"model: {err} (the CLI takes n_mels from data.mel.n_mels and frames from data.frames)"
             ) from None
-        self._figure_batch: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        # The first validation/test batch (inputs, reconstructions) and the last epoch's diagnostics,
+        # read by MediaLogger (musicvae/training/media.py), which draws and logs them.
+        self.figure_batch: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self.epoch_diagnostics: Optional[tuple[dict, dict]] = None
         self.last_loss_parts: dict[str, torch.Tensor] = {}
-        # Built on first use, on the CPU; a dict keeps it out of the module tree and the state_dict.
-        self._vocoders: dict[MelSettings, GriffinLimVocoder] = {}
         # Epoch diagnostics of the notebook's three problems (exact under DDP; see metrics.py).
         # std is the data's z-score scale, set from the data module before each validation.
         self.val_diagnostics = ReconstructionDiagnostics(std=1.0, n_mels=n_mels, bands=bands)
@@ -243,85 +240,73 @@ class MusicVAEModule(L.LightningModule):
         return parts["loss"]
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self._score_batch("val", batch, batch_idx)
+
+    def test_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self._score_batch("test", batch, batch_idx)
+
+    def _score_batch(self, stage: str, batch: torch.Tensor, batch_idx: int) -> None:
         # In eval mode the VAE decodes the posterior mean: the score has no sampling noise.
         x_hat, mu, logvar = self(batch)
         parts = self.compute_loss(x_hat, batch, mu, logvar)
-        self.log("val/loss", parts["loss"], prog_bar=True, sync_dist=True, batch_size=len(batch))
-        others = {f"val/{k}": v for k, v in parts.items() if k != "loss"}
+        self.log(f"{stage}/loss", parts["loss"], prog_bar=True, sync_dist=True, batch_size=len(batch))
+        others = {f"{stage}/{k}": v for k, v in parts.items() if k != "loss"}
         self.log_dict(others, sync_dist=True, batch_size=len(batch))
         self.val_diagnostics.update(x_hat, batch)
         self.val_latent.update(mu, logvar)
-        if batch_idx == 0:
+        if batch_idx == 0:  # for the figures of MediaLogger (musicvae/training/media.py)
             n = self.hparams.n_figure_examples
-            self._figure_batch = (batch[:n].detach().cpu(), x_hat[:n].detach().float().cpu())
+            self.figure_batch = (batch[:n].detach().cpu(), x_hat[:n].detach().float().cpu())
 
     def on_validation_epoch_start(self) -> None:
+        self._start_scoring()
+
+    def on_test_epoch_start(self) -> None:
+        self._start_scoring()
+
+    def _start_scoring(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         normalizer = getattr(datamodule, "normalizer", None)
         if normalizer is not None:
             self.val_diagnostics.std = normalizer.std
 
     def on_validation_epoch_end(self) -> None:
+        self._finish_scoring("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._finish_scoring("test")
+
+    def _finish_scoring(self, stage: str) -> None:
+        """Logs the epoch's diagnostics under `stage/`; keeps them in `epoch_diagnostics` for MediaLogger."""
         diagnostics = self.val_diagnostics.compute()  # already reduced across processes
         latent = self.val_latent.compute()
         self.val_diagnostics.reset()
         self.val_latent.reset()
-        scalars = {f"val/{k}": v.float() for k, v in diagnostics.items()}
-        scalars.update({"val/active_units": latent["active_units"].float(), "val/active_frac": latent["active_frac"].float()})
+        scalars = {f"{stage}/{k}": v.float() for k, v in diagnostics.items()}
+        scalars.update({f"{stage}/active_units": latent["active_units"].float(),
+                        f"{stage}/active_frac": latent["active_frac"].float()})
         self.log_dict(scalars)
-        if self.trainer.sanity_checking or not self.trainer.is_global_zero:
-            self._figure_batch = None
-            return
-        title = f"epoch {self.current_epoch}, step {self.global_step}"
-        figures = {
-            "val/band_variance_ratio": band_ratio_figure(
-                self.val_diagnostics.band_names,
-                [float(diagnostics[f"band_ratio/{name}"]) for name in self.val_diagnostics.band_names],
-                title,
-            ),
-            "val/kl_per_dim": kl_per_dim_figure(latent["kl_per_dim"].cpu(), latent["mu_var"].cpu(), title=title),
-        }
-        clips = {}
-        if self._figure_batch is not None:
-            figures["val/reconstructions"] = mel_comparison_figure(*self._figure_batch, title)
-            if self._audio_due():
-                clips = self._audio_clips(*self._figure_batch)
-            self._figure_batch = None
-        for logger in self.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                for tag, figure in figures.items():
-                    logger.experiment.add_figure(tag, figure, self.global_step)
-                for tag, (wave, rate) in clips.items():
-                    logger.experiment.add_audio(tag, wave.unsqueeze(0), self.global_step, sample_rate=rate)
-        plt.close("all")
+        self.epoch_diagnostics = (diagnostics, latent)
 
-    def _audio_due(self) -> bool:
-        every = self.hparams.get("audio_every_n_epochs", 0)
-        return every > 0 and self.current_epoch % every == 0 and getattr(self.trainer, "datamodule", None) is not None
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        """One recording's latent codes: `batch` holds all its windows (see MelDataModule.predict_dataloader).
 
-    def _audio_clips(self, inputs: torch.Tensor, outputs: torch.Tensor) -> dict[str, tuple[torch.Tensor, int]]:
-        """Input and reconstruction of a few examples, inverted to audio the same way.
-
-        Both go through the same Griffin-Lim, so what differs between them is the model.
+        Returns the batch's metadata with `mu` and `logvar` (W, latent_dim) and, when the data
+        module asks for them, the reconstructed log-mels (W, n_mels, frames) in log units.
         """
-        datamodule = self.trainer.datamodule
-        mel, norm = datamodule.mel, datamodule.normalizer
-        if mel not in self._vocoders:
-            self._vocoders[mel] = GriffinLimVocoder(mel, n_iter=self.hparams.griffin_lim_iters)
-        clips = {}
-        # One thread: on a busy machine two OpenMP threads made these tiny FFTs 30x slower
-        # (7.8 s vs 0.26 s for four 64-frame clips measured with another job running).
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            for i in range(min(self.hparams.n_audio_clips, len(inputs))):
-                for name, x in (("input", inputs[i]), ("reconstruction", outputs[i])):
-                    with torch.no_grad():
-                        wave = self._vocoders[mel](denormalize(x[0].float(), norm.mean, norm.std))  # (n_mels, T) -> (samples,)
-                    clips[f"val/audio/{i}_{name}"] = (wave / wave.abs().max().clamp_min(1.0), mel.sample_rate)
-        finally:
-            torch.set_num_threads(threads)
-        return clips
+        windows = batch["windows"]  # (W, 1, n_mels, frames), normalised
+        mus, logvars, recons = [], [], []
+        for chunk in windows.split(batch["chunk"]):
+            mu, logvar = self.vae.encode(chunk.to(self.device))
+            mus.append(mu.float().cpu())
+            logvars.append(logvar.float().cpu())
+            if batch["reconstructions"]:
+                recons.append(self.vae.decode(mu).float().cpu()[:, 0])
+        out = {k: v for k, v in batch.items() if k not in ("windows", "chunk", "reconstructions")}
+        out["mu"], out["logvar"] = torch.cat(mus), torch.cat(logvars)
+        if recons:
+            out["reconstruction"] = batch["normalizer"].denormalize(torch.cat(recons))
+        return out
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # The bands are a hyper-parameter: on resume the configured ones win over the stored buffer.

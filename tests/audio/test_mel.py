@@ -11,7 +11,7 @@ import soundfile as sf
 import torch
 import torchaudio
 
-from musicvae.audio.mel import mel as audio
+from musicvae.audio import mel as audio
 from musicvae.audio.mel import (
     AUDIO_SUFFIXES,
     AudioError,

@@ -14,13 +14,14 @@ import torch
 
 from conftest import load_script
 from musicvae.audio.mel import MelSettings
+from musicvae.data.segments import Normalizer
 from musicvae.training.checkpoints import DATA_STATE_KEY
 from musicvae.inference.generation import (GenerationModel, crossfade_concat, interpolate_files, interpolation_mels,
                                  latent_path, load_generation_model, load_log_mel, overlap_add, reconstruct_file,
                                  reconstruct_mel, sample_files, segment_at, segment_starts)
 from musicvae.audio.vocoder import GriffinLimVocoder
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 generate = load_script("generate")
@@ -122,7 +123,7 @@ class _Stub:
 
 
 def _blur_model() -> GenerationModel:
-    return GenerationModel(_Stub(32), MelSettings(n_mels=32), 32, mean=-3.0, std=4.0)
+    return GenerationModel(_Stub(32), MelSettings(n_mels=32), 32, Normalizer(-3.0, 4.0))
 
 
 def test_seam_measure_detects_hard_cuts(tmp_path):
@@ -219,7 +220,7 @@ def test_segment_at_moves_a_late_offset_back_and_refuses_one_past_the_end():
 def _error(capsys, argv: list[str]) -> str:
     assert generate.main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("generate: error: ") and "Traceback" not in err
+    assert err.startswith("musicvae generate: error: ") and "Traceback" not in err
     return err
 
 

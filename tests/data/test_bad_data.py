@@ -24,8 +24,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from conftest import tiny_fit_args, write_mel_folder
-from musicvae.data.datamodule import cache as cache
-from musicvae.data.datamodule import datamodule as data
+from musicvae.data import cache
+from musicvae.data import datamodule as data
 from musicvae.audio.mel import AudioError, MelSettings, decode_audio
 from musicvae.data.cache import build_audio_cache
 from musicvae.training.cli import cli_main
@@ -33,7 +33,7 @@ from musicvae.data.datamodule import MelDataModule
 from musicvae.errors import DataError
 from musicvae.data.segments import Normalizer, SegmentDataset
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 N_MELS, FRAMES = 32, 32
 MEL = MelSettings(n_mels=N_MELS)
 

@@ -18,7 +18,7 @@ from musicvae.training.checkpoints import list_checkpoints, load_checkpoint
 from musicvae.training.cli import checkpoint_callbacks, cli_main
 from musicvae.errors import CheckpointError, ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 class WorseningModule(L.LightningModule):

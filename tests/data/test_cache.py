@@ -13,21 +13,14 @@ import soundfile as sf
 
 from musicvae import atomic
 
-from musicvae.data.datamodule import cache as cache
+from musicvae.data import cache
 from musicvae.audio.mel import MelSettings
 from musicvae.data.cache import MANIFEST, CacheReport, build_audio_cache, cache_folder
 from musicvae.data.segments import load_mel_array
+from helpers import write_tone
 
 MEL = MelSettings(n_mels=32)
 GOOD = ["a.wav", "b.flac", "c.ogg", "sub/d.wav", "sub/deeper/e.WAV"]
-
-
-def write_tone(path: Path, seconds: float = 1.0, rate: int = 22050, freq: float = 440.0, channels: int = 1) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    t = np.arange(round(seconds * rate)) / rate
-    wave = np.repeat((0.3 * np.sin(2 * np.pi * freq * t))[:, None], channels, axis=1)
-    sf.write(path, wave.astype(np.float32), rate, subtype="VORBIS" if path.suffix == ".ogg" else "PCM_16")
-    return path
 
 
 def write_audio_folder(folder: Path, names: list[str] = GOOD) -> Path:

@@ -19,7 +19,7 @@ from musicvae.benchmarks.recipes import (CLAIMS, DEFAULT_BASE, HIGHER, LOWER, RE
                                  claim_results, direction, judge, parse_flags, training_args)
 from musicvae.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "compare.py"
 
 

@@ -17,7 +17,7 @@ from musicvae.losses import DEFAULT_BANDS
 from musicvae.benchmarks.quality import (PathShares, fit_pca, goal_rows, linear_references, markdown_table,
                               prior_diagnostics, reference_statistics)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def low_rank(n: int, d: int, rank: int, seed: int = 0) -> torch.Tensor:

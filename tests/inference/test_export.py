@@ -17,7 +17,7 @@ from musicvae.training.checkpoints import DATA_STATE_KEY
 from musicvae.inference.export import MEL_SETTINGS_FILE, METADATA_FILE
 from musicvae.inference.generation import load_generation_model
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # torch 2.11 warns on every torch.jit call; musicvae.inference.export explains why TorchScript is still the format.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 
@@ -110,7 +110,7 @@ def test_export_refuses_a_checkpoint_without_mel_settings(tiny_run, tmp_path, ca
     torch.save(stripped, tmp_path / "old.ckpt")
     assert export_script.main(["--ckpt_path", str(tmp_path / "old.ckpt"), "--out", str(tmp_path / "m.pt")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("export: error: ") and "lacks ['mel']" in err
+    assert err.startswith("musicvae export: error: ") and "lacks ['mel']" in err
     assert not (tmp_path / "m.pt").exists()
     assert export_script.main(["--ckpt_path", str(tmp_path / "none.ckpt"), "--out", str(tmp_path / "m.pt")]) == 2
     assert "no such checkpoint" in capsys.readouterr().err

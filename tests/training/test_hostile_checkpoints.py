@@ -33,7 +33,7 @@ import torch
 
 from conftest import tiny_fit_args
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 #: Kinds with a payload; each file writes its own marker if its unpickling runs.

@@ -11,9 +11,8 @@ import pytest
 import torch
 
 from conftest import tiny_fit_args, write_mel_folder
-from test_cli import run_script
-import test_reliability
-from test_reliability import assert_same_weights, fit_args, run_train, signal_probe, step_of
+from helpers import run_script
+from helpers import assert_same_weights, fit_args, run_train, signal_probe, step_of, straight  # noqa: F401
 from musicvae.data.augment import AugmentSettings
 from musicvae.training.cli import cli_main
 from musicvae.data.datamodule import MelDataModule
@@ -25,7 +24,6 @@ ALL_ON = AugmentSettings(gain_db=6.0, freq_shift=2, mix_prob=0.5, mix_gain_db=6.
 AUGMENT_FLAGS = ["--data.augment.gain_db", "3", "--data.augment.freq_shift", "1", "--data.augment.mix_prob", "0.5"]
 
 #: test_reliability's uninterrupted loader-path run, the reference of the kill-and-resume test below.
-straight = test_reliability.straight
 
 
 def bits(x: torch.Tensor) -> torch.Tensor:

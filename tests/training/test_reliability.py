@@ -25,52 +25,7 @@ from musicvae.training.guards import all_finite, nonfinite_gradients, nonfinite_
 from musicvae.training.random_state import capture, restore
 from musicvae.data.sampling import CropSampler
 from conftest import REPO, load_script, tiny_fit_args
-
-#: Dropout and two loader workers on, so exactness covers worker prefetch and dropout masks;
-#: a mid-epoch checkpoint every 4 of the 16 steps (2 epochs of 8).
-EXACT_FLAGS = ["--model.dropout", "0.1", "--data.num_workers", "2", "--checkpoint_every_n_steps", "4"]
-
-
-def run_train(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests"), **(env or {})}
-    return subprocess.run([sys.executable, "scripts/train.py", *args], cwd=REPO, env=environment,
-                          capture_output=True, text=True, timeout=600)
-
-
-def fit_args(root: Path, cache: Path, *extra: str) -> list[str]:
-    args = tiny_fit_args(root, *EXACT_FLAGS, *extra)
-    return [a if a != str(root / "cache") else str(cache) for a in args]  # one shared cache
-
-
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-
-
-def step_of(path: Path) -> int:
-    return torch.load(path, map_location="cpu", weights_only=True)["global_step"]
-
-
-def signal_probe(step: int, name: str) -> list[str]:
-    return ["--trainer.callbacks+=probes.SignalAtStep", "--trainer.callbacks.step", str(step),
-            "--trainer.callbacks.signal", name]
-
-
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory) -> dict:
-    """The uninterrupted run every interrupted one is compared with."""
-    root = tmp_path_factory.mktemp("straight")
-    cache = root / "cache"
-    result = run_train(fit_args(root, cache))
-    assert result.returncode == 0, result.stderr[-2000:]
-    return {"cache": cache, "last": root / "ckpt" / "last.ckpt"}
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
-    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
-
+from helpers import EXACT_FLAGS, assert_same_weights, fit_args, run_train, signal_probe, step_of, straight, weights  # noqa: F401
 
 # ---- exact resume -------------------------------------------------------------------------------
 

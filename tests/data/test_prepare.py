@@ -17,9 +17,9 @@ from conftest import load_script
 from musicvae.audio.mel import MelSettings
 from musicvae.data.cache import MANIFEST, build_audio_cache, cache_folder
 from musicvae.data.segments import load_mel_array
-from test_cache import write_tone
+from helpers import write_tone
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PREPARE = ROOT / "scripts" / "prepare.py"
 MEL = MelSettings(n_mels=32)
 
@@ -50,7 +50,7 @@ def test_help_explains_multi_gpu_preparation(capsys: pytest.CaptureFixture) -> N
         prepare_main(["--help"])
     out = capsys.readouterr().out
     assert exit_.value.code == 0
-    assert "multi-GPU" in out and "timeout" in out and "--n_mels" in out
+    assert "multi-GPU" in out and "timeout" in out and "--data.mel.n_mels" in out
 
 
 @pytest.mark.slow
@@ -109,7 +109,7 @@ def test_sigkill_during_prepare_leaves_a_usable_cache(tmp_path: Path) -> None:
 
 KILL_AT_FOURTH = """
 import os, signal, sys
-from musicvae.data.datamodule import cache as cache
+from musicvae.data import cache
 from musicvae.audio.mel import MelSettings
 cache._SAVE_EVERY_S = 0.0  # save the manifest after every file
 done = []

@@ -20,7 +20,7 @@ from musicvae.inference.loading import datamodule_for, load_module
 from musicvae.evaluation.evaluate import (FEATURELESS_FRAC_THRESHOLD, HF_RATIO_THRESHOLD, RANGE_OUTSIDE_THRESHOLD,
                                  evaluate_checkpoint, json_safe, upper_band_names, verdicts)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "evaluate.py"
 PROBLEMS = ("output range", "high frequencies", "featureless outputs")
 
@@ -157,4 +157,4 @@ def test_evaluate_main_reports_unusable_arrays_and_missing_checkpoints(tiny_run,
 
     assert main(["--ckpt_path", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("evaluate: error:") and "nope.ckpt: no such checkpoint file" in err
+    assert err.startswith("musicvae evaluate: error:") and "nope.ckpt: no such checkpoint file" in err

@@ -1,0 +1,206 @@
+"""VAE vs PCA quality benchmark (issue 9): `python scripts/benchmark_quality.py --train_dir DIR --test_dir DIR
+--config CFG (--minutes M | --steps N) --out DIR [--checkpoint best|last] [--ckpt_path CKPT] [--cache_dir DIR]
+[--references] [-- EXTRA TRAINING FLAGS]`.
+
+Trains the model through the real CLI on --train_dir for a time or step budget (or loads --ckpt_path),
+fits PCA with exactly latent_dim components on the same normalised training segments, and scores both
+on every recording of --test_dir, plus prior samples of the VAE, against the goals of issue 9.
+Writes results.json and results.md into --out and prints the table. Everything after `--` is passed
+to training (e.g. `-- --model.latent_dim 128 --trainer.precision bf16-mixed`).
+"""
+
+import sys
+import time
+from pathlib import Path
+
+
+import torch
+
+from musicvae.errors import ConfigError, DataError, MusicVAEError
+from musicvae.evaluation.evaluate import write_json
+from musicvae.benchmarks.quality import (PathShares, data_range, fit_pca, goal_rows, linear_references,
+                                         markdown_report, markdown_table, prior_diagnostics, reference_statistics,
+                                         score_reconstructions, stack_segments)
+from musicvae.commands.parsing import command_parser, parse_command
+
+#: Flags the benchmark sets itself for a training run.
+OWNED_FLAGS = ("--data.data_dir", "--checkpoint_dir", "--trainer.logger.init_args.save_dir", "--trainer.max_time",
+               "--trainer.max_steps", "--trainer.max_epochs", "--ckpt_path", "--data.cache_dir")
+DEFAULT_PRIOR_SAMPLES = 256
+
+
+def check_folders(train_dir, test_dir, train_label: str = "--train_dir") -> None:
+    """Refuse missing folders and a test folder that shares recordings with the training folder."""
+    for flag, folder in (("--train_dir", train_dir), ("--test_dir", test_dir)):
+        if folder is not None and not Path(folder).is_dir():
+            raise DataError(f"{flag} {folder}: no such folder")
+    if train_dir is None:
+        return
+    a, b = Path(train_dir).resolve(), Path(test_dir).resolve()
+    if a == b or a in b.parents or b in a.parents:
+        raise DataError(f"{train_label} {train_dir} and --test_dir {test_dir} overlap: the test folder must hold "
+                        "recordings the model never trained on")
+    shared = ({p.resolve() for p in a.rglob("*") if p.is_file()} & {p.resolve() for p in b.rglob("*") if p.is_file()})
+    if shared:
+        raise DataError(f"{train_label} and --test_dir share {len(shared)} file(s), e.g. {sorted(shared)[0]} "
+                        "(through links): the test folder must hold recordings the model never trained on")
+
+
+def train(args, extra: list[str]) -> Path:
+    """Train through musicvae.training.cli.cli_main; returns the checkpoint --checkpoint names (best or last)."""
+    from musicvae.training.cli import cli_main
+
+    clash = [f for f in extra if f.split("=", 1)[0] in OWNED_FLAGS]
+    if clash:
+        raise ConfigError(f"{clash[0]}: set by benchmark_quality itself (use --train_dir, --out, --minutes/--steps, "
+                          "--cache_dir or --ckpt_path)")
+    out = Path(args.out)
+    budget = (["--trainer.max_time", f"00:00:{args.minutes:02d}:00", "--trainer.max_steps", "-1"] if args.minutes
+              else ["--trainer.max_steps", str(args.steps)])
+    cli_args = ["fit", "--config", args.config, *extra, "--data.data_dir", args.train_dir,
+                "--checkpoint_dir", str(out / "ckpt"), "--trainer.logger.init_args.save_dir", str(out / "logs"),
+                *budget, "--trainer.max_epochs", "-1"]
+    if args.cache_dir:
+        cli_args += ["--data.cache_dir", args.cache_dir]
+    print("training: musicvae.training.cli " + " ".join(cli_args), flush=True)
+    cli_main(cli_args)
+    # best: lowest val/loss on the training folder's held-out recordings (early stopping, and the
+    # checkpoint evaluate/generate are shown with); last: the model after exactly the budget.
+    names = ("best.ckpt", "last.ckpt") if args.checkpoint == "best" else ("last.ckpt", "best.ckpt")
+    for name in names:
+        if (out / "ckpt" / name).is_file():
+            if name != names[0]:
+                print(f"benchmark_quality: no {names[0]} was written; scoring {name}", file=sys.stderr)
+            print(f"scoring {out / 'ckpt' / name}", flush=True)
+            return out / "ckpt" / name
+    raise MusicVAEError(f"training wrote no checkpoint into {out / 'ckpt'}")
+
+
+def benchmark(ckpt_path: Path, train_dir, test_dir: str, out: Path, cache_dir, n_prior: int,
+              log=print, references: bool = False) -> dict:
+    from musicvae.inference.loading import datamodule_for, load_module
+
+    module, ckpt = load_module(ckpt_path)
+    hp = module.hparams
+    bands = [tuple(float(v) for v in band) for band in hp.freq_bands]
+    overrides = {"cache_dir": cache_dir} if cache_dir else {}
+    # The training segments, deterministic (no random crop), normalised with the checkpoint's statistics.
+    train_dm = datamodule_for(ckpt, data_dir=train_dir, **overrides)
+    if train_dir is None:  # the run's own folder, from the checkpoint: it must not overlap the test folder either
+        check_folders(str(train_dm.folder), test_dir, "the checkpoint's training folder")
+    train_dm.prepare_data()
+    train_dm.setup("validate")
+    windows = train_dm.train_set.fixed_windows()
+    started = time.monotonic()
+    train_x = stack_segments(windows)  # (N, n_mels * frames)
+    pca = fit_pca(train_x, int(hp.latent_dim))
+    if not references:
+        del train_x
+    log(f"PCA: {pca.n_components} components ({pca.method}) on {len(windows)} training segments in "
+        f"{time.monotonic() - started:.0f} s, {pca.explained_variance_ratio:.1%} of the variance")
+
+    test_dm = datamodule_for(ckpt, data_dir=test_dir, **overrides)
+    test_dm.prepare_data()
+    test = test_dm.evaluation_set("all")
+    std, ssim_range = test_dm.normalizer.std, data_range(test)
+
+    split = PathShares() if hasattr(module.vae, "lin_decoder") else None
+
+    def vae_reconstruct(x):
+        mu, logvar = module.vae.encode(x)
+        x_hat = module.vae.decode(mu)  # the posterior mean, as in evaluate()
+        if split is not None:
+            split.update(module.vae.lin_decoder(mu).view_as(x_hat), x_hat)
+        return x_hat, (mu, logvar)
+
+    common = dict(dataset=test, std=std, n_mels=int(hp.n_mels), bands=bands, ssim_range=ssim_range,
+                  batch_size=test_dm.batch_size)
+    vae = score_reconstructions(vae_reconstruct, latent_dim=int(hp.latent_dim), **common)
+    pca_scores = score_reconstructions(lambda x: (pca.reconstruct(x), None), **common)
+    reference = reference_statistics(test, int(hp.n_mels), bands)
+    samples = module.sample(n_prior, generator=torch.Generator().manual_seed(0))
+    prior = prior_diagnostics(samples, reference, int(hp.n_mels), bands)
+    result = {
+        "checkpoint": {"path": str(Path(ckpt_path).resolve()), "global_step": ckpt.get("global_step"),
+                       "epoch": ckpt.get("epoch"), "latent_dim": int(hp.latent_dim)},
+        "data": {"train_dir": str(train_dm.folder), "test_dir": str(test_dm.folder),
+                 "n_train_examples": len(windows), "n_test_examples": len(test), "ssim_range": ssim_range,
+                 "normalization": {"mean": train_dm.normalizer.mean, "std": std}},
+        "pca": {"n_components": pca.n_components, "method": pca.method, "n_train_examples": len(windows),
+                "explained_variance_ratio": pca.explained_variance_ratio},
+        "vae": vae, "pca_scores": pca_scores, "mse_ratio": vae["mse"] / pca_scores["mse"],
+        "prior": prior, "prior_reference": reference,
+        "goals": goal_rows(vae, pca_scores, prior, int(hp.latent_dim)),
+    }
+    if split is not None:
+        result["linear_path"] = split.compute()
+    if references:
+        started = time.monotonic()
+        result["linear_references"] = linear_references(train_x, stack_segments(test), int(hp.latent_dim),
+                                                        shape=(int(hp.n_mels), int(hp.frames)))
+        log(f"linear references in {time.monotonic() - started:.0f} s")
+    (out / "results.md").write_text(markdown_report(result))
+    write_json(out / "results.json", result)  # last: its presence means the benchmark finished
+    return result
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    parser = command_parser("benchmark-quality", __doc__.splitlines()[0], config=False)
+    parser.add_argument("--train_dir", default=None, help="training folder (with --ckpt_path: default the run's own)")
+    parser.add_argument("--test_dir", required=True, help="held-out folder: every recording is scored")
+    parser.add_argument("--config", default=None, help="training config (a recipe in configs/)")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--minutes", type=int, default=None, help="training time limit in minutes")
+    budget.add_argument("--steps", type=int, default=None, help="training optimizer steps")
+    parser.add_argument("--out", required=True, help="results folder (created); training writes ckpt/ and logs/ here")
+    parser.add_argument("--ckpt_path", default=None, help="benchmark this checkpoint instead of training")
+    parser.add_argument("--checkpoint", choices=("best", "last"), default="best",
+                        help="after training, score best.ckpt (lowest val/loss on the training folder's validation "
+                             "recordings: early stopping, never the test folder) or last.ckpt (after exactly the budget) "
+                             "(default: %(default)s)")
+    parser.add_argument("--cache_dir", default=None, help="log-mel cache folder for both data folders")
+    parser.add_argument("--references", action="store_true",
+                        help="also score PCA with 2x and 4x latent_dim components (training segments) and PCA-latent_dim "
+                             "fitted on the test segments themselves (an oracle), and the separable bases (mel eigenvectors x "
+                             "time DCT; 2-D DCT) with 1x, 2x and 4x latent_dim components, to place the VAE between them")
+    parser.add_argument("--prior_samples", type=int, default=DEFAULT_PRIOR_SAMPLES, help="prior draws (default: %(default)s)")
+    args = parse_command(parser, argv)
+    if args.ckpt_path is None:
+        if args.train_dir is None or args.config is None:
+            parser.error("training needs --train_dir and --config (or pass --ckpt_path)")
+        if args.minutes is None and args.steps is None:
+            parser.error("training needs a budget: --minutes M or --steps N")
+        if (args.minutes is not None and args.minutes < 1) or (args.steps is not None and args.steps < 1):
+            parser.error("--minutes and --steps must be positive")
+    elif extra or args.minutes or args.steps:
+        parser.error("--ckpt_path skips training: drop --minutes/--steps and the training flags after --")
+    if args.prior_samples < 1:
+        parser.error("--prior_samples must be positive")
+    torch.set_grad_enabled(False)
+    try:
+        check_folders(args.train_dir, args.test_dir)
+        if args.config is not None and not Path(args.config).is_file():
+            raise ConfigError(f"--config {args.config}: no such config file")
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        if args.ckpt_path is None:
+            torch.set_grad_enabled(True)
+            ckpt_path = train(args, extra)
+            torch.set_grad_enabled(False)
+        else:
+            ckpt_path = Path(args.ckpt_path)
+        result = benchmark(ckpt_path, args.train_dir, args.test_dir, out, args.cache_dir, args.prior_samples,
+                           references=args.references)
+    except MusicVAEError as err:
+        sys.stderr.write(f"benchmark_quality: error: {err}\n")
+        return 2
+    print(markdown_table(result["goals"]))
+    print(f"results: {out / 'results.md'}, {out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

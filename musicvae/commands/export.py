@@ -1,0 +1,32 @@
+"""Export a checkpoint: `musicvae export --ckpt_path checkpoints/RUN/best.ckpt --out model.pt`.
+
+Writes one TorchScript file that needs only torch to run: `encode(log_mel) -> mu`,
+`decode(z) -> log_mel`, with the normalisation inside and the mel settings stored in it
+(see musicvae/inference/export.py for how to load it).
+"""
+
+import sys
+
+from musicvae.commands.parsing import command_parser, parse_command
+from musicvae.errors import MusicVAEError
+from musicvae.inference.export import export_checkpoint
+
+
+def main(argv=None) -> int:
+    parser = command_parser("export", __doc__.splitlines()[0])
+    parser.add_argument("--ckpt_path", type=str, required=True, help="checkpoint to export (best.ckpt or last.ckpt)")
+    parser.add_argument("--out", type=str, required=True, help="file to write, e.g. model.pt")
+    args = parse_command(parser, argv)
+    try:
+        result = export_checkpoint(args.ckpt_path, args.out)
+    except MusicVAEError as err:
+        sys.stderr.write(f"{parser.prog}: error: {err}\n")
+        return 2
+    print(f"exported {result['n_mels']} mels x {result['frames']} frames -> {result['latent_dim']} latents to "
+          f"{result['path']} (max |difference| to the checkpoint: {result['max_difference']:.2g})")
+    print("load it with torch alone: torch.jit.load(path, _extra_files={'mel_settings.json': ''})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
