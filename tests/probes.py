@@ -146,3 +146,19 @@ class LossRecorder(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.losses.append(float(outputs["loss"]))
         self.out.write_text(json.dumps(self.losses))
+
+
+class SpoilDuringTraining(Callback):
+    """After `at_step` training steps, deletes one array and truncates another in place."""
+
+    def __init__(self, delete: str, truncate: str, at_step: int = 3) -> None:
+        self.delete, self.truncate, self.at_step = Path(delete), Path(truncate), at_step
+        self.done = False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.done or trainer.global_step < self.at_step:
+            return
+        self.done = True
+        self.delete.unlink()
+        with open(self.truncate, "r+b") as handle:
+            handle.truncate(self.truncate.stat().st_size // 2)

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from musicvae.audio.mel import MelSettings
+from musicvae.data.segments import Normalizer
 from musicvae.errors import ConfigError
 from musicvae.losses import DEFAULT_BANDS, create_frequency_weights, vae_loss, vae_loss_spectral
 from musicvae.models.linear_path import LinearPathVAE, init_from_code
@@ -305,7 +306,7 @@ class MusicVAEModule(L.LightningModule):
         out = {k: v for k, v in batch.items() if k not in ("windows", "chunk", "reconstructions")}
         out["mu"], out["logvar"] = torch.cat(mus), torch.cat(logvars)
         if recons:
-            out["reconstruction"] = batch["normalizer"].denormalize(torch.cat(recons))
+            out["reconstruction"] = Normalizer(batch["mean"], batch["std"]).inverse(torch.cat(recons))
         return out
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

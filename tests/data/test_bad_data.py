@@ -209,24 +209,9 @@ def vanish_while_reading(monkeypatch, mixed: Mixed) -> None:
     monkeypatch.setattr(data, "scan_mel_file", delete_then_scan)
 
 
-class SpoilDuringTraining(Callback):
-    """After `at_step` training steps, deletes one array and truncates another in place."""
-
-    def __init__(self, delete: str, truncate: str, at_step: int = 3) -> None:
-        self.delete, self.truncate, self.at_step = Path(delete), Path(truncate), at_step
-        self.done = False
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self.done or trainer.global_step < self.at_step:
-            return
-        self.done = True
-        self.delete.unlink()
-        with open(self.truncate, "r+b") as handle:
-            handle.truncate(self.truncate.stat().st_size // 2)
-
-
 def spoil_flags(mixed: Mixed) -> list[str]:
-    spec = ('[{"class_path": "test_bad_data.SpoilDuringTraining", "init_args": '
+    # In tests/probes.py: the training subprocess imports it by its class path.
+    spec = ('[{"class_path": "probes.SpoilDuringTraining", "init_args": '
             f'{{"delete": "{mixed.folder / "late/deleted_mid_run.npy"}", '
             f'"truncate": "{mixed.folder / "late/truncated_mid_run.npy"}"}}}}]')
     return ["--trainer.callbacks", spec]

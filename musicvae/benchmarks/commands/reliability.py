@@ -53,6 +53,7 @@ def train(root: Path, extra: list[str] = (), env: dict | None = None, resume: bo
                 "--trainer.logger.init_args.save_dir", str(root / "logs"), *extra]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {}),
                    "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_PARENT), os.environ.get("PYTHONPATH")]))}
+    root.mkdir(parents=True, exist_ok=True)  # the run's working directory: nothing lands in the checkout
     return subprocess.Popen([sys.executable, "-m", "musicvae", *args], cwd=root, env=environment,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
