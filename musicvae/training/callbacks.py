@@ -11,6 +11,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from musicvae.atomic import write_atomic
+from musicvae.training.lightning_private import CHECKPOINT_DIR_WARNING
 from musicvae.training.checkpoints import MONITOR_KEY, RUN_CONFIG_KEY, dump_yaml
 
 
@@ -110,10 +111,14 @@ class FixedNameCheckpoint(ModelCheckpoint):
                 "the best score starts afresh in the new folder"
             )
 
-    def _ModelCheckpoint__warn_if_dir_not_empty(self, dirpath: str) -> None:  # noqa: N802
-        # Lightning warns whenever the folder holds checkpoints, resumes included; the CLI already
-        # refuses a fresh run into a used folder, so the warning would only ever be noise here.
-        return None
-
     def _moved(self, path: Optional[str]) -> Optional[str]:
         return str(Path(self.dirpath) / Path(path).name) if path else None
+
+
+def _no_dir_warning(self: ModelCheckpoint, dirpath: str) -> None:
+    # Lightning warns whenever the folder holds checkpoints, resumes included; the CLI already
+    # refuses a fresh run into a used folder, so the warning would only ever be noise here.
+    return None
+
+
+setattr(FixedNameCheckpoint, CHECKPOINT_DIR_WARNING, _no_dir_warning)

@@ -38,6 +38,7 @@ from musicvae.errors import CheckpointError, ConfigError, MusicVAEError, NonFini
 from musicvae.training.guards import NONFINITE_EXIT, PREEMPTED_EXIT, NonFiniteGuard, Preemption
 from musicvae.training.module import MusicVAEModule
 from musicvae.training.random_state import ResumableRandomState
+from musicvae.training.lightning_private import CLI_CKPT_HOOK
 from musicvae.training.media import MediaLogger
 from musicvae.training.predictions import LatentWriter
 from musicvae.training.recipes import recipe_path
@@ -158,10 +159,6 @@ class MusicVAECLI(LightningCLI):
         parser.link_arguments("data.frames", "model.frames")
         parser.link_arguments("data.n_mels", "model.n_mels", apply_on="instantiate")
         parser.link_arguments("seed_everything", "data.seed", compute_fn=split_seed)
-
-    def _parse_ckpt_path(self) -> None:
-        # Replaced by the stored run config injected under the command line (see cli_main).
-        return None
 
     def _setting(self, key: str) -> Any:
         return self._get(self.config, key)
@@ -285,6 +282,14 @@ class MusicVAECLI(LightningCLI):
                 f"{', '.join(touched) or 'monitor'} changed on resume while best.ckpt is chosen by {monitor}: "
                 "best-score comparisons across the change mix two scales (consider --monitor val/mse)."
             )
+
+
+def _stored_run_config_instead(self: LightningCLI) -> None:
+    # Replaced by the stored run config injected under the command line (see cli_main).
+    return None
+
+
+setattr(MusicVAECLI, CLI_CKPT_HOOK, _stored_run_config_instead)
 
 
 def _ckpt_path_arg(args: list[str]) -> Optional[str]:

@@ -1,0 +1,34 @@
+"""The private Lightning APIs musicvae relies on (musicvae/training/lightning_private.py) still exist.
+
+If one of these fails after a Lightning upgrade, the workaround that uses it has silently
+stopped working: find the new name (or a public API) before releasing.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from musicvae.training import lightning_private as private
+from musicvae.training.callbacks import FixedNameCheckpoint
+from musicvae.training.cli import MusicVAECLI
+
+
+def test_lightning_cli_still_has_the_checkpoint_hparams_hook_we_replace():
+    assert callable(getattr(LightningCLI, private.CLI_CKPT_HOOK, None))
+    assert getattr(MusicVAECLI, private.CLI_CKPT_HOOK) is not getattr(LightningCLI, private.CLI_CKPT_HOOK)
+
+
+def test_model_checkpoint_still_has_the_dir_warning_we_silence():
+    assert callable(getattr(ModelCheckpoint, private.CHECKPOINT_DIR_WARNING, None))
+    assert getattr(FixedNameCheckpoint, private.CHECKPOINT_DIR_WARNING) is not getattr(
+        ModelCheckpoint, private.CHECKPOINT_DIR_WARNING)
+
+
+def test_trainer_still_stops_on_its_sigterm_flag():
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    assert trainer._signal_connector.received_sigterm is False
+    private.request_graceful_stop(trainer)
+    assert trainer._signal_connector.received_sigterm is True
