@@ -27,7 +27,7 @@ _EXPORTS = {
     "MusicVAEModule": "training.module", "cli_main": "training.cli",
     "datamodule_for": "inference.loading", "load_module": "inference.loading",
     "load_generation_model": "inference.generation", "export_checkpoint": "inference.export",
-    "evaluate": "evaluation.evaluate", "evaluate_checkpoint": "evaluation.evaluate",
+    "evaluate": "evaluation.report", "evaluate_checkpoint": "evaluation.report",
     "CheckpointError": "errors", "ConfigError": "errors", "DataError": "errors", "MusicVAEError": "errors",
     "NonFiniteError": "errors",
     "create_frequency_weights": "losses", "kl_divergence": "losses", "output_range_penalty": "losses",

@@ -4,7 +4,7 @@ Each recipe (`configs/standard.yaml`, `configs/improved.yaml`) is trained with a
 config (architecture, data, trainer) on top, for the same number of optimizer steps, once per
 seed, through `musicvae.training.cli.cli_main`; every run's `last.ckpt` (the model after exactly that
 budget; `best.ckpt` is chosen by each recipe's own loss, on different scales) is then evaluated by
-`musicvae.evaluation.evaluate`. Metrics become a table of mean +- std per recipe with a winner per metric.
+`musicvae.evaluation.report`. Metrics become a table of mean +- std per recipe with a winner per metric.
 
 Held-out data. The CLI links the split seed to `seed_everything`, so runs of different seeds train
 on different files. Both recipes of one seed share the same split, so by default each pair is
@@ -38,7 +38,7 @@ from musicvae.tables import markdown_table
 from musicvae.training.recipes import recipe_path
 from musicvae.training.checkpoints import flatten
 from musicvae.errors import ConfigError
-from musicvae.evaluation.evaluate import evaluate_checkpoint, write_json
+from musicvae.evaluation.report import evaluate_checkpoint, write_json
 
 BASELINE, CANDIDATE = "standard", "improved"
 RECIPES = {BASELINE: recipe_path("standard.yaml"), CANDIDATE: recipe_path("improved.yaml")}

@@ -2,7 +2,7 @@
 
 Without --data.data_dir the run's own validation split is rebuilt from the checkpoint; with it, every
 recording of that folder is evaluated, seen through the checkpoint's mel settings and normalisation.
-Writes metrics.json, report.md and PNG figures into --out (see musicvae/evaluation/evaluate.py).
+Writes metrics.json, report.md and PNG figures into --out (see musicvae/evaluation/report.py).
 """
 
 import sys
@@ -11,7 +11,7 @@ from typing import Optional
 
 from musicvae.commands.parsing import command_parser, parse_command
 from musicvae.errors import MusicVAEError
-from musicvae.evaluation.evaluate import evaluate_checkpoint
+from musicvae.evaluation.report import evaluate_checkpoint
 
 
 #: The former scripts/evaluate.py flags, spelled as training spells them now.

@@ -3,8 +3,8 @@
 from musicvae._lazy import lazy_exports
 
 _EXPORTS = {
-    "evaluate": "evaluate",
-    "evaluate_checkpoint": "evaluate",
+    "evaluate": "report",
+    "evaluate_checkpoint": "report",
 }
 __all__ = sorted(_EXPORTS)
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, ['evaluate'])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, ["report"])

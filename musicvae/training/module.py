@@ -8,7 +8,6 @@ import lightning as L
 import numpy as np
 import torch
 
-from musicvae.audio.mel import MelSettings
 from musicvae.data.segments import Normalizer
 from musicvae.errors import ConfigError
 from musicvae.losses import DEFAULT_BANDS, create_frequency_weights, vae_loss, vae_loss_spectral

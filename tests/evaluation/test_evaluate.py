@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from conftest import load_script, write_mel_folder
-from musicvae.evaluation import evaluate as evaluation
+from musicvae.evaluation import report as evaluation
 from musicvae.inference.loading import datamodule_for, load_module
-from musicvae.evaluation.evaluate import (FEATURELESS_FRAC_THRESHOLD, HF_RATIO_THRESHOLD, RANGE_OUTSIDE_THRESHOLD,
+from musicvae.evaluation.report import (FEATURELESS_FRAC_THRESHOLD, HF_RATIO_THRESHOLD, RANGE_OUTSIDE_THRESHOLD,
                                  evaluate_checkpoint, json_safe, upper_band_names, verdicts)
 
 REPO = Path(__file__).resolve().parents[2]

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from musicvae.errors import ConfigError, DataError, MusicVAEError
-from musicvae.evaluation.evaluate import write_json
+from musicvae.evaluation.report import write_json
 from musicvae.benchmarks.quality import (PathShares, data_range, fit_pca, goal_rows, linear_references,
                                          markdown_report, markdown_table, prior_diagnostics, reference_statistics,
                                          score_reconstructions, stack_segments)
