@@ -12,6 +12,11 @@ BIN    := $(VENV)/bin
 UV_DIR := .uv
 UV     := $(UV_DIR)/bin/uv
 ARGS   ?=
+# Test processes (pytest-xdist): most tests wait on a training subprocess, so two processes on a
+# 2-core machine take about half the time of one (measured: see the README's Tests section).
+# Whole files go to one process (--dist loadfile), so module fixtures are built once.
+WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -n $(WORKERS) --dist loadfile
 
 # uv reads neither pip's configuration files nor PIP_* variables, so a machine's pip caps or
 # local wheel folders cannot change what is installed; it must not download a Python either.
@@ -37,11 +42,11 @@ train: $(VENV)/.synced
 	$(BIN)/python scripts/train.py --config configs/recommended.yaml --trainer.max_epochs 40 $(ARGS)
 
 test: check-env
-	$(BIN)/python -m pytest --durations=15 $(ARGS)
+	$(PYTEST) --durations=15 $(ARGS)
 
 # The inner loop: everything but the end-to-end tests.
 test-fast: $(VENV)/.synced
-	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+	$(PYTEST) -m "not slow" $(ARGS)
 
 # The lock against pyproject.toml, the venv against the lock, and the stack loads (torchaudio's
 # C++ extension included). Fails with one line per disagreement.
@@ -59,7 +64,7 @@ test-latest: | $(UV)
 	VIRTUAL_ENV=.venv-latest $(UV) pip install -q --no-config --refresh -e ".[dev]"
 	$(UV) export --frozen --no-hashes --extra dev --no-emit-project --format requirements-txt -q \
 		| .venv-latest/bin/python tools/check_env.py --newer-than-lock
-	.venv-latest/bin/python -m pytest -m "not slow" -p no:cacheprovider $(ARGS)
+	.venv-latest/bin/python -m pytest -n $(WORKERS) --dist loadfile -m "not slow" -p no:cacheprovider $(ARGS)
 
 # After editing dependencies in pyproject.toml: the smallest change to uv.lock that fits them.
 lock: | $(UV)

@@ -1,4 +1,4 @@
-"""Is the VAE a better compressor than PCA? The quality benchmark of issue 9, as pure functions.
+"""Is the VAE a better compressor than PCA? The quality benchmark, as pure functions.
 
 A VAE with a `latent_dim`-dimensional code should at least beat the best *linear* code of the same
 size: LinearCode with `latent_dim` components, fitted on the very training segments the VAE saw. This
@@ -27,7 +27,7 @@ from musicvae.metrics import (FEATURELESS_THRESHOLD, SILENT_VARIANCE, LatentDiag
                               band_edges, band_variances)
 
 
-# The goals of issue 9.
+# The quality goals (docs/quality.md).
 MSE_RATIO_GOAL = 0.8           # VAE MSE at most 0.8 x PCA's at the same code size
 FEATURELESS_GOAL = 0.0         # no featureless output
 RANGE_OUTSIDE_GOAL = 1e-3      # under 0.1 % of values outside the range band

@@ -1,7 +1,7 @@
 """Data section of scripts/bench.py: examples/s the training data path delivers alone, against training.
 
-Two paths (issue 8: "keep it there and crop on the GPU; otherwise stream from pinned memory,
-whichever the measurement says"):
+Two paths (keep the cache on the GPU and crop there, or stream from pinned memory, whichever
+the measurement says is faster):
   * the loader path: MelDataModule.train_dataloader() with 0 and 2 workers, its batches left
     in host memory as the loader yields them;
   * the device path (`--data.device_cache true`, musicvae/data/device_crops.py): the crop plans from

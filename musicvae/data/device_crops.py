@@ -6,7 +6,7 @@ floats: 2 MiB a step at the defaults). When the training log-mels fit in acceler
 they can stay there: the loader then only delivers each example's crop plan (its start column;
 with augmentation also its drawn gains, mel shift and mix partner), so one integer per example
 crosses PCIe per step (six numbers with augmentation), and one gather per batch cuts every crop
-on the device. Issue 8: "when the cache fits in GPU memory, keep it there and crop on the GPU".
+on the device: when the cache fits in GPU memory it stays there and the crops are cut there.
 
 Exactness: the plans come from the same CropSampler `(index, draw)` pairs, through the same
 `SegmentDataset.crop_start` and `augment.draw_augmentation` as the loader path, so order, crops

@@ -4,7 +4,7 @@ A log-mel segment (B, 1, M, T) is read as M channels over T frames: each conv mi
 bin of a few neighbouring frames. Against ConvVAE's 2-D convs over the (M, T) image this gives
 up translation along the mel axis (a pitch shift is a shift there) but costs about ten times
 fewer FLOPs per example for the same depth, which on a CPU buys that many more training steps;
-issue 9 measured both (docs/experiments.md). Shapes: B batch, C channels, M mel bins, T frames.
+docs/experiments.md measures both. Shapes: B batch, C channels, M mel bins, T frames.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """A linear path beside a VAE's nonlinear one, initialised from PCA of the training segments.
 
-PCA with k components is the best linear autoencoder with a k-dimensional code, and issue 9
-measured that a convolutional VAE takes long to even match it on music it has not heard. So
+PCA with k components is the best linear autoencoder with a k-dimensional code, and
+docs/experiments.md measured that a convolutional VAE takes long to even match it on music it has not heard. So
 the latent mean is ``mu = A (x - m) + f(x)`` and the reconstruction ``x_hat = m + B z + g(z)``,
 with A and B set from PCA at the start of training and f, g (the wrapped VAE) starting at zero:
 step 0 *is* whitened PCA, and training only has to learn what is nonlinear. The code is whitened

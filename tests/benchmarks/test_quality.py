@@ -1,4 +1,4 @@
-"""The quality benchmark (issue 9): LinearCode at the VAE's code size, and scripts/benchmark_quality.py end to end."""
+"""The quality benchmark: LinearCode at the VAE's code size, and scripts/benchmark_quality.py end to end."""
 
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
-"""VAE vs PCA quality benchmark (issue 9): `python scripts/benchmark_quality.py --train_dir DIR --test_dir DIR
+"""VAE vs PCA quality benchmark: `python scripts/benchmark_quality.py --train_dir DIR --test_dir DIR
 --config CFG (--minutes M | --steps N) --out DIR [--checkpoint best|last] [--ckpt_path CKPT] [--cache_dir DIR]
 [--references] [-- EXTRA TRAINING FLAGS]`.
 
 Trains the model through the real CLI on --train_dir for a time or step budget (or loads --ckpt_path),
 fits PCA with exactly latent_dim components on the same normalised training segments, and scores both
-on every recording of --test_dir, plus prior samples of the VAE, against the goals of issue 9.
+on every recording of --test_dir, plus prior samples of the VAE, against the quality goals (docs/quality.md).
 Writes results.json and results.md into --out and prints the table. Everything after `--` is passed
 to training (e.g. `-- --model.latent_dim 128 --trainer.precision bf16-mixed`).
 """

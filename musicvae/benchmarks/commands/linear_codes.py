@@ -7,7 +7,7 @@ Prepares both folders as training does (default mel settings, z-scored with the 
 statistics, every window of --frames frames), fits on the training windows PCA with k, 2k and 4k
 components, the separable basis (mel eigenvectors x time DCT) and the 2-D DCT with as many, plus
 PCA-k on the test windows themselves (an oracle), and prints each one's test MSE and its ratio to
-PCA-k's: where a linear path can start (`--model.linear_path_basis`), and how far issue 9's goal
+PCA-k's: where a linear path can start (`--model.linear_path_basis`), and how far the quality goal
 of 0.8 x PCA-k is in linear components. Seconds to minutes; the log-mel cache is reused.
 """
 
