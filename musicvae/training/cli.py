@@ -327,6 +327,12 @@ def cli_main(args: Optional[list[str]] = None, run: bool = True) -> MusicVAECLI:
         if stored:
             # The stored run is the base; everything on the command line overrides it.
             args = [args[0], "--config", dump_yaml(stored), *args[1:]]
+    if run and args[0] == "predict" and not any(a.startswith("--return_predictions") for a in args):
+        # LatentWriter writes each recording as soon as it is encoded; returning the predictions
+        # as well would keep a whole collection's codes in memory until the end.
+        args = [*args, "--return_predictions", "false"]
+    # The prediction writer's batch indices: not used (each batch names its recording).
+    warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     # Deprecations inside Lightning's own use of its dependencies: nothing a user can act on.
     os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
