@@ -118,6 +118,8 @@ def main(argv=None) -> int:
     if args.newer_than_lock:
         for line in differences:
             print("differs from uv.lock: " + line)
+        if not differences:
+            print("check-env: the newest versions the ranges allow are the locked ones")
     elif differences:
         problems = differences + [
             "the environment does not match uv.lock: run `make clean-venv` and then `make test` "
