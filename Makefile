@@ -29,28 +29,33 @@ export UV_COMPILE_BYTECODE := 1
 
 .PHONY: train test test-fast test-latest check-env lock lock-upgrade clean-venv
 
-$(UV):
+$(UV): tools/uv-requirements.txt
+	rm -rf $(UV_DIR)
 	$(PYTHON) -m venv $(UV_DIR)
 	$(UV_DIR)/bin/python -m pip install -q --require-hashes -r tools/uv-requirements.txt
+	touch $@
 
 # --locked: refuse (with uv's message naming `uv lock`) when uv.lock disagrees with pyproject.toml.
-$(VENV)/.synced: pyproject.toml uv.lock | $(UV)
+# The stamp names the interpreter: `make test PYTHON=python3.12` syncs a venv of that Python.
+STAMP := $(VENV)/.synced-$(notdir $(PYTHON))
+$(STAMP): pyproject.toml uv.lock $(UV)
+	rm -f $(VENV)/.synced-*
 	$(UV) sync --locked --extra dev --python $(PYTHON)
 	touch $@
 
-train: $(VENV)/.synced
+train: $(STAMP)
 	$(BIN)/python scripts/train.py --config configs/recommended.yaml --trainer.max_epochs 40 $(ARGS)
 
 test: check-env
 	$(PYTEST) --durations=15 $(ARGS)
 
 # The inner loop: everything but the end-to-end tests.
-test-fast: $(VENV)/.synced
+test-fast: $(STAMP)
 	$(PYTEST) -m "not slow" $(ARGS)
 
 # The lock against pyproject.toml, the venv against the lock, and the stack loads (torchaudio's
 # C++ extension included). Fails with one line per disagreement.
-check-env: $(VENV)/.synced
+check-env: $(STAMP)
 	$(UV) lock --check --python $(PYTHON)
 	$(UV) export --frozen --no-hashes --extra dev --no-emit-project --format requirements-txt -q \
 		| $(BIN)/python tools/check_env.py

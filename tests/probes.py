@@ -162,3 +162,17 @@ class SpoilDuringTraining(Callback):
         self.delete.unlink()
         with open(self.truncate, "r+b") as handle:
             handle.truncate(self.truncate.stat().st_size // 2)
+
+
+class PredictedSources(Callback):
+    """Writes, per rank, the recordings that rank encoded in `predict` (rank{r}.json under `out`)."""
+
+    def __init__(self, out: str) -> None:
+        self.out, self.sources = Path(out), []
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.sources.append(batch["source"])
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.sources))

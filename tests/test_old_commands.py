@@ -104,3 +104,21 @@ def test_old_commands_parse(name, line, places, monkeypatch, capsys):
         assert args.data.cache_dir == places["CACHE"] and "--cache_dir is now --data.cache_dir" in err
     if "--data_dir" in line and name == "evaluate":
         assert args.data.data_dir == places["MUSIC"] and "--data_dir is now --data.data_dir" in err
+    expected = {  # one value per command, as the old script read it
+        "checkpoints": ("checkpoint_dir", places["CKPT_DIR"]), "reliability": ("kills", 20),
+        "export": ("ckpt_path", places["CKPT"]), "linear-codes": ("seed", 123),
+        "compare": ("out", places["REPORTS"]),
+    }
+    if name in expected:
+        key, value = expected[name]
+        assert args[key] == value, (key, args[key])
+    if name == "bench":
+        assert args.device == ("cuda" if "cuda" in line else "cpu") and args.quick == ("--quick" in line)
+    if name == "generate":
+        chosen = args[args.command]
+        if args.command == "interpolate":
+            assert (chosen.offset_a, chosen.offset_b, chosen.steps, chosen.method) == (30.0, 10.0, 8, "slerp")
+        if args.command == "sample":
+            assert (chosen.n, chosen.temperature, chosen.seed) == (8, 1.0, 0)
+    if name == "benchmark-quality":
+        assert args.minutes == 10 and args.test_dir == places["MELS"]

@@ -44,6 +44,12 @@ def _ignore_sigterm(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def _whole_item(item: dict) -> dict:
+    """A prediction batch as the dataset made it (tensors, strings, numbers). A module-level
+    function, not a lambda: spawn and forkserver workers (macOS, Python 3.14) pickle it."""
+    return item
+
+
 def find_array_files(folder: Path) -> list[Path]:
     """Mel array files under `folder`, recursively, in a stable order (dangling links included)."""
     return sorted(p for p in Path(folder).rglob("*") if p.suffix in ARRAY_SUFFIXES and not p.is_dir())
@@ -434,7 +440,7 @@ class MelDataModule(L.LightningDataModule):
         # write its file twice, from two processes).
         sampler = UnrepeatedDistributedSampler(dataset, shuffle=False, **kwargs) if kwargs else None
         return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=self.num_workers,
-                          collate_fn=lambda item: item)  # tensors as they are, strings and numbers too
+                          collate_fn=_whole_item, worker_init_fn=_ignore_sigterm)
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs to rebuild the data exactly: features, split rule, statistics."""

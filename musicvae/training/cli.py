@@ -228,6 +228,10 @@ class MusicVAECLI(LightningCLI):
         for path in remove_abandoned(self.checkpoint_dir, recursive=False):
             rank_zero_info(f"musicvae: removed {path.name}, left by a checkpoint write that was killed")
 
+    def before_test(self) -> None:
+        if self.resume is None:
+            raise ConfigError("test scores a trained model: give --ckpt_path CHECKPOINT")
+
     def before_predict(self) -> None:
         if self.resume is None:
             raise ConfigError("predict encodes with a trained model: give --ckpt_path CHECKPOINT")
@@ -325,6 +329,12 @@ def cli_main(args: Optional[list[str]] = None, run: bool = True) -> MusicVAECLI:
         resume = load_checkpoint(ckpt_path)
         stored = run_config(resume) or config_from_hyperparameters(resume)
         if stored:
+            if args[0] != "fit":
+                # The run's pinned TensorBoard version is for resuming its curves; validate, test and
+                # predict log beside it in a version of their own (and never replace its config.yaml).
+                logger = (stored.get("trainer") or {}).get("logger")
+                if isinstance(logger, dict):
+                    (logger.get("init_args") or {}).pop("version", None)
             # The stored run is the base; everything on the command line overrides it.
             args = [args[0], "--config", dump_yaml(stored), *args[1:]]
     if run and args[0] == "predict" and not any(a.startswith("--return_predictions") for a in args):

@@ -36,7 +36,8 @@ class MediaLogger(Callback):
         self._log(trainer, pl_module, "val", audio)
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._log(trainer, pl_module, "test", audio=getattr(trainer, "datamodule", None) is not None)
+        audio = pl_module.hparams.get("audio_every_n_epochs", 0) > 0  # 0 turns audio off, as in validation
+        self._log(trainer, pl_module, "test", audio=audio and getattr(trainer, "datamodule", None) is not None)
 
     @staticmethod
     def _audio_due(trainer: L.Trainer, pl_module: L.LightningModule) -> bool:

@@ -7,7 +7,10 @@ stopped working: find the new name (or a public API) before releasing.
 from __future__ import annotations
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
+import pytest
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.demos.boring_classes import BoringModel
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.cli import LightningCLI
 
 from musicvae.training import lightning_private as private
@@ -26,9 +29,15 @@ def test_model_checkpoint_still_has_the_dir_warning_we_silence():
         ModelCheckpoint, private.CHECKPOINT_DIR_WARNING)
 
 
-def test_trainer_still_stops_on_its_sigterm_flag():
-    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False)
-    assert trainer._signal_connector.received_sigterm is False
-    private.request_graceful_stop(trainer)
-    assert trainer._signal_connector.received_sigterm is True
+class _StopAtStep(Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == 2:
+            private.request_graceful_stop(trainer)
+
+
+def test_trainer_still_stops_after_the_step_when_asked():
+    trainer = L.Trainer(max_steps=10, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[_StopAtStep()], accelerator="cpu")
+    with pytest.raises(SIGTERMException):
+        trainer.fit(BoringModel())
+    assert trainer.global_step == 2

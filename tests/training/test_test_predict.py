@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -19,7 +20,8 @@ pytestmark = pytest.mark.slow
 
 def musicvae(*args: str, cwd: Path, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
     """`python -m musicvae ARGS` with the checkout first on the path, as an installed user runs it."""
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **env}
+    environment = {**os.environ, "OMP_NUM_THREADS": "1",
+                   "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), **env}
     return subprocess.run([sys.executable, "-m", "musicvae", *args], cwd=cwd, env=environment,
                            capture_output=True, text=True, timeout=timeout)
 
@@ -57,9 +59,12 @@ def test_test_on_another_folder_scores_every_recording(tiny_run, tmp_path):
                    "--trainer.logger.init_args.save_dir", str(logs), cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     found, _ = scalars(next(logs.rglob("events.out.tfevents.*")).parent)
-    assert np.isfinite(found["test/mse"])
-    # Three recordings of 80 frames, windows of 32 frames: more than one validation split's worth.
-    assert "Testing" in run.stdout + run.stderr or found
+    # Every recording of the folder, as `musicvae evaluate --data.data_dir` scores it (not a split).
+    from musicvae.evaluation.report import evaluate_checkpoint
+
+    every = evaluate_checkpoint(tiny_run["ckpt_dir"] / "best.ckpt", tmp_path / "report", folder)
+    assert every["data"]["split"] == "every recording" and every["metrics"]["n_examples"] == 6  # 3 files x 2 windows
+    assert found["test/mse"] == pytest.approx(every["metrics"]["mse"], rel=1e-4)
 
 
 def _predict(tiny_run, cwd: Path, out: Path, folder: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -111,9 +116,17 @@ def test_predicted_codes_are_the_models_encoding(predicted, tiny_run):
 def test_predict_under_two_processes_matches_one(predicted, tiny_run):
     """Each recording is encoded by exactly one rank: the files are those of a 1-process run."""
     tmp = predicted["tmp"]
+    ranks = tmp / "ranks"
     two = _predict(tiny_run, tmp, tmp / "two", predicted["folder"], "--predict_reconstructions", "true",
-                   "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp")
+                   "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                   "--trainer.callbacks+=probes.PredictedSources", f"--trainer.callbacks.out={ranks}",
+                   "--data.num_workers", "1")
     assert two.returncode == 0, two.stderr[-3000:]
+    # Each recording encoded by exactly one of the two ranks, every recording by one.
+    seen = [json.loads((ranks / f"rank{r}.json").read_text()) for r in range(2)]
+    assert seen[0] and seen[1] and not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == sorted(p.relative_to(tmp / "one").as_posix().removesuffix(".pt")
+                                               for p in (tmp / "one").rglob("*.pt"))
     one_files = sorted(p.relative_to(tmp / "one") for p in (tmp / "one").rglob("*.pt"))
     two_files = sorted(p.relative_to(tmp / "two") for p in (tmp / "two").rglob("*.pt"))
     assert one_files == two_files
@@ -128,8 +141,9 @@ def test_predict_under_two_processes_matches_one(predicted, tiny_run):
                 assert a[key] == b[key], (rel, key)
 
 
-def test_predict_needs_a_checkpoint(tmp_path):
-    run = musicvae("predict", "--data.synthetic_pieces", "4", "--trainer.logger", "false", cwd=tmp_path)
+@pytest.mark.parametrize("stage", ["predict", "test"])
+def test_predict_and_test_need_a_checkpoint(stage, tmp_path):
+    run = musicvae(stage, "--data.synthetic_pieces", "4", "--trainer.logger", "false", cwd=tmp_path)
     assert run.returncode == 2
     assert "give --ckpt_path" in run.stderr
     assert "Traceback" not in run.stderr
