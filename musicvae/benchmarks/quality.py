@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -22,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from musicvae import tables
 from musicvae.losses import RANGE_MARGIN, Band, range_band
-from musicvae.models.linear_codes import LinearCode, fit_pca, fit_separable_code, stack_segments
+from musicvae.models.linear_codes import LinearCode, fit_pca, fit_separable_code
 from musicvae.metrics import (FEATURELESS_THRESHOLD, SILENT_VARIANCE, LatentDiagnostics, ReconstructionDiagnostics,
                               band_edges, band_variances)
 

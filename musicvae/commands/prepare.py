@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Optional
 
 
+from jsonargparse import ArgumentParser
+
 from musicvae.audio.mel import AUDIO_SUFFIXES
 from musicvae.commands.parsing import (RawDescription, add_mel_arguments, command_parser, mel_renames, mel_settings,
                                        parse_command)
@@ -39,7 +41,7 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def build_parser() -> "ArgumentParser":
+def build_parser() -> ArgumentParser:
     parser = command_parser(
         "prepare",
         textwrap.fill(

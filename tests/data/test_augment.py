@@ -26,7 +26,7 @@ from musicvae.errors import ConfigError
 from musicvae.data.sampling import DRAW_RANGE
 from musicvae.data.segments import Normalizer, SegmentDataset
 from helpers import run_script
-from helpers import assert_same_weights, fit_args, run_train, signal_probe, step_of, straight  # noqa: F401
+from helpers import assert_same_weights, fit_args, run_train, signal_probe, step_of
 
 ALL_ON = AugmentSettings(gain_db=6.0, freq_shift=2, mix_prob=0.5, mix_gain_db=6.0)
 AUGMENT_FLAGS = ["--data.augment.gain_db", "3", "--data.augment.freq_shift", "1", "--data.augment.mix_prob", "0.5"]

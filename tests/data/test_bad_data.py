@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from lightning.pytorch.callbacks import Callback
 
 from conftest import tiny_fit_args, write_mel_folder
 from musicvae.data import cache

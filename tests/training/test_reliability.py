@@ -24,8 +24,8 @@ from musicvae.errors import NonFiniteError
 from musicvae.training.guards import all_finite, nonfinite_gradients, nonfinite_parts
 from musicvae.training.random_state import capture, restore
 from musicvae.data.sampling import CropSampler
-from conftest import REPO, load_script, tiny_fit_args
-from helpers import EXACT_FLAGS, assert_same_weights, fit_args, run_train, signal_probe, step_of, straight, weights  # noqa: F401
+from conftest import load_script, tiny_fit_args
+from helpers import assert_same_weights, fit_args, run_train, signal_probe, step_of, straight, weights  # noqa: F401
 
 # ---- exact resume -------------------------------------------------------------------------------
 

@@ -20,7 +20,8 @@ from musicvae.errors import ConfigError, DataError, MusicVAEError
 from musicvae.evaluation.report import write_json
 from musicvae.benchmarks.quality import (PathShares, data_range, fit_pca, goal_rows, linear_references,
                                          markdown_report, markdown_table, prior_diagnostics, reference_statistics,
-                                         score_reconstructions, stack_segments)
+                                         score_reconstructions)
+from musicvae.models.linear_codes import stack_segments
 from musicvae.commands.parsing import command_parser, parse_command
 
 #: Flags the benchmark sets itself for a training run.

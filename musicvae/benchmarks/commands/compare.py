@@ -8,7 +8,6 @@ improvements held. The rules are in musicvae/benchmarks/recipes.py.
 """
 
 import sys
-from pathlib import Path
 
 
 from musicvae.benchmarks.recipes import DEFAULT_BASE, DEFAULT_SEEDS, DEFAULT_STEPS, run_comparison

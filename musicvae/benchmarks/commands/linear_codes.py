@@ -20,7 +20,8 @@ import torch
 from musicvae.data.datamodule import MelDataModule
 from musicvae.errors import DataError, MusicVAEError
 from musicvae.evaluation.report import write_json
-from musicvae.benchmarks.quality import linear_references, stack_segments
+from musicvae.benchmarks.quality import linear_references
+from musicvae.models.linear_codes import stack_segments
 from musicvae.commands.parsing import command_parser, parse_command
 
 
