@@ -16,7 +16,7 @@ from musicvae.audio.mel import MelSettings, read_mel_sidecar
 from musicvae.training.checkpoints import DATA_STATE_KEY, load_checkpoint, run_config
 from musicvae.data.datamodule import MelDataModule
 from musicvae.errors import CheckpointError, ConfigError
-from musicvae.training.module import MusicVAEModule
+from musicvae.training.module import MusicVAEModule, with_compensation_defaults
 
 #: Data settings that evaluation may take from the stored run (the rest come from the checkpoint).
 _DATA_KEYS = ("data_dir", "cache_dir", "frames", "batch_size", "val_split", "seed", "synthetic_pieces",
@@ -32,7 +32,7 @@ def load_module(ckpt_path: str | os.PathLike, device: str = "cpu") -> tuple[Musi
     hparams["compile"] = False  # a training speed setting; evaluation and export run eagerly
     try:
         module = MusicVAEModule(**hparams)
-        module.load_state_dict(ckpt["state_dict"])
+        module.load_state_dict(with_compensation_defaults(dict(ckpt["state_dict"]), int(module.hparams.n_mels)))
     except (TypeError, RuntimeError) as err:
         raise CheckpointError(f"{ckpt_path}: the weights do not fit a MusicVAEModule ({err})") from None
     return module.eval().to(device), ckpt

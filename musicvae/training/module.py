@@ -14,7 +14,9 @@ from musicvae.losses import DEFAULT_BANDS, create_frequency_weights, vae_loss, v
 from musicvae.models.linear_path import LinearPathVAE, init_from_code
 from musicvae.models.conv2d import ConvVAE
 from musicvae.models.conv1d import TemporalConvVAE
-from musicvae.metrics import LatentDiagnostics, ReconstructionDiagnostics
+from musicvae.compensation import (PERCEPTUAL_TARGET, CompensationStats, compensate, compensation_curve, fit_gain,
+                                   perceptual_alpha)
+from musicvae.metrics import LatentDiagnostics, ReconstructionDiagnostics, band_edges
 from musicvae.models.linear_codes import fit_pca, fit_separable_code, stack_segments
 
 LOSSES = ("standard", "spectral")
@@ -71,6 +73,9 @@ class MusicVAEModule(L.LightningModule):
             parameters estimated, the better the start on music not trained on.
         kl_warmup_steps: beta rises linearly from 0 to `beta` over this many steps (0: no warm-up).
         free_bits: nats per latent dimension whose KL is not penalised (0: plain KL).
+        media_alpha: variance-compensation strength of the TensorBoard media's second set of
+            reconstructions (musicvae/compensation.py); None: the perceptual point fitted on the
+            validation recordings, 0: none.
     """
 
     def __init__(
@@ -103,6 +108,7 @@ class MusicVAEModule(L.LightningModule):
         linear_path_basis: Literal["pca", "separable", "dct"] = "pca",
         kl_warmup_steps: int = 0,
         free_bits: float = 0.0,
+        media_alpha: Optional[float] = None,
     ) -> None:
         super().__init__()
         if loss not in LOSSES:
@@ -115,6 +121,8 @@ class MusicVAEModule(L.LightningModule):
                 f"non-negative; got lr={lr}, beta={beta}, spectral_weight={spectral_weight}, "
                 f"output_reg_weight={output_reg_weight}"
             )
+        if media_alpha is not None and not 0.0 <= media_alpha <= 1.0:
+            raise ConfigError(f"model.media_alpha={media_alpha} must lie in [0, 1] (or be null: the fitted perceptual point)")
         if architecture not in ARCHITECTURES:
             raise ConfigError(f"model.architecture={architecture!r} is not one of {tuple(ARCHITECTURES)}")
         if kl_warmup_steps < 0 or free_bits < 0 or linear_path_lr_scale < 0 or linear_path_examples < latent_dim:
@@ -142,6 +150,7 @@ class MusicVAEModule(L.LightningModule):
             bands = [tuple(float(v) for v in band) for band in freq_bands]
             # A buffer, so the weights travel in checkpoints and follow the module to the GPU.
             self.register_buffer("freq_weight", create_frequency_weights(n_mels, bands))
+            self.band_edges = band_edges(n_mels, bands)
         except ValueError as err:
             raise ConfigError(
                 f"model: {err} (the CLI takes n_mels from data.mel.n_mels and frames from data.frames)"
@@ -155,6 +164,13 @@ class MusicVAEModule(L.LightningModule):
         # std is the data's z-score scale, set from the data module before each validation.
         self.val_diagnostics = ReconstructionDiagnostics(std=1.0, n_mels=n_mels, bands=bands)
         self.val_latent = LatentDiagnostics(latent_dim)
+        # Variance compensation (musicvae/compensation.py): the gain curve and the perceptual
+        # strength, refitted on the validation recordings after every validation epoch and kept
+        # in the checkpoint (buffers), so every checkpoint decodes sharp with the curve of its own
+        # weights. Test and prediction never refit: the curve never sees music being scored.
+        self.val_compensation = CompensationStats(n_mels, self.band_edges)
+        for name, value in compensation_defaults(n_mels).items():
+            self.register_buffer(name, value)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.hparams.get("channels_last"):
@@ -241,12 +257,13 @@ class MusicVAEModule(L.LightningModule):
         return parts["loss"]
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        self._score_batch("val", batch, batch_idx)
+        x_hat = self._score_batch("val", batch, batch_idx)
+        self.val_compensation.update(x_hat, batch)
 
     def test_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         self._score_batch("test", batch, batch_idx)
 
-    def _score_batch(self, stage: str, batch: torch.Tensor, batch_idx: int) -> None:
+    def _score_batch(self, stage: str, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         # In eval mode the VAE decodes the posterior mean: the score has no sampling noise.
         x_hat, mu, logvar = self(batch)
         parts = self.compute_loss(x_hat, batch, mu, logvar)
@@ -258,6 +275,7 @@ class MusicVAEModule(L.LightningModule):
         if batch_idx == 0:  # for the figures of MediaLogger (musicvae/training/media.py)
             n = self.hparams.n_figure_examples
             self.figure_batch = (batch[:n].detach().cpu(), x_hat[:n].detach().float().cpu())
+        return x_hat
 
     def on_validation_epoch_start(self) -> None:
         self._start_scoring()
@@ -273,6 +291,42 @@ class MusicVAEModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._finish_scoring("val")
+        self._fit_compensation()
+
+    def _fit_compensation(self) -> None:
+        """Refit the gain curve and the perceptual strength on this epoch's validation outputs.
+
+        Skipped in the sanity check (two batches are not the validation set) and when no batch
+        was seen; the strength is the smallest putting every validation band at PERCEPTUAL_TARGET.
+        """
+        if self.val_compensation.update_count == 0 or (self._trainer is not None and self.trainer.sanity_checking):
+            self.val_compensation.reset()
+            return
+        sums = {k: v.cpu() for k, v in self.val_compensation.compute().items()}  # reduced across processes
+        self.val_compensation.reset()
+        gain = fit_gain(sums["recon_energy"], sums["input_energy"])
+        curve = compensation_curve(sums, gain, self.band_edges)
+        alpha, reached = perceptual_alpha(curve, PERCEPTUAL_TARGET)
+        self.output_gain.copy_(gain)
+        self.output_alpha.fill_(alpha)
+        self.gain_fitted.fill_(True)
+        index = int(round(alpha * (len(curve["alpha"]) - 1)))
+        self.log_dict({"val/alpha_perceptual": float(alpha), "val/mse_perceptual": float(curve["mse"][index]),
+                       "val/perceptual_reached": float(reached)})
+
+    def compensated(self, x_hat: torch.Tensor, alpha: Optional[float] = None) -> torch.Tensor:
+        """`x_hat` with variance compensation at `alpha` (None: the fitted perceptual point).
+
+        Raises:
+            ConfigError: a positive strength asked of a module whose curve was never fitted.
+        """
+        alpha = float(self.output_alpha) if alpha is None else float(alpha)
+        if alpha > 0 and not bool(self.gain_fitted):
+            raise ConfigError(
+                "this model has no variance-compensation curve (it is fitted on the validation recordings at each "
+                "validation of training; checkpoints written before musicvae had it lack one): use alpha 0, or "
+                "resume the run for one more epoch to fit it")
+        return compensate(x_hat, self.output_gain, alpha, self.band_edges)
 
     def on_test_epoch_end(self) -> None:
         self._finish_scoring("test")
@@ -312,6 +366,7 @@ class MusicVAEModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # The bands are a hyper-parameter: on resume the configured ones win over the stored buffer.
         checkpoint["state_dict"]["freq_weight"] = self.freq_weight.detach().clone()
+        with_compensation_defaults(checkpoint["state_dict"], self.hparams.n_mels)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         hp = self.hparams
@@ -340,3 +395,16 @@ class MusicVAEModule(L.LightningModule):
         """Decode `n` draws from the prior N(0, temperature^2 I) -> (n, 1, n_mels, frames)."""
         z = torch.randn(n, self.hparams.latent_dim, generator=generator) * temperature
         return self.vae.decode(z.to(self.device))
+
+
+def compensation_defaults(n_mels: int) -> dict[str, torch.Tensor]:
+    """The compensation buffers of a model that has not been validated yet: no gain, strength 0."""
+    return {"output_gain": torch.ones(n_mels), "output_alpha": torch.tensor(0.0),
+            "gain_fitted": torch.tensor(False)}
+
+
+def with_compensation_defaults(state_dict: dict, n_mels: int) -> dict:
+    """`state_dict` with the compensation buffers added where a checkpoint predates them (in place)."""
+    for name, value in compensation_defaults(n_mels).items():
+        state_dict.setdefault(name, value)
+    return state_dict
