@@ -129,3 +129,45 @@ def mel_grid_figure(mels: torch.Tensor, titles: list[str], columns: int, title: 
     if title:
         fig.suptitle(title)
     return fig
+
+
+def trade_off_figure(curves: list[dict], floor: dict[str, float], title: str = "") -> Figure:
+    """The distortion-perception plane: MSE against realism, one panel per realism view.
+
+    Args:
+        curves: one dict per decoder: ``label``, ``rows`` (per strength: ``alpha``, ``mse`` and
+            ``realism`` {view: distance}, as musicvae.evaluation.realism.TradeOff gives them) and
+            optionally ``mark``: the alpha to circle (its perceptual point). A decoder scored at a
+            single strength (e.g. an adversarial one) is drawn as a point.
+        floor: realism of real music against real music, per view (a dashed line).
+        title: figure title.
+
+    Returns:
+        A matplotlib Figure; not registered with pyplot.
+    """
+    views = list(floor)
+    fig = Figure(figsize=(5.2 * len(views), 4.4), layout="constrained")
+    axes = fig.subplots(1, len(views), squeeze=False)[0]
+    for ax, view in zip(axes, views):
+        for curve in curves:
+            rows = sorted(curve["rows"], key=lambda r: r["alpha"])
+            xs, ys = [r["realism"][view] for r in rows], [r["mse"] for r in rows]
+            line = ax.plot(xs, ys, marker="o" if len(rows) == 1 else ".", label=curve["label"])[0]
+            if len(rows) > 1:
+                for r in (rows[0], rows[-1]):
+                    ax.annotate(f"α={r['alpha']:g}", (r["realism"][view], r["mse"]), fontsize=7,
+                                textcoords="offset points", xytext=(3, 3), color=line.get_color())
+            mark = curve.get("mark")
+            for r in rows:
+                if mark is not None and abs(r["alpha"] - mark) < 1e-9:
+                    ax.plot([r["realism"][view]], [r["mse"]], marker="o", markersize=10, fillstyle="none",
+                            color=line.get_color())
+        ax.axvline(floor[view], linestyle="--", color="0.4", label="floor (music vs music)")
+        ax.set_xscale("log")
+        ax.set_xlabel(f"realism: Fréchet distance of mel {view} (lower is more real)")
+        ax.set_ylabel("MSE (normalised units)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return fig

@@ -20,6 +20,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from musicvae import tables
+from musicvae.compensation import (PERCEPTUAL_TARGET, CompensationStats, compensate, compensation_curve, fit_gain,
+                                   perceptual_alpha)
+from musicvae.evaluation.realism import PLANE_ALPHAS, trade_off
 from musicvae.losses import RANGE_MARGIN, Band, range_band
 from musicvae.models.linear_codes import LinearCode, fit_pca, fit_separable_code
 from musicvae.metrics import (FEATURELESS_THRESHOLD, SILENT_VARIANCE, LatentDiagnostics, ReconstructionDiagnostics,
@@ -28,6 +31,7 @@ from musicvae.metrics import (FEATURELESS_THRESHOLD, SILENT_VARIANCE, LatentDiag
 
 # The quality goals (docs/quality.md).
 MSE_RATIO_GOAL = 0.8           # VAE MSE at most 0.8 x PCA's at the same code size
+PERCEPTUAL_MSE_GOAL = 1.0      # at the perceptual point, MSE at most PCA-latent_dim's (at alpha 0)
 FEATURELESS_GOAL = 0.0         # no featureless output
 RANGE_OUTSIDE_GOAL = 1e-3      # under 0.1 % of values outside the range band
 BAND_RATIO_GOAL = (0.9, 1.1)   # each band keeps its variance within 10 %
@@ -143,6 +147,63 @@ def score_reconstructions(reconstruct: Reconstruct, dataset: Dataset, std: float
 
 
 @torch.no_grad()
+def fit_compensation(reconstruct: Callable[[Tensor], Tensor], dataset: Dataset, n_mels: int, bands: Sequence[Band],
+                     batch_size: int = 32) -> dict[str, Any]:
+    """The gain curve and perceptual point of a decoder, fitted on `dataset` (validation recordings, never
+    the music being scored): what training stores in each checkpoint, for a decoder that has none (PCA).
+
+    Returns:
+        ``gain`` (n_mels,), ``alpha``, ``reached`` (whether every band got to PERCEPTUAL_TARGET).
+    """
+    edges = band_edges(n_mels, bands)
+    stats = CompensationStats(n_mels, edges)
+    for x in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        stats.update(reconstruct(x), x)
+    sums = stats.compute()
+    gain = fit_gain(sums["recon_energy"], sums["input_energy"])
+    alpha, reached = perceptual_alpha(compensation_curve(sums, gain, edges), PERCEPTUAL_TARGET)
+    return {"gain": gain, "alpha": alpha, "reached": reached}
+
+
+@torch.no_grad()
+def score_decoder(reconstruct: Reconstruct, dataset: Dataset, std: float, n_mels: int, bands: Sequence[Band],
+                  ssim_range: float, gain: Tensor, alpha: float, batch_size: int = 32,
+                  latent_dim: Optional[int] = None) -> dict[str, Any]:
+    """:func:`score_reconstructions` at strength 0 and at `alpha`, and the distortion-perception
+    curve (musicvae.evaluation.realism.trade_off) at PLANE_ALPHAS and `alpha`, in one pass.
+
+    Returns:
+        The scores at 0 (as score_reconstructions), plus ``perceptual``: the same keys at `alpha`,
+        with ``alpha``; and ``plane``: ``floor`` and ``rows`` of the trade-off.
+    """
+    edges = band_edges(n_mels, bands)
+    plain, sharp = (ReconstructionDiagnostics(std=std, n_mels=n_mels, bands=bands, data_range=ssim_range)
+                    for _ in range(2))
+    latent = LatentDiagnostics(latent_dim) if latent_dim else None
+
+    def decode(x: Tensor) -> Tensor:
+        x_hat, posterior = reconstruct(x)
+        if latent is not None and posterior is not None:
+            latent.update(*posterior)
+        return x_hat
+
+    def both(x_hat: Tensor, x: Tensor) -> None:
+        plain.update(x_hat, x)
+        sharp.update(compensate(x_hat, gain, alpha, edges), x)
+
+    alphas = sorted({*PLANE_ALPHAS, round(alpha, 6)})
+    plane = trade_off(decode, dataset, n_mels, edges, gain, alphas, batch_size, extra=both)
+    out: dict[str, Any] = {k: float(v) for k, v in plain.compute().items()}
+    out["perceptual"] = {"alpha": alpha, **{k: float(v) for k, v in sharp.compute().items()}}
+    out["plane"] = plane
+    if latent is not None:
+        stats = latent.compute()
+        out.update(kl_nats=float(stats["kl_nats"]), active_units=int(stats["active_units"]),
+                   active_frac=float(stats["active_frac"]))
+    return out
+
+
+@torch.no_grad()
 def reference_statistics(dataset: Dataset, n_mels: int, bands: Sequence[Band], batch_size: int = 64) -> dict[str, Any]:
     """What prior samples are judged against, from the held-out data (samples have no paired input).
 
@@ -200,11 +261,19 @@ def _gap_interval(value: float, lo: float, hi: float) -> float:
     return max(lo - value, value - hi, 0.0)
 
 
-def goal_rows(vae: dict[str, Any], pca: dict[str, Any], prior: dict[str, Any], latent_dim: int) -> list[dict[str, Any]]:
+def plane_row(scores: dict[str, Any], alpha: float) -> dict[str, Any]:
+    """The trade-off row of ``scores["plane"]`` at strength `alpha`."""
+    return min(scores["plane"]["rows"], key=lambda r: abs(r["alpha"] - alpha))
+
+
+def goal_rows(vae: dict[str, Any], pca: dict[str, Any], prior: dict[str, Any], latent_dim: int,
+              prior_sharp: Optional[dict[str, Any]] = None) -> list[dict[str, Any]]:
     """The table of results.md: one row per metric with its goal and the VAE's gap to it.
 
     ``gap`` is how far the VAE (or the prior samples) is from the goal, 0 when met, None for
-    rows without a goal; ``met`` says the same as a bool.
+    rows without a goal; ``met`` says the same as a bool. With ``perceptual`` scores (from
+    :func:`score_decoder`) the perceptual point's rows follow, and `prior_sharp` (prior samples
+    compensated at the VAE's perceptual point) adds theirs.
     """
     rows: list[dict[str, Any]] = []
 
@@ -236,6 +305,39 @@ def goal_rows(vae: dict[str, Any], pca: dict[str, Any], prior: dict[str, Any], l
         max(prior["range_frac_outside"] - RANGE_OUTSIDE_GOAL, 0.0))
     for key in (k for k in prior if k.startswith("band_ratio/")):
         add(f"prior: variance ratio bins {key.split('/', 1)[1]}", prior[key], None)
+    if "perceptual" not in vae:
+        return rows
+    sharp, pca_sharp = vae["perceptual"], pca.get("perceptual", {})
+    alpha = sharp["alpha"]
+    add("perceptual point alpha (fitted on validation)", alpha, pca_sharp.get("alpha"))
+    ratio = sharp["mse"] / pca["mse"] if pca["mse"] > 0 else math.nan
+    add("perceptual point: MSE / PCA's at alpha 0", ratio, pca_sharp.get("mse", math.nan) / pca["mse"],
+        f"<= {PERCEPTUAL_MSE_GOAL:g}", max(ratio - PERCEPTUAL_MSE_GOAL, 0.0))
+    for key in (k for k in sharp if k.startswith("band_ratio/")):
+        add(f"perceptual point: variance ratio bins {key.split('/', 1)[1]}", sharp[key], pca_sharp.get(key),
+            f"[{lo:g}, {hi:g}]", _gap_interval(sharp[key], lo, hi) if math.isfinite(sharp[key]) else math.nan)
+    add("perceptual point: featureless fraction", sharp["featureless_frac"], pca_sharp.get("featureless_frac"),
+        f"{FEATURELESS_GOAL:g}", max(sharp["featureless_frac"] - FEATURELESS_GOAL, 0.0))
+    add("perceptual point: outside range band", sharp["range_frac_outside"], pca_sharp.get("range_frac_outside"),
+        f"< {RANGE_OUTSIDE_GOAL:g}", max(sharp["range_frac_outside"] - RANGE_OUTSIDE_GOAL, 0.0))
+    floor = vae["plane"]["floor"]
+    for view in floor:
+        add(f"realism ({view}), floor = {floor[view]:.4g}: alpha 0", plane_row(vae, 0.0)["realism"][view],
+            plane_row(pca, 0.0)["realism"][view])
+        add(f"realism ({view}): perceptual point", plane_row(vae, alpha)["realism"][view],
+            plane_row(pca, pca_sharp.get("alpha", 1.0))["realism"][view])
+    if prior_sharp is not None:
+        for key in (k for k in prior_sharp if k.startswith("band_ratio/")):
+            value = prior_sharp[key]
+            add(f"prior at the perceptual point: variance ratio bins {key.split('/', 1)[1]}", value, None,
+                f"[{lo:g}, {hi:g}]", _gap_interval(value, lo, hi) if math.isfinite(value) else math.nan)
+        add("prior at the perceptual point: featureless fraction", prior_sharp["featureless_frac"], None,
+            f"{FEATURELESS_GOAL:g}", max(prior_sharp["featureless_frac"] - FEATURELESS_GOAL, 0.0))
+        add("prior at the perceptual point: outside range band", prior_sharp["range_frac_outside"], None,
+            f"< {RANGE_OUTSIDE_GOAL:g}", max(prior_sharp["range_frac_outside"] - RANGE_OUTSIDE_GOAL, 0.0))
+        for view, value in prior_sharp.get("realism", {}).items():
+            add(f"prior at the perceptual point: realism ({view}), floor = "
+                f"{prior_sharp['realism_floor'][view]:.4g}", value, None)
     return rows
 
 
@@ -271,8 +373,38 @@ def markdown_report(result: dict[str, Any]) -> str:
         "data's statistics.", "",
         f"Goals met: {met} of {judged}.", "",
         markdown_table(result["goals"]), "",
+        *plane_lines(result),
         *_references_lines(result),
     ])
+
+
+def plane_lines(result: dict[str, Any]) -> list[str]:
+    """The distortion-perception plane as a table (VAE and PCA at each strength), and the figures."""
+    vae, pca = result["vae"], result.get("pca_scores", {})
+    if "plane" not in vae:
+        return []
+    floor = vae["plane"]["floor"]
+    lines = ["## Distortion-perception plane", "",
+             "Test MSE against realism (Fréchet distance between Gaussian fits of mel frames and of frame-to-frame "
+             "differences; reconstructions of one half of the test recordings against the inputs of the other, "
+             f"{vae['plane']['windows_per_half']} windows each; lower is more real). Floor, music against music: "
+             f"frames {floor['frames']:.4g}, differences {floor['differences']:.4g}. `bound`: the least MSE a "
+             "per-band gain on the alpha-0 output can have at the same band ratios. Perceptual points (fitted on the "
+             f"training folder's validation recordings): VAE alpha {vae['perceptual']['alpha']:g}, PCA alpha "
+             f"{pca.get('perceptual', {}).get('alpha', math.nan):g}.", ""]
+    cells = []
+    pca_rows = {r["alpha"]: r for r in pca.get("plane", {}).get("rows", [])}
+    for row in vae["plane"]["rows"]:
+        other = pca_rows.get(row["alpha"], {})
+        cells.append((f"{row['alpha']:g}", _cell(row["mse"]), _cell(row["bound_mse"]), _cell(row["realism"]["frames"]),
+                      _cell(row["realism"]["differences"]), _cell(min(row["band_ratio"])),
+                      _cell(other.get("mse")), _cell(other.get("realism", {}).get("frames")),
+                      _cell(other.get("realism", {}).get("differences")),
+                      _cell(min(other["band_ratio"]) if other else None)))
+    lines += tables.markdown_table(("alpha", "VAE MSE", "VAE bound", "VAE realism frames", "VAE realism diffs",
+                                    "VAE lowest band ratio", "PCA MSE", "PCA realism frames", "PCA realism diffs",
+                                    "PCA lowest band ratio"), cells)
+    return [*lines, "", "![trade-off](trade_off.png)", "", "![mels](mels.png)", ""]
 
 
 def _references_lines(result: dict[str, Any]) -> list[str]:

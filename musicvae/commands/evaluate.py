@@ -27,12 +27,16 @@ def main(argv=None) -> int:
     parser.add_argument("--device", type=str, default="cpu", help="cpu or cuda[:i]")
     parser.add_argument("--data.batch_size", type=Optional[int], default=None,
                         help="examples per forward pass (default: the run's)")
+    parser.add_argument("--alpha", type=Optional[str], default=None,
+                        help="variance-compensation strength scored beside the plain output: a number in [0, 1] or "
+                             "'perceptual' (default: the checkpoint's perceptual point when it has a curve, else 0)")
     args = parse_command(parser, argv, RENAMES)
     batch_size = args.data.batch_size
     if batch_size is not None and batch_size < 1:
         parser.error(f"--data.batch_size {batch_size}: must be positive")
     try:
-        result = evaluate_checkpoint(args.ckpt_path, args.out, args.data.data_dir, args.device, batch_size)
+        result = evaluate_checkpoint(args.ckpt_path, args.out, args.data.data_dir, args.device, batch_size,
+                                     alpha=args.alpha)
     except MusicVAEError as err:
         sys.stderr.write(f"{parser.prog}: error: {err}\n")
         return 2
@@ -41,6 +45,14 @@ def main(argv=None) -> int:
         print(f"  {verdict['problem']}: {verdict['status']} ({verdict['detail']})")
     print(f"  mse {result['metrics']['mse']:.4g}, kl {result['metrics']['kl_nats']:.3g} nats, "
           f"{result['metrics']['active_units']}/{result['metrics']['latent_dim']} active units")
+    comp, realism = result["metrics"]["compensation"], result["metrics"]["realism"]
+    if comp["alpha"] > 0:
+        print(f"  variance compensation alpha {comp['alpha']:g}: mse {comp['mse']:.4g}, lowest band ratio "
+              f"{min(v for k, v in comp.items() if k.startswith('band_ratio/')):.3g}")
+    if realism is not None:
+        print("  realism (Fréchet, lower is more real): " + ", ".join(
+            f"{view} {realism['alpha_0'][view]:.4g} at alpha 0, {realism['alpha'][view]:.4g} at alpha {comp['alpha']:g} "
+            f"(floor {realism['floor'][view]:.4g})" for view in realism["floor"]))
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
 

@@ -16,9 +16,12 @@ def main(argv=None) -> int:
     parser = command_parser("export", __doc__.splitlines()[0])
     parser.add_argument("--ckpt_path", type=str, required=True, help="checkpoint to export (best.ckpt or last.ckpt)")
     parser.add_argument("--out", type=str, required=True, help="file to write, e.g. model.pt")
+    parser.add_argument("--alpha", type=str, default="0",
+                        help="variance compensation built into decode: a strength in [0, 1] or 'perceptual' "
+                             "(the checkpoint's fitted point); 0: the plain decoder output")
     args = parse_command(parser, argv)
     try:
-        result = export_checkpoint(args.ckpt_path, args.out)
+        result = export_checkpoint(args.ckpt_path, args.out, args.alpha)
     except MusicVAEError as err:
         sys.stderr.write(f"{parser.prog}: error: {err}\n")
         return 2

@@ -34,6 +34,11 @@ def build_parser() -> ArgumentParser:
                          + ("" if ckpt else "; its mel settings are measured (default: the project's defaults)"))
         sub.add_argument("--device", type=str, default="cpu", help="cpu or cuda[:i]")
         sub.add_argument("--griffin_lim_iters", type=PositiveInt, default=64, help="Griffin-Lim iterations")
+        if ckpt:
+            sub.add_argument("--alpha", type=str, default="0",
+                             help="variance compensation: a strength in [0, 1] (0: the plain decoder output, the "
+                                  "least MSE) or 'perceptual' (the checkpoint's point where every validation band "
+                                  "keeps 90%% of its detail)")
         commands.add_subcommand(name, sub, help=help)
         return sub
 
@@ -68,6 +73,8 @@ def build_parser() -> ArgumentParser:
 def run(parsed) -> None:
     command, args = parsed.command, parsed[parsed.command]  # the chosen subcommand's flags
     common = {"device": args.device, "griffin_lim_iters": args.griffin_lim_iters}
+    if command != "ceiling":
+        common["alpha"] = args.alpha
     if command == "reconstruct":
         result = reconstruct_file(args.ckpt_path, args.input, args.out, hop=args.hop, **common)
         print(f"reconstructed {result['seconds']:.2f} s ({result['frames']} frames) -> {result['wav']}, {result['png']}")

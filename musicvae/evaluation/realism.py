@@ -29,6 +29,18 @@ PLANE_ALPHAS = tuple(round(a, 2) for a in np.linspace(0.0, 1.0, 11))
 _VIEWS = {"frames": mel_frames, "differences": frame_differences}
 
 
+def half_labels(dataset: Dataset) -> Optional[Tensor]:
+    """``(len(dataset),)`` int64: 0 or 1 for the windows of :func:`recording_halves`, -1 for the others;
+    None when the dataset has fewer than two recordings (realism cannot be measured)."""
+    try:
+        half_a, half_b = recording_halves(dataset)
+    except ValueError:
+        return None
+    labels = torch.full((len(dataset),), -1, dtype=torch.int64)
+    labels[half_a], labels[half_b] = 0, 1
+    return labels
+
+
 def even_subset(indices: Sequence[int], count: int) -> list[int]:
     """``count`` of ``indices``, evenly spaced (all of them when there are no more)."""
     if count >= len(indices):
@@ -105,11 +117,21 @@ class TradeOff:
         self.inputs = (_Fits(n_mels), _Fits(n_mels))
         self.outputs = [(_Fits(n_mels), _Fits(n_mels)) for _ in self.alphas]
 
-    def update(self, x_hat: Tensor, x: Tensor, half: Optional[int] = None) -> None:
+    def update(self, x_hat: Tensor, x: Tensor, half: Optional[int | Tensor] = None) -> None:
+        """`half`: 0 or 1 for the whole batch, None for neither, or a ``(B,)`` tensor of 0, 1 or -1 (neither)."""
         x_hat, x = x_hat.detach().cpu().float(), x.detach().cpu().float()
         self.stats.update(x_hat, x)
         if half is None:
             return
+        if isinstance(half, Tensor):
+            for h in (0, 1):
+                picked = half.cpu() == h
+                if picked.any():
+                    self.update_half(x_hat[picked], x[picked], h)
+            return
+        self.update_half(x_hat, x, half)
+
+    def update_half(self, x_hat: Tensor, x: Tensor, half: int) -> None:
         self.inputs[half].update(x)
         for alpha, fits in zip(self.alphas, self.outputs):
             fits[half].update(compensate(x_hat, self.gain, alpha, self.edges))

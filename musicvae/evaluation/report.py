@@ -20,7 +20,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from musicvae.atomic import write_atomic
-from musicvae.inference.loading import datamodule_for, load_module
+from musicvae.evaluation.realism import TradeOff, half_labels
+from musicvae.inference.loading import datamodule_for, load_module, resolve_alpha
 from musicvae.metrics import (ACTIVE_UNIT_THRESHOLD, FEATURELESS_THRESHOLD, LatentDiagnostics,
                               ReconstructionDiagnostics)
 from musicvae.tables import markdown_table
@@ -88,7 +89,7 @@ def upper_band_names(metrics: dict[str, Any]) -> list[str]:
 
 @torch.no_grad()
 def evaluate(module: MusicVAEModule, dataset: Dataset, std: float, batch_size: int = 32,
-             device: str = "cpu") -> dict[str, Any]:
+             device: str = "cpu", alpha: Optional[float | str] = None) -> dict[str, Any]:
     """Every diagnostic of `module` on `dataset`, reconstructing from the posterior mean.
 
     Args:
@@ -104,7 +105,10 @@ def evaluate(module: MusicVAEModule, dataset: Dataset, std: float, batch_size: i
         ``kl_per_dim`` and ``mu_var`` as lists; ``upper_band_ratio_min`` (the lowest variance
         ratio among :func:`upper_band_names`, ignoring NaN); and ``examples``: the ``best``, ``median`` and
         ``worst`` example by per-example MSE, each ``{"index", "mse"}`` plus ``file`` and
-        ``start_frame`` when the dataset is a SegmentDataset.
+        ``start_frame`` when the dataset is a SegmentDataset. ``compensation``: the strength used
+        (`alpha`, see :func:`resolve_alpha`), the checkpoint's perceptual point, and the diagnostics of
+        the compensated reconstructions; ``realism``: the Fréchet distances of musicvae.evaluation.realism
+        at strength 0 and at `alpha`, with the floor (None with fewer than two recordings).
     """
     if len(dataset) == 0:
         raise ValueError("evaluate: the dataset is empty")
@@ -112,16 +116,25 @@ def evaluate(module: MusicVAEModule, dataset: Dataset, std: float, batch_size: i
     bands = [tuple(float(v) for v in band) for band in hp.freq_bands]
     recon = ReconstructionDiagnostics(std=std, n_mels=hp.n_mels, bands=bands).to(device)
     latent = LatentDiagnostics(hp.latent_dim).to(device)
+    strength = resolve_alpha(module, alpha)
+    sharp = ReconstructionDiagnostics(std=std, n_mels=hp.n_mels, bands=bands).to(device)
+    halves = half_labels(dataset)
+    plane = None if halves is None else TradeOff(hp.n_mels, module.band_edges, module.output_gain, sorted({0.0, strength}))
     was_training = module.training
     module.to(device).eval()
     example_mse = []
+    seen = 0
     try:
         for x in DataLoader(dataset, batch_size=batch_size, shuffle=False):
             x = x.to(device)
             mu, logvar = module.vae.encode(x)
             x_hat = module.vae.decode(mu)  # the posterior mean: no sampling noise in the scores
             recon.update(x_hat, x)
+            sharp.update(module.compensated(x_hat, strength), x)
             latent.update(mu, logvar)
+            if plane is not None:
+                plane.update(x_hat, x, halves[seen:seen + len(x)])
+            seen += len(x)
             example_mse.append((x_hat - x).double().pow(2).flatten(1).mean(dim=1).cpu())  # (B,)
     finally:
         module.train(was_training)
@@ -132,6 +145,15 @@ def evaluate(module: MusicVAEModule, dataset: Dataset, std: float, batch_size: i
     metrics["upper_band_ratio_min"] = min(upper) if upper else math.nan
     for key, value in latent.compute().items():
         metrics[key] = value.tolist() if value.dim() else (int(value) if key == "active_units" else float(value))
+    metrics["compensation"] = {"alpha": strength, "fitted": bool(module.gain_fitted),
+                               "perceptual_alpha": float(module.output_alpha),
+                               **{k: float(v) for k, v in sharp.compute().items()}}
+    if plane is not None:
+        found = plane.compute()
+        rows = {row["alpha"]: row["realism"] for row in found["rows"]}
+        metrics["realism"] = {"floor": found["floor"], "alpha_0": rows[0.0], "alpha": rows[strength]}
+    else:
+        metrics["realism"] = None
     metrics["examples"] = _pick_examples(torch.cat(example_mse), dataset)
     return metrics
 
@@ -239,6 +261,10 @@ def write_figures(out_dir: Path, module: MusicVAEModule, dataset: Dataset, metri
         "kl_per_dim.png": kl_per_dim_figure(torch.tensor(metrics["kl_per_dim"]), torch.tensor(metrics["mu_var"]),
                                             ACTIVE_UNIT_THRESHOLD, f"KL {metrics['kl_nats']:.2f} nats"),
     }
+    alpha = metrics.get("compensation", {}).get("alpha", 0.0)
+    if alpha > 0:
+        figures["reconstructions_compensated.png"] = mel_comparison_figure(
+            x, module.compensated(x_hat, alpha), f"the same examples with variance compensation, alpha {alpha:g}")
     paths = []
     for name, figure in figures.items():
         figure.savefig(out_dir / name, dpi=90)
@@ -277,11 +303,39 @@ def write_report(out_dir: Path, metrics: dict[str, Any], found: list[Verdict], i
               "", "## Latent usage", "",
               f"KL {metrics['kl_nats']:.3f} nats per example; {metrics['active_units']} of {metrics['latent_dim']} "
               f"latent units active (variance of the posterior mean over the data > {ACTIVE_UNIT_THRESHOLD:g}).", "",
+              *compensation_lines(metrics),
               *(["## Figures", ""] if figures else [])]
     lines += [f"![{name}]({name})" for name in figures]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def compensation_lines(metrics: dict[str, Any]) -> list[str]:
+    """The report's section on variance compensation and realism."""
+    comp, realism = metrics.get("compensation"), metrics.get("realism")
+    if comp is None:
+        return []
+    lines = ["## Variance compensation and realism", ""]
+    if not comp["fitted"]:
+        lines += ["This checkpoint has no variance-compensation curve (written before musicvae fitted one at each "
+                  "validation): only the plain decoder output (alpha 0) is scored.", ""]
+    else:
+        ratios = ", ".join(f"{k.split('/', 1)[1]}: {v:.3f}" for k, v in comp.items() if k.startswith("band_ratio/"))
+        lines += [f"At strength alpha = {comp['alpha']:g} (the checkpoint's perceptual point, fitted on its validation "
+                  f"recordings: {comp['perceptual_alpha']:g}): MSE {comp['mse']:.4g} (alpha 0: {metrics['mse']:.4g}); "
+                  f"variance ratio per band {ratios}; featureless {comp['featureless_frac']:.3g}, outside the range "
+                  f"band {comp['range_frac_outside']:.3g}.", ""]
+    if realism is None:
+        lines += ["Realism not measured: it compares two halves of the recordings, and this set has fewer than two.", ""]
+    else:
+        floor = realism["floor"]
+        lines += ["Realism, the Fréchet distance of Gaussian fits (reconstructions of one half of the recordings "
+                  "against the inputs of the other; lower is more real; the floor is music against music):", "",
+                  *markdown_table(("view", "floor", "alpha 0", f"alpha {comp['alpha']:g}"),
+                                  [(view, f"{floor[view]:.4g}", f"{realism['alpha_0'][view]:.4g}",
+                                    f"{realism['alpha'][view]:.4g}") for view in floor]), ""]
+    return lines
 
 
 def windows_digest(dataset: Dataset) -> Optional[str]:
@@ -294,7 +348,8 @@ def windows_digest(dataset: Dataset) -> Optional[str]:
 
 
 def evaluate_checkpoint(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, data_dir: Optional[str] = None,
-                        device: str = "cpu", batch_size: Optional[int] = None, figures: bool = True) -> dict[str, Any]:
+                        device: str = "cpu", batch_size: Optional[int] = None, figures: bool = True,
+                        alpha: Optional[float | str] = None) -> dict[str, Any]:
     """Evaluate a checkpoint and write `metrics.json`, `report.md` and the figures into `out_dir`.
 
     Without `data_dir` the run's own validation split is rebuilt from the rule stored in the
@@ -313,7 +368,7 @@ def evaluate_checkpoint(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike
     datamodule = datamodule_for(ckpt, data_dir=data_dir, batch_size=batch_size)
     split = "all" if data_dir is not None else "val"
     dataset = datamodule.evaluation_set(split)
-    metrics = evaluate(module, dataset, datamodule.normalizer.std, datamodule.batch_size, device)
+    metrics = evaluate(module, dataset, datamodule.normalizer.std, datamodule.batch_size, device, alpha)
     examples = metrics.pop("examples")
     found = verdicts(metrics)
     info = {
@@ -327,8 +382,9 @@ def evaluate_checkpoint(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike
     out.mkdir(parents=True, exist_ok=True)
     result = {**info, "metrics": metrics, "examples": examples, "verdicts": [asdict(v) | {"status": v.status} for v in found],
               "thresholds": thresholds()}
+    names: tuple[str, ...] = ()
     if figures:
-        write_figures(out, module, dataset, {**metrics, "examples": examples}, device)
-    write_report(out, metrics, found, info, FIGURES if figures else ())
+        names = tuple(path.name for path in write_figures(out, module, dataset, {**metrics, "examples": examples}, device))
+    write_report(out, metrics, found, info, names)
     write_json(out / "metrics.json", result)  # last: its presence means the evaluation finished
     return result

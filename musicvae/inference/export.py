@@ -22,12 +22,13 @@ import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
 import musicvae
+from musicvae.compensation import strength_gain
 from musicvae.errors import ConfigError
 from musicvae.inference.generation import GenerationModel, load_generation_model
 
@@ -51,12 +52,31 @@ class PortableVAE(nn.Module):
         mel_settings: the MelSettings as JSON, also kept as an attribute of the program.
     """
 
-    def __init__(self, vae: nn.Module, mean: float, std: float, mel_settings: str) -> None:
+    def __init__(self, vae: nn.Module, mean: float, std: float, mel_settings: str,
+                 gain: Optional[Tensor] = None, edges: Optional[list[tuple[int, int]]] = None) -> None:
         super().__init__()
         self.vae = vae
         self.n_mels, self.frames, self.latent_dim = int(vae.n_mels), int(vae.frames), int(vae.latent_dim)
         self.mean, self.std = float(mean), float(std)
         self.mel_settings = mel_settings
+        # Variance compensation at the exported strength (musicvae/compensation.py), written out
+        # because `compensate` does not script: each example's band deviations scaled per bin.
+        self.compensated = gain is not None
+        self.register_buffer("gain", torch.ones(self.n_mels) if gain is None else gain.detach().float().cpu().clone())
+        edges = edges or [(0, self.n_mels)]
+        self.band_starts: list[int] = [int(a) for a, _ in edges]
+        self.band_stops: list[int] = [int(b) for _, b in edges]
+
+    def _compensate(self, x: Tensor) -> Tensor:
+        """(B, 1, n_mels, frames) normalised -> the same with each band's deviations scaled by `gain`."""
+        if not self.compensated:
+            return x
+        parts: list[Tensor] = []
+        for i in range(len(self.band_starts)):
+            part = x[:, :, self.band_starts[i]:self.band_stops[i], :]
+            centre = part.mean(dim=[1, 2, 3], keepdim=True)
+            parts.append(centre + self.gain[self.band_starts[i]:self.band_stops[i]].view(1, 1, -1, 1) * (part - centre))
+        return torch.cat(parts, dim=2)
 
     @torch.jit.export
     def posterior(self, log_mel: Tensor) -> tuple[Tensor, Tensor]:
@@ -76,7 +96,7 @@ class PortableVAE(nn.Module):
         """(B, latent_dim) -> (B, 1, n_mels, frames) natural-log mel power (denormalised)."""
         if z.dim() != 2 or z.size(1) != self.latent_dim:
             raise ValueError("expected latents of shape (B, " + str(self.latent_dim) + "), got " + str(z.shape))
-        return self.vae.generate(z) * self.std + self.mean  # (B, L) -> (B, 1, M, T)
+        return self._compensate(self.vae.generate(z)) * self.std + self.mean  # (B, L) -> (B, 1, M, T)
 
     def forward(self, log_mel: Tensor) -> Tensor:
         """Reconstruction from the posterior mean, log-mel in, log-mel out."""
@@ -94,7 +114,9 @@ def _jit_quietly() -> Iterator[None]:
 def script(model: GenerationModel) -> torch.jit.ScriptModule:
     """The checkpoint's network and normalisation as a scripted PortableVAE, on the CPU, in eval mode."""
     vae = model.module.vae.cpu().eval()
-    portable = PortableVAE(vae, model.mean, model.std, json.dumps(model.mel.to_dict(), sort_keys=True)).eval()
+    gain = strength_gain(model.module.output_gain.cpu(), model.alpha) if model.alpha > 0 else None
+    portable = PortableVAE(vae, model.mean, model.std, json.dumps(model.mel.to_dict(), sort_keys=True),
+                           gain, model.module.band_edges).eval()
     with _jit_quietly():
         return torch.jit.script(portable)
 
@@ -110,14 +132,16 @@ def max_difference(program: torch.jit.ScriptModule, model: GenerationModel, n: i
     x = torch.randn(n, 1, model.mel.n_mels, model.frames, generator=generator)
     vae = model.module.vae.cpu().eval()
     mu = vae.encode(x)[0]
-    expected_mel = model.denormalize(vae.decode(mu))
+    expected_mel = model.denormalize(model.module.cpu().compensated(vae.decode(mu), model.alpha))
     log_mel = model.denormalize(x)
     return max(float((program.encode(log_mel) - mu).abs().max()),
                float((program.decode(mu) - expected_mel).abs().max()))
 
 
-def export_checkpoint(ckpt_path: str | os.PathLike, out_path: str | os.PathLike) -> dict[str, Any]:
-    """Write a checkpoint as a TorchScript program (see the module docstring).
+def export_checkpoint(ckpt_path: str | os.PathLike, out_path: str | os.PathLike,
+                      alpha: Optional[float | str] = 0.0) -> dict[str, Any]:
+    """Write a checkpoint as a TorchScript program (see the module docstring), its `decode` compensated at
+    strength `alpha` (a number in [0, 1] or "perceptual"; musicvae.inference.loading.resolve_alpha).
 
     Returns:
         The metadata stored in the program, with ``path`` and ``max_difference`` (program vs
@@ -127,7 +151,7 @@ def export_checkpoint(ckpt_path: str | os.PathLike, out_path: str | os.PathLike)
         CheckpointError: the checkpoint is missing, unreadable, or lacks its mel settings.
         ConfigError: the program does not reproduce the module, or `out_path` cannot be written.
     """
-    model = load_generation_model(ckpt_path, "cpu")
+    model = load_generation_model(ckpt_path, "cpu", alpha)
     program = script(model)
     difference = max_difference(program, model)
     if not difference <= EXPORT_ATOL:
@@ -143,6 +167,7 @@ def export_checkpoint(ckpt_path: str | os.PathLike, out_path: str | os.PathLike)
         "latent_dim": int(model.module.hparams.latent_dim),
         "mean": model.mean,
         "std": model.std,
+        "alpha": model.alpha,
         "input": "natural-log mel power (B, 1, n_mels, frames), made with mel_settings.json",
         "methods": {"encode": "log-mel -> posterior mean", "posterior": "log-mel -> (mu, logvar)",
                     "decode": "latent -> log-mel", "forward": "log-mel -> reconstructed log-mel"},

@@ -24,7 +24,7 @@ from torch import Tensor
 from musicvae.audio.mel import AUDIO_SUFFIXES, MelSettings, decode_audio, mono_to_log_mel
 from musicvae.training.checkpoints import DATA_STATE_KEY
 from musicvae.errors import CheckpointError, ConfigError, DataError
-from musicvae.inference.loading import load_module
+from musicvae.inference.loading import load_module, resolve_alpha
 from musicvae.training.module import MusicVAEModule
 from musicvae.plots import mel_comparison_figure, mel_grid_figure
 from musicvae.data.segments import ARRAY_SUFFIXES, Normalizer, load_mel_array
@@ -108,12 +108,15 @@ class GenerationModel:
         mel: the checkpoint's mel settings.
         frames: frames per segment.
         normalizer: the training split's normalisation (from the checkpoint).
+        alpha: variance-compensation strength of every decoded output (musicvae/compensation.py;
+            0: the plain decoder output).
     """
 
     module: MusicVAEModule
     mel: MelSettings
     frames: int
     normalizer: Normalizer
+    alpha: float = 0.0
 
     @property
     def mean(self) -> float:
@@ -140,15 +143,17 @@ class GenerationModel:
 
     @torch.no_grad()
     def decode(self, z: Tensor) -> Tensor:
-        """(B, latent_dim) -> (B, 1, n_mels, frames) normalised log-mels."""
-        return self.module.vae.decode(z.to(self.device))
+        """(B, latent_dim) -> (B, 1, n_mels, frames) normalised log-mels, compensated at `alpha`."""
+        return self.module.compensated(self.module.vae.decode(z.to(self.device)), self.alpha)
 
     def vocoder(self, n_iter: int) -> GriffinLimVocoder:
         return GriffinLimVocoder(self.mel, n_iter=n_iter).to(self.device)
 
 
-def load_generation_model(ckpt_path: str | os.PathLike, device: str = "cpu") -> GenerationModel:
-    """Load a checkpoint for generation.
+def load_generation_model(ckpt_path: str | os.PathLike, device: str = "cpu",
+                          alpha: Optional[float | str] = 0.0) -> GenerationModel:
+    """Load a checkpoint for generation, decoding at compensation strength `alpha` (a number in [0, 1],
+    or "perceptual": the checkpoint's fitted perceptual point; see musicvae.inference.loading.resolve_alpha).
 
     Raises:
         CheckpointError: missing or unreadable, or without the mel settings and statistics
@@ -169,7 +174,7 @@ def load_generation_model(ckpt_path: str | os.PathLike, device: str = "cpu") -> 
             f"{ckpt_path}: the data state ({mel.n_mels} mels x {frames} frames) does not match the model "
             f"({module.hparams.n_mels} x {module.hparams.frames})"
         )
-    return GenerationModel(module, mel, frames, Normalizer(state["mean"], state["std"]))
+    return GenerationModel(module, mel, frames, Normalizer(state["mean"], state["std"]), resolve_alpha(module, alpha))
 
 
 # --- mels in, mels out --------------------------------------------------------------------------
@@ -298,13 +303,14 @@ def _out_dir(out: str | os.PathLike) -> Path:
 # --- the three things a user can hear -----------------------------------------------------------
 
 def reconstruct_file(ckpt_path: str | os.PathLike, input_path: str | os.PathLike, out_wav: str | os.PathLike,
-                     device: str = "cpu", griffin_lim_iters: int = 64, hop: Optional[int] = None) -> dict[str, Any]:
+                     device: str = "cpu", griffin_lim_iters: int = 64, hop: Optional[int] = None,
+                     alpha: Optional[float | str] = 0.0) -> dict[str, Any]:
     """Reconstruct a whole recording through a checkpoint; write `out_wav` and a PNG beside it.
 
     The piece's mel is reconstructed by `reconstruct_mel` and inverted once, so the audio has
     no seams between segments. Returns the paths written and the piece's length.
     """
-    model = load_generation_model(ckpt_path, device)
+    model = load_generation_model(ckpt_path, device, alpha)
     log_mel, samples = load_log_mel(input_path, model.mel)
     recon = reconstruct_mel(model, log_mel.to(model.device), hop)
     out_wav = Path(out_wav)
@@ -313,7 +319,8 @@ def reconstruct_file(ckpt_path: str | os.PathLike, input_path: str | os.PathLike
         wave = model.vocoder(griffin_lim_iters)(recon.to(model.device), length=samples)
     gain = write_wav(out_wav, wave, model.mel.sample_rate)
     fig = mel_comparison_figure(model.normalize(log_mel)[None], model.normalize(recon.cpu())[None],
-                                f"{Path(input_path).name}: input (top) and reconstruction")
+                                f"{Path(input_path).name}: input (top) and reconstruction"
+                                + (f", variance compensation alpha {model.alpha:g}" if model.alpha else ""))
     fig.set_size_inches(min(24.0, max(6.0, log_mel.shape[-1] / 100)), 5.2)  # long pieces get a wide figure
     png = save_figure(fig, out_wav.with_suffix(".png"))
     return {"wav": str(out_wav), "png": str(png), "frames": int(log_mel.shape[-1]), "samples": int(wave.shape[-1]),
@@ -321,17 +328,19 @@ def reconstruct_file(ckpt_path: str | os.PathLike, input_path: str | os.PathLike
 
 
 def sample_files(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, n: int = 8, temperature: float = 1.0,
-                 seed: Optional[int] = None, device: str = "cpu", griffin_lim_iters: int = 64) -> dict[str, Any]:
+                 seed: Optional[int] = None, device: str = "cpu", griffin_lim_iters: int = 64,
+                 alpha: Optional[float | str] = 0.0) -> dict[str, Any]:
     """Decode `n` draws from the prior N(0, temperature^2 I); write `sample_XX.wav` and `samples.png`."""
     if n < 1:
         raise ConfigError(f"-n {n}: draw at least one sample")
     if temperature <= 0:
         raise ConfigError(f"--temperature {temperature}: must be positive")
-    model = load_generation_model(ckpt_path, device)
+    model = load_generation_model(ckpt_path, device, alpha)
     out = _out_dir(out_dir)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     with torch.inference_mode():
-        mels = model.denormalize(model.module.sample(n, temperature, generator)[:, 0])  # -> (n, n_mels, frames)
+        drawn = model.module.compensated(model.module.sample(n, temperature, generator), model.alpha)
+        mels = model.denormalize(drawn[:, 0])  # (n, 1, n_mels, frames) -> (n, n_mels, frames)
         waves = model.vocoder(griffin_lim_iters)(mels).cpu()  # -> (n, samples)
     wavs = [out / f"sample_{i:02d}.wav" for i in range(n)]
     for path, wave in zip(wavs, waves):
@@ -355,10 +364,11 @@ def interpolation_mels(model: GenerationModel, segment_a: Tensor, segment_b: Ten
 
 def interpolate_files(ckpt_path: str | os.PathLike, path_a: str | os.PathLike, path_b: str | os.PathLike,
                       out_dir: str | os.PathLike, steps: int = 8, method: str = "slerp", offset_a: float = 0.0,
-                      offset_b: float = 0.0, device: str = "cpu", griffin_lim_iters: int = 64) -> dict[str, Any]:
+                      offset_b: float = 0.0, device: str = "cpu", griffin_lim_iters: int = 64,
+                      alpha: Optional[float | str] = 0.0) -> dict[str, Any]:
     """Morph from a segment of A to one of B; write `step_XX.wav`, `morph.wav` and `interpolation.png`."""
     latent_path(torch.zeros(1), torch.ones(1), steps, method)  # refuse bad settings before any work
-    model = load_generation_model(ckpt_path, device)
+    model = load_generation_model(ckpt_path, device, alpha)
     seg_a, used_a = segment_at(load_log_mel(path_a, model.mel)[0], offset_a, model.frames, model.mel, str(path_a))
     seg_b, used_b = segment_at(load_log_mel(path_b, model.mel)[0], offset_b, model.frames, model.mel, str(path_b))
     out = _out_dir(out_dir)  # only once the inputs are known good: a failed run leaves no empty folder

@@ -66,3 +66,29 @@ def datamodule_for(
     datamodule = MelDataModule(mel=mel, **kwargs)
     datamodule.load_state_dict(state)
     return datamodule
+
+
+def resolve_alpha(module: MusicVAEModule, alpha: Optional[float | str]) -> float:
+    """A compensation strength from a flag value: a number in [0, 1], or "perceptual" / None for the
+    checkpoint's fitted perceptual point (0 when the checkpoint has no curve and None was given).
+
+    Raises:
+        ConfigError: a strength outside [0, 1], or "perceptual" / a positive strength for a checkpoint
+            without a fitted curve.
+    """
+    fitted = bool(module.gain_fitted)
+    if alpha is None:
+        return float(module.output_alpha) if fitted else 0.0
+    if alpha == "perceptual":
+        if not fitted:
+            module.compensated(torch.zeros(1, 1, int(module.hparams.n_mels), 1), 1.0)  # raises, with the remedy
+        return float(module.output_alpha)
+    try:
+        value = float(alpha)
+    except ValueError:
+        raise ConfigError(f"--alpha {alpha!r}: give a strength in [0, 1] or 'perceptual'") from None
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"--alpha {alpha}: the strength must lie in [0, 1] (0: the plain decoder output)")
+    if value > 0:
+        module.compensated(torch.zeros(1, 1, int(module.hparams.n_mels), 1), value)  # no curve: a clear error
+    return value

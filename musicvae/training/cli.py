@@ -13,9 +13,10 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
+from jsonargparse import Namespace
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.fabric.plugins import CheckpointIO
@@ -25,7 +26,9 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from musicvae.atomic import remove_abandoned
 from musicvae.training.callbacks import ApplyResumedLearningRate, FixedNameCheckpoint, RunMetadata
 from musicvae.training.checkpoint_io import AtomicCheckpointIO
+from musicvae.training.initialisation import initialise_from
 from musicvae.training.checkpoints import (
+    DATA_STATE_KEY,
     config_changes,
     config_from_hyperparameters,
     dump_yaml,
@@ -151,6 +154,11 @@ class MusicVAECLI(LightningCLI):
             help="predict: also write each window's reconstruction (log-mel) into the recording's file.",
         )
         parser.add_argument(
+            "--init_normalization", type=Literal["checkpoint", "data"], default="checkpoint",
+            help="With --model.init_from: normalise with the checkpoint's statistics (the scale its weights "
+            "expect) or compute them afresh from this run's training data.",
+        )
+        parser.add_argument(
             "--skip_nonfinite", type=int, default=0,
             help="Batches with a NaN/Inf loss or gradient to skip (update dropped, warning logged) before "
             "training stops; 0 stops at the first.",
@@ -216,17 +224,45 @@ class MusicVAECLI(LightningCLI):
             if self._get(self.config, "data.cache_dir"):
                 check_creatable_dir(self._get(self.config, "data.cache_dir"), "--data.cache_dir")
         check_mel_settings(self._get(self.config, "data.mel"))
+        self.init_ckpt = None
+        init_from = self._get(self.config, "model.init_from") if self.subcommand == "fit" else None
+        if init_from and self.resume is None:
+            # Read (safely) before anything is built or written: a bad file is refused with nothing done.
+            self.init_ckpt = load_checkpoint(init_from)
+            self.init_mel = adopt_mel_settings(self.config[self.subcommand], self.init_ckpt)
 
     def before_fit(self) -> None:
         # Before prepare_data: a batch the training set can never fill fails now, not after the cache is built.
         bound = check_batch_size(self.datamodule)
         if self.resume is None:
+            if self.init_ckpt is not None:
+                self._initialise()
             check_linear_path(self.model, bound)  # a resumed run's linear path is already set
             self._refuse_to_clobber()
         else:
             self._check_resume()
         for path in remove_abandoned(self.checkpoint_dir, recursive=False):
             rank_zero_info(f"musicvae: removed {path.name}, left by a checkpoint write that was killed")
+
+    def _initialise(self) -> None:
+        """--model.init_from: the checkpoint's weights, and its normalisation unless told otherwise."""
+        path = self._get(self.config, "model.init_from")
+        done = initialise_from(self.model, self.init_ckpt, path)
+        state = self.init_ckpt.get(DATA_STATE_KEY) or {}
+        if self._setting("init_normalization") == "checkpoint" and "mean" in state and "std" in state:
+            self.datamodule.normalizer.mean, self.datamodule.normalizer.std = float(state["mean"]), float(state["std"])
+            self.datamodule.stats_restored = True
+            norm = f"the checkpoint's (mean {float(state['mean']):.4g}, std {float(state['std']):.4g})"
+        else:
+            norm = "computed from this run's training data (--init_normalization data)"
+        lines = [f"musicvae: starting from the weights of {path} (epoch {self.init_ckpt.get('epoch')}, step "
+                 f"{self.init_ckpt.get('global_step')}): {done['loaded']} tensors; a new optimizer, step count 0",
+                 f"  mel settings: {self.init_mel}", f"  normalisation: {norm}"]
+        if done["fresh"]:
+            lines.append(f"  new in this model, at their initialisation: {summarise_names(done['fresh'])}")
+        if done["ignored"]:
+            lines.append(f"  in the checkpoint, not used: {summarise_names(done['ignored'])}")
+        rank_zero_info("\n".join(lines))
 
     def before_test(self) -> None:
         if self.resume is None:
@@ -286,6 +322,33 @@ class MusicVAECLI(LightningCLI):
                 f"{', '.join(touched) or 'monitor'} changed on resume while best.ckpt is chosen by {monitor}: "
                 "best-score comparisons across the change mix two scales (consider --monitor val/mse)."
             )
+
+
+def adopt_mel_settings(config: Any, ckpt: dict) -> str:
+    """With --model.init_from and no --data.mel given, the checkpoint's mel settings (its weights were
+    trained on them); returns which settings the run uses, in words."""
+    stored = (ckpt.get(DATA_STATE_KEY) or {}).get("mel")
+    if stored is None:
+        return "this run's (the checkpoint stores none)"
+    if config.data.mel is None:
+        config.data.mel = Namespace(**stored)
+        return "the checkpoint's (" + ", ".join(f"{k} {v}" for k, v in stored.items()) + ")"
+    given = config.data.mel.as_dict() if hasattr(config.data.mel, "as_dict") else dict(config.data.mel)
+    differ = {k: (stored.get(k), v) for k, v in given.items() if stored.get(k) != v}
+    if not differ:
+        return "as configured, the same as the checkpoint's"
+    return "as configured (--data.mel), which differ from the checkpoint's: " + ", ".join(
+        f"{k} {a!r} -> {b!r}" for k, (a, b) in differ.items())
+
+
+def summarise_names(names: list[str], shown: int = 4) -> str:
+    """Tensor names, grouped by their first two components: ``discriminator.blocks (12 tensors)``."""
+    groups: dict[str, int] = {}
+    for name in names:
+        key = ".".join(name.split(".")[:2])
+        groups[key] = groups.get(key, 0) + 1
+    parts = [f"{key} ({n} tensor{'s' if n > 1 else ''})" for key, n in list(groups.items())[:shown]]
+    return ", ".join(parts) + (f", ... {len(groups) - shown} more" if len(groups) > shown else "")
 
 
 def _stored_run_config_instead(self: LightningCLI) -> None:

@@ -9,7 +9,7 @@ diagnostics (Lightning calls callbacks' epoch-end hooks before the module's).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import lightning as L
 import torch
@@ -54,7 +54,16 @@ class MediaLogger(Callback):
         diagnostics, latent = found
         figures = media_figures(pl_module.val_diagnostics.band_names, diagnostics, latent, batch, stage,
                                 f"epoch {pl_module.current_epoch}, step {pl_module.global_step}")
-        clips = self._clips(trainer, pl_module, *batch, stage) if audio and batch is not None else {}
+        alpha = media_alpha(pl_module)
+        if batch is not None and alpha > 0:
+            # The same examples with variance compensation (musicvae/compensation.py) at the media strength.
+            inputs, outputs = batch
+            batch = (inputs, outputs, pl_module.compensated(outputs, alpha).cpu())
+            figures[f"{stage}/reconstructions_compensated"] = mel_comparison_figure(
+                inputs, batch[2], f"epoch {pl_module.current_epoch}, step {pl_module.global_step}, "
+                f"variance compensation alpha {alpha:.2f}")
+        clips = ({} if not audio or batch is None else
+                 self._clips(trainer, pl_module, batch[0], batch[1], stage, batch[2] if len(batch) > 2 else None))
         for logger in loggers:
             for tag, figure in figures.items():
                 logger.experiment.add_figure(tag, figure, pl_module.global_step)
@@ -62,7 +71,8 @@ class MediaLogger(Callback):
                 logger.experiment.add_audio(tag, wave.unsqueeze(0), pl_module.global_step, sample_rate=rate)
 
     def _clips(self, trainer: L.Trainer, pl_module: L.LightningModule, inputs: torch.Tensor,
-               outputs: torch.Tensor, stage: str) -> dict[str, tuple[torch.Tensor, int]]:
+               outputs: torch.Tensor, stage: str, compensated: Optional[torch.Tensor] = None,
+               ) -> dict[str, tuple[torch.Tensor, int]]:
         """Input and reconstruction of a few examples, inverted to audio the same way.
 
         Both go through the same Griffin-Lim, so what differs between them is the model.
@@ -79,13 +89,25 @@ class MediaLogger(Callback):
         torch.set_num_threads(1)
         try:
             for i in range(min(hp.n_audio_clips, len(inputs))):
-                for name, x in (("input", inputs[i]), ("reconstruction", outputs[i])):
+                versions = [("input", inputs[i]), ("reconstruction", outputs[i])]
+                if compensated is not None:
+                    versions.append(("reconstruction_compensated", compensated[i]))
+                for name, x in versions:
                     with torch.no_grad():
                         wave = self._vocoders[key](norm.inverse(x[0].float()))  # (n_mels, T) -> (samples,)
                     clips[f"{stage}/audio/{i}_{name}"] = (wave / wave.abs().max().clamp_min(1.0), mel.sample_rate)
         finally:
             torch.set_num_threads(threads)
         return clips
+
+
+def media_alpha(pl_module: L.LightningModule) -> float:
+    """The compensation strength of the media: `model.media_alpha`, or the fitted perceptual point when it
+    is null; 0 until a curve has been fitted (the first validation epoch's media show the plain output)."""
+    if not bool(getattr(pl_module, "gain_fitted", False)):
+        return 0.0
+    alpha = pl_module.hparams.get("media_alpha")
+    return float(pl_module.output_alpha) if alpha is None else float(alpha)
 
 
 def media_figures(band_names: list[str], diagnostics: dict[str, Any], latent: dict[str, Any],

@@ -73,6 +73,9 @@ class MusicVAEModule(L.LightningModule):
             parameters estimated, the better the start on music not trained on.
         kl_warmup_steps: beta rises linearly from 0 to `beta` over this many steps (0: no warm-up).
         free_bits: nats per latent dimension whose KL is not penalised (0: plain KL).
+        init_from: a checkpoint whose weights start this run (musicvae/training/initialisation.py): a new
+            run, with a fresh optimizer and step count, not a resume (that is `--ckpt_path`). Read by the
+            command line before training; loading a trained module never reads it again.
         media_alpha: variance-compensation strength of the TensorBoard media's second set of
             reconstructions (musicvae/compensation.py); None: the perceptual point fitted on the
             validation recordings, 0: none.
@@ -109,6 +112,7 @@ class MusicVAEModule(L.LightningModule):
         kl_warmup_steps: int = 0,
         free_bits: float = 0.0,
         media_alpha: Optional[float] = None,
+        init_from: Optional[str] = None,
     ) -> None:
         super().__init__()
         if loss not in LOSSES:

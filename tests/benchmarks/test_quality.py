@@ -199,6 +199,22 @@ def test_benchmark_end_to_end(tmp_path):
     assert {"kl_nats", "active_units"} <= set(data["vae"])
     assert math.isfinite(data["mse_ratio"]) and 0 < data["pca"]["explained_variance_ratio"] <= 1
     assert any(r["metric"] == "MSE ratio VAE / PCA" for r in data["goals"])
+    # Variance compensation: the VAE's curve came from training's validation, PCA's was fitted on the same
+    # recordings; the plane's alpha-0 row is the plain decoder's MSE (two computations agree), and every
+    # strength of the curve is scored with a realism distance above zero.
+    assert data["compensation"]["vae"]["source"].startswith("the checkpoint")
+    assert len(data["compensation"]["pca"]["gain"]) == 32 and 0 <= data["compensation"]["pca"]["alpha"] <= 1
+    for scores in (data["vae"], data["pca_scores"]):
+        rows = {r["alpha"]: r for r in scores["plane"]["rows"]}
+        assert rows[0.0]["mse"] == pytest.approx(scores["mse"], rel=1e-6)
+        assert rows[1.0]["mse"] >= rows[0.0]["bound_mse"] and all(r["realism"]["frames"] > 0 for r in rows.values())
+        sharp = scores["perceptual"]
+        assert sharp["mse"] == pytest.approx(min(rows.values(), key=lambda r: abs(r["alpha"] - sharp["alpha"]))["mse"],
+                                             rel=1e-5)
+    assert data["vae"]["plane"]["floor"]["frames"] > 0 and data["prior_perceptual"]["realism"]["frames"] > 0
+    assert any(r["metric"].startswith("perceptual point: MSE") for r in data["goals"])
+    assert (out / "trade_off.png").stat().st_size > 0 and (out / "mels.png").stat().st_size > 0
+    assert "## Distortion-perception plane" in (out / "results.md").read_text()
     # Benchmarking the checkpoint again without training gives the same numbers.
     again = run_script("--train_dir", str(tmp_path / "train"), "--test_dir", str(tmp_path / "test"),
                        "--ckpt_path", str(out / "ckpt" / "last.ckpt"), "--out", str(tmp_path / "again"),

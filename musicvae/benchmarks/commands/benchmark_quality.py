@@ -18,9 +18,13 @@ import torch
 
 from musicvae.errors import ConfigError, DataError, MusicVAEError
 from musicvae.evaluation.report import write_json
-from musicvae.benchmarks.quality import (PathShares, data_range, fit_pca, goal_rows, linear_references,
-                                         markdown_report, markdown_table, prior_diagnostics, reference_statistics,
-                                         score_reconstructions)
+from musicvae.benchmarks.quality import (PathShares, data_range, fit_compensation, fit_pca, goal_rows,
+                                         linear_references, markdown_report, markdown_table, prior_diagnostics,
+                                         reference_statistics, score_decoder)
+from musicvae.compensation import compensate
+from musicvae.evaluation.realism import prior_realism
+from musicvae.metrics import band_edges
+from musicvae.plots import mel_grid_figure, trade_off_figure
 from musicvae.models.linear_codes import stack_segments
 from musicvae.commands.parsing import command_parser, parse_command
 
@@ -106,6 +110,7 @@ def benchmark(ckpt_path: Path, train_dir, test_dir: str, out: Path, cache_dir, n
     std, ssim_range = test_dm.normalizer.std, data_range(test)
 
     split = PathShares() if hasattr(module.vae, "lin_decoder") else None
+    n_mels, edges = int(hp.n_mels), band_edges(int(hp.n_mels), bands)
 
     def vae_reconstruct(x):
         mu, logvar = module.vae.encode(x)
@@ -114,25 +119,49 @@ def benchmark(ckpt_path: Path, train_dir, test_dir: str, out: Path, cache_dir, n
             split.update(module.vae.lin_decoder(mu).view_as(x_hat), x_hat)
         return x_hat, (mu, logvar)
 
-    common = dict(dataset=test, std=std, n_mels=int(hp.n_mels), bands=bands, ssim_range=ssim_range,
+    # Variance compensation, fitted on the training folder's validation recordings (never the test
+    # album): the VAE's curve is the one training stored; PCA's is fitted here the same way.
+    validation = train_dm.evaluation_set("val")
+    if bool(module.gain_fitted):
+        vae_fit = {"gain": module.output_gain.detach().cpu(), "alpha": float(module.output_alpha),
+                   "source": "the checkpoint (fitted on the validation recordings during training)"}
+    else:
+        vae_fit = fit_compensation(lambda x: vae_reconstruct(x)[0], validation, n_mels, bands, test_dm.batch_size)
+        vae_fit["source"] = f"fitted now on the {len(validation)} validation windows of the training folder"
+    pca_fit = fit_compensation(pca.reconstruct, validation, n_mels, bands, test_dm.batch_size)
+    log(f"perceptual points (validation): VAE alpha {vae_fit['alpha']:.2f}, PCA alpha {pca_fit['alpha']:.2f}")
+
+    common = dict(dataset=test, std=std, n_mels=n_mels, bands=bands, ssim_range=ssim_range,
                   batch_size=test_dm.batch_size)
-    vae = score_reconstructions(vae_reconstruct, latent_dim=int(hp.latent_dim), **common)
-    pca_scores = score_reconstructions(lambda x: (pca.reconstruct(x), None), **common)
-    reference = reference_statistics(test, int(hp.n_mels), bands)
+    vae = score_decoder(vae_reconstruct, gain=vae_fit["gain"], alpha=vae_fit["alpha"],
+                        latent_dim=int(hp.latent_dim), **common)
+    pca_scores = score_decoder(lambda x: (pca.reconstruct(x), None), gain=pca_fit["gain"], alpha=pca_fit["alpha"],
+                               **common)
+    reference = reference_statistics(test, n_mels, bands)
     samples = module.sample(n_prior, generator=torch.Generator().manual_seed(0))
-    prior = prior_diagnostics(samples, reference, int(hp.n_mels), bands)
+    prior = prior_diagnostics(samples, reference, n_mels, bands)
+    prior.update(prior_realism_fields(samples, test))
+    sharp_samples = compensate(samples, vae_fit["gain"], vae_fit["alpha"], edges)
+    prior_sharp = prior_diagnostics(sharp_samples, reference, n_mels, bands)
+    prior_sharp.update(alpha=vae_fit["alpha"], **prior_realism_fields(sharp_samples, test))
     result = {
         "checkpoint": {"path": str(Path(ckpt_path).resolve()), "global_step": ckpt.get("global_step"),
                        "epoch": ckpt.get("epoch"), "latent_dim": int(hp.latent_dim)},
         "data": {"train_dir": str(train_dm.folder), "test_dir": str(test_dm.folder),
                  "n_train_examples": len(windows), "n_test_examples": len(test), "ssim_range": ssim_range,
+                 "n_validation_examples": len(validation),
                  "normalization": {"mean": train_dm.normalizer.mean, "std": std}},
         "pca": {"n_components": pca.n_components, "method": pca.method, "n_train_examples": len(windows),
                 "explained_variance_ratio": pca.explained_variance_ratio},
+        "compensation": {"vae": {"alpha": vae_fit["alpha"], "gain": vae_fit["gain"].tolist(),
+                                 "source": vae_fit["source"]},
+                         "pca": {"alpha": pca_fit["alpha"], "gain": pca_fit["gain"].tolist(),
+                                 "reached": pca_fit["reached"]}},
         "vae": vae, "pca_scores": pca_scores, "mse_ratio": vae["mse"] / pca_scores["mse"],
-        "prior": prior, "prior_reference": reference,
-        "goals": goal_rows(vae, pca_scores, prior, int(hp.latent_dim)),
+        "prior": prior, "prior_perceptual": prior_sharp, "prior_reference": reference,
+        "goals": goal_rows(vae, pca_scores, prior, int(hp.latent_dim), prior_sharp),
     }
+    write_figures(out, result, test, samples, sharp_samples, module, edges)
     if split is not None:
         result["linear_path"] = split.compute()
     if references:
@@ -143,6 +172,40 @@ def benchmark(ckpt_path: Path, train_dir, test_dir: str, out: Path, cache_dir, n
     (out / "results.md").write_text(markdown_report(result))
     write_json(out / "results.json", result)  # last: its presence means the benchmark finished
     return result
+
+
+def prior_realism_fields(samples: torch.Tensor, test) -> dict:
+    """``realism`` and ``realism_floor`` of prior samples against the test album's recording halves."""
+    found = prior_realism(samples, test)
+    return {"realism": found["realism"], "realism_floor": found["floor"], "realism_windows": found["windows"]}
+
+
+def write_figures(out: Path, result: dict, test, samples: torch.Tensor, sharp_samples: torch.Tensor, module,
+                  edges) -> None:
+    """``trade_off.png`` (the distortion-perception plane: VAE and PCA at each strength, perceptual points
+    circled, the floor dashed) and ``mels.png`` (one test window: input, VAE at 0 and at its perceptual point,
+    PCA at 0; then prior samples at 0 and at the perceptual point)."""
+    vae, pca = result["vae"], result["pca_scores"]
+    curves = [{"label": "VAE", "rows": vae["plane"]["rows"], "mark": vae["perceptual"]["alpha"]},
+              {"label": "PCA", "rows": pca["plane"]["rows"], "mark": pca["perceptual"]["alpha"]}]
+    for extra in result.get("extra_points", []):
+        curves.append(extra)
+    fig = trade_off_figure(curves, vae["plane"]["floor"], f"held-out: {Path(result['data']['test_dir']).name}, "
+                           "circles: perceptual points (fitted on validation)")
+    fig.savefig(out / "trade_off.png", dpi=90)
+    index = len(test) // 2
+    x = test[index][None]  # (1, 1, n_mels, frames)
+    alpha = vae["perceptual"]["alpha"]
+    with torch.no_grad():
+        x_hat = module.reconstruct(x)
+    gain = torch.tensor(result["compensation"]["vae"]["gain"])
+    mels = [x, x_hat, compensate(x_hat, gain, alpha, edges), samples[:1],
+            sharp_samples[:1], samples[1:2], sharp_samples[1:2]]
+    titles = ["input (test)", "VAE, alpha 0", f"VAE, alpha {alpha:.2f}", "prior sample 0, alpha 0",
+              f"prior sample 0, alpha {alpha:.2f}", "prior sample 1, alpha 0", f"prior sample 1, alpha {alpha:.2f}"]
+    fig = mel_grid_figure(torch.cat(mels)[:, 0], titles, columns=4,
+                          title=f"window {index} of the test album; normalised log-mel")
+    fig.savefig(out / "mels.png", dpi=90)
 
 
 def main(argv=None) -> int:
