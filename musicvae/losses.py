@@ -302,3 +302,34 @@ def vae_loss_spectral(
         "output_reg": output_reg,
         "mse": F.mse_loss(x_hat.float(), x.float()),
     }
+
+
+# --- The adversarial stage (musicvae/training/adversarial.py) -------------------------------------
+
+
+def hinge_discriminator_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+    """``mean(relu(1 - D(real))) + mean(relu(1 + D(fake)))`` (Lim & Ye 2017, arXiv:1705.02894)."""
+    return F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean()
+
+
+def hinge_generator_loss(fake_logits: Tensor) -> Tensor:
+    """``-mean(D(fake))``: the decoder's side of the hinge game."""
+    return -fake_logits.mean()
+
+
+def feature_matching_loss(real_features: list[Tensor], fake_features: list[Tensor]) -> Tensor:
+    """Mean over the discriminator's stages of the L1 distance between its features of each real
+    segment and of its reconstruction (Larsen et al. 2016; MelGAN, Kumar et al. 2019): a paired
+    loss, so it pulls each output toward its own input's texture, not any texture."""
+    return torch.stack([(f - r.detach()).abs().mean() for r, f in zip(real_features, fake_features)]).mean()
+
+
+def adaptive_weight(rec_loss: Tensor, adv_loss: Tensor, last_weight: Tensor, max_weight: float = 1e4) -> Tensor:
+    """``|grad rec| / (|grad adv| + 1e-4)`` at the decoder's last layer, clamped to [0, max_weight], detached.
+
+    Balances the adversarial term against the reconstruction at the weights they both move, so one
+    setting works across data and model sizes (Esser et al. 2021, arXiv:2012.09841, eq. 7).
+    """
+    rec_grad = torch.autograd.grad(rec_loss, last_weight, retain_graph=True)[0]
+    adv_grad = torch.autograd.grad(adv_loss, last_weight, retain_graph=True)[0]
+    return (rec_grad.norm() / (adv_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()

@@ -9,8 +9,10 @@ _EXPORTS = {
     "LinearPathVAE": "linear_path",
     "init_from_code": "linear_path",
     "LinearCode": "linear_codes",
+    "PatchDiscriminator": "discriminator",
+    "augment_pair": "discriminator",
     "fit_pca": "linear_codes",
     "fit_separable_code": "linear_codes",
 }
 __all__ = sorted(_EXPORTS)
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, ['conv1d', 'conv2d', 'linear_codes', 'linear_path'])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, ['conv1d', 'conv2d', 'discriminator', 'linear_codes', 'linear_path'])

@@ -62,25 +62,38 @@ class ApplyResumedLearningRate(Callback):
 
     Lightning restores the optimizer's state, old learning rate included, after the module is
     built with the new one; without this a `--model.lr` given on resume is silently ignored.
-    Adam's moment estimates are kept.
+    Adam's moment estimates are kept. A parameter group names the hyper-parameter its rate
+    follows in ``"lr_from"`` (default ``lr``; the adversarial stage's discriminator: ``disc_lr``)
+    and may run at a fixed multiple of it, ``"lr_scale"`` (the linear path's).
+
+    Args:
+        old: the resumed run's learning rate (a float), or its hyper-parameters (a dict).
     """
 
-    def __init__(self, old_lr: Optional[float]) -> None:
-        self.old_lr = old_lr
+    def __init__(self, old: Optional[float | dict]) -> None:
+        self.old = old if isinstance(old, dict) else {} if old is None else {"lr": old}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        new_lr = float(pl_module.hparams.lr)
-        if trainer.ckpt_path is None or self.old_lr is None or new_lr == self.old_lr:
+        if trainer.ckpt_path is None:
             return
+        changed = {}
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:
-                # A group may run at a fixed multiple of the learning rate (the linear path's).
-                group["lr"] = new_lr * group.get("lr_scale", 1.0)
+                key = group.get("lr_from", "lr")
+                new, old = pl_module.hparams.get(key), self.old.get(key)
+                if new is None or old is None or float(new) == float(old):
+                    continue
+                group["lr"] = float(new) * group.get("lr_scale", 1.0)
                 if "initial_lr" in group:
                     group["initial_lr"] = group["lr"]
+                changed[key] = (float(old), float(new))
         for config in trainer.lr_scheduler_configs:
-            config.scheduler.base_lrs = [new_lr * g.get("lr_scale", 1.0) for g in config.scheduler.optimizer.param_groups]
-        rank_zero_info(f"musicvae: learning rate set to {new_lr:g} in the restored optimizer (was {self.old_lr:g})")
+            groups = config.scheduler.optimizer.param_groups
+            if any(g.get("lr_from", "lr") in changed for g in groups):
+                config.scheduler.base_lrs = [g["lr"] for g in groups]
+        for key, (old, new) in changed.items():
+            rank_zero_info(f"musicvae: {'learning rate' if key == 'lr' else key} set to {new:g} in the restored "
+                           f"optimizer (was {old:g})")
 
 
 class FixedNameCheckpoint(ModelCheckpoint):

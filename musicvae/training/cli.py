@@ -71,6 +71,11 @@ MONITOR_DEPENDS = {
     "val/lsd_db": (),
     "val/range_frac_outside": (),
     "val/featureless_frac": (),
+    # Realism and detail (Fréchet distances and the worst band ratio's log distance from 1): what the
+    # adversarial stage (configs/sharp.yaml) picks best.ckpt by.
+    "val/realism_frames": (),
+    "val/realism_differences": (),
+    "val/band_ratio_error": (),
 }
 
 
@@ -200,12 +205,13 @@ class MusicVAECLI(LightningCLI):
             )
         extra += checkpoint_callbacks(self.checkpoint_dir, monitor, every)
         extra.append(RunMetadata(yaml.safe_load(self._stored_config()), monitor, self.checkpoint_dir))
-        old_lr = (self.resume or {}).get("hyper_parameters", {}).get("lr")
-        extra.append(ApplyResumedLearningRate(old_lr))
+        extra.append(ApplyResumedLearningRate((self.resume or {}).get("hyper_parameters") or None))
         extra += [ResumableRandomState(), NonFiniteGuard(skip), Preemption(self.checkpoint_dir), MediaLogger()]
         if self.subcommand == "predict":
             extra.append(LatentWriter(self._setting("predict_dir")))
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        if self.model.hparams.get("adversarial"):
+            check_manual_optimization(trainer_config)
         trainer_config["plugins"] = with_atomic_checkpoints(trainer_config.get("plugins"))
         return self._instantiate_trainer(trainer_config, extra)
 
@@ -322,6 +328,19 @@ class MusicVAECLI(LightningCLI):
                 f"{', '.join(touched) or 'monitor'} changed on resume while best.ckpt is chosen by {monitor}: "
                 "best-score comparisons across the change mix two scales (consider --monitor val/mse)."
             )
+
+
+def check_manual_optimization(trainer_config: dict) -> None:
+    """Trainer settings Lightning refuses (or ignores) under manual optimization, as one clear line."""
+    if trainer_config.get("gradient_clip_val"):
+        raise ConfigError(
+            f"--trainer.gradient_clip_val {trainer_config['gradient_clip_val']}: the adversarial stage steps two "
+            "optimizers itself (manual optimization), where Lightning cannot clip; set --trainer.gradient_clip_val "
+            "null and use --model.adv_grad_clip (configs/sharp.yaml does both)")
+    if (trainer_config.get("accumulate_grad_batches") or 1) > 1:
+        raise ConfigError(
+            "--trainer.accumulate_grad_batches: not available in the adversarial stage (manual optimization); "
+            "use a larger --data.batch_size")
 
 
 def adopt_mel_settings(config: Any, ckpt: dict) -> str:

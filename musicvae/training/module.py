@@ -16,12 +16,17 @@ from musicvae.models.conv2d import ConvVAE
 from musicvae.models.conv1d import TemporalConvVAE
 from musicvae.compensation import (PERCEPTUAL_TARGET, CompensationStats, compensate, compensation_curve, fit_gain,
                                    perceptual_alpha)
-from musicvae.metrics import LatentDiagnostics, ReconstructionDiagnostics, band_edges
+from musicvae.metrics import (GaussianFit, LatentDiagnostics, ReconstructionDiagnostics, band_edges,
+                              frame_differences, gaussian_distance, mel_frames)
+from musicvae.models.discriminator import PatchDiscriminator
+from musicvae.training.adversarial import adversarial_step, decoder_parameters, freeze_encoder
 from musicvae.models.linear_codes import fit_pca, fit_separable_code, stack_segments
 
 LOSSES = ("standard", "spectral")
 LINEAR_BASES = ("pca", "separable", "dct")
 ARCHITECTURES = {"conv2d": ConvVAE, "conv1d": TemporalConvVAE}
+#: Views of the validation realism distances (val/realism_frames, val/realism_differences).
+REALISM_VIEWS = {"frames": mel_frames, "differences": frame_differences}
 
 
 class MusicVAEModule(L.LightningModule):
@@ -76,6 +81,18 @@ class MusicVAEModule(L.LightningModule):
         init_from: a checkpoint whose weights start this run (musicvae/training/initialisation.py): a new
             run, with a fresh optimizer and step count, not a resume (that is `--ckpt_path`). Read by the
             command line before training; loading a trained module never reads it again.
+        adversarial: the adversarial stage (musicvae/training/adversarial.py, configs/sharp.yaml): the
+            encoder frozen, the decoder fine-tuned against a PatchGAN discriminator with manual
+            optimization. Start it from a trained VAE with `init_from`.
+        adv_weight: scale of the adaptively weighted adversarial and feature-matching terms.
+        adv_start_step: global step (optimizer steps: two per batch in this stage) from which the
+            decoder answers the discriminator; before it only the discriminator learns.
+        disc_lr: the discriminator's Adam learning rate.
+        disc_channels: the discriminator's channels per stride-2 stage.
+        disc_augment: augment what the discriminator sees (time shift, level, cutout; the same for
+            each real/decoded pair): without it a discriminator overfits small data.
+        adv_grad_clip: gradient-norm clip of each optimizer in the stage (null: none); the stage's
+            stand-in for `trainer.gradient_clip_val`, which Lightning refuses under manual optimization.
         media_alpha: variance-compensation strength of the TensorBoard media's second set of
             reconstructions (musicvae/compensation.py); None: the perceptual point fitted on the
             validation recordings, 0: none.
@@ -113,6 +130,13 @@ class MusicVAEModule(L.LightningModule):
         free_bits: float = 0.0,
         media_alpha: Optional[float] = None,
         init_from: Optional[str] = None,
+        adversarial: bool = False,
+        adv_weight: float = 0.1,
+        adv_start_step: int = 0,
+        disc_lr: float = 1e-4,
+        disc_channels: list[int] = [32, 64, 128],  # noqa: B006
+        disc_augment: bool = True,
+        adv_grad_clip: Optional[float] = 1.0,
     ) -> None:
         super().__init__()
         if loss not in LOSSES:
@@ -125,6 +149,10 @@ class MusicVAEModule(L.LightningModule):
                 f"non-negative; got lr={lr}, beta={beta}, spectral_weight={spectral_weight}, "
                 f"output_reg_weight={output_reg_weight}"
             )
+        if adversarial and (adv_weight < 0 or adv_start_step < 0 or disc_lr <= 0
+                            or (adv_grad_clip is not None and adv_grad_clip <= 0)):
+            raise ConfigError(f"model.adv_weight={adv_weight} and model.adv_start_step={adv_start_step} must be "
+                              f"non-negative, model.disc_lr={disc_lr} and model.adv_grad_clip={adv_grad_clip} positive")
         if media_alpha is not None and not 0.0 <= media_alpha <= 1.0:
             raise ConfigError(f"model.media_alpha={media_alpha} must lie in [0, 1] (or be null: the fitted perceptual point)")
         if architecture not in ARCHITECTURES:
@@ -159,6 +187,11 @@ class MusicVAEModule(L.LightningModule):
             raise ConfigError(
                 f"model: {err} (the CLI takes n_mels from data.mel.n_mels and frames from data.frames)"
             ) from None
+        if adversarial:
+            # After the VAE exists and before any optimizer: the encoder's weights stay those of init_from.
+            self.discriminator = PatchDiscriminator(tuple(disc_channels))
+            freeze_encoder(self.vae)
+            self.automatic_optimization = False
         # The first validation/test batch (inputs, reconstructions) and the last epoch's diagnostics,
         # read by MediaLogger (musicvae/training/media.py), which draws and logs them.
         self.figure_batch: Optional[tuple[torch.Tensor, torch.Tensor]] = None
@@ -173,6 +206,11 @@ class MusicVAEModule(L.LightningModule):
         # in the checkpoint (buffers), so every checkpoint decodes sharp with the curve of its own
         # weights. Test and prediction never refit: the curve never sees music being scored.
         self.val_compensation = CompensationStats(n_mels, self.band_edges)
+        # Realism on the validation set: Fréchet distances between Gaussian fits of the inputs' and the
+        # reconstructions' mel frames and frame differences (musicvae/metrics.py). Paired sets, so 0 is
+        # reachable; the adversarial stage picks best.ckpt by it (val/loss would pick the least sharp state).
+        self.val_realism = torch.nn.ModuleDict({f"{view}_{side}": GaussianFit(n_mels)
+                                                for view in REALISM_VIEWS for side in ("input", "output")})
         for name, value in compensation_defaults(n_mels).items():
             self.register_buffer(name, value)
 
@@ -250,7 +288,16 @@ class MusicVAEModule(L.LightningModule):
                       *self.vae.inner.to_latent.parameters(), self.vae.pca_initialised):
             param.data.copy_(self.trainer.strategy.broadcast(param.data.clone(), src=0))
 
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+    #: Parameters a checkpoint without them (a plain VAE) may lack when it starts this model (init_from).
+    fresh_prefixes = ("discriminator.",)
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> Optional[torch.Tensor]:
+        if self.hparams.get("adversarial"):
+            parts = adversarial_step(self, batch)
+            self.log("train/loss", parts.pop("loss"), prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch))
+            self.log_dict({f"train/{k}": v for k, v in parts.items()}, on_step=True, on_epoch=True,
+                          batch_size=len(batch))
+            return None
         x_hat, mu, logvar = self(batch)
         parts = self.compute_loss(x_hat, batch, mu, logvar)
         # Read by NonFiniteGuard after backward, to name the part that went NaN/Inf.
@@ -276,6 +323,9 @@ class MusicVAEModule(L.LightningModule):
         self.log_dict(others, sync_dist=True, batch_size=len(batch))
         self.val_diagnostics.update(x_hat, batch)
         self.val_latent.update(mu, logvar)
+        for view, rows in REALISM_VIEWS.items():
+            self.val_realism[f"{view}_input"].update(rows(batch))
+            self.val_realism[f"{view}_output"].update(rows(x_hat))
         if batch_idx == 0:  # for the figures of MediaLogger (musicvae/training/media.py)
             n = self.hparams.n_figure_examples
             self.figure_batch = (batch[:n].detach().cpu(), x_hat[:n].detach().float().cpu())
@@ -344,6 +394,14 @@ class MusicVAEModule(L.LightningModule):
         scalars = {f"{stage}/{k}": v.float() for k, v in diagnostics.items()}
         scalars.update({f"{stage}/active_units": latent["active_units"].float(),
                         f"{stage}/active_frac": latent["active_frac"].float()})
+        for view in REALISM_VIEWS:
+            fits = (self.val_realism[f"{view}_input"], self.val_realism[f"{view}_output"])
+            scalars[f"{stage}/realism_{view}"] = torch.tensor(gaussian_distance(*fits), dtype=torch.float32)
+            for fit in fits:
+                fit.reset()
+        ratios = torch.stack([v for k, v in diagnostics.items() if k.startswith("band_ratio/")])
+        # The worst band's distance from 1 on a log scale: a ratio of 0.5 and of 2 are equally wrong.
+        scalars[f"{stage}/band_ratio_error"] = ratios.nan_to_num(nan=1.0).clamp_min(1e-12).log().abs().max().float()
         self.log_dict(scalars)
         self.epoch_diagnostics = (diagnostics, latent)
 
@@ -372,8 +430,20 @@ class MusicVAEModule(L.LightningModule):
         checkpoint["state_dict"]["freq_weight"] = self.freq_weight.detach().clone()
         with_compensation_defaults(checkpoint["state_dict"], self.hparams.n_mels)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> torch.optim.Optimizer | list[torch.optim.Optimizer]:
         hp = self.hparams
+        if hp.get("adversarial"):
+            # The decoder (the linear path's half at its lr_scale) and the discriminator; Adam with
+            # beta1 0.5 as is usual for GANs, whose targets move with every step.
+            decoder = decoder_parameters(self.vae)
+            linear = {id(p) for p in getattr(self.vae, "lin_decoder", torch.nn.Identity()).parameters()}
+            scale = float(hp.get("linear_path_lr_scale", 1.0))
+            groups = [{"params": [p for p in decoder if id(p) not in linear], "lr": hp.lr, "lr_scale": 1.0}]
+            if linear and scale > 0:
+                groups.append({"params": [p for p in decoder if id(p) in linear], "lr": hp.lr * scale, "lr_scale": scale})
+            return [torch.optim.Adam(groups, lr=hp.lr, betas=(0.5, 0.9)),
+                    torch.optim.Adam([{"params": list(self.discriminator.parameters()), "lr": hp.disc_lr,
+                                       "lr_from": "disc_lr"}], lr=hp.disc_lr, betas=(0.5, 0.9))]
         groups = [{"params": list(self.parameters()), "lr": hp.lr, "lr_scale": 1.0}]
         if isinstance(self.vae, LinearPathVAE):
             # Adam moves every weight by ~lr per step whatever its scale, and PCA's encoder weights

@@ -1,0 +1,128 @@
+"""The adversarial stage: sharpen a trained VAE's decoder against a discriminator (configs/sharp.yaml).
+
+An MSE-trained decoder outputs the mean of what a code could have been, so its outputs are
+blurred (musicvae/compensation.py measures by how much). RAVE (Caillon & Esling 2021,
+arXiv:2111.05011) and the latent-diffusion autoencoders get sharp outputs the same way: train the
+VAE, then freeze the encoder (the codes stay what they were) and fine-tune the decoder with a
+discriminator, feature matching and the reconstruction loss kept, the adversarial term weighted
+adaptively (Esser et al. 2021) and switched on after a start step.
+
+Two optimizers under Lightning's manual optimization, one step each per batch, decoder first:
+- decoder: ``mse + w * (hinge_g + feature_matching)`` once ``global_step >= adv_start_step``, plain
+  MSE before; ``w = adv_weight * |grad mse| / |grad (hinge_g + fm)|`` at the decoder's last layer.
+  Latents are drawn from the frozen posterior, as in VAE training, so the decoder also learns the
+  neighbourhood of each code that prior samples land in.
+- discriminator: the hinge loss on augmented real and decoded segments, from the first batch, so
+  it has learnt the blur by the time the decoder starts to answer it.
+
+Steps: Lightning's ``global_step`` counts optimizer steps, so here it advances by 2 per batch:
+``trainer.max_steps``, ``adv_start_step``, ``checkpoint_every_n_steps`` and ``kl_warmup_steps`` are
+all in those units (1000 = 500 batches). Lightning refuses ``gradient_clip_val`` under manual
+optimization; the stage clips each optimizer's gradients itself (``adv_grad_clip``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from musicvae.losses import (adaptive_weight, feature_matching_loss, hinge_discriminator_loss,
+                             hinge_generator_loss)
+from musicvae.models.discriminator import augment_pair
+from musicvae.models.linear_path import LinearPathVAE
+
+#: Optimizer steps per batch in this stage (the decoder's and the discriminator's).
+STEPS_PER_BATCH = 2
+
+
+def decoder_parameters(vae: nn.Module) -> list[nn.Parameter]:
+    """The parameters that map a latent to a log-mel: `from_latent` and `decoder` (and a linear path's
+    decoder half). Everything else is the encoder, frozen in this stage."""
+    inner = vae.inner if isinstance(vae, LinearPathVAE) else vae
+    params = [*inner.from_latent.parameters(), *inner.decoder.parameters()]
+    if isinstance(vae, LinearPathVAE):
+        params += list(vae.lin_decoder.parameters())
+    return params
+
+
+def last_decoder_weight(vae: nn.Module) -> Tensor:
+    """The weight of the decoder's output layer, where the adaptive weight compares gradients."""
+    inner = vae.inner if isinstance(vae, LinearPathVAE) else vae
+    return inner.output_layer.weight
+
+
+def freeze_encoder(vae: nn.Module) -> int:
+    """Stops gradients to every parameter outside :func:`decoder_parameters`; returns how many."""
+    decoder = {id(p) for p in decoder_parameters(vae)}
+    frozen = [p for p in vae.parameters() if id(p) not in decoder]
+    for p in frozen:
+        p.requires_grad_(False)
+    return len(frozen)
+
+
+def _clip(module: Any, optimizer: Any) -> None:
+    clip = module.hparams.get("adv_grad_clip")
+    if clip:
+        module.clip_gradients(optimizer, gradient_clip_val=float(clip), gradient_clip_algorithm="norm")
+
+
+def adversarial_step(module: Any, batch: Tensor) -> dict[str, Tensor]:
+    """One batch of the stage on `module` (a MusicVAEModule with ``adversarial: true``).
+
+    Returns the detached parts logged under ``train/``: ``loss`` (the decoder's), ``recon`` (MSE),
+    ``adv``, ``feature_matching`` and ``adaptive_weight`` (0 before the start step), ``adv_active``,
+    ``loss_d``, ``d_real`` and ``d_fake`` (mean logits) and ``d_accuracy``.
+    """
+    hp = module.hparams
+    opt_g, opt_d = module.optimizers()
+    active = module.global_step >= int(hp.adv_start_step)
+    with torch.no_grad():
+        mu, logvar = module.vae.encode(batch)  # the frozen encoder's posterior
+    x_hat = module.vae.decode(module.vae.reparameterize(mu, logvar))
+    zero = x_hat.new_zeros(())
+
+    # The decoder's step.
+    module.toggle_optimizer(opt_g)
+    recon = F.mse_loss(x_hat, batch)
+    parts = {"recon": recon, "adv": zero, "feature_matching": zero, "adaptive_weight": zero}
+    loss_g = recon
+    if active:
+        real_in, fake_in = augment_pair(batch, x_hat) if hp.disc_augment else (batch, x_hat)
+        fake_logits, fake_features = module.discriminator(fake_in)
+        with torch.no_grad():
+            _, real_features = module.discriminator(real_in)
+        adv = hinge_generator_loss(fake_logits)
+        matching = feature_matching_loss(real_features, fake_features)
+        weight = float(hp.adv_weight) * adaptive_weight(recon, adv + matching, last_decoder_weight(module.vae))
+        loss_g = recon + weight * (adv + matching)
+        parts.update(adv=adv, feature_matching=matching, adaptive_weight=weight)
+    # Read by NonFiniteGuard before the update, to name the part that went NaN/Inf.
+    module.last_loss_parts = {f"decoder {k}": v.detach() for k, v in (("loss", loss_g), *parts.items())}
+    opt_g.zero_grad(set_to_none=True)
+    module.manual_backward(loss_g)
+    _clip(module, opt_g)
+    opt_g.step()
+    module.untoggle_optimizer(opt_g)
+
+    # The discriminator's step, on fresh augmentations of the same pair.
+    module.toggle_optimizer(opt_d)
+    fake = x_hat.detach()
+    real_in, fake_in = augment_pair(batch, fake) if hp.disc_augment else (batch, fake)
+    real_logits, _ = module.discriminator(real_in)
+    fake_logits, _ = module.discriminator(fake_in)
+    loss_d = hinge_discriminator_loss(real_logits, fake_logits)
+    module.last_loss_parts = {"discriminator loss": loss_d.detach()}
+    opt_d.zero_grad(set_to_none=True)
+    module.manual_backward(loss_d)
+    _clip(module, opt_d)
+    opt_d.step()
+    module.untoggle_optimizer(opt_d)
+
+    with torch.no_grad():
+        accuracy = ((real_logits > 0).float().mean() + (fake_logits < 0).float().mean()) / 2
+    out = {"loss": loss_g, **parts, "adv_active": torch.tensor(float(active)), "loss_d": loss_d,
+           "d_real": real_logits.mean(), "d_fake": fake_logits.mean(), "d_accuracy": accuracy}
+    return {k: v.detach() if isinstance(v, Tensor) else torch.tensor(float(v)) for k, v in out.items()}
