@@ -11,6 +11,7 @@ import math
 
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 
 def mel_comparison_figure(inputs: torch.Tensor, outputs: torch.Tensor, title: str = "") -> Figure:
@@ -164,6 +165,7 @@ def trade_off_figure(curves: list[dict], floor: dict[str, float], title: str = "
                             color=line.get_color())
         ax.axvline(floor[view], linestyle="--", color="0.4", label="floor (music vs music)")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # log-axis minor labels overlap on a short range
         ax.set_xlabel(f"realism: Fréchet distance of mel {view} (lower is more real)")
         ax.set_ylabel("MSE (normalised units)")
         ax.grid(alpha=0.3)

@@ -404,6 +404,20 @@ def plane_lines(result: dict[str, Any]) -> list[str]:
     lines += tables.markdown_table(("alpha", "VAE MSE", "VAE bound", "VAE realism frames", "VAE realism diffs",
                                     "VAE lowest band ratio", "PCA MSE", "PCA realism frames", "PCA realism diffs",
                                     "PCA lowest band ratio"), cells)
+    extra = result.get("extra_points") or []
+    if extra:
+        lines += ["", "Further checkpoints on the same plane (`--also`), at strength 0 and at their own perceptual point:",
+                  ""]
+        cells = []
+        for point in extra:
+            for row in sorted({r["alpha"]: r for r in point["rows"] if r["alpha"] in (0.0, point["mark"])}.values(),
+                              key=lambda r: r["alpha"]):
+                cells.append((point["label"], f"step {point['global_step']}", f"{row['alpha']:g}", _cell(row["mse"]),
+                              _cell(row["mse"] / pca["mse"]) if pca else "—", _cell(row["realism"]["frames"]),
+                              _cell(row["realism"]["differences"]),
+                              ", ".join(f"{r:.3g}" for r in row["band_ratio"])))
+        lines += tables.markdown_table(("checkpoint", "step", "alpha", "MSE", "/ PCA", "realism frames",
+                                        "realism diffs", "band ratios"), cells)
     return [*lines, "", "![trade-off](trade_off.png)", "", "![mels](mels.png)", ""]
 
 

@@ -9,6 +9,7 @@ Writes results.json and results.md into --out and prints the table. Everything a
 to training (e.g. `-- --model.latent_dim 128 --trainer.precision bf16-mixed`).
 """
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -81,8 +82,40 @@ def train(args, extra: list[str]) -> Path:
     raise MusicVAEError(f"training wrote no checkpoint into {out / 'ckpt'}")
 
 
+def other_decoder(path: str, test_dm, validation, common: dict, log=print) -> dict:
+    """A further checkpoint (e.g. the adversarial stage's) on the same plane: its scores at strength 0 and at
+    its own perceptual point. It must see the data as the benchmarked checkpoint does (same normalisation)."""
+    from musicvae.inference.loading import load_module
+    from musicvae.training.checkpoints import DATA_STATE_KEY
+
+    module, ckpt = load_module(path)
+    state = ckpt.get(DATA_STATE_KEY) or {}
+    norm = test_dm.normalizer
+    if abs(float(state.get("mean", math.nan)) - norm.mean) > 1e-6 or abs(float(state.get("std", math.nan)) - norm.std) > 1e-6:
+        raise ConfigError(f"--also {path}: normalised differently from the benchmarked checkpoint (mean/std "
+                          f"{state.get('mean')}/{state.get('std')} vs {norm.mean}/{norm.std}); benchmark it on its own")
+    if int(module.hparams.n_mels) != common["n_mels"] or int(module.hparams.frames) != int(test_dm.frames):
+        raise ConfigError(f"--also {path}: a model of another shape than the benchmarked checkpoint")
+
+    def reconstruct(x):
+        mu, logvar = module.vae.encode(x)
+        return module.vae.decode(mu), (mu, logvar)
+
+    if bool(module.gain_fitted):
+        fit = {"gain": module.output_gain.detach().cpu(), "alpha": float(module.output_alpha)}
+    else:
+        fit = fit_compensation(lambda x: reconstruct(x)[0], validation, common["n_mels"], common["bands"],
+                               common["batch_size"])
+    scores = score_decoder(reconstruct, gain=fit["gain"], alpha=fit["alpha"], latent_dim=int(module.hparams.latent_dim),
+                           **common)
+    label = f"{Path(path).parent.name}/{Path(path).name}"
+    log(f"--also {label}: step {ckpt.get('global_step')}, MSE {scores['mse']:.4g}, perceptual alpha {fit['alpha']:.2f}")
+    return {"label": label, "path": str(Path(path).resolve()), "global_step": ckpt.get("global_step"),
+            "mark": fit["alpha"], "rows": scores["plane"]["rows"], "scores": scores}
+
+
 def benchmark(ckpt_path: Path, train_dir, test_dir: str, out: Path, cache_dir, n_prior: int,
-              log=print, references: bool = False) -> dict:
+              log=print, references: bool = False, also: tuple[str, ...] = ()) -> dict:
     from musicvae.inference.loading import datamodule_for, load_module
 
     module, ckpt = load_module(ckpt_path)
@@ -161,6 +194,7 @@ def benchmark(ckpt_path: Path, train_dir, test_dir: str, out: Path, cache_dir, n
         "prior": prior, "prior_perceptual": prior_sharp, "prior_reference": reference,
         "goals": goal_rows(vae, pca_scores, prior, int(hp.latent_dim), prior_sharp),
     }
+    result["extra_points"] = [other_decoder(path, test_dm, validation, common, log) for path in also]
     write_figures(out, result, test, samples, sharp_samples, module, edges)
     if split is not None:
         result["linear_path"] = split.compute()
@@ -188,9 +222,8 @@ def write_figures(out: Path, result: dict, test, samples: torch.Tensor, sharp_sa
     vae, pca = result["vae"], result["pca_scores"]
     curves = [{"label": "VAE", "rows": vae["plane"]["rows"], "mark": vae["perceptual"]["alpha"]},
               {"label": "PCA", "rows": pca["plane"]["rows"], "mark": pca["perceptual"]["alpha"]}]
-    for extra in result.get("extra_points", []):
-        curves.append(extra)
-    fig = trade_off_figure(curves, vae["plane"]["floor"], f"held-out: {Path(result['data']['test_dir']).name}, "
+    curves += [{k: extra[k] for k in ("label", "rows", "mark")} for extra in result.get("extra_points", [])]
+    fig = trade_off_figure(curves, vae["plane"]["floor"], f"held-out: {result['data']['test_dir']}; "
                            "circles: perceptual points (fitted on validation)")
     fig.savefig(out / "trade_off.png", dpi=90)
     index = len(test) // 2
@@ -230,6 +263,9 @@ def main(argv=None) -> int:
                         help="also score PCA with 2x and 4x latent_dim components (training segments) and PCA-latent_dim "
                              "fitted on the test segments themselves (an oracle), and the separable bases (mel eigenvectors x "
                              "time DCT; 2-D DCT) with 1x, 2x and 4x latent_dim components, to place the VAE between them")
+    parser.add_argument("--also", nargs="*", default=[], metavar="CKPT",
+                        help="further checkpoints of the same data and shape (e.g. the adversarial stage's best.ckpt) "
+                             "placed on the distortion-perception plane beside the benchmarked one")
     parser.add_argument("--prior_samples", type=int, default=DEFAULT_PRIOR_SAMPLES, help="prior draws (default: %(default)s)")
     args = parse_command(parser, argv)
     if args.ckpt_path is None:
@@ -257,7 +293,7 @@ def main(argv=None) -> int:
         else:
             ckpt_path = Path(args.ckpt_path)
         result = benchmark(ckpt_path, args.train_dir, args.test_dir, out, args.cache_dir, args.prior_samples,
-                           references=args.references)
+                           references=args.references, also=tuple(args.also))
     except MusicVAEError as err:
         sys.stderr.write(f"benchmark_quality: error: {err}\n")
         return 2
