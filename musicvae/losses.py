@@ -324,12 +324,17 @@ def feature_matching_loss(real_features: list[Tensor], fake_features: list[Tenso
     return torch.stack([(f - r.detach()).abs().mean() for r, f in zip(real_features, fake_features)]).mean()
 
 
-def adaptive_weight(rec_loss: Tensor, adv_loss: Tensor, last_weight: Tensor, max_weight: float = 1e4) -> Tensor:
+def adaptive_weight(rec_loss: Tensor, adv_loss: Tensor, last_weight: Tensor, max_weight: float = 1e4
+                    ) -> tuple[Tensor, Tensor]:
     """``|grad rec| / (|grad adv| + 1e-4)`` at the decoder's last layer, clamped to [0, max_weight], detached.
 
     Balances the adversarial term against the reconstruction at the weights they both move, so one
     setting works across data and model sizes (Esser et al. 2021, arXiv:2012.09841, eq. 7).
+
+    Returns:
+        ``(weight, adv_grad_norm)``: the weight and ``|grad adv|`` (detached).
     """
     rec_grad = torch.autograd.grad(rec_loss, last_weight, retain_graph=True)[0]
     adv_grad = torch.autograd.grad(adv_loss, last_weight, retain_graph=True)[0]
-    return (rec_grad.norm() / (adv_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
+    adv_norm = adv_grad.norm().detach()
+    return (rec_grad.norm() / (adv_norm + 1e-4)).clamp(0.0, max_weight).detach(), adv_norm

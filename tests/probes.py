@@ -176,3 +176,37 @@ class PredictedSources(Callback):
     def on_predict_end(self, trainer, pl_module) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.sources))
+
+
+class RecordStepMetrics(Callback):
+    """Appends, per training batch, the global step it started at and the logged step values of `keys` (JSON lines)."""
+
+    def __init__(self, out: str, keys: list[str]) -> None:
+        self.out, self.keys = Path(out), list(keys)
+        self.started = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.started = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import json
+
+        metrics = trainer.callback_metrics
+        row = {"start": self.started, "end": trainer.global_step,
+               **{k: float(metrics[f"{k}_step"]) for k in self.keys if f"{k}_step" in metrics}}
+        with self.out.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+
+class WeightsAtStart(Callback):
+    """Saves the module's weights, the optimizers' state sizes and the normaliser when training starts."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        normalizer = trainer.datamodule.normalizer
+        torch.save({"state_dict": {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()},
+                    "optimizer_state_sizes": [len(o.state) for o in trainer.optimizers],
+                    "global_step": trainer.global_step, "mean": normalizer.mean, "std": normalizer.std,
+                    "n_mels": trainer.datamodule.mel.n_mels}, self.out)

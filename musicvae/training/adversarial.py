@@ -73,7 +73,8 @@ def adversarial_step(module: Any, batch: Tensor) -> dict[str, Tensor]:
     """One batch of the stage on `module` (a MusicVAEModule with ``adversarial: true``).
 
     Returns the detached parts logged under ``train/``: ``loss`` (the decoder's), ``recon`` (MSE),
-    ``adv``, ``feature_matching`` and ``adaptive_weight`` (0 before the start step), ``adv_active``,
+    ``adv``, ``feature_matching``, ``adaptive_weight`` and ``adv_grad_norm`` (the weighted adversarial
+    gradient's norm at the decoder's output layer; all 0 before the start step), ``adv_active``,
     ``loss_d``, ``d_real`` and ``d_fake`` (mean logits) and ``d_accuracy``.
     """
     hp = module.hparams
@@ -87,7 +88,7 @@ def adversarial_step(module: Any, batch: Tensor) -> dict[str, Tensor]:
     # The decoder's step.
     module.toggle_optimizer(opt_g)
     recon = F.mse_loss(x_hat, batch)
-    parts = {"recon": recon, "adv": zero, "feature_matching": zero, "adaptive_weight": zero}
+    parts = {"recon": recon, "adv": zero, "feature_matching": zero, "adaptive_weight": zero, "adv_grad_norm": zero}
     loss_g = recon
     if active:
         real_in, fake_in = augment_pair(batch, x_hat) if hp.disc_augment else (batch, x_hat)
@@ -96,9 +97,11 @@ def adversarial_step(module: Any, batch: Tensor) -> dict[str, Tensor]:
             _, real_features = module.discriminator(real_in)
         adv = hinge_generator_loss(fake_logits)
         matching = feature_matching_loss(real_features, fake_features)
-        weight = float(hp.adv_weight) * adaptive_weight(recon, adv + matching, last_decoder_weight(module.vae))
+        balance, adv_norm = adaptive_weight(recon, adv + matching, last_decoder_weight(module.vae))
+        weight = float(hp.adv_weight) * balance
         loss_g = recon + weight * (adv + matching)
-        parts.update(adv=adv, feature_matching=matching, adaptive_weight=weight)
+        # adv_grad_norm: how hard the discriminator pushes the decoder's output layer, after weighting.
+        parts.update(adv=adv, feature_matching=matching, adaptive_weight=weight, adv_grad_norm=weight * adv_norm)
     # Read by NonFiniteGuard before the update, to name the part that went NaN/Inf.
     module.last_loss_parts = {f"decoder {k}": v.detach() for k, v in (("loss", loss_g), *parts.items())}
     opt_g.zero_grad(set_to_none=True)

@@ -38,8 +38,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 #: Kinds with a payload; each file writes its own marker if its unpickling runs.
 PAYLOADS = ("payload", "payload_legacy", "payload_pickle")
-#: Scripts that take one checkpoint with --ckpt_path.
-LOADERS = ("train", "evaluate", "generate", "export")
+#: Scripts that take one checkpoint: with --ckpt_path, or (init_from) train.py with --model.init_from.
+LOADERS = ("train", "evaluate", "generate", "export", "init_from")
 #: Bad files, and what the message must say about each.
 REFUSED = r"refused: the file contains Python objects that would run code"
 BAD = {
@@ -74,7 +74,9 @@ def write_payload(kind: str, real: dict, marker: Path, target: Path) -> None:
 
 def loader_command(loader: str, ckpt: Path, out: Path) -> list[str]:
     """The user's command for `loader` on `ckpt`; whatever it would write goes under `out`."""
-    script = str(REPO / "scripts" / f"{loader}.py")
+    script = str(REPO / "scripts" / f"{'train' if loader == 'init_from' else loader}.py")
+    if loader == "init_from":  # a new run from the file's weights (the adversarial stage starts this way)
+        return [script, *tiny_fit_args(out, "--trainer.max_epochs", "1", "--model.init_from", str(ckpt))]
     if loader == "train":  # resume; a started run would write its cache, checkpoints and logs under out
         return [script, *tiny_fit_args(out, "--trainer.max_epochs", "3", "--ckpt_path", str(ckpt))]
     if loader == "evaluate":
@@ -231,10 +233,13 @@ def test_the_unmodified_checkpoint_is_accepted(hostile, loader):
         "evaluate": out / "report" / "report.md",
         "generate": out / "samples" / "sample_00.wav",
         "export": out / "model.pt",
+        "init_from": out / "ckpt" / "last.ckpt",
     }[loader]
     assert written.is_file(), result.stdout[-2000:]
     if loader == "train":  # the resume continued the run: epochs 0-1 stored, epoch 2 trained now
         assert torch.load(written, map_location="cpu", weights_only=True)["epoch"] == 2
+    if loader == "init_from":  # a new run: one epoch counted from step 0
+        assert torch.load(written, map_location="cpu", weights_only=True)["global_step"] == 8
 
 
 @pytest.mark.slow
