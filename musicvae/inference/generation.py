@@ -144,7 +144,8 @@ class GenerationModel:
     @torch.no_grad()
     def decode(self, z: Tensor) -> Tensor:
         """(B, latent_dim) -> (B, 1, n_mels, frames) normalised log-mels, compensated at `alpha`."""
-        return self.module.compensated(self.module.vae.decode(z.to(self.device)), self.alpha)
+        decoded = self.module.vae.decode(z.to(self.device))
+        return self.module.compensated(decoded, self.alpha) if self.alpha > 0 else decoded
 
     def vocoder(self, n_iter: int) -> GriffinLimVocoder:
         return GriffinLimVocoder(self.mel, n_iter=n_iter).to(self.device)
