@@ -212,6 +212,12 @@ class MusicVAECLI(LightningCLI):
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         if self.model.hparams.get("adversarial"):
             check_manual_optimization(trainer_config)
+            if trainer_config.get("strategy") == "ddp":
+                # DDP wraps the whole module, and each of the stage's two backward passes leaves the other
+                # network's parameters without gradients, which plain DDP takes for a hang and refuses
+                # (Lightning-AI/pytorch-lightning#20328, #20866): it must look for unused parameters.
+                trainer_config["strategy"] = "ddp_find_unused_parameters_true"
+                rank_zero_info("musicvae: the adversarial stage runs DDP as ddp_find_unused_parameters_true")
         trainer_config["plugins"] = with_atomic_checkpoints(trainer_config.get("plugins"))
         return self._instantiate_trainer(trainer_config, extra)
 
@@ -423,6 +429,10 @@ def cli_main(args: Optional[list[str]] = None, run: bool = True) -> MusicVAECLI:
         # LatentWriter writes each recording as soon as it is encoded; returning the predictions
         # as well would keep a whole collection's codes in memory until the end.
         args = [*args, "--return_predictions", "false"]
+    # Lightning 2.6 offers to checkpoint a manually optimized model as it was before the batch's
+    # optimizer steps; the adversarial stage's checkpoints hold the state after them, the one that
+    # matches global_step and resumes exactly (tests/training/test_adversarial.py).
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization and every_n_train_steps")
     # The prediction writer's batch indices: not used (each batch names its recording).
     warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
