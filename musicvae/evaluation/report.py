@@ -146,7 +146,7 @@ def evaluate(module: MusicVAEModule, dataset: Dataset, std: float, batch_size: i
     for key, value in latent.compute().items():
         metrics[key] = value.tolist() if value.dim() else (int(value) if key == "active_units" else float(value))
     metrics["compensation"] = {"alpha": strength, "fitted": bool(module.gain_fitted),
-                               "perceptual_alpha": float(module.output_alpha),
+                               "perceptual_alpha": round(float(module.output_alpha), 6),
                                **{k: float(v) for k, v in sharp.compute().items()}}
     if plane is not None:
         found = plane.compute()

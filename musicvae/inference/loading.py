@@ -77,12 +77,13 @@ def resolve_alpha(module: MusicVAEModule, alpha: Optional[float | str]) -> float
             without a fitted curve.
     """
     fitted = bool(module.gain_fitted)
+    stored = round(float(module.output_alpha), 6)  # a float32 buffer: 0.94 is stored as 0.93999999
     if alpha is None:
-        return float(module.output_alpha) if fitted else 0.0
+        return stored if fitted else 0.0
     if alpha == "perceptual":
         if not fitted:
             module.compensated(torch.zeros(1, 1, int(module.hparams.n_mels), 1), 1.0)  # raises, with the remedy
-        return float(module.output_alpha)
+        return stored
     try:
         value = float(alpha)
     except ValueError:

@@ -85,7 +85,7 @@ def train(args, extra: list[str]) -> Path:
 def other_decoder(path: str, test_dm, validation, common: dict, log=print) -> dict:
     """A further checkpoint (e.g. the adversarial stage's) on the same plane: its scores at strength 0 and at
     its own perceptual point. It must see the data as the benchmarked checkpoint does (same normalisation)."""
-    from musicvae.inference.loading import load_module
+    from musicvae.inference.loading import load_module, resolve_alpha
     from musicvae.training.checkpoints import DATA_STATE_KEY
 
     module, ckpt = load_module(path)
@@ -102,13 +102,13 @@ def other_decoder(path: str, test_dm, validation, common: dict, log=print) -> di
         return module.vae.decode(mu), (mu, logvar)
 
     if bool(module.gain_fitted):
-        fit = {"gain": module.output_gain.detach().cpu(), "alpha": float(module.output_alpha)}
+        fit = {"gain": module.output_gain.detach().cpu(), "alpha": resolve_alpha(module, "perceptual")}
     else:
         fit = fit_compensation(lambda x: reconstruct(x)[0], validation, common["n_mels"], common["bands"],
                                common["batch_size"])
     scores = score_decoder(reconstruct, gain=fit["gain"], alpha=fit["alpha"], latent_dim=int(module.hparams.latent_dim),
                            **common)
-    label = f"{Path(path).parent.name}/{Path(path).name}"
+    label = "/".join(Path(path).resolve().parts[-3:])  # e.g. sharp/ckpt/best.ckpt
     log(f"--also {label}: step {ckpt.get('global_step')}, MSE {scores['mse']:.4g}, perceptual alpha {fit['alpha']:.2f}")
     return {"label": label, "path": str(Path(path).resolve()), "global_step": ckpt.get("global_step"),
             "mark": fit["alpha"], "rows": scores["plane"]["rows"], "scores": scores}
@@ -116,7 +116,7 @@ def other_decoder(path: str, test_dm, validation, common: dict, log=print) -> di
 
 def benchmark(ckpt_path: Path, train_dir, test_dir: str, out: Path, cache_dir, n_prior: int,
               log=print, references: bool = False, also: tuple[str, ...] = ()) -> dict:
-    from musicvae.inference.loading import datamodule_for, load_module
+    from musicvae.inference.loading import datamodule_for, load_module, resolve_alpha
 
     module, ckpt = load_module(ckpt_path)
     hp = module.hparams
@@ -156,7 +156,7 @@ def benchmark(ckpt_path: Path, train_dir, test_dir: str, out: Path, cache_dir, n
     # album): the VAE's curve is the one training stored; PCA's is fitted here the same way.
     validation = train_dm.evaluation_set("val")
     if bool(module.gain_fitted):
-        vae_fit = {"gain": module.output_gain.detach().cpu(), "alpha": float(module.output_alpha),
+        vae_fit = {"gain": module.output_gain.detach().cpu(), "alpha": resolve_alpha(module, "perceptual"),
                    "source": "the checkpoint (fitted on the validation recordings during training)"}
     else:
         vae_fit = fit_compensation(lambda x: vae_reconstruct(x)[0], validation, n_mels, bands, test_dm.batch_size)
