@@ -176,3 +176,17 @@ def test_a_nan_in_the_stage_stops_with_the_part_named(tiny_run, tmp_path):
         cli_main(stage_args(tmp_path, tiny_run["ckpt_dir"] / "best.ckpt", tiny_run["cache_dir"],
                             "--data.num_workers", "0", "--trainer.callbacks", json.dumps(poison)))
     assert step_of(tmp_path / "ckpt" / "last.ckpt") == 12
+
+
+@pytest.mark.slow
+def test_the_stage_runs_under_ddp(tiny_run, tmp_path):
+    """Two CPU processes: plain `ddp` would refuse the stage (each backward leaves the other network's
+    parameters without gradients, Lightning-AI/pytorch-lightning#20328); the CLI runs it as
+    ddp_find_unused_parameters_true. Each rank takes half of the 8 batches: 4 batches = 8 optimizer steps."""
+    args = stage_args(tmp_path, tiny_run["ckpt_dir"] / "best.ckpt", tiny_run["cache_dir"], "--trainer.max_epochs", "1",
+                      "--data.num_workers", "0", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+                      "--trainer.strategy", "ddp", "--model.adv_start_step", "2")
+    result = run_train(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ddp_find_unused_parameters_true" in result.stderr
+    assert step_of(tmp_path / "ckpt" / "last.ckpt") == 8
