@@ -181,6 +181,20 @@ def perceptual_alpha(curve: dict[str, Tensor], target: float = PERCEPTUAL_TARGET
     return float(curve["alpha"][int(lowest.argmax())]), False
 
 
+def fit_compensation_curve(sums: dict[str, Tensor], edges: Sequence[tuple[int, int]],
+                           target: float = PERCEPTUAL_TARGET) -> dict:
+    """From a validation pass's sums: the gain curve, its perceptual point and the exact curve.
+
+    Returns:
+        ``gain`` (M,), ``alpha`` (rounded to the grid's 0.01), ``reached`` (every band at `target`)
+        and ``curve`` (:func:`compensation_curve` on ALPHA_GRID).
+    """
+    gain = fit_gain(sums["recon_energy"], sums["input_energy"])
+    curve = compensation_curve(sums, gain, edges)
+    alpha, reached = perceptual_alpha(curve, target)
+    return {"gain": gain, "alpha": round(alpha, 6), "reached": reached, "curve": curve}
+
+
 class CompensationStats(Metric):
     """The sums of :func:`compensation_sums` over an epoch; ``update(x_hat, x)``, exact under DDP.
 

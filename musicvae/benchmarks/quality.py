@@ -20,8 +20,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from musicvae import tables
-from musicvae.compensation import (PERCEPTUAL_TARGET, CompensationStats, compensate, compensation_curve, fit_gain,
-                                   perceptual_alpha)
+from musicvae.compensation import PERCEPTUAL_TARGET, CompensationStats, compensate, fit_compensation_curve
 from musicvae.evaluation.realism import PLANE_ALPHAS, trade_off
 from musicvae.losses import RANGE_MARGIN, Band, range_band
 from musicvae.models.linear_codes import LinearCode, fit_pca, fit_separable_code
@@ -159,10 +158,8 @@ def fit_compensation(reconstruct: Callable[[Tensor], Tensor], dataset: Dataset, 
     stats = CompensationStats(n_mels, edges)
     for x in DataLoader(dataset, batch_size=batch_size, shuffle=False):
         stats.update(reconstruct(x), x)
-    sums = stats.compute()
-    gain = fit_gain(sums["recon_energy"], sums["input_energy"])
-    alpha, reached = perceptual_alpha(compensation_curve(sums, gain, edges), PERCEPTUAL_TARGET)
-    return {"gain": gain, "alpha": alpha, "reached": reached}
+    fit = fit_compensation_curve(stats.compute(), edges, PERCEPTUAL_TARGET)
+    return {key: fit[key] for key in ("gain", "alpha", "reached")}
 
 
 @torch.no_grad()

@@ -14,8 +14,7 @@ from musicvae.losses import DEFAULT_BANDS, create_frequency_weights, vae_loss, v
 from musicvae.models.linear_path import LinearPathVAE, init_from_code
 from musicvae.models.conv2d import ConvVAE
 from musicvae.models.conv1d import TemporalConvVAE
-from musicvae.compensation import (PERCEPTUAL_TARGET, CompensationStats, compensate, compensation_curve, fit_gain,
-                                   perceptual_alpha)
+from musicvae.compensation import PERCEPTUAL_TARGET, CompensationStats, compensate, fit_compensation_curve
 from musicvae.metrics import (GaussianFit, LatentDiagnostics, ReconstructionDiagnostics, band_edges,
                               frame_differences, gaussian_distance, mel_frames)
 from musicvae.models.discriminator import PatchDiscriminator
@@ -358,15 +357,13 @@ class MusicVAEModule(L.LightningModule):
             return
         sums = {k: v.cpu() for k, v in self.val_compensation.compute().items()}  # reduced across processes
         self.val_compensation.reset()
-        gain = fit_gain(sums["recon_energy"], sums["input_energy"])
-        curve = compensation_curve(sums, gain, self.band_edges)
-        alpha, reached = perceptual_alpha(curve, PERCEPTUAL_TARGET)
-        self.output_gain.copy_(gain)
-        self.output_alpha.fill_(alpha)
+        fit = fit_compensation_curve(sums, self.band_edges, PERCEPTUAL_TARGET)
+        self.output_gain.copy_(fit["gain"])
+        self.output_alpha.fill_(fit["alpha"])
         self.gain_fitted.fill_(True)
-        index = int(round(alpha * (len(curve["alpha"]) - 1)))
-        self.log_dict({"val/alpha_perceptual": float(alpha), "val/mse_perceptual": float(curve["mse"][index]),
-                       "val/perceptual_reached": float(reached)})
+        index = int(round(fit["alpha"] * (len(fit["curve"]["alpha"]) - 1)))
+        self.log_dict({"val/alpha_perceptual": float(fit["alpha"]), "val/mse_perceptual": float(fit["curve"]["mse"][index]),
+                       "val/perceptual_reached": float(fit["reached"])})
 
     def compensated(self, x_hat: torch.Tensor, alpha: Optional[float] = None) -> torch.Tensor:
         """`x_hat` with variance compensation at `alpha` (None: the fitted perceptual point).
