@@ -111,8 +111,9 @@ def kl_per_dim_figure(
     return fig
 
 
-def mel_grid_figure(mels: torch.Tensor, titles: list[str], columns: int, title: str = "") -> Figure:
-    """(N, n_mels, frames) log-mels in a grid of `columns`, on one colour scale."""
+def mel_grid_figure(mels: torch.Tensor, titles: list[str], columns: int, title: str = "",
+                    label: str = "log-mel power (nats)") -> Figure:
+    """(N, n_mels, frames) log-mels in a grid of `columns`, on one colour scale labelled `label`."""
     mels = mels.detach().float().cpu()
     rows = math.ceil(len(mels) / columns)
     fig = Figure(figsize=(2.4 * columns, 2.2 * rows), layout="constrained")
@@ -126,7 +127,7 @@ def mel_grid_figure(mels: torch.Tensor, titles: list[str], columns: int, title: 
             ax.set_title(titles[i], fontsize=9)
         else:
             ax.axis("off")
-    fig.colorbar(image, ax=axes, shrink=0.8, label="log-mel power (nats)")
+    fig.colorbar(image, ax=axes, shrink=0.8, label=label)
     if title:
         fig.suptitle(title)
     return fig

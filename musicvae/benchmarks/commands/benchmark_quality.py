@@ -109,9 +109,11 @@ def other_decoder(path: str, test_dm, validation, common: dict, log=print) -> di
     scores = score_decoder(reconstruct, gain=fit["gain"], alpha=fit["alpha"], latent_dim=int(module.hparams.latent_dim),
                            **common)
     label = "/".join(Path(path).resolve().parts[-3:])  # e.g. sharp/ckpt/best.ckpt
+    with torch.no_grad():  # the window mels.png shows, for the figure only (not written to results.json)
+        window = module.reconstruct(test[len(test) // 2][None])
     log(f"--also {label}: step {ckpt.get('global_step')}, MSE {scores['mse']:.4g}, perceptual alpha {fit['alpha']:.2f}")
     return {"label": label, "path": str(Path(path).resolve()), "global_step": ckpt.get("global_step"),
-            "mark": fit["alpha"], "rows": scores["plane"]["rows"], "scores": scores}
+            "mark": fit["alpha"], "rows": scores["plane"]["rows"], "scores": scores, "_window": window}
 
 
 def benchmark(ckpt_path: Path, train_dir, test_dir: str, out: Path, cache_dir, n_prior: int,
@@ -232,12 +234,16 @@ def write_figures(out: Path, result: dict, test, samples: torch.Tensor, sharp_sa
     with torch.no_grad():
         x_hat = module.reconstruct(x)
     gain = torch.tensor(result["compensation"]["vae"]["gain"])
-    mels = [x, x_hat, compensate(x_hat, gain, alpha, edges), samples[:1],
-            sharp_samples[:1], samples[1:2], sharp_samples[1:2]]
-    titles = ["input (test)", "VAE, alpha 0", f"VAE, alpha {alpha:.2f}", "prior sample 0, alpha 0",
-              f"prior sample 0, alpha {alpha:.2f}", "prior sample 1, alpha 0", f"prior sample 1, alpha {alpha:.2f}"]
-    fig = mel_grid_figure(torch.cat(mels)[:, 0], titles, columns=4,
-                          title=f"window {index} of the test album; normalised log-mel")
+    mels = [x, x_hat, compensate(x_hat, gain, alpha, edges)]
+    titles = ["input (test)", "VAE, alpha 0", f"VAE, alpha {alpha:.2f}"]
+    for extra in result.get("extra_points", []):
+        mels.append(extra.pop("_window"))
+        titles.append(f"{extra['label'].split('/')[0]}, alpha 0")
+    mels += [samples[:1], sharp_samples[:1], samples[1:2], sharp_samples[1:2]]
+    titles += ["prior sample 0, alpha 0", f"prior sample 0, alpha {alpha:.2f}", "prior sample 1, alpha 0",
+               f"prior sample 1, alpha {alpha:.2f}"]
+    fig = mel_grid_figure(torch.cat(mels)[:, 0], titles, columns=4, label="normalised log-mel",
+                          title=f"window {index} of the test album reconstructed, then prior samples")
     fig.savefig(out / "mels.png", dpi=90)
 
 
