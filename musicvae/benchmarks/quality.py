@@ -401,6 +401,13 @@ def plane_lines(result: dict[str, Any]) -> list[str]:
     lines += tables.markdown_table(("alpha", "VAE MSE", "VAE bound", "VAE realism frames", "VAE realism diffs",
                                     "VAE lowest band ratio", "PCA MSE", "PCA realism frames", "PCA realism diffs",
                                     "PCA lowest band ratio"), cells)
+    oracle = vae["plane"].get("oracle")
+    if oracle:
+        lines += ["", f"An oracle for comparison, not a model: a gain curve fitted on the test windows themselves reaches "
+                  f"{'every band at 0.9' if oracle['reached'] else 'no point with every band at 0.9'} at alpha "
+                  f"{oracle['alpha']:g}, MSE {oracle['mse']:.4g} ({oracle['mse'] / pca['mse']:.3f}x PCA-latent_dim at "
+                  "alpha 0; band ratios " + ", ".join(f"{r:.3g}" for r in oracle["band_ratio"]) + "): what any per-bin "
+                  "gain on this decoder's output costs here."]
     extra = result.get("extra_points") or []
     if extra:
         lines += ["", "Further checkpoints on the same plane (`--also`), at strength 0 and at their own perceptual point:",

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from musicvae.compensation import CompensationStats, compensate, compensation_curve
+from musicvae.compensation import CompensationStats, compensate, compensation_curve, fit_compensation_curve
 from musicvae.metrics import GaussianFit, frame_differences, gaussian_distance, mel_frames
 
 #: Strengths at which the plane is drawn.
@@ -137,16 +137,25 @@ class TradeOff:
             fits[half].update(compensate(x_hat, self.gain, alpha, self.edges))
 
     def compute(self) -> dict[str, Any]:
-        """``floor`` ({frames, differences}) and ``rows``: per strength ``alpha``, ``mse``, ``bound_mse``,
-        ``band_ratio`` (list) and ``realism`` ({frames, differences})."""
-        curve = compensation_curve(self.stats.compute(), self.gain, self.edges, torch.tensor(self.alphas))
+        """``floor`` ({frames, differences}), ``rows``: per strength ``alpha``, ``mse``, ``bound_mse``,
+        ``band_ratio`` (list) and ``realism`` ({frames, differences}); and ``oracle``: the perceptual point
+        (``alpha``, ``mse``, ``band_ratio``, ``reached``) of a curve fitted on these very windows."""
+        sums = self.stats.compute()
+        curve = compensation_curve(sums, self.gain, self.edges, torch.tensor(self.alphas))
         floor = _distance(*self.inputs)
+        # What any per-bin gain could do here: a curve fitted on these windows themselves (an oracle, never
+        # used for decoding), the reference for how much of the gap the validation-fitted curve closes.
+        oracle = fit_compensation_curve(sums, self.edges)
+        index = int(round(oracle["alpha"] * (len(oracle["curve"]["alpha"]) - 1)))
+        oracle_row = {"alpha": oracle["alpha"], "reached": oracle["reached"],
+                      "mse": float(oracle["curve"]["mse"][index]),
+                      "band_ratio": oracle["curve"]["band_ratio"][index].tolist()}
         rows = []
         for i, (alpha, (out_a, out_b)) in enumerate(zip(self.alphas, self.outputs)):
             realism = _mean(_distance(out_a, self.inputs[1]), _distance(out_b, self.inputs[0]))
             rows.append({"alpha": alpha, "mse": float(curve["mse"][i]), "bound_mse": float(curve["bound_mse"][i]),
                          "band_ratio": curve["band_ratio"][i].tolist(), "realism": realism})
-        return {"floor": floor, "rows": rows}
+        return {"floor": floor, "rows": rows, "oracle": oracle_row}
 
 
 Reconstruct = Callable[[Tensor], Tensor]

@@ -212,6 +212,7 @@ def test_benchmark_end_to_end(tmp_path):
         assert sharp["mse"] == pytest.approx(min(rows.values(), key=lambda r: abs(r["alpha"] - sharp["alpha"]))["mse"],
                                              rel=1e-5)
     assert data["vae"]["plane"]["floor"]["frames"] > 0 and data["prior_perceptual"]["realism"]["frames"] > 0
+    assert data["vae"]["plane"]["oracle"]["mse"] >= data["vae"]["mse"]
     assert any(r["metric"].startswith("perceptual point: MSE") for r in data["goals"])
     assert (out / "trade_off.png").stat().st_size > 0 and (out / "mels.png").stat().st_size > 0
     assert "## Distortion-perception plane" in (out / "results.md").read_text()
