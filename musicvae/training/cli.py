@@ -247,6 +247,10 @@ class MusicVAECLI(LightningCLI):
         # Before prepare_data: a batch the training set can never fill fails now, not after the cache is built.
         bound = check_batch_size(self.datamodule)
         if self.resume is None:
+            if self.model.hparams.get("adversarial") and self.init_ckpt is None:
+                raise ConfigError(
+                    "--model.adversarial true fine-tunes a trained VAE's decoder with its encoder frozen: give "
+                    "--model.init_from CHECKPOINT (the VAE's best.ckpt); from random weights it would freeze a random encoder")
             if self.init_ckpt is not None:
                 self._initialise()
             check_linear_path(self.model, bound)  # a resumed run's linear path is already set

@@ -89,6 +89,14 @@ def test_the_stage_freezes_the_encoder_and_optimises_decoder_and_discriminator()
     assert opt_d.param_groups[0]["lr_from"] == "disc_lr" and freeze_encoder(module.vae) > 0
 
 
+def test_the_stage_without_a_trained_vae_is_refused(tmp_path):
+    from conftest import tiny_fit_args
+
+    with pytest.raises(ConfigError, match="--model.init_from CHECKPOINT"):
+        cli_main(tiny_fit_args(tmp_path, "--model.adversarial", "true"))
+    assert not (tmp_path / "ckpt").exists()
+
+
 def test_lightnings_clipping_is_refused_with_what_to_set_instead(tmp_path):
     from conftest import tiny_fit_args
 
