@@ -219,10 +219,15 @@ def test_benchmark_end_to_end(tmp_path):
     # Benchmarking the checkpoint again without training gives the same numbers.
     again = run_script("--train_dir", str(tmp_path / "train"), "--test_dir", str(tmp_path / "test"),
                        "--ckpt_path", str(out / "ckpt" / "last.ckpt"), "--out", str(tmp_path / "again"),
-                       "--cache_dir", str(tmp_path / "cache"), "--prior_samples", "16", "--references")
+                       "--cache_dir", str(tmp_path / "cache"), "--prior_samples", "16", "--references",
+                       "--also", str(out / "ckpt" / "last.ckpt"))
     assert again.returncode == 0, again.stderr[-3000:]
     again_data = json.loads((tmp_path / "again" / "results.json").read_text())
     assert again_data["vae"] == data["vae"]
+    # --also with the same checkpoint puts the same curve on the plane, beside it in the figure.
+    (point,) = again_data["extra_points"]
+    assert point["rows"] == data["vae"]["plane"]["rows"] and point["mark"] == data["vae"]["perceptual"]["alpha"]
+    assert point["label"].endswith("ckpt/last.ckpt")
     # --references: nested training PCAs, and the oracle at least as good as the training PCA on the test set.
     refs = {r["fitted_on"] + str(r["components"]): r["mse"] for r in again_data["linear_references"] if r["basis"] == "pca"}
     assert refs["train32"] <= refs["train16"] <= data["pca_scores"]["mse"] * (1 + 1e-5)

@@ -110,7 +110,7 @@ def other_decoder(path: str, test_dm, validation, common: dict, log=print) -> di
                            **common)
     label = "/".join(Path(path).resolve().parts[-3:])  # e.g. sharp/ckpt/best.ckpt
     with torch.no_grad():  # the window mels.png shows, for the figure only (not written to results.json)
-        window = module.reconstruct(test[len(test) // 2][None])
+        window = module.reconstruct(common["dataset"][len(common["dataset"]) // 2][None])
     log(f"--also {label}: step {ckpt.get('global_step')}, MSE {scores['mse']:.4g}, perceptual alpha {fit['alpha']:.2f}")
     return {"label": label, "path": str(Path(path).resolve()), "global_step": ckpt.get("global_step"),
             "mark": fit["alpha"], "rows": scores["plane"]["rows"], "scores": scores, "_window": window}
