@@ -11,7 +11,7 @@ import os
 import pickle
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import yaml
@@ -120,12 +120,19 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """Settings that differ between two run configs, as {"model.lr": (old, new)}."""
-    a, b = flatten(old), flatten(new)
+def config_changes(old: dict[str, Any], new: dict[str, Any],
+                   defaults: Optional[dict[str, Any]] = None) -> dict[str, tuple[Any, Any]]:
+    """Settings that differ between two run configs, as {"model.lr": (old, new)}.
+
+    A setting the old config lacks (it was written before the setting existed) and that the new
+    one leaves at its default (from `defaults`, a config of the same shape) is not a change.
+    """
+    a, b, d = flatten(old), flatten(new), flatten(defaults or {})
     changes = {}
     for key in sorted(set(a) | set(b)):
         if key.split(".")[0] in NOT_HYPERPARAMETERS or key in NOT_HYPERPARAMETERS:
+            continue
+        if key not in a and key in d and _normal(b.get(key)) == _normal(d[key]):
             continue
         if _normal(a.get(key)) != _normal(b.get(key)):
             changes[key] = (a.get(key), b.get(key))
@@ -147,6 +154,15 @@ def unresumable_changes(ckpt: dict[str, Any], model_hparams: dict[str, Any], mel
         old, new = old_hp.get(name), model_hparams.get(name)
         if _normal(old) != _normal(new):
             problems.append(f"model.{name}: checkpoint {old!r}, now {new!r}")
+    # The adversarial stage adds a network and an optimizer: it starts from weights (init_from), it is
+    # not switched on or off in a resumed run. A checkpoint from before the stage existed was not in it.
+    was, now = bool(old_hp.get("adversarial", False)), bool(model_hparams.get("adversarial", False))
+    if was != now:
+        problems.append(f"model.adversarial: checkpoint {was}, now {now} (start the stage as a new run with "
+                        "--model.init_from CHECKPOINT instead of --ckpt_path)")
+    elif now and _normal(old_hp.get("disc_channels")) != _normal(model_hparams.get("disc_channels")):
+        problems.append(f"model.disc_channels: checkpoint {old_hp.get('disc_channels')!r}, "
+                        f"now {model_hparams.get('disc_channels')!r}")
     old_mel = ckpt.get(DATA_STATE_KEY, {}).get("mel", {})
     for name, old in old_mel.items():
         if mel.get(name) != old:

@@ -128,8 +128,10 @@ class SaveConfigToLogDir(SaveConfigCallback):
 class MusicVAECLI(LightningCLI):
     """LightningCLI with the project's links, checkpoint folder, resume rules and defaults."""
 
-    def __init__(self, *args: Any, resume: Optional[dict] = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, resume: Optional[dict] = None, init: Optional[tuple[str, dict]] = None,
+                 **kwargs: Any) -> None:
         self.resume = resume  # the checkpoint given with --ckpt_path, already loaded safely
+        self.preloaded_init = init  # (path, checkpoint) of --model.init_from given on the command line
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -240,7 +242,8 @@ class MusicVAECLI(LightningCLI):
         init_from = self._get(self.config, "model.init_from") if self.subcommand == "fit" else None
         if init_from and self.resume is None:
             # Read (safely) before anything is built or written: a bad file is refused with nothing done.
-            self.init_ckpt = load_checkpoint(init_from)
+            preloaded = self.preloaded_init
+            self.init_ckpt = preloaded[1] if preloaded and preloaded[0] == init_from else load_checkpoint(init_from)
             self.init_mel = adopt_mel_settings(self.config[self.subcommand], self.init_ckpt)
 
     def before_fit(self) -> None:
@@ -327,7 +330,9 @@ class MusicVAECLI(LightningCLI):
         old = run_config(ckpt)
         if not old:
             return
-        changes = config_changes(old, yaml.safe_load(self._stored_config()))
+        defaults = yaml.safe_load(self._parser(self.subcommand).dump(self._parser(self.subcommand).get_defaults(),
+                                                                     skip_none=False))
+        changes = config_changes(old, yaml.safe_load(self._stored_config()), defaults)
         if changes:
             listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
             rank_zero_info(f"musicvae: resuming with changed settings: {listed}")
@@ -388,13 +393,19 @@ def _stored_run_config_instead(self: LightningCLI) -> None:
 setattr(MusicVAECLI, CLI_CKPT_HOOK, _stored_run_config_instead)
 
 
-def _ckpt_path_arg(args: list[str]) -> Optional[str]:
+def _flag_value(args: list[str], flag: str = "--ckpt_path") -> Optional[str]:
+    """The last value of `flag` on the command line (`--flag VALUE` or `--flag=VALUE`), or None."""
+    found = None
     for i, arg in enumerate(args):
-        if arg == "--ckpt_path" and i + 1 < len(args):
-            return args[i + 1]
-        if arg.startswith("--ckpt_path="):
-            return arg.split("=", 1)[1]
-    return None
+        if arg == flag and i + 1 < len(args):
+            found = args[i + 1]
+        elif arg.startswith(flag + "="):
+            found = arg.split("=", 1)[1]
+    return found
+
+
+def _ckpt_path_arg(args: list[str]) -> Optional[str]:
+    return _flag_value(args, "--ckpt_path")
 
 
 def with_default_subcommand(args: list[str]) -> list[str]:
@@ -429,6 +440,11 @@ def cli_main(args: Optional[list[str]] = None, run: bool = True) -> MusicVAECLI:
                     (logger.get("init_args") or {}).pop("version", None)
             # The stored run is the base; everything on the command line overrides it.
             args = [args[0], "--config", dump_yaml(stored), *args[1:]]
+    init = None
+    init_path = _flag_value(args, "--model.init_from")
+    if init_path and run and args[0] == "fit" and resume is None:
+        # Read before the CLI prints or builds anything: a bad file is refused in one line, nothing done.
+        init = (init_path, load_checkpoint(init_path))
     if run and args[0] == "predict" and not any(a.startswith("--return_predictions") for a in args):
         # LatentWriter writes each recording as soon as it is encoded; returning the predictions
         # as well would keep a whole collection's codes in memory until the end.
@@ -449,6 +465,7 @@ def cli_main(args: Optional[list[str]] = None, run: bool = True) -> MusicVAECLI:
         args=args,
         run=run,
         resume=resume,
+        init=init,
         seed_everything_default=0,
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_callback=SaveConfigToLogDir,

@@ -198,3 +198,15 @@ def test_the_stage_runs_under_ddp(tiny_run, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ddp_find_unused_parameters_true" in result.stderr
     assert step_of(tmp_path / "ckpt" / "last.ckpt") == 8
+
+
+def test_switching_the_stage_on_in_a_resumed_run_is_refused(tiny_run, tmp_path):
+    import shutil
+
+    from musicvae.errors import CheckpointError
+
+    ckpt = shutil.copy(tiny_run["ckpt_dir"] / "last.ckpt", tmp_path / "last.ckpt")
+    with pytest.raises(CheckpointError, match=r"model\.adversarial: checkpoint False, now True.*--model\.init_from"):
+        cli_main(["fit", "--ckpt_path", str(ckpt), "--checkpoint_dir", str(tmp_path / "ckpt"), "--model.adversarial",
+                  "true", "--trainer.gradient_clip_val", "null", "--trainer.max_epochs", "3"])
+    assert not (tmp_path / "ckpt").exists()
