@@ -380,6 +380,10 @@ def frame_differences(x: Tensor) -> Tensor:
     return mel_frames(x[..., 1:] - x[..., :-1])
 
 
+#: The two views realism is measured on, by name (val/realism_frames, val/realism_differences).
+REALISM_VIEWS = {"frames": mel_frames, "differences": frame_differences}
+
+
 def frechet_distance(mean_a: Tensor, cov_a: Tensor, mean_b: Tensor, cov_b: Tensor) -> float:
     """Squared Fréchet (2-Wasserstein) distance between two Gaussians, float64.
 

@@ -22,11 +22,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from musicvae.compensation import CompensationStats, compensate, compensation_curve, fit_compensation_curve
-from musicvae.metrics import GaussianFit, frame_differences, gaussian_distance, mel_frames
+from musicvae.metrics import REALISM_VIEWS as _VIEWS
+from musicvae.metrics import GaussianFit, gaussian_distance
 
 #: Strengths at which the plane is drawn.
 PLANE_ALPHAS = tuple(round(a, 2) for a in np.linspace(0.0, 1.0, 11))
-_VIEWS = {"frames": mel_frames, "differences": frame_differences}
 
 
 def half_labels(dataset: Dataset) -> Optional[Tensor]:

@@ -117,7 +117,8 @@ def evaluate(module: MusicVAEModule, dataset: Dataset, std: float, batch_size: i
     recon = ReconstructionDiagnostics(std=std, n_mels=hp.n_mels, bands=bands).to(device)
     latent = LatentDiagnostics(hp.latent_dim).to(device)
     strength = resolve_alpha(module, alpha)
-    sharp = ReconstructionDiagnostics(std=std, n_mels=hp.n_mels, bands=bands).to(device)
+    # At strength 0 the compensated output is the plain one: scored once.
+    sharp = ReconstructionDiagnostics(std=std, n_mels=hp.n_mels, bands=bands).to(device) if strength > 0 else recon
     halves = half_labels(dataset)
     plane = None if halves is None else TradeOff(hp.n_mels, module.band_edges, module.output_gain, sorted({0.0, strength}))
     was_training = module.training
@@ -130,7 +131,8 @@ def evaluate(module: MusicVAEModule, dataset: Dataset, std: float, batch_size: i
             mu, logvar = module.vae.encode(x)
             x_hat = module.vae.decode(mu)  # the posterior mean: no sampling noise in the scores
             recon.update(x_hat, x)
-            sharp.update(module.compensated(x_hat, strength), x)
+            if sharp is not recon:
+                sharp.update(module.compensated(x_hat, strength), x)
             latent.update(mu, logvar)
             if plane is not None:
                 plane.update(x_hat, x, halves[seen:seen + len(x)])

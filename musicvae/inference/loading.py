@@ -82,7 +82,7 @@ def resolve_alpha(module: MusicVAEModule, alpha: Optional[float | str]) -> float
         return stored if fitted else 0.0
     if alpha == "perceptual":
         if not fitted:
-            module.compensated(torch.zeros(1, 1, int(module.hparams.n_mels), 1), 1.0)  # raises, with the remedy
+            module.require_curve()
         return stored
     try:
         value = float(alpha)
@@ -91,5 +91,5 @@ def resolve_alpha(module: MusicVAEModule, alpha: Optional[float | str]) -> float
     if not 0.0 <= value <= 1.0:
         raise ConfigError(f"--alpha {alpha}: the strength must lie in [0, 1] (0: the plain decoder output)")
     if value > 0:
-        module.compensated(torch.zeros(1, 1, int(module.hparams.n_mels), 1), value)  # no curve: a clear error
+        module.require_curve()
     return value

@@ -15,8 +15,8 @@ from musicvae.models.linear_path import LinearPathVAE, init_from_code
 from musicvae.models.conv2d import ConvVAE
 from musicvae.models.conv1d import TemporalConvVAE
 from musicvae.compensation import PERCEPTUAL_TARGET, CompensationStats, compensate, fit_compensation_curve
-from musicvae.metrics import (GaussianFit, LatentDiagnostics, ReconstructionDiagnostics, band_edges,
-                              frame_differences, gaussian_distance, mel_frames)
+from musicvae.metrics import (REALISM_VIEWS, GaussianFit, LatentDiagnostics, ReconstructionDiagnostics, band_edges,
+                              gaussian_distance)
 from musicvae.models.discriminator import PatchDiscriminator
 from musicvae.training.adversarial import adversarial_step, decoder_parameters, freeze_encoder
 from musicvae.models.linear_codes import fit_pca, fit_separable_code, stack_segments
@@ -24,8 +24,6 @@ from musicvae.models.linear_codes import fit_pca, fit_separable_code, stack_segm
 LOSSES = ("standard", "spectral")
 LINEAR_BASES = ("pca", "separable", "dct")
 ARCHITECTURES = {"conv2d": ConvVAE, "conv1d": TemporalConvVAE}
-#: Views of the validation realism distances (val/realism_frames, val/realism_differences).
-REALISM_VIEWS = {"frames": mel_frames, "differences": frame_differences}
 
 
 class MusicVAEModule(L.LightningModule):
@@ -372,12 +370,17 @@ class MusicVAEModule(L.LightningModule):
             ConfigError: a positive strength asked of a module whose curve was never fitted.
         """
         alpha = float(self.output_alpha) if alpha is None else float(alpha)
-        if alpha > 0 and not bool(self.gain_fitted):
+        if alpha > 0:
+            self.require_curve()
+        return compensate(x_hat, self.output_gain, alpha, self.band_edges)
+
+    def require_curve(self) -> None:
+        """Raises ConfigError, with the remedy, when no compensation curve has been fitted."""
+        if not bool(self.gain_fitted):
             raise ConfigError(
                 "this model has no variance-compensation curve (it is fitted on the validation recordings at each "
                 "validation of training; checkpoints written before musicvae had it lack one): use alpha 0, or "
                 "resume the run for one more epoch to fit it")
-        return compensate(x_hat, self.output_gain, alpha, self.band_edges)
 
     def on_test_epoch_end(self) -> None:
         self._finish_scoring("test")
