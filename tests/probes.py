@@ -210,3 +210,21 @@ class WeightsAtStart(Callback):
                     "optimizer_state_sizes": [len(o.state) for o in trainer.optimizers],
                     "global_step": trainer.global_step, "mean": normalizer.mean, "std": normalizer.std,
                     "n_mels": trainer.datamodule.mel.n_mels}, self.out)
+
+
+class CountingProbe(Callback):
+    """A stateful callback (it counts training batches into checkpoints), as EMA or a profiler is:
+    Lightning refuses two stateful callbacks of one type, so a list that doubles on resume fails."""
+
+    def __init__(self, label: str = "probe") -> None:
+        self.label = label
+        self.batches = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.batches += 1
+
+    def state_dict(self) -> dict:
+        return {"batches": self.batches}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.batches = state_dict["batches"]

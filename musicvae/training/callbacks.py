@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from musicvae.atomic import write_atomic
@@ -40,21 +40,39 @@ class RunMetadata(Callback):
 
     def _pin_logger(self, trainer: L.Trainer) -> None:
         spec = (self.config.get("trainer") or {}).get("logger")
-        logger = trainer.logger
-        if not isinstance(logger, TensorBoardLogger) or not isinstance(spec, dict):
-            return
-        if not str(spec.get("class_path", "")).endswith("TensorBoardLogger"):
-            return
-        init_args = spec.setdefault("init_args", {})
-        init_args["save_dir"] = str(Path(logger.save_dir).resolve())
-        init_args["name"] = logger.name
-        init_args["version"] = logger.version
-        self.config_yaml = dump_yaml(self.config)
+        if pin_loggers(spec, trainer.loggers):
+            self.config_yaml = dump_yaml(self.config)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint[RUN_CONFIG_KEY] = self.config_yaml
         value = trainer.callback_metrics.get(self.monitor)
         checkpoint[MONITOR_KEY] = {"name": self.monitor, "value": None if value is None else float(value)}
+
+
+def pin_loggers(spec: Any, loggers: list[Any]) -> bool:
+    """Write each file logger's resolved folder, name and version into its config entry, in place.
+
+    Args:
+        spec: the run config's ``trainer.logger``: one ``{class_path, init_args}`` dict or a list of them.
+        loggers: the trainer's loggers, in the same order.
+
+    Returns:
+        Whether anything was pinned. Loggers without a local version folder (TensorBoard and CSV
+        have one) are left alone.
+    """
+    specs = spec if isinstance(spec, list) else [spec]
+    pinned = False
+    for entry, logger in zip(specs, loggers):
+        if not isinstance(entry, dict) or not isinstance(logger, (TensorBoardLogger, CSVLogger)):
+            continue
+        if not str(entry.get("class_path", "")).endswith(type(logger).__name__):
+            continue
+        init_args = entry.setdefault("init_args", {})
+        init_args["save_dir"] = str(Path(logger.save_dir).resolve())
+        init_args["name"] = logger.name
+        init_args["version"] = logger.version
+        pinned = True
+    return pinned
 
 
 class ApplyResumedLearningRate(Callback):

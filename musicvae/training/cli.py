@@ -9,7 +9,9 @@ Resuming (`--ckpt_path`) differs from plain LightningCLI in two ways, both on pu
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -129,10 +131,24 @@ class MusicVAECLI(LightningCLI):
     """LightningCLI with the project's links, checkpoint folder, resume rules and defaults."""
 
     def __init__(self, *args: Any, resume: Optional[dict] = None, init: Optional[tuple[str, dict]] = None,
-                 **kwargs: Any) -> None:
+                 stored_config_injected: bool = False, **kwargs: Any) -> None:
         self.resume = resume  # the checkpoint given with --ckpt_path, already loaded safely
+        # cli_main put the resumed run's config first: [subcommand, "--config", STORED, *user arguments].
+        self.stored_config_injected = stored_config_injected
         self.preloaded_init = init  # (path, checkpoint) of --model.init_from given on the command line
         super().__init__(*args, **kwargs)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        restarted = False
+        if self.stored_config_injected and isinstance(args, list):
+            restarted = "trainer.logger" in appended_keys(args[3:])
+            args = restart_appended_lists(args, self._parser(args[0]))
+        super().parse_arguments(parser, args)
+        if restarted:
+            # The logger list was rebuilt from the command: its file loggers continue the resumed run's
+            # version folders where they still write to the same place (RunMetadata pinned them).
+            stored = (run_config(self.resume) or {}).get("trainer", {}).get("logger")
+            repin_loggers(self.config[args[0]].trainer.logger, stored)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -345,6 +361,64 @@ class MusicVAECLI(LightningCLI):
             )
 
 
+def appended_keys(args: list[str]) -> list[str]:
+    """The settings a command appends to with `--KEY+=VALUE` (or `--KEY+ VALUE`), in order of first use."""
+    keys: list[str] = []
+    for arg in args:
+        match = re.match(r"--([\w.]+)\+(=|$)", arg)
+        if match and match.group(1) not in keys:
+            keys.append(match.group(1))
+    return keys
+
+
+def restart_appended_lists(args: list[str], parser: LightningArgumentParser) -> list[str]:
+    """A resumed command's `+=` appends to the list the command itself builds, not to the stored one.
+
+    `args` is `[subcommand, "--config", STORED_RUN_CONFIG, *the user's arguments]` (cli_main).
+    Appending to the stored list would make "the same command again, with --ckpt_path" add every
+    callback, logger, plugin, band or channel a second time (Lightning then refuses two stateful
+    callbacks of one type). So each list a `+=` touches restarts from its default right after
+    the stored config: the user's own config files and flags then build it exactly as the first
+    run did, and the result replaces the stored list.
+    """
+    keys = appended_keys(args[3:])
+    if not keys:
+        return args
+    defaults = parser.get_defaults()
+    restarts = []
+    for key in keys:
+        if key not in defaults:
+            continue  # not a setting: the parser's own message names it
+        value = defaults.get(key)
+        plain = value.as_dict() if isinstance(value, Namespace) else value
+        if isinstance(plain, list):
+            plain = [v.as_dict() if isinstance(v, Namespace) else v for v in plain]
+        restarts.append(f"--{key}={json.dumps(plain)}")
+    return [*args[:3], *restarts, *args[3:]]
+
+
+def repin_loggers(loggers: Any, stored: Any) -> None:
+    """Copy the stored run's pinned logger versions onto the same loggers of a rebuilt list, in place.
+
+    Loggers pair up by class, in order; a pair is the same logger when the rebuilt one's folder
+    and name resolve to the stored ones (a different folder is a new place to log: no pin).
+    """
+    new = loggers if isinstance(loggers, list) else [loggers]
+    old = [e for e in (stored if isinstance(stored, list) else [stored]) if isinstance(e, dict)]
+    for entry in new:
+        if not isinstance(entry, Namespace) or not isinstance(entry.get("init_args"), Namespace):
+            continue
+        match = next((o for o in old if o.get("class_path") == entry.class_path), None)
+        if match is None:
+            continue
+        old.remove(match)
+        pinned, args = match.get("init_args") or {}, entry.init_args
+        if pinned.get("version") is None or args.get("version") is not None or not args.get("save_dir"):
+            continue
+        if str(Path(args.save_dir).expanduser().resolve()) == pinned.get("save_dir") and args.get("name") == pinned.get("name"):
+            args.save_dir, args.version = pinned["save_dir"], pinned["version"]
+
+
 def check_manual_optimization(trainer_config: dict) -> None:
     """Trainer settings Lightning refuses (or ignores) under manual optimization, as one clear line."""
     if trainer_config.get("gradient_clip_val"):
@@ -427,6 +501,7 @@ def cli_main(args: Optional[list[str]] = None, run: bool = True) -> MusicVAECLI:
     if run:
         args = with_default_subcommand(args)
     resume = None
+    injected = False
     ckpt_path = _ckpt_path_arg(args)
     if ckpt_path and run and args[0] in SUBCOMMANDS:
         resume = load_checkpoint(ckpt_path)
@@ -436,10 +511,12 @@ def cli_main(args: Optional[list[str]] = None, run: bool = True) -> MusicVAECLI:
                 # The run's pinned TensorBoard version is for resuming its curves; validate, test and
                 # predict log beside it in a version of their own (and never replace its config.yaml).
                 logger = (stored.get("trainer") or {}).get("logger")
-                if isinstance(logger, dict):
-                    (logger.get("init_args") or {}).pop("version", None)
+                for entry in logger if isinstance(logger, list) else [logger]:
+                    if isinstance(entry, dict):
+                        (entry.get("init_args") or {}).pop("version", None)
             # The stored run is the base; everything on the command line overrides it.
             args = [args[0], "--config", dump_yaml(stored), *args[1:]]
+            injected = True
     init = None
     init_path = _flag_value(args, "--model.init_from")
     if init_path and run and args[0] == "fit" and resume is None:
@@ -466,6 +543,7 @@ def cli_main(args: Optional[list[str]] = None, run: bool = True) -> MusicVAECLI:
         run=run,
         resume=resume,
         init=init,
+        stored_config_injected=injected,
         seed_everything_default=0,
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_callback=SaveConfigToLogDir,

@@ -107,7 +107,9 @@ class MusicVAEModule(L.LightningModule):
         beta: float = 0.05,
         spectral_weight: float = 0.1,
         output_reg_weight: float = 0.01,
-        freq_bands: list[list[float]] = [list(b) for b in DEFAULT_BANDS],  # noqa: B006
+        # Typed as triples, not list[list[float]]: jsonargparse 4.53 turns `--model.freq_bands+=[[a,b,w]]`
+        # on a list of lists into every existing band repeated twice (measured); with tuples it appends.
+        freq_bands: list[tuple[float, float, float]] = [list(b) for b in DEFAULT_BANDS],  # noqa: B006
         lr: float = 5e-5,
         weight_decay: float = 0.0,
         n_figure_examples: int = 4,
@@ -160,6 +162,7 @@ class MusicVAEModule(L.LightningModule):
                 f"model.linear_path_lr_scale={linear_path_lr_scale} must be non-negative and "
                 f"model.linear_path_examples={linear_path_examples} at least model.latent_dim={latent_dim}"
             )
+        freq_bands = [[float(v) for v in band] for band in freq_bands]  # stored as plain lists, as before
         self.save_hyperparameters()
         try:
             self.vae = ARCHITECTURES[architecture](
