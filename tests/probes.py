@@ -228,3 +228,36 @@ class CountingProbe(Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.batches = state_dict["batches"]
+
+
+class MediaWeights(Callback):
+    """At each validation's end, before MediaLogger draws (user callbacks run first): the module's
+    state (weights and buffers) and the figure batch with its compensated outputs, by global step."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+        self.records: dict[int, dict] = {}
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or pl_module.figure_batch is None:
+            return
+        inputs, outputs = pl_module.figure_batch
+        self.records[trainer.global_step] = {
+            "state": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
+            "inputs": inputs.clone(), "outputs": outputs.clone(),
+            "compensated": pl_module.compensated(outputs.to(pl_module.device), 1.0).cpu()
+            if bool(pl_module.gain_fitted) else None,
+        }
+        torch.save(self.records, self.out)
+
+
+class LearningRates(Callback):
+    """Every training step's learning rate of each parameter group of the first optimizer, as JSON."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+        self.rates: list[list[float]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.rates.append([group["lr"] for group in trainer.optimizers[0].param_groups])
+        self.out.write_text(json.dumps(self.rates))

@@ -43,6 +43,21 @@ class RunMetadata(Callback):
         if pin_loggers(spec, trainer.loggers):
             self.config_yaml = dump_yaml(self.config)
 
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # TensorBoard's HPARAMS tab lists each run's hyper-parameters beside `hp_metric` (Lightning logs
+        # -1 there at the start): here, the best monitored value so far. The checkpoint callbacks run
+        # after this one, so the best is taken from their restored score and this validation's value.
+        value = trainer.callback_metrics.get(self.monitor)
+        if trainer.sanity_checking or value is None or not trainer.loggers:
+            return
+        best = float(value)
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.monitor == self.monitor and callback.best_model_score is not None:
+                best = min(best, float(callback.best_model_score))
+        if best == best:  # not NaN
+            for logger in trainer.loggers:
+                logger.log_metrics({"hp_metric": best}, step=trainer.global_step)
+
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint[RUN_CONFIG_KEY] = self.config_yaml
         value = trainer.callback_metrics.get(self.monitor)
@@ -101,14 +116,22 @@ class ApplyResumedLearningRate(Callback):
                 new, old = pl_module.hparams.get(key), self.old.get(key)
                 if new is None or old is None or float(new) == float(old):
                     continue
-                group["lr"] = float(new) * group.get("lr_scale", 1.0)
+                # Scaled, not replaced: the rate a schedule has reached (a cosine's, a plateau's
+                # reductions, a warm-up's) keeps its place relative to the new base.
+                scale = float(new) / float(old)
+                group["lr"] = float(new) * (group["lr"] / float(old))
                 if "initial_lr" in group:
-                    group["initial_lr"] = group["lr"]
+                    group["initial_lr"] = float(new) * (group["initial_lr"] / float(old))
+                group["lr_rescaled"] = scale
                 changed[key] = (float(old), float(new))
         for config in trainer.lr_scheduler_configs:
-            groups = config.scheduler.optimizer.param_groups
-            if any(g.get("lr_from", "lr") in changed for g in groups):
-                config.scheduler.base_lrs = [g["lr"] for g in groups]
+            scheduler = config.scheduler
+            if hasattr(scheduler, "base_lrs"):
+                scheduler.base_lrs = [base * g.get("lr_rescaled", 1.0)
+                                      for base, g in zip(scheduler.base_lrs, scheduler.optimizer.param_groups)]
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                group.pop("lr_rescaled", None)
         for key, (old, new) in changed.items():
             rank_zero_info(f"musicvae: {'learning rate' if key == 'lr' else key} set to {new:g} in the restored "
                            f"optimizer (was {old:g})")

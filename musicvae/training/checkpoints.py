@@ -20,6 +20,9 @@ from musicvae.errors import CheckpointError
 
 #: Key of the run's full config (a YAML string) inside every checkpoint the CLI writes.
 RUN_CONFIG_KEY = "musicvae_run_config"
+#: Where Lightning's WeightAveraging (EMA: musicvae/training/ema.py) keeps the raw training weights; the
+#: checkpoint's `state_dict` is then the average.
+RAW_WEIGHTS_KEY = "current_model_state"
 #: Key of {"name": monitor, "value": float} inside every checkpoint the CLI writes.
 MONITOR_KEY = "musicvae_monitor"
 #: Key of the data module's state (mel settings, statistics, split rule).
@@ -163,6 +166,17 @@ def unresumable_changes(ckpt: dict[str, Any], model_hparams: dict[str, Any], mel
     elif now and _normal(old_hp.get("disc_channels")) != _normal(model_hparams.get("disc_channels")):
         problems.append(f"model.disc_channels: checkpoint {old_hp.get('disc_channels')!r}, "
                         f"now {model_hparams.get('disc_channels')!r}")
+    # With EMA, a checkpoint's state_dict is the average and the raw training weights are beside it: resumed
+    # without EMA, training would silently continue from the average.
+    if RAW_WEIGHTS_KEY in ckpt and not model_hparams.get("ema_decay"):
+        problems.append(f"model.ema_decay: checkpoint {old_hp.get('ema_decay')!r}, now None (its state_dict holds the "
+                        "averaged weights and training continues from the raw ones beside them; keep "
+                        "--model.ema_decay, or start a new run from the average with --model.init_from)")
+    # "plateau" runs two schedulers of other kinds than the step schedules: a stored state cannot load into them.
+    was, now = old_hp.get("lr_schedule", "constant"), model_hparams.get("lr_schedule", "constant")
+    if was != now and "plateau" in (was, now):
+        problems.append(f"model.lr_schedule: checkpoint {was!r}, now {now!r} (plateau's scheduler state does not "
+                        "carry over; switch between constant and cosine, or start a new run with --model.init_from)")
     old_mel = ckpt.get(DATA_STATE_KEY, {}).get("mel", {})
     for name, old in old_mel.items():
         if mel.get(name) != old:

@@ -19,7 +19,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, WeightAveraging
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -27,10 +27,12 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from musicvae.atomic import remove_abandoned
 from musicvae.training.callbacks import ApplyResumedLearningRate, FixedNameCheckpoint, RunMetadata
+from musicvae.training.ema import EMA
 from musicvae.training.checkpoint_io import AtomicCheckpointIO
 from musicvae.training.initialisation import initialise_from
 from musicvae.training.checkpoints import (
     DATA_STATE_KEY,
+    RAW_WEIGHTS_KEY,
     config_changes,
     config_from_hyperparameters,
     dump_yaml,
@@ -224,7 +226,20 @@ class MusicVAECLI(LightningCLI):
         extra += checkpoint_callbacks(self.checkpoint_dir, monitor, every)
         extra.append(RunMetadata(yaml.safe_load(self._stored_config()), monitor, self.checkpoint_dir))
         extra.append(ApplyResumedLearningRate((self.resume or {}).get("hyper_parameters") or None))
+        configured = self._get(self.config_init, "trainer.callbacks") or []
+        if any(isinstance(cb, WeightAveraging) for cb in (configured if isinstance(configured, list) else [configured])):
+            raise ConfigError(
+                "--trainer.callbacks: a weight-averaging callback (such as Lightning's EMAWeightAveraging) "
+                "was given; use --model.ema_decay D instead (e.g. 0.999). musicvae's EMA keeps the "
+                "averaged weights in place through the module's validation-end hooks, so the fitted compensation "
+                "curve, the figures and best.ckpt all describe the same weights (musicvae/training/ema.py)")
         extra += [ResumableRandomState(), NonFiniteGuard(skip), Preemption(self.checkpoint_dir), MediaLogger()]
+        self.model.lr_monitor = monitor  # what --model.lr_schedule plateau watches
+        if self._get(self.config_init, "trainer.logger") not in (None, False, []):
+            extra.append(LearningRateMonitor())  # train/lr (musicvae/training/schedules.py names it)
+        decay = self.model.hparams.get("ema_decay")
+        if decay and self.subcommand in (None, "fit"):
+            extra.append(EMA(decay))  # after MediaLogger: the average stays in place until it has drawn
         if self.subcommand == "predict":
             extra.append(LatentWriter(self._setting("predict_dir")))
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
@@ -276,6 +291,8 @@ class MusicVAECLI(LightningCLI):
             self._refuse_to_clobber()
         else:
             self._check_resume()
+            if self.model.hparams.get("ema_decay") and RAW_WEIGHTS_KEY not in self.resume:
+                rank_zero_info("musicvae: EMA starts at this resume: the average begins at the checkpoint's weights")
         for path in remove_abandoned(self.checkpoint_dir, recursive=False):
             rank_zero_info(f"musicvae: removed {path.name}, left by a checkpoint write that was killed")
 
@@ -293,6 +310,8 @@ class MusicVAECLI(LightningCLI):
         lines = [f"musicvae: starting from the weights of {path} (epoch {self.init_ckpt.get('epoch')}, step "
                  f"{self.init_ckpt.get('global_step')}): {done['loaded']} tensors; a new optimizer, step count 0",
                  f"  mel settings: {self.init_mel}", f"  normalisation: {norm}"]
+        if RAW_WEIGHTS_KEY in self.init_ckpt:
+            lines.append("  weights: the checkpoint's EMA average (its raw training weights are not used)")
         if done["fresh"]:
             lines.append(f"  new in this model, at their initialisation: {summarise_names(done['fresh'])}")
         if done["ignored"]:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal, Optional
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.optim.lr_scheduler import LambdaLR
 
 from musicvae.data.segments import Normalizer
 from musicvae.errors import ConfigError
@@ -19,6 +22,9 @@ from musicvae.metrics import (REALISM_VIEWS, GaussianFit, LatentDiagnostics, Rec
                               gaussian_distance)
 from musicvae.models.discriminator import PatchDiscriminator
 from musicvae.training.adversarial import adversarial_step, decoder_parameters, freeze_encoder
+from musicvae.training.ema import check_decay
+from musicvae.training.schedules import (LOG_NAME, SCHEDULES, StepSchedule, build_schedulers, continue_schedules,
+                                         total_steps)
 from musicvae.models.linear_codes import fit_pca, fit_separable_code, stack_segments
 
 LOSSES = ("standard", "spectral")
@@ -90,6 +96,16 @@ class MusicVAEModule(L.LightningModule):
             each real/decoded pair): without it a discriminator overfits small data.
         adv_grad_clip: gradient-norm clip of each optimizer in the stage (null: none); the stage's
             stand-in for `trainer.gradient_clip_val`, which Lightning refuses under manual optimization.
+        lr_schedule: "constant", "cosine" (down to `lr_min_ratio` x lr at the run's last step) or
+            "plateau" (x `plateau_factor` when the monitored metric has not improved for
+            `plateau_patience` validations); musicvae/training/schedules.py, docs/model_options.md.
+        warmup_steps: the rate rises linearly from lr/warmup_steps to lr over this many optimizer steps.
+        lr_min_ratio: the floor of "cosine" and "plateau", as a multiple of lr.
+        plateau_factor: "plateau"'s multiplier at each reduction.
+        plateau_patience: validations without improvement before "plateau" reduces the rate.
+        ema_decay: keep an exponential moving average of the weights with this decay per optimizer
+            step (musicvae/training/ema.py; null: none). Validation, best.ckpt and everything that
+            loads a checkpoint use the average; training continues from the raw weights.
         media_alpha: variance-compensation strength of the TensorBoard media's second set of
             reconstructions (musicvae/compensation.py); None: the perceptual point fitted on the
             validation recordings, 0: none.
@@ -136,6 +152,12 @@ class MusicVAEModule(L.LightningModule):
         disc_channels: list[int] = [32, 64, 128],  # noqa: B006
         disc_augment: bool = True,
         adv_grad_clip: Optional[float] = 1.0,
+        lr_schedule: Literal["constant", "cosine", "plateau"] = "constant",
+        warmup_steps: int = 0,
+        lr_min_ratio: float = 0.01,
+        plateau_factor: float = 0.5,
+        plateau_patience: int = 3,
+        ema_decay: Optional[float] = None,
     ) -> None:
         super().__init__()
         if loss not in LOSSES:
@@ -152,6 +174,17 @@ class MusicVAEModule(L.LightningModule):
                             or (adv_grad_clip is not None and adv_grad_clip <= 0)):
             raise ConfigError(f"model.adv_weight={adv_weight} and model.adv_start_step={adv_start_step} must be "
                               f"non-negative, model.disc_lr={disc_lr} and model.adv_grad_clip={adv_grad_clip} positive")
+        if lr_schedule not in SCHEDULES or warmup_steps < 0 or not 0.0 <= lr_min_ratio <= 1.0 \
+                or not 0.0 < plateau_factor < 1.0 or plateau_patience < 0:
+            raise ConfigError(f"model.lr_schedule={lr_schedule!r} must be one of {SCHEDULES}, model.warmup_steps="
+                              f"{warmup_steps} and model.plateau_patience={plateau_patience} non-negative, "
+                              f"model.lr_min_ratio={lr_min_ratio} in [0, 1] and model.plateau_factor={plateau_factor} "
+                              "in (0, 1)")
+        if ema_decay is not None:
+            check_decay(ema_decay)
+        if adversarial and (lr_schedule != "constant" or warmup_steps > 0):
+            raise ConfigError("model.lr_schedule and model.warmup_steps: the adversarial stage steps its optimizers "
+                              "itself at constant rates (--model.lr, --model.disc_lr); leave them at constant and 0")
         if media_alpha is not None and not 0.0 <= media_alpha <= 1.0:
             raise ConfigError(f"model.media_alpha={media_alpha} must lie in [0, 1] (or be null: the fitted perceptual point)")
         if architecture not in ARCHITECTURES:
@@ -195,6 +228,8 @@ class MusicVAEModule(L.LightningModule):
         # The first validation/test batch (inputs, reconstructions) and the last epoch's diagnostics,
         # read by MediaLogger (musicvae/training/media.py), which draws and logs them.
         self.figure_batch: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        # The metric lr_schedule "plateau" watches; the command line sets its --monitor here.
+        self.lr_monitor = "val/loss"
         self.epoch_diagnostics: Optional[tuple[dict, dict]] = None
         self.last_loss_parts: dict[str, torch.Tensor] = {}
         # Epoch diagnostics of the notebook's three problems (exact under DDP; see metrics.py).
@@ -259,6 +294,8 @@ class MusicVAEModule(L.LightningModule):
         # max_time clock runs from train start, so the PCA counts against the training budget.
         if isinstance(self.vae, LinearPathVAE) and not bool(self.vae.pca_initialised):
             self._init_linear_path()
+        for note in continue_schedules(self.trainer, self.hparams):
+            rank_zero_info(f"musicvae: {note}")
 
     def _init_linear_path(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -433,7 +470,7 @@ class MusicVAEModule(L.LightningModule):
         checkpoint["state_dict"]["freq_weight"] = self.freq_weight.detach().clone()
         with_compensation_defaults(checkpoint["state_dict"], self.hparams.n_mels)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer | list[torch.optim.Optimizer]:
+    def configure_optimizers(self) -> tuple[list[torch.optim.Optimizer], list[dict]]:
         hp = self.hparams
         if hp.get("adversarial"):
             # The decoder (the linear path's half at its lr_scale) and the discriminator; Adam with
@@ -444,9 +481,12 @@ class MusicVAEModule(L.LightningModule):
             groups = [{"params": [p for p in decoder if id(p) not in linear], "lr": hp.lr, "lr_scale": 1.0}]
             if linear and scale > 0:
                 groups.append({"params": [p for p in decoder if id(p) in linear], "lr": hp.lr * scale, "lr_scale": scale})
-            return [torch.optim.Adam(groups, lr=hp.lr, betas=(0.5, 0.9)),
-                    torch.optim.Adam([{"params": list(self.discriminator.parameters()), "lr": hp.disc_lr,
-                                       "lr_from": "disc_lr"}], lr=hp.disc_lr, betas=(0.5, 0.9))]
+            optimizers = [torch.optim.Adam(groups, lr=hp.lr, betas=(0.5, 0.9)),
+                          torch.optim.Adam([{"params": list(self.discriminator.parameters()), "lr": hp.disc_lr,
+                                             "lr_from": "disc_lr"}], lr=hp.disc_lr, betas=(0.5, 0.9))]
+            # Constant schedulers, never stepped (manual optimization): they name the logged rates.
+            return optimizers, [{"scheduler": LambdaLR(opt, StepSchedule("constant", 0, None, 1.0)), "name": name}
+                                for opt, name in zip(optimizers, (LOG_NAME, "train/disc_lr"))]
         groups = [{"params": list(self.parameters()), "lr": hp.lr, "lr_scale": 1.0}]
         if isinstance(self.vae, LinearPathVAE):
             # Adam moves every weight by ~lr per step whatever its scale, and PCA's encoder weights
@@ -458,8 +498,11 @@ class MusicVAEModule(L.LightningModule):
                       {"params": [p for p in self.parameters() if id(p) in linear], "lr": hp.lr * scale,
                        "lr_scale": scale}]
         if hp.weight_decay > 0:
-            return torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
-        return torch.optim.Adam(groups, lr=hp.lr)
+            optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
+        else:
+            optimizer = torch.optim.Adam(groups, lr=hp.lr)
+        steps = total_steps(self.trainer) if hp.get("lr_schedule", "constant") == "cosine" else math.inf
+        return [optimizer], build_schedulers(optimizer, hp, steps, self.lr_monitor)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
