@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Literal, Optional
 
 import lightning as L
@@ -23,8 +22,7 @@ from musicvae.metrics import (REALISM_VIEWS, GaussianFit, LatentDiagnostics, Rec
 from musicvae.models.discriminator import PatchDiscriminator
 from musicvae.training.adversarial import adversarial_step, decoder_parameters, freeze_encoder
 from musicvae.training.ema import check_decay
-from musicvae.training.schedules import (LOG_NAME, SCHEDULES, StepSchedule, build_schedulers, continue_schedules,
-                                         total_steps)
+from musicvae.training.schedules import LOG_NAME, SCHEDULES, StepSchedule, build_schedulers, continue_schedules
 from musicvae.models.linear_codes import fit_pca, fit_separable_code, stack_segments
 
 LOSSES = ("standard", "spectral")
@@ -501,8 +499,8 @@ class MusicVAEModule(L.LightningModule):
             optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
         else:
             optimizer = torch.optim.Adam(groups, lr=hp.lr)
-        steps = total_steps(self.trainer) if hp.get("lr_schedule", "constant") == "cosine" else math.inf
-        return [optimizer], build_schedulers(optimizer, hp, steps, self.lr_monitor)
+        endless = self.trainer.max_epochs == -1 and self.trainer.max_steps == -1
+        return [optimizer], build_schedulers(optimizer, hp, endless, self.lr_monitor)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:

@@ -73,23 +73,35 @@ class StepSchedule:
 
 
 def total_steps(trainer: Any) -> float:
-    """The run's optimizer steps (Lightning's estimate: max_steps, or max_epochs x batches per epoch)."""
+    """The run's optimizer steps (Lightning's estimate: max_steps, or max_epochs x batches per epoch).
+
+    Only once training has started (`on_train_start`): asked in `configure_optimizers`, Lightning
+    sets up the training loader before a resume restores its position, and the restored position
+    is then never applied (Lightning-AI/pytorch-lightning#20550): the resumed batches differ.
+    """
     return float(trainer.estimated_stepping_batches)
 
 
-def build_schedulers(optimizer: torch.optim.Optimizer, hparams: Any, steps: float, monitor: str) -> list[dict]:
+def build_schedulers(optimizer: torch.optim.Optimizer, hparams: Any, endless: bool, monitor: str) -> list[dict]:
     """Lightning scheduler configs for the module's optimizer, from its hyper-parameters.
 
     Always at least one (a constant one when no schedule is asked for): LearningRateMonitor then
-    logs every run's rate under the same key, `train/lr`.
+    logs every run's rate under the same key, `train/lr`. A cosine's length is set when training
+    starts (`continue_schedules`; see `total_steps` for why not here).
+
+    Args:
+        optimizer: the module's optimizer, its parameter groups at their base rates.
+        hparams: the module's hyper-parameters.
+        endless: the run has neither max_epochs nor max_steps (a cosine cannot end then).
+        monitor: the metric "plateau" watches.
     """
     kind, warmup = hparams.get("lr_schedule", "constant"), int(hparams.get("warmup_steps", 0))
     min_ratio = float(hparams.get("lr_min_ratio", 0.01))
     if kind != "plateau":
-        if kind == "cosine" and not math.isfinite(steps):
+        if kind == "cosine" and endless:
             raise ConfigError("model.lr_schedule cosine decays to the end of the run: set --trainer.max_epochs or "
                               "--trainer.max_steps (the run has no end now)")
-        schedule = StepSchedule(kind, warmup, steps if kind == "cosine" else None, min_ratio)
+        schedule = StepSchedule(kind, warmup, None, min_ratio)
         return [{"scheduler": LambdaLR(optimizer, schedule), "interval": "step", "name": LOG_NAME}]
     # Two schedulers on one optimizer: LinearLR's warm-up multiplies the rate step by step (and
     # leaves it alone afterwards), ReduceLROnPlateau divides it after validations. A LambdaLR
@@ -110,6 +122,10 @@ def continue_schedules(trainer: Any, hparams: Any) -> list[str]:
     built it from the new hyper-parameters, so new values would otherwise be silently replaced by
     the stored ones. A checkpoint written before schedules existed has no scheduler state: the
     step counter then starts at the resumed step, not at 0.
+
+    Args:
+        trainer: the trainer, at `on_train_start` (after any checkpoint was restored).
+        hparams: the module's (new) hyper-parameters.
     """
     step = trainer.global_step
     kind, warmup = hparams.get("lr_schedule", "constant"), int(hparams.get("warmup_steps", 0))
@@ -121,6 +137,7 @@ def continue_schedules(trainer: Any, hparams: Any) -> list[str]:
             # LambdaLR restored the stored settings (it saves its multiplier objects' attributes).
             settings = (kind, warmup, total_steps(trainer) if kind == "cosine" else None, min_ratio)
             before = scheduler.lr_lambdas[0]
+            planned = before.kind != "cosine" or before.total_steps is not None  # else: a fresh cosine
             if scheduler.last_epoch == step and before.settings() == settings:
                 continue
             was = before(step)
@@ -129,7 +146,7 @@ def continue_schedules(trainer: Any, hparams: Any) -> list[str]:
             for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
                 group["lr"] = base * factor(step)
             now = scheduler.lr_lambdas[0](step)
-            if now != was:
+            if planned and now != was:
                 length = f" over the run's {int(settings[2])} steps" if settings[2] else ""
                 notes.append(f"{kind} schedule re-planned{length}: at step {step} the rate is {now:.4g} of --model.lr "
                              f"(was {was:.4g})")

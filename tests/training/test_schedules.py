@@ -4,7 +4,6 @@ what a resume does to them (a longer run, a new --model.lr, a new kind)."""
 from __future__ import annotations
 
 import json
-import math
 import shutil
 
 import pytest
@@ -34,7 +33,7 @@ def _groups():
 def test_every_schedule_keeps_the_parameter_groups_ratio():
     for kind in ("constant", "cosine"):
         optimizer = _groups()
-        [config] = build_schedulers(optimizer, {"lr_schedule": kind, "warmup_steps": 3}, 10.0, "val/loss")
+        [config] = build_schedulers(optimizer, {"lr_schedule": kind, "warmup_steps": 3}, False, "val/loss")
         for _ in range(5):
             optimizer.step()
             config["scheduler"].step()
@@ -47,7 +46,7 @@ def test_plateau_warms_up_then_reduces_after_patience_down_to_its_floor():
     optimizer = _groups()
     hp = {"lr_schedule": "plateau", "warmup_steps": 2, "plateau_factor": 0.5, "plateau_patience": 1,
           "lr_min_ratio": 0.2}
-    warm, plateau = (c["scheduler"] for c in build_schedulers(optimizer, hp, math.inf, "val/kl"))
+    warm, plateau = (c["scheduler"] for c in build_schedulers(optimizer, hp, False, "val/kl"))
     assert optimizer.param_groups[0]["lr"] == pytest.approx(5e-4)
     for _ in range(3):
         optimizer.step()
@@ -63,6 +62,9 @@ def test_plateau_warms_up_then_reduces_after_patience_down_to_its_floor():
 
 def test_bad_schedule_settings_are_refused_with_the_setting():
     from musicvae.training.module import MusicVAEModule
+
+    with pytest.raises(ConfigError, match="set --trainer.max_epochs or --trainer.max_steps"):
+        build_schedulers(_groups(), {"lr_schedule": "cosine"}, True, "val/loss")
 
     for kwargs, needle in [({"lr_schedule": "cosin"}, "lr_schedule='cosin'"), ({"warmup_steps": -1}, "warmup_steps"),
                            ({"plateau_factor": 1.5}, "plateau_factor"), ({"ema_decay": 1.0}, "ema_decay=1.0"),
