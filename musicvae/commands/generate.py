@@ -6,7 +6,9 @@
   ceiling AUDIO                                  how close Griffin-Lim gets to a recording from its own log-mel
 
 Audio is written as 16-bit WAV at the model's sample rate, with a PNG of the mels beside it
-(see musicvae/inference/generation.py and musicvae/audio/vocoder.py).
+(see musicvae/inference/generation.py and musicvae/audio/vocoder.py). `--vocoder DIR` plays it
+with a downloaded Vocos instead of Griffin-Lim, for a checkpoint trained on its features
+(configs/vocos.yaml; docs/vocoder.md).
 """
 
 import sys
@@ -35,6 +37,12 @@ def build_parser() -> ArgumentParser:
         sub.add_argument("--device", type=str, default="cpu", help="cpu or cuda[:i]")
         sub.add_argument("--griffin_lim_iters", type=PositiveInt, default=64, help="Griffin-Lim iterations")
         if ckpt:
+            sub.add_argument("--vocoder", type=Optional[str], default=None,
+                             help="a Vocos download (the folder with config.yaml and pytorch_model.bin, or the "
+                                  "config.yaml) to play the audio instead of Griffin-Lim; the checkpoint must have "
+                                  "been trained on its features (configs/vocos.yaml, docs/vocoder.md)")
+            sub.add_argument("--vocoder_weights", type=Optional[str], default=None,
+                             help="the vocoder's weights file, when it is not pytorch_model.bin beside its config")
             sub.add_argument("--alpha", type=str, default="0",
                              help="variance compensation: a strength in [0, 1] (0: the plain decoder output, the "
                                   "least MSE) or 'perceptual' (the checkpoint's point where every validation band "
@@ -74,7 +82,7 @@ def run(parsed) -> None:
     command, args = parsed.command, parsed[parsed.command]  # the chosen subcommand's flags
     common = {"device": args.device, "griffin_lim_iters": args.griffin_lim_iters}
     if command != "ceiling":
-        common["alpha"] = args.alpha
+        common.update(alpha=args.alpha, vocoder=args.vocoder, vocoder_weights=args.vocoder_weights)
     if command == "reconstruct":
         result = reconstruct_file(args.ckpt_path, args.input, args.out, hop=args.hop, **common)
         print(f"reconstructed {result['seconds']:.2f} s ({result['frames']} frames) -> {result['wav']}, {result['png']}")
