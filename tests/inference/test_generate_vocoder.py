@@ -74,3 +74,11 @@ def test_generate_names_a_missing_download(vocos_run, tmp_path, capsys):
                           "--vocoder", str(tmp_path / "vocos-mel-24khz")]) == 2
     err = capsys.readouterr().err
     assert f"{tmp_path / 'vocos-mel-24khz'}: no such folder or file" in err and "charactr/vocos-mel-24khz" in err
+
+
+def test_ceiling_measures_the_vocoder_on_its_own_features(vocos_download, tmp_path, capsys):
+    sf.write(tmp_path / "in.wav", note(1.0, 22050), 22050)
+    assert generate.main(["ceiling", str(tmp_path / "in.wav"), "--vocoder", str(vocos_download)]) == 0
+    out = capsys.readouterr().out
+    # Random weights: the number means nothing, only that the vocoder and its features were measured.
+    assert out.startswith(f"Vocos ({vocos_download}) ceiling on ") and "100 mels, n_fft 1024, hop 256" in out
