@@ -58,9 +58,11 @@ def vocos_mel_settings(init_args: dict[str, Any]) -> MelSettings:
     if args["padding"] != "center":
         raise ConfigError(f"the vocoder's features use padding={args['padding']!r}; musicvae's log-mels are "
                           "centred (padding 'center'), as vocos-mel-24khz's are")
-    return MelSettings(sample_rate=int(args["sample_rate"]), n_fft=int(args["n_fft"]),
-                       hop_length=int(args["hop_length"]), n_mels=int(args["n_mels"]), f_min=0.0, f_max=None,
-                       mel_scale="htk", power=1.0, log_floor=1e-7)
+    try:
+        sizes = {name: int(args[name]) for name in ("sample_rate", "n_fft", "hop_length", "n_mels")}
+    except (TypeError, ValueError):
+        raise ConfigError(f"the vocoder's feature settings are not whole numbers: {init_args}") from None
+    return MelSettings(**sizes, f_min=0.0, f_max=None, mel_scale="htk", power=1.0, log_floor=1e-7)
 
 
 #: The features of charactr/vocos-mel-24khz: 24 kHz, n_fft 1024, hop 256, 100 HTK mels, magnitude, floor 1e-7.
