@@ -40,7 +40,7 @@ $(UV): tools/uv-requirements.txt
 STAMP := $(VENV)/.synced-$(notdir $(PYTHON))
 $(STAMP): pyproject.toml uv.lock $(UV)
 	rm -f $(VENV)/.synced-*
-	$(UV) sync --locked --extra dev --python $(PYTHON)
+	$(UV) sync --locked --extra dev --extra vocoder --python $(PYTHON)
 	touch $@
 
 train: $(STAMP)
@@ -57,7 +57,7 @@ test-fast: $(STAMP)
 # C++ extension included). Fails with one line per disagreement.
 check-env: $(STAMP)
 	$(UV) lock --check --python $(PYTHON)
-	$(UV) export --frozen --no-hashes --extra dev --no-emit-project --format requirements-txt -q \
+	$(UV) export --frozen --no-hashes --extra dev --extra vocoder --no-emit-project --format requirements-txt -q \
 		| $(BIN)/python tools/check_env.py
 
 # The newest versions pyproject.toml's ranges allow, without the lock and without any pip
@@ -66,8 +66,8 @@ check-env: $(STAMP)
 test-latest: | $(UV)
 	rm -rf .venv-latest
 	$(UV) venv -q --no-config --python $(PYTHON) .venv-latest
-	VIRTUAL_ENV=.venv-latest $(UV) pip install -q --no-config --refresh -e ".[dev]"
-	$(UV) export --frozen --no-hashes --extra dev --no-emit-project --format requirements-txt -q \
+	VIRTUAL_ENV=.venv-latest $(UV) pip install -q --no-config --refresh -e ".[dev,vocoder]"
+	$(UV) export --frozen --no-hashes --extra dev --extra vocoder --no-emit-project --format requirements-txt -q \
 		| .venv-latest/bin/python tools/check_env.py --newer-than-lock
 	.venv-latest/bin/python -m pytest -n $(WORKERS) --dist loadfile -m "not slow" -p no:cacheprovider $(ARGS)
 

@@ -106,3 +106,52 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+#: charactr/vocos-mel-24khz's config.yaml as published (the same as vocos' configs/vocos.yaml model part).
+VOCOS_CONFIG = """\
+feature_extractor:
+  class_path: vocos.feature_extractors.MelSpectrogramFeatures
+  init_args:
+    sample_rate: 24000
+    n_fft:        1024 # 42.66 msec
+    hop_length:    256 # 10.66 msec, 3/4 overlap
+    n_mels:        100
+    padding:    center
+
+backbone:
+  class_path: vocos.models.VocosBackbone
+  init_args:
+    input_channels: 100
+    dim: 512
+    intermediate_dim: 1536
+    num_layers: 8
+
+head:
+  class_path: vocos.heads.ISTFTHead
+  init_args:
+    dim: 512
+    n_fft: 1024
+    hop_length: 256
+    padding: center
+"""
+
+
+def write_vocos_download(folder: Path, config: str = VOCOS_CONFIG, seed: int = 0) -> Path:
+    """A Vocos download laid out as Hugging Face serves it (config.yaml, pytorch_model.bin), with
+    randomly initialised weights of the architecture `config` describes: nothing is downloaded."""
+    from vocos import Vocos
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(config)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Vocos.from_hparams(str(folder / "config.yaml"))
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def vocos_download(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real vocos-mel-24khz architecture (13.5M parameters, 54 MB of weights), randomly initialised."""
+    return write_vocos_download(tmp_path_factory.mktemp("vocos") / "vocos-mel-24khz")

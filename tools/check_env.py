@@ -5,7 +5,7 @@ would see fail (a torch/torchaudio pair that cannot load, a lock that drifted fr
 installed) fails here with one clear message instead of inside the first test.
 
 Usage:
-    uv export --frozen --no-hashes --extra dev --no-emit-project | python tools/check_env.py
+    uv export --frozen --no-hashes --extra dev --extra vocoder --no-emit-project | python tools/check_env.py
     ... | python tools/check_env.py --newer-than-lock   # list what differs, fail only if it won't load
 
 Exit status: 0 when everything matches and loads, 1 otherwise.
@@ -25,6 +25,9 @@ from packaging.utils import canonicalize_name
 IMPORTS = (
     "torch", "torchaudio", "torchdata.stateful_dataloader", "lightning", "torchmetrics",
     "tensorboard", "jsonargparse", "matplotlib", "soundfile", "numpy", "tqdm", "yaml",
+    # The optional extra `vocoder` (the tests need it, so `make check-env` installs it): vocos
+    # imports encodec and huggingface_hub at import time, and either can break with a new torch.
+    "vocos",
 )
 # Printed first: the pins that broke installs before.
 HEADLINE = ("torch", "torchaudio", "torchdata", "lightning", "torchmetrics", "jsonargparse", "numpy")
@@ -123,7 +126,7 @@ def main(argv=None) -> int:
     elif differences:
         problems = differences + [
             "the environment does not match uv.lock: run `make clean-venv` and then `make test` "
-            "(or `uv sync --locked --extra dev`) to install the lock"]
+            "(or `uv sync --locked --extra dev --extra vocoder`) to install the lock"]
     problems += load_stack()
     for line in problems:
         print("check-env: " + line, file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Sound in and out: mel settings, decoding, the log-mel front end, the vocoder, synthetic music."""
+"""Sound in and out: mel settings, decoding, the log-mel front end, the vocoders, synthetic music."""
 
 from musicvae._lazy import lazy_exports
 
@@ -16,7 +16,11 @@ _EXPORTS = {
     "resample": "mel",
     "write_mel_sidecar": "mel",
     "GriffinLimVocoder": "vocoder",
+    "VOCOS_MEL_24KHZ": "neural_vocoder",
+    "VocosVocoder": "neural_vocoder",
+    "load_vocos": "neural_vocoder",
+    "make_vocoder": "neural_vocoder",
     "render_piece": "synth",
 }
 __all__ = sorted(_EXPORTS)
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, ['mel', 'synth', 'vocoder'])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, ['mel', 'neural_vocoder', 'synth', 'vocoder'])

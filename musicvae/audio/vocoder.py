@@ -151,16 +151,18 @@ def waveform_spectral_convergence(estimate: Tensor, reference: Tensor, mel: MelS
     return float(torch.linalg.vector_norm(ref - est) / torch.linalg.vector_norm(ref))
 
 
-def griffin_lim_ceiling(wave: Tensor, mel: MelSettings, n_iter: int = 64) -> dict[str, float]:
+def griffin_lim_ceiling(wave: Tensor, mel: MelSettings, n_iter: int = 64,
+                        vocoder: Optional[nn.Module] = None) -> dict[str, float]:
     """How close audio made from a perfect log-mel can get to the recording it came from.
 
-    The recording's own log-mel is inverted with GriffinLimVocoder and compared with it by
-    `waveform_spectral_convergence`: no model can sound better than this through this vocoder.
+    The recording's own log-mel is inverted with GriffinLimVocoder (or `vocoder`) and compared
+    with it by `waveform_spectral_convergence`: no model can sound better than this through this vocoder.
 
     Args:
         wave: (samples,) mono waveform at `mel.sample_rate`.
         mel: the mel settings to measure.
         n_iter: Griffin-Lim iterations.
+        vocoder: another vocoder of the same interface made for `mel` (a VocosVocoder) to measure instead.
 
     Returns:
         ``spectral_convergence`` over every STFT bin, and ``in_band`` over the bins the mel
@@ -168,7 +170,7 @@ def griffin_lim_ceiling(wave: Tensor, mel: MelSettings, n_iter: int = 64) -> dic
     """
     with torch.inference_mode():
         log_mel = LogMel(mel).to(wave.device)(wave)  # (samples,) -> (n_mels, T)
-        vocoder = GriffinLimVocoder(mel, n_iter=n_iter).to(wave.device)
+        vocoder = vocoder if vocoder is not None else GriffinLimVocoder(mel, n_iter=n_iter).to(wave.device)
         inverted = vocoder(log_mel, length=wave.shape[-1])
         return {"spectral_convergence": waveform_spectral_convergence(inverted, wave, mel),
                 "in_band": waveform_spectral_convergence(inverted, wave, mel, in_band=True)}
@@ -176,7 +178,7 @@ def griffin_lim_ceiling(wave: Tensor, mel: MelSettings, n_iter: int = 64) -> dic
 
 def measure_ceiling(audio_path: str | os.PathLike, mel: MelSettings, offset: float = 0.0,
                     seconds: Optional[float] = 30.0, griffin_lim_iters: int = 64,
-                    device: str = "cpu") -> dict[str, Any]:
+                    device: str = "cpu", vocoder: Optional[nn.Module] = None) -> dict[str, Any]:
     """The Griffin-Lim ceiling (`griffin_lim_ceiling`) measured on an excerpt of a recording.
 
     Args:
@@ -186,6 +188,7 @@ def measure_ceiling(audio_path: str | os.PathLike, mel: MelSettings, offset: flo
         seconds: its length; None for the rest of the file.
         griffin_lim_iters: Griffin-Lim iterations.
         device: where to invert.
+        vocoder: a vocoder made for `mel` to measure instead of Griffin-Lim (already on `device`).
 
     Returns:
         ``spectral_convergence`` and ``in_band`` (see `griffin_lim_ceiling`), the excerpt's
@@ -203,5 +206,5 @@ def measure_ceiling(audio_path: str | os.PathLike, mel: MelSettings, offset: flo
                         f"{len(wave) / rate:.2f} s) is empty, silent or shorter than one STFT window")
     with torch.inference_mode():
         excerpt_t = resample(torch.from_numpy(excerpt), rate, mel.sample_rate).to(device)
-    return {**griffin_lim_ceiling(excerpt_t, mel, griffin_lim_iters), "seconds": excerpt.size / rate,
+    return {**griffin_lim_ceiling(excerpt_t, mel, griffin_lim_iters, vocoder), "seconds": excerpt.size / rate,
             "offset": offset, "griffin_lim_iters": griffin_lim_iters, "mel": mel.to_dict()}

@@ -3,10 +3,12 @@
   reconstruct --ckpt_path C IN --out OUT.wav     a whole recording (audio or .npy log-mel) through the model
   sample --ckpt_path C -n 8 --out DIR            draws from the prior
   interpolate --ckpt_path C A B --out DIR        a morph from a segment of A to one of B through the latent space
-  ceiling AUDIO                                  how close Griffin-Lim gets to a recording from its own log-mel
+  ceiling AUDIO                                  how close the vocoder gets to a recording from its own log-mel
 
 Audio is written as 16-bit WAV at the model's sample rate, with a PNG of the mels beside it
-(see musicvae/inference/generation.py and musicvae/audio/vocoder.py).
+(see musicvae/inference/generation.py and musicvae/audio/vocoder.py). `--vocoder DIR` plays it
+with a downloaded Vocos instead of Griffin-Lim, for a checkpoint trained on its features
+(configs/vocos.yaml; docs/vocoder.md).
 """
 
 import sys
@@ -21,6 +23,7 @@ from musicvae.commands.parsing import command_parser, parse_command
 from musicvae.errors import MusicVAEError
 from musicvae.inference.generation import (METHODS, interpolate_files, load_generation_model, reconstruct_file,
                                  sample_files)
+from musicvae.audio.neural_vocoder import load_vocos
 from musicvae.audio.vocoder import measure_ceiling
 
 
@@ -34,6 +37,12 @@ def build_parser() -> ArgumentParser:
                          + ("" if ckpt else "; its mel settings are measured (default: the project's defaults)"))
         sub.add_argument("--device", type=str, default="cpu", help="cpu or cuda[:i]")
         sub.add_argument("--griffin_lim_iters", type=PositiveInt, default=64, help="Griffin-Lim iterations")
+        sub.add_argument("--vocoder", type=Optional[str], default=None,
+                         help="a Vocos download (the folder with config.yaml and pytorch_model.bin, or the "
+                              "config.yaml) to play the audio instead of Griffin-Lim; the checkpoint must have "
+                              "been trained on its features (configs/vocos.yaml, docs/vocoder.md)")
+        sub.add_argument("--vocoder_weights", type=Optional[str], default=None,
+                         help="the vocoder's weights file, when it is not pytorch_model.bin beside its config")
         if ckpt:
             sub.add_argument("--alpha", type=str, default="0",
                              help="variance compensation: a strength in [0, 1] (0: the plain decoder output, the "
@@ -63,7 +72,8 @@ def build_parser() -> ArgumentParser:
     sub.add_argument("--offset_a", type=float, default=0.0, help="seconds into A where its segment starts")
     sub.add_argument("--offset_b", type=float, default=0.0, help="seconds into B where its segment starts")
 
-    sub = command("ceiling", "spectral convergence of Griffin-Lim on a recording's own log-mel", ckpt=False)
+    sub = command("ceiling", "spectral convergence of Griffin-Lim (or --vocoder) on a recording's own log-mel",
+                  ckpt=False)
     sub.add_argument("audio", type=str, help="a recording")
     sub.add_argument("--offset", type=float, default=0.0, help="start of the excerpt, seconds")
     sub.add_argument("--seconds", type=float, default=30.0, help="length of the excerpt; 0 for the rest of the file")
@@ -74,7 +84,7 @@ def run(parsed) -> None:
     command, args = parsed.command, parsed[parsed.command]  # the chosen subcommand's flags
     common = {"device": args.device, "griffin_lim_iters": args.griffin_lim_iters}
     if command != "ceiling":
-        common["alpha"] = args.alpha
+        common.update(alpha=args.alpha, vocoder=args.vocoder, vocoder_weights=args.vocoder_weights)
     if command == "reconstruct":
         result = reconstruct_file(args.ckpt_path, args.input, args.out, hop=args.hop, **common)
         print(f"reconstructed {result['seconds']:.2f} s ({result['frames']} frames) -> {result['wav']}, {result['png']}")
@@ -87,10 +97,15 @@ def run(parsed) -> None:
         print(f"wrote {len(result['wavs'])} steps, {result['morph']} and {result['png']} "
               f"(segments at {result['offsets'][0]:.2f} s and {result['offsets'][1]:.2f} s)")
     else:
-        mel = load_generation_model(args.ckpt_path).mel if args.ckpt_path else MelSettings()
-        result = measure_ceiling(args.audio, mel, args.offset, args.seconds or None, **common)
-        print(f"Griffin-Lim ceiling on {args.audio} ({result['seconds']:.1f} s from {args.offset:g} s, "
-              f"{mel.n_mels} mels, n_fft {mel.n_fft}, hop {mel.hop_length}, {args.griffin_lim_iters} iterations): "
+        mel = load_generation_model(args.ckpt_path).mel if args.ckpt_path else None
+        vocoder, name = None, f"Griffin-Lim ({args.griffin_lim_iters} iterations)"
+        if args.vocoder:  # measured on its own features, or refused when the checkpoint's differ
+            vocoder = load_vocos(args.vocoder, args.vocoder_weights, args.device, features=mel, source=args.ckpt_path)
+            mel, name = mel or vocoder.mel, f"Vocos ({args.vocoder})"
+        mel = mel or MelSettings()
+        result = measure_ceiling(args.audio, mel, args.offset, args.seconds or None, vocoder=vocoder, **common)
+        print(f"{name} ceiling on {args.audio} ({result['seconds']:.1f} s from {args.offset:g} s, "
+              f"{mel.n_mels} mels, n_fft {mel.n_fft}, hop {mel.hop_length}): "
               f"spectral convergence {result['spectral_convergence']:.4f} "
               f"({result['in_band']:.4f} over the STFT bins the mel filters cover)")
 

@@ -28,7 +28,7 @@ from musicvae.inference.loading import load_module, resolve_alpha
 from musicvae.training.module import MusicVAEModule
 from musicvae.plots import mel_comparison_figure, mel_grid_figure
 from musicvae.data.segments import ARRAY_SUFFIXES, Normalizer, load_mel_array
-from musicvae.audio.vocoder import GriffinLimVocoder
+from musicvae.audio.neural_vocoder import make_vocoder
 
 METHODS = ("slerp", "linear")
 #: Crossfade between the steps of a morph: long enough to hide the cut, short against a segment.
@@ -147,8 +147,11 @@ class GenerationModel:
         decoded = self.module.vae.decode(z.to(self.device))
         return self.module.compensated(decoded, self.alpha) if self.alpha > 0 else decoded
 
-    def vocoder(self, n_iter: int) -> GriffinLimVocoder:
-        return GriffinLimVocoder(self.mel, n_iter=n_iter).to(self.device)
+    def vocoder(self, n_iter: int, vocoder: Optional[str | os.PathLike] = None,
+                vocoder_weights: Optional[str | os.PathLike] = None, source: str = "the checkpoint") -> torch.nn.Module:
+        """Griffin-Lim with `n_iter` iterations, or the Vocos download `vocoder` (musicvae/audio/neural_vocoder.py),
+        refused unless it was trained on this checkpoint's mel settings."""
+        return make_vocoder(self.mel, n_iter, vocoder, vocoder_weights, self.device, source)
 
 
 def load_generation_model(ckpt_path: str | os.PathLike, device: str = "cpu",
@@ -305,19 +308,23 @@ def _out_dir(out: str | os.PathLike) -> Path:
 
 def reconstruct_file(ckpt_path: str | os.PathLike, input_path: str | os.PathLike, out_wav: str | os.PathLike,
                      device: str = "cpu", griffin_lim_iters: int = 64, hop: Optional[int] = None,
-                     alpha: Optional[float | str] = 0.0) -> dict[str, Any]:
+                     alpha: Optional[float | str] = 0.0, vocoder: Optional[str | os.PathLike] = None,
+                     vocoder_weights: Optional[str | os.PathLike] = None) -> dict[str, Any]:
     """Reconstruct a whole recording through a checkpoint; write `out_wav` and a PNG beside it.
 
     The piece's mel is reconstructed by `reconstruct_mel` and inverted once, so the audio has
-    no seams between segments. Returns the paths written and the piece's length.
+    no seams between segments; by Griffin-Lim, or by the Vocos download `vocoder` (with its
+    weights file `vocoder_weights` when not beside its config). Returns the paths written and
+    the piece's length.
     """
     model = load_generation_model(ckpt_path, device, alpha)
+    synthesise = model.vocoder(griffin_lim_iters, vocoder, vocoder_weights, str(ckpt_path))  # refused before any work
     log_mel, samples = load_log_mel(input_path, model.mel)
     recon = reconstruct_mel(model, log_mel.to(model.device), hop)
     out_wav = Path(out_wav)
     _out_dir(out_wav.parent)
     with torch.inference_mode():
-        wave = model.vocoder(griffin_lim_iters)(recon.to(model.device), length=samples)
+        wave = synthesise(recon.to(model.device), length=samples)
     gain = write_wav(out_wav, wave, model.mel.sample_rate)
     fig = mel_comparison_figure(model.normalize(log_mel)[None], model.normalize(recon.cpu())[None],
                                 f"{Path(input_path).name}: input (top) and reconstruction"
@@ -330,19 +337,22 @@ def reconstruct_file(ckpt_path: str | os.PathLike, input_path: str | os.PathLike
 
 def sample_files(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, n: int = 8, temperature: float = 1.0,
                  seed: Optional[int] = None, device: str = "cpu", griffin_lim_iters: int = 64,
-                 alpha: Optional[float | str] = 0.0) -> dict[str, Any]:
-    """Decode `n` draws from the prior N(0, temperature^2 I); write `sample_XX.wav` and `samples.png`."""
+                 alpha: Optional[float | str] = 0.0, vocoder: Optional[str | os.PathLike] = None,
+                 vocoder_weights: Optional[str | os.PathLike] = None) -> dict[str, Any]:
+    """Decode `n` draws from the prior N(0, temperature^2 I); write `sample_XX.wav` and `samples.png`
+    (audio by Griffin-Lim, or by the Vocos download `vocoder`: see `reconstruct_file`)."""
     if n < 1:
         raise ConfigError(f"-n {n}: draw at least one sample")
     if temperature <= 0:
         raise ConfigError(f"--temperature {temperature}: must be positive")
     model = load_generation_model(ckpt_path, device, alpha)
+    synthesise = model.vocoder(griffin_lim_iters, vocoder, vocoder_weights, str(ckpt_path))
     out = _out_dir(out_dir)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     with torch.inference_mode():
         drawn = model.module.compensated(model.module.sample(n, temperature, generator), model.alpha)
         mels = model.denormalize(drawn[:, 0])  # (n, 1, n_mels, frames) -> (n, n_mels, frames)
-        waves = model.vocoder(griffin_lim_iters)(mels).cpu()  # -> (n, samples)
+        waves = synthesise(mels).cpu()  # -> (n, samples)
     wavs = [out / f"sample_{i:02d}.wav" for i in range(n)]
     for path, wave in zip(wavs, waves):
         write_wav(path, wave, model.mel.sample_rate)
@@ -366,16 +376,19 @@ def interpolation_mels(model: GenerationModel, segment_a: Tensor, segment_b: Ten
 def interpolate_files(ckpt_path: str | os.PathLike, path_a: str | os.PathLike, path_b: str | os.PathLike,
                       out_dir: str | os.PathLike, steps: int = 8, method: str = "slerp", offset_a: float = 0.0,
                       offset_b: float = 0.0, device: str = "cpu", griffin_lim_iters: int = 64,
-                      alpha: Optional[float | str] = 0.0) -> dict[str, Any]:
-    """Morph from a segment of A to one of B; write `step_XX.wav`, `morph.wav` and `interpolation.png`."""
+                      alpha: Optional[float | str] = 0.0, vocoder: Optional[str | os.PathLike] = None,
+                      vocoder_weights: Optional[str | os.PathLike] = None) -> dict[str, Any]:
+    """Morph from a segment of A to one of B; write `step_XX.wav`, `morph.wav` and `interpolation.png`
+    (audio by Griffin-Lim, or by the Vocos download `vocoder`: see `reconstruct_file`)."""
     latent_path(torch.zeros(1), torch.ones(1), steps, method)  # refuse bad settings before any work
     model = load_generation_model(ckpt_path, device, alpha)
+    synthesise = model.vocoder(griffin_lim_iters, vocoder, vocoder_weights, str(ckpt_path))
     seg_a, used_a = segment_at(load_log_mel(path_a, model.mel)[0], offset_a, model.frames, model.mel, str(path_a))
     seg_b, used_b = segment_at(load_log_mel(path_b, model.mel)[0], offset_b, model.frames, model.mel, str(path_b))
     out = _out_dir(out_dir)  # only once the inputs are known good: a failed run leaves no empty folder
     with torch.inference_mode():
         mels = interpolation_mels(model, seg_a, seg_b, steps, method)
-        waves = model.vocoder(griffin_lim_iters)(mels).cpu()  # (steps, n_mels, frames) -> (steps, samples)
+        waves = synthesise(mels).cpu()  # (steps, n_mels, frames) -> (steps, samples)
     wavs = [out / f"step_{i:02d}.wav" for i in range(steps)]
     for path, wave in zip(wavs, waves):
         write_wav(path, wave, model.mel.sample_rate)

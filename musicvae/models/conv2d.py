@@ -111,9 +111,14 @@ def _check_divisible(name: str, size: int, factor: int, channels: tuple[int, ...
         return
     below, above = size // factor * factor, (size // factor + 1) * factor
     examples = f"{below} or {above}" if below > 0 else f"{above}"
+    # The stages this size does allow: n_mels is often fixed by the features (a vocoder's preset has
+    # 100 mels), so the message names the networks that take it, not only the sizes that fit this one.
+    stages = (size & -size).bit_length() - 1  # the power of 2 in size
+    fewer = f", or fewer stages ({name}={size} takes at most {stages}: channels={list(channels[:stages])})" if stages else ""
+    conv1d = ", or the conv1d architecture, which takes any n_mels" if name == "n_mels" else ""
     raise ValueError(
         f"{name}={size} is not divisible by {factor} ({len(channels)} stages in "
-        f"channels={channels}): use a multiple of {factor} such as {examples}, or fewer stages"
+        f"channels={channels}): use a multiple of {factor} such as {examples}{fewer}{conv1d}"
     )
 
 

@@ -2,7 +2,8 @@
 
 The module computes and logs the numbers (`val/*`, `test/*`); this callback draws what a person
 looks at and listens to: the band-ratio and KL-per-dimension figures, inputs above their
-reconstructions, and a few clips of both inverted to audio the same way. It runs at
+reconstructions, and a few clips of both inverted to audio the same way (Griffin-Lim, or the
+Vocos download a run names in `model.media_vocoder`: musicvae/audio/neural_vocoder.py). It runs at
 `on_validation_end`, after the module's `on_validation_epoch_end` has computed the epoch's
 diagnostics (Lightning calls callbacks' epoch-end hooks before the module's).
 """
@@ -17,7 +18,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from musicvae.audio.mel import MelSettings
-from musicvae.audio.vocoder import GriffinLimVocoder
+from musicvae.audio.neural_vocoder import make_vocoder
 from musicvae.plots import band_ratio_figure, kl_per_dim_figure, mel_comparison_figure
 
 
@@ -25,11 +26,21 @@ class MediaLogger(Callback):
     """Figures every validation/test epoch; audio every `model.audio_every_n_epochs` validations.
 
     What is drawn is set by the module's hyper-parameters (`n_figure_examples`,
-    `audio_every_n_epochs`, `n_audio_clips`, `griffin_lim_iters`), so a run's config keeps them.
+    `audio_every_n_epochs`, `n_audio_clips`, `griffin_lim_iters`, and `media_vocoder`: a Vocos
+    download that plays the clips instead of Griffin-Lim), so a run's config keeps them. A
+    module without `media_vocoder` (a run from before it existed) uses Griffin-Lim.
     """
 
     def __init__(self) -> None:
-        self._vocoders: dict[tuple[MelSettings, int], GriffinLimVocoder] = {}
+        self._vocoders: dict[tuple[MelSettings, int, Optional[str]], torch.nn.Module] = {}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # A vocoder that cannot play this run's features is refused before the first epoch, not
+        # after it, when the first clips are due.
+        hp = pl_module.hparams
+        if (hp.get("media_vocoder") and hp.get("audio_every_n_epochs", 0) > 0 and stage != "predict"
+                and getattr(trainer, "datamodule", None) is not None):
+            self._vocoder(pl_module, trainer.datamodule.mel)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         audio = self._audio_due(trainer, pl_module)
@@ -75,13 +86,11 @@ class MediaLogger(Callback):
                ) -> dict[str, tuple[torch.Tensor, int]]:
         """Input and reconstruction of a few examples, inverted to audio the same way.
 
-        Both go through the same Griffin-Lim, so what differs between them is the model.
+        Both go through the same vocoder, so what differs between them is the model.
         """
         hp = pl_module.hparams
         mel, norm = trainer.datamodule.mel, trainer.datamodule.normalizer
-        key = (mel, hp.griffin_lim_iters)
-        if key not in self._vocoders:
-            self._vocoders[key] = GriffinLimVocoder(mel, n_iter=hp.griffin_lim_iters)
+        vocoder = self._vocoder(pl_module, mel)
         clips = {}
         # One thread: on a busy machine two OpenMP threads made these tiny FFTs 30x slower
         # (7.8 s vs 0.26 s for four 64-frame clips measured with another job running).
@@ -94,11 +103,20 @@ class MediaLogger(Callback):
                     versions.append(("reconstruction_compensated", compensated[i]))
                 for name, x in versions:
                     with torch.no_grad():
-                        wave = self._vocoders[key](norm.inverse(x[0].float()))  # (n_mels, T) -> (samples,)
+                        wave = vocoder(norm.inverse(x[0].float()))  # (n_mels, T) -> (samples,)
                     clips[f"{stage}/audio/{i}_{name}"] = (wave / wave.abs().max().clamp_min(1.0), mel.sample_rate)
         finally:
             torch.set_num_threads(threads)
         return clips
+
+    def _vocoder(self, pl_module: L.LightningModule, mel: MelSettings) -> torch.nn.Module:
+        """The clips' vocoder, built once per setting (a Vocos is 13.5M parameters to load); on the CPU,
+        like the clips."""
+        hp = pl_module.hparams
+        key = (mel, hp.griffin_lim_iters, hp.get("media_vocoder"))
+        if key not in self._vocoders:
+            self._vocoders[key] = make_vocoder(mel, hp.griffin_lim_iters, key[2], source="this run")
+        return self._vocoders[key]
 
 
 def media_alpha(pl_module: L.LightningModule) -> float:
