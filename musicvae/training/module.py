@@ -104,6 +104,9 @@ class MusicVAEModule(L.LightningModule):
         ema_decay: keep an exponential moving average of the weights with this decay per optimizer
             step (musicvae/training/ema.py; null: none). Validation, best.ckpt and everything that
             loads a checkpoint use the average; training continues from the raw weights.
+        media_vocoder: a Vocos download (folder of config.yaml and pytorch_model.bin) that plays the
+            TensorBoard clips instead of Griffin-Lim (docs/vocoder.md); its features must be the
+            run's mel settings (configs/vocos.yaml), which is checked before training starts.
         media_alpha: variance-compensation strength of the TensorBoard media's second set of
             reconstructions (musicvae/compensation.py); None: the perceptual point fitted on the
             validation recordings, 0: none.
@@ -156,6 +159,7 @@ class MusicVAEModule(L.LightningModule):
         plateau_factor: float = 0.5,
         plateau_patience: int = 3,
         ema_decay: Optional[float] = None,
+        media_vocoder: Optional[str] = None,
     ) -> None:
         super().__init__()
         if loss not in LOSSES:

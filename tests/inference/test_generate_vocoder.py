@@ -18,16 +18,27 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")
-def vocos_run(tmp_path_factory) -> Path:
-    """A tiny conv1d model trained 2 epochs on the vocos-mel-24khz features, through the real CLI."""
+def vocos_run(tmp_path_factory, vocos_download) -> Path:
+    """A tiny conv1d model trained 2 epochs on the vocos-mel-24khz features, through the real CLI,
+    its TensorBoard clips played by the Vocos download."""
     from musicvae.training.cli import cli_main
 
     root = tmp_path_factory.mktemp("vocos_run")
     at = TINY_FLAGS.index("--data.mel.n_mels")
     flags = TINY_FLAGS[:at] + TINY_FLAGS[at + 2 :]  # the preset's 100 mels, not the tiny 32
     cli_main(["fit", "--config", str(REPO / "configs" / "vocos.yaml"), *flags, "--data.cache_dir", str(root / "cache"),
-              "--checkpoint_dir", str(root / "ckpt"), "--trainer.logger.init_args.save_dir", str(root / "logs")])
+              "--checkpoint_dir", str(root / "ckpt"), "--trainer.logger.init_args.save_dir", str(root / "logs"),
+              "--model.media_vocoder", str(vocos_download), "--model.audio_every_n_epochs", "1", "--model.n_audio_clips", "1"])
     return root / "ckpt" / "best.ckpt"
+
+
+def test_the_runs_tensorboard_clips_are_played_by_the_media_vocoder(vocos_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((vocos_run.parents[1] / "logs" / "musicvae").iterdir())), size_guidance={"audio": 0})
+    events.Reload()
+    clips = [e for tag in events.Tags()["audio"] for e in events.Audio(tag)]
+    assert {e.sample_rate for e in clips} == {24000} and len(clips) >= 2 * 2  # input + reconstruction(s), 2 epochs
 
 
 def note(seconds: float, sample_rate: int) -> np.ndarray:
