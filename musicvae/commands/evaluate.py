@@ -30,13 +30,16 @@ def main(argv=None) -> int:
     parser.add_argument("--alpha", type=Optional[str], default=None,
                         help="variance-compensation strength scored beside the plain output: a number in [0, 1] or "
                              "'perceptual' (default: the checkpoint's perceptual point when it has a curve, else 0)")
+    parser.add_argument("--weights", type=str, default="average",
+                        help="'average': the checkpoint's state_dict (with --model.ema_decay the EMA average); 'raw': "
+                             "the training weights an EMA checkpoint keeps beside it, to see what the average changes")
     args = parse_command(parser, argv, RENAMES)
     batch_size = args.data.batch_size
     if batch_size is not None and batch_size < 1:
         parser.error(f"--data.batch_size {batch_size}: must be positive")
     try:
         result = evaluate_checkpoint(args.ckpt_path, args.out, args.data.data_dir, args.device, batch_size,
-                                     alpha=args.alpha)
+                                     alpha=args.alpha, weights=args.weights)
     except MusicVAEError as err:
         sys.stderr.write(f"{parser.prog}: error: {err}\n")
         return 2

@@ -25,6 +25,7 @@ from musicvae.inference.loading import datamodule_for, load_module, resolve_alph
 from musicvae.metrics import (ACTIVE_UNIT_THRESHOLD, FEATURELESS_THRESHOLD, LatentDiagnostics,
                               ReconstructionDiagnostics)
 from musicvae.tables import markdown_table
+from musicvae.training.checkpoints import RAW_WEIGHTS_KEY
 from musicvae.training.module import MusicVAEModule
 from musicvae.plots import band_ratio_figure, kl_per_dim_figure, mel_comparison_figure
 
@@ -291,7 +292,8 @@ def write_report(out_dir: Path, metrics: dict[str, Any], found: list[Verdict], i
     ckpt, data = info["checkpoint"], info["data"]
     lines = [
         f"# Evaluation of `{ckpt['path']}`", "",
-        f"Checkpoint epoch {ckpt['epoch']}, step {ckpt['global_step']}; {metrics['n_examples']} examples "
+        f"Checkpoint epoch {ckpt['epoch']}, step {ckpt['global_step']}, weights: {ckpt.get('weights', 'state_dict')}; "
+        f"{metrics['n_examples']} examples "
         f"({data['split']}) from `{data['folder']}`. Reconstructions decoded from the posterior mean.", "",
         "## The notebook's three problems", "",
         *markdown_table(("problem", "verdict", "measured", "rule"),
@@ -351,7 +353,7 @@ def windows_digest(dataset: Dataset) -> Optional[str]:
 
 def evaluate_checkpoint(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, data_dir: Optional[str] = None,
                         device: str = "cpu", batch_size: Optional[int] = None, figures: bool = True,
-                        alpha: Optional[float | str] = None) -> dict[str, Any]:
+                        alpha: Optional[float | str] = None, weights: str = "average") -> dict[str, Any]:
     """Evaluate a checkpoint and write `metrics.json`, `report.md` and the figures into `out_dir`.
 
     Without `data_dir` the run's own validation split is rebuilt from the rule stored in the
@@ -366,7 +368,7 @@ def evaluate_checkpoint(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike
         MusicVAEError: (CheckpointError, ConfigError, DataError) a missing or unreadable
             checkpoint, or data that does not match it, with a message for the user.
     """
-    module, ckpt = load_module(ckpt_path, device)
+    module, ckpt = load_module(ckpt_path, device, weights)
     datamodule = datamodule_for(ckpt, data_dir=data_dir, batch_size=batch_size)
     split = "all" if data_dir is not None else "val"
     dataset = datamodule.evaluation_set(split)
@@ -375,7 +377,9 @@ def evaluate_checkpoint(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike
     found = verdicts(metrics)
     info = {
         "checkpoint": {"path": str(Path(ckpt_path).resolve()), "epoch": ckpt.get("epoch"),
-                       "global_step": ckpt.get("global_step")},
+                       "global_step": ckpt.get("global_step"),
+                       "weights": {"average": "state_dict" + (" (the EMA average)" if RAW_WEIGHTS_KEY in ckpt else ""),
+                                   "raw": "the raw training weights beside the EMA average"}[weights]},
         "data": {"folder": str(datamodule.folder), "split": "every recording" if split == "all" else
                  f"validation split: seed {datamodule.seed}, val_split {datamodule.val_split}",
                  "n_files": len({int(f) for f in dataset.items[:, 0]}), "windows_sha1": windows_digest(dataset)},

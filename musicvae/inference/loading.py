@@ -13,7 +13,7 @@ from typing import Any, Optional
 import torch
 
 from musicvae.audio.mel import MelSettings, read_mel_sidecar
-from musicvae.training.checkpoints import DATA_STATE_KEY, load_checkpoint, run_config
+from musicvae.training.checkpoints import DATA_STATE_KEY, RAW_WEIGHTS_KEY, load_checkpoint, run_config
 from musicvae.data.datamodule import MelDataModule
 from musicvae.errors import CheckpointError, ConfigError
 from musicvae.training.module import MusicVAEModule, with_compensation_defaults
@@ -23,16 +23,30 @@ _DATA_KEYS = ("data_dir", "cache_dir", "frames", "batch_size", "val_split", "see
               "synthetic_seconds", "silence_margin", "on_bad_file")
 
 
-def load_module(ckpt_path: str | os.PathLike, device: str = "cpu") -> tuple[MusicVAEModule, dict[str, Any]]:
-    """The trained module in eval mode on `device`, and the checkpoint it came from."""
+def load_module(ckpt_path: str | os.PathLike, device: str = "cpu",
+                weights: str = "average") -> tuple[MusicVAEModule, dict[str, Any]]:
+    """The trained module in eval mode on `device`, and the checkpoint it came from.
+
+    Args:
+        ckpt_path: a checkpoint the command line wrote.
+        device: where the module goes.
+        weights: "average", the checkpoint's `state_dict` (with `--model.ema_decay` the EMA
+            average, else the only weights); "raw", a run with EMA's training weights beside it.
+    """
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: no CUDA device is available here; use --device cpu")
     ckpt = load_checkpoint(ckpt_path)
     hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
     hparams["compile"] = False  # a training speed setting; evaluation and export run eagerly
+    if weights not in ("average", "raw"):
+        raise ConfigError(f"--weights {weights!r}: use 'average' (the checkpoint's state_dict) or 'raw'")
+    if weights == "raw" and RAW_WEIGHTS_KEY not in ckpt:
+        raise CheckpointError(f"{ckpt_path}: no raw weights beside its state_dict: it was trained without "
+                              "--model.ema_decay, so its one set of weights is --weights average")
+    state = ckpt[RAW_WEIGHTS_KEY] if weights == "raw" else ckpt["state_dict"]
     try:
         module = MusicVAEModule(**hparams)
-        module.load_state_dict(with_compensation_defaults(dict(ckpt["state_dict"]), int(module.hparams.n_mels)))
+        module.load_state_dict(with_compensation_defaults(dict(state), int(module.hparams.n_mels)))
     except (TypeError, RuntimeError) as err:
         raise CheckpointError(f"{ckpt_path}: the weights do not fit a MusicVAEModule ({err})") from None
     return module.eval().to(device), ckpt

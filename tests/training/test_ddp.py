@@ -46,6 +46,9 @@ SECONDS = [3.0, 2.5, 3.0, 2.0, 3.0, 2.5]
 RATE = 22050
 BATCH = 8  # TINY_FLAGS' data.batch_size: per process
 DEVICES = 2
+#: EMA of the weights and a warmed-up cosine schedule on, in both runs: the resume re-plans the
+#: cosine for 3 epochs and continues both weight sets.
+EMA_AND_SCHEDULE = ["--model.ema_decay", "0.9", "--model.lr_schedule", "cosine", "--model.warmup_steps", "2"]
 SITECUSTOMIZE = f"""\
 import os
 if os.environ.get({AUDIT_ENV!r}):
@@ -94,11 +97,11 @@ def ddp(tmp_path_factory) -> dict:
         sf.write(music / f"song_{i}.wav", render_piece(i, seconds=seconds, sample_rate=RATE), RATE)
     (tmp / "site").mkdir()
     (tmp / "site" / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    fit = launch(tmp, "fit")
+    fit = launch(tmp, "fit", *EMA_AND_SCHEDULE)
     ckpt = tmp / "run" / "ckpt" / "last.ckpt"
     fit["last"] = torch.load(ckpt, weights_only=True)
     fit["files"] = snapshot(tmp / "run")
-    resume = launch(tmp, "resume", "--ckpt_path", str(ckpt), "--trainer.max_epochs", "3")
+    resume = launch(tmp, "resume", "--ckpt_path", str(ckpt), "--trainer.max_epochs", "3", *EMA_AND_SCHEDULE)
     resume["last"] = torch.load(ckpt, weights_only=True)
     resume["files"] = snapshot(tmp / "run")
     return {"fit": fit, "resume": resume, "run": tmp / "run"}
@@ -218,6 +221,10 @@ def test_the_two_process_run_resumes_from_last_ckpt(ddp):
     assert (fit["epoch"], fit["global_step"]) == (1, 2 * steps)
     assert (resume["epoch"], resume["global_step"]) == (2, 3 * steps)
     assert sorted(ddp["resume"]["ranks"][0]["train"]) == ["2"]  # continued at the next epoch, not from 0
+    for ckpt, steps_run in ((fit, 2 * steps), (resume, 3 * steps)):
+        assert int(ckpt["averaging_state"]["n_averaged"]) == steps_run  # the EMA went on, once per step
+        [schedule] = ckpt["lr_schedulers"]
+        assert schedule["last_epoch"] == steps_run and schedule["lr_lambdas"][0]["total_steps"] == steps_run
 
 
 def test_the_linear_path_starts_from_rank_zeros_pca_on_every_rank(ddp, tmp_path):

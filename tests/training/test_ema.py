@@ -3,7 +3,7 @@ the checkpoints and the loaders see; refusals; and an exact resume with EMA and 
 
 from __future__ import annotations
 
-import shutil
+import json
 import signal
 
 import pytest
@@ -91,3 +91,27 @@ def test_resume_with_ema_and_a_cosine_schedule_is_bitwise_exact(tmp_path):
         different = [k for k in b[key] if not torch.equal(a[key][k], b[key][k])]
         assert not different, (key, different[:3])
     assert a["lr_schedulers"] == b["lr_schedulers"]
+
+
+def test_evaluate_scores_either_weight_set_and_names_it(ema_run, tmp_path, capsys):
+    from conftest import load_script
+
+    evaluate = load_script("evaluate")
+    ckpt = str(ema_run["root"] / "ckpt" / "best.ckpt")
+    mse = {}
+    for weights in ("average", "raw"):
+        assert evaluate.main(["--ckpt_path", ckpt, "--out", str(tmp_path / weights), "--weights", weights,
+                              "--alpha", "0"]) == 0
+        report = (tmp_path / weights / "report.md").read_text()
+        assert ("weights: the raw training weights" in report) == (weights == "raw")
+        mse[weights] = json.loads((tmp_path / weights / "metrics.json").read_text())["metrics"]["mse"]
+    assert mse["average"] != mse["raw"]
+    assert evaluate.main(["--ckpt_path", ckpt, "--out", str(tmp_path / "x"), "--weights", "mean"]) == 2
+    assert "--weights 'mean'" in capsys.readouterr().err
+
+
+def test_raw_weights_of_a_checkpoint_without_ema_are_refused(tiny_run, tmp_path):
+    from musicvae.inference.loading import load_module
+
+    with pytest.raises(CheckpointError, match="trained without --model.ema_decay"):
+        load_module(tiny_run["ckpt_dir"] / "best.ckpt", weights="raw")
