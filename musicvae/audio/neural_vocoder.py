@@ -14,8 +14,6 @@ and `check_features` refuses a checkpoint trained on any other, naming what diff
 from __future__ import annotations
 
 import os
-import pickle
-import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -26,6 +24,7 @@ from torch import Tensor, nn
 from musicvae.audio.mel import MelSettings
 from musicvae.audio.vocoder import GriffinLimVocoder
 from musicvae.errors import CheckpointError, ConfigError
+from musicvae.safe_load import load_weights_only
 
 #: The two files of a Vocos model, as its Hugging Face repository names them.
 CONFIG_FILE = "config.yaml"
@@ -139,22 +138,7 @@ def load_vocos_weights(model: nn.Module, path: Path) -> None:
     Raises:
         CheckpointError: missing, truncated or corrupt, not a state dict, or weights of another model.
     """
-    try:
-        with warnings.catch_warnings():  # e.g. torch's note on a bare pickle: the error below says it all
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        # weights_only refuses globals (code) naming them; torch's advice to load with weights_only=False
-        # is left out, as training/checkpoints.py's load_checkpoint does.
-        code = next((line.strip() for line in str(err).splitlines() if "global" in line.lower()), None)
-        reason = (f"refused: it holds Python objects that would run code when loaded, only tensors are accepted "
-                  f"({code.split('. Please')[0][:200]})" if code else "truncated, corrupt or not a PyTorch file")
-        raise CheckpointError(f"{path}: cannot load the vocoder's weights: {reason}; {HOW_TO_GET}") from None
-    except Exception as err:  # noqa: BLE001 - on arbitrary bytes the weights-only unpickler raises
-        # EOFError, IndexError, KeyError, ... besides RuntimeError and BadZipFile.
-        detail = type(err).__name__ + (f": {str(err).split('. ')[0][:120]}" if str(err) else "")
-        raise CheckpointError(f"{path}: cannot load the vocoder's weights: truncated, corrupt or not a PyTorch "
-                              f"file ({detail}); {HOW_TO_GET}") from None
+    state = load_weights_only(path, "weights file", HOW_TO_GET)
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict; {HOW_TO_GET}")
     result = model.load_state_dict(state, strict=False)

@@ -8,15 +8,13 @@ which is how `--ckpt_path` alone resumes the same run.
 from __future__ import annotations
 
 import os
-import pickle
-import warnings
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 import yaml
 
 from musicvae.errors import CheckpointError
+from musicvae.safe_load import load_weights_only
 
 #: Key of the run's full config (a YAML string) inside every checkpoint the CLI writes.
 RUN_CONFIG_KEY = "musicvae_run_config"
@@ -41,28 +39,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> dict[
             (refused, nothing executed), or a checkpoint of another model.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        with warnings.catch_warnings():  # e.g. torch's note on a bare pickle: the error below says it all
-            warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        # weights_only refuses globals (code) with a message naming them; anything else is garbage.
-        if "global" not in str(err).lower():
-            raise CheckpointError(
-                f"{path}: not a readable checkpoint (truncated or not a checkpoint file: "
-                f"{_last_line(err)})"
-            ) from None
-        raise CheckpointError(
-            f"{path}: refused: the file contains Python objects that would run code when loaded "
-            f"(only tensors and plain values are accepted): {_unsupported(err)}"
-        ) from None
-    except Exception as err:  # noqa: BLE001 - on arbitrary bytes the weights-only unpickler raises
-        # EOFError (empty file), IndexError, KeyError, ... besides RuntimeError and BadZipFile.
-        raise CheckpointError(
-            f"{path}: not a readable checkpoint (truncated or not a checkpoint file: {_first_line(err)})"
-        ) from None
+    ckpt = load_weights_only(path, "checkpoint file", map_location=map_location)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path}: not a Lightning checkpoint (no state_dict)")
     hparams = ckpt.get("hyper_parameters") or {}
@@ -72,25 +49,6 @@ def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> dict[
             "hyper-parameters or the MelDataModule state)"
         )
     return ckpt
-
-
-def _first_line(err: Exception) -> str:
-    """`Type: first sentence of the message`, or the type alone when the message is empty."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    text = lines[0].split(". ")[0][:200] if lines else ""
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
-
-
-def _last_line(err: Exception) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip() and "documentation" not in line]
-    return lines[-1][:300] if lines else type(err).__name__
-
-
-def _unsupported(err: Exception) -> str:
-    for line in str(err).splitlines():
-        if "global" in line.lower():
-            return line.strip().split(". Please")[0][:300]
-    return _last_line(err)
 
 
 def run_config(ckpt: dict[str, Any]) -> dict[str, Any]:
