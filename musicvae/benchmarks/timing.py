@@ -127,7 +127,7 @@ def plain_epoch(
     """One epoch of `module` (a MusicVAEModule) in plain PyTorch; returns its wall seconds.
 
     The work of Lightning's automatic optimization with `gradient_clip_val=clip`: a fresh
-    optimizer from `module.configure_optimizers()` (Lightning makes one per fit), and per batch
+    optimizer from `module.build_optimizers()` (Lightning makes one per fit; no schedule), and per batch
     the forward pass, `compute_loss`, the loss parts kept for NonFiniteGuard, zero_grad,
     backward, `clip_grad_norm_` over the optimizer's parameters and the step. With `log`, the
     logged values' batch-weighted epoch means are accumulated as `self.log(on_epoch=True)` does.
@@ -135,7 +135,7 @@ def plain_epoch(
     """
     module.to(device)
     module.train()
-    optimizer = module.configure_optimizers()
+    [optimizer] = module.build_optimizers()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     sums: dict[str, torch.Tensor] = {}
     count = 0

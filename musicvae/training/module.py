@@ -473,6 +473,17 @@ class MusicVAEModule(L.LightningModule):
         with_compensation_defaults(checkpoint["state_dict"], self.hparams.n_mels)
 
     def configure_optimizers(self) -> tuple[list[torch.optim.Optimizer], list[dict]]:
+        optimizers = self.build_optimizers()
+        if self.hparams.get("adversarial"):
+            # Constant schedulers, never stepped (manual optimization): they name the logged rates.
+            return optimizers, [{"scheduler": LambdaLR(opt, StepSchedule("constant", 0, None, 1.0)), "name": name}
+                                for opt, name in zip(optimizers, (LOG_NAME, "train/disc_lr"))]
+        endless = self.trainer.max_epochs == -1 and self.trainer.max_steps == -1
+        return optimizers, build_schedulers(optimizers[0], self.hparams, endless, self.lr_monitor)
+
+    def build_optimizers(self) -> list[torch.optim.Optimizer]:
+        """The optimizers over this module's parameter groups, at their base rates (no schedule):
+        one, or the adversarial stage's two (decoder, discriminator)."""
         hp = self.hparams
         if hp.get("adversarial"):
             # The decoder (the linear path's half at its lr_scale) and the discriminator; Adam with
@@ -483,12 +494,9 @@ class MusicVAEModule(L.LightningModule):
             groups = [{"params": [p for p in decoder if id(p) not in linear], "lr": hp.lr, "lr_scale": 1.0}]
             if linear and scale > 0:
                 groups.append({"params": [p for p in decoder if id(p) in linear], "lr": hp.lr * scale, "lr_scale": scale})
-            optimizers = [torch.optim.Adam(groups, lr=hp.lr, betas=(0.5, 0.9)),
-                          torch.optim.Adam([{"params": list(self.discriminator.parameters()), "lr": hp.disc_lr,
-                                             "lr_from": "disc_lr"}], lr=hp.disc_lr, betas=(0.5, 0.9))]
-            # Constant schedulers, never stepped (manual optimization): they name the logged rates.
-            return optimizers, [{"scheduler": LambdaLR(opt, StepSchedule("constant", 0, None, 1.0)), "name": name}
-                                for opt, name in zip(optimizers, (LOG_NAME, "train/disc_lr"))]
+            return [torch.optim.Adam(groups, lr=hp.lr, betas=(0.5, 0.9)),
+                    torch.optim.Adam([{"params": list(self.discriminator.parameters()), "lr": hp.disc_lr,
+                                       "lr_from": "disc_lr"}], lr=hp.disc_lr, betas=(0.5, 0.9))]
         groups = [{"params": list(self.parameters()), "lr": hp.lr, "lr_scale": 1.0}]
         if isinstance(self.vae, LinearPathVAE):
             # Adam moves every weight by ~lr per step whatever its scale, and PCA's encoder weights
@@ -500,11 +508,8 @@ class MusicVAEModule(L.LightningModule):
                       {"params": [p for p in self.parameters() if id(p) in linear], "lr": hp.lr * scale,
                        "lr_scale": scale}]
         if hp.weight_decay > 0:
-            optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
-        else:
-            optimizer = torch.optim.Adam(groups, lr=hp.lr)
-        endless = self.trainer.max_epochs == -1 and self.trainer.max_steps == -1
-        return [optimizer], build_schedulers(optimizer, hp, endless, self.lr_monitor)
+            return [torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)]
+        return [torch.optim.Adam(groups, lr=hp.lr)]
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:

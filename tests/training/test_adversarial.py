@@ -82,7 +82,7 @@ def test_the_stage_freezes_the_encoder_and_optimises_decoder_and_discriminator()
     decoder = {id(p) for p in decoder_parameters(module.vae)}
     assert all(p.requires_grad == (id(p) in decoder) for p in module.vae.parameters())
     assert last_decoder_weight(module.vae) is module.vae.inner.output_layer.weight
-    opt_g, opt_d = module.configure_optimizers()
+    opt_g, opt_d = module.build_optimizers()
     in_g = {id(p) for group in opt_g.param_groups for p in group["params"]}
     assert in_g <= decoder and not in_g & {id(p) for p in module.vae.lin_decoder.parameters()}  # lr_scale 0: frozen
     assert {id(p) for p in opt_d.param_groups[0]["params"]} == {id(p) for p in module.discriminator.parameters()}
