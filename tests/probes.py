@@ -261,3 +261,24 @@ class LearningRates(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.rates.append([group["lr"] for group in trainer.optimizers[0].param_groups])
         self.out.write_text(json.dumps(self.rates))
+
+
+class WaitAtStep(Callback):
+    """At training step `step`: writes `marker` (holding the process id) and waits until the file
+    `marker`.go exists, so a test can signal the run at a known step, from outside, as a user would."""
+
+    def __init__(self, step: int, marker: str) -> None:
+        self.step = step
+        self.marker = Path(marker)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step != self.step:
+            return
+        import os
+        import time
+
+        self.marker.write_text(str(os.getpid()))
+        go = self.marker.with_suffix(".go")
+        deadline = time.monotonic() + 120
+        while not go.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)

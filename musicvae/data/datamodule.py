@@ -38,10 +38,12 @@ from musicvae.data.segments import (
 from musicvae.data.split import MIN_FILES_FOR_FILE_SPLIT, segment_split_point, split_files
 
 
-def _ignore_sigterm(worker_id: int) -> None:
-    # Schedulers send SIGTERM to every process of a job; a worker dying of it would crash the
-    # main process before it can save. The main process handles preemption and ends the workers.
+def _ignore_stop_signals(worker_id: int) -> None:
+    # Schedulers send SIGTERM to every process of a job, and a terminal's Ctrl-C sends SIGINT to
+    # every process of the foreground group; a worker dying of either would crash the main process
+    # before it can save. The main process handles both and ends the workers.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _whole_item(item: dict) -> dict:
@@ -393,7 +395,7 @@ class MelDataModule(L.LightningDataModule):
             # Worker seeds come from this generator, not the global one, so creating a loader
             # never shifts the random stream of the training steps (dropout, reparameterisation).
             generator=torch.Generator().manual_seed(self.seed),
-            worker_init_fn=_ignore_sigterm,
+            worker_init_fn=_ignore_stop_signals,
         )
 
     def train_dataloader(self) -> StatefulDataLoader:
@@ -440,7 +442,7 @@ class MelDataModule(L.LightningDataModule):
         # write its file twice, from two processes).
         sampler = UnrepeatedDistributedSampler(dataset, shuffle=False, **kwargs) if kwargs else None
         return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=self.num_workers,
-                          collate_fn=_whole_item, worker_init_fn=_ignore_sigterm)
+                          collate_fn=_whole_item, worker_init_fn=_ignore_stop_signals)
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs to rebuild the data exactly: features, split rule, statistics."""

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -42,7 +44,7 @@ from musicvae.training.checkpoints import (
 )
 from musicvae.data.datamodule import MelDataModule
 from musicvae.errors import CheckpointError, ConfigError, MusicVAEError, NonFiniteError
-from musicvae.training.guards import NONFINITE_EXIT, PREEMPTED_EXIT, NonFiniteGuard, Preemption
+from musicvae.training.guards import INTERRUPTED_EXIT, NONFINITE_EXIT, PREEMPTED_EXIT, NonFiniteGuard, Preemption
 from musicvae.training.module import MusicVAEModule
 from musicvae.training.random_state import ResumableRandomState
 from musicvae.training.lightning_private import CLI_CKPT_HOOK
@@ -133,10 +135,13 @@ class MusicVAECLI(LightningCLI):
     """LightningCLI with the project's links, checkpoint folder, resume rules and defaults."""
 
     def __init__(self, *args: Any, resume: Optional[dict] = None, init: Optional[tuple[str, dict]] = None,
-                 stored_config_injected: bool = False, **kwargs: Any) -> None:
+                 stored_config_injected: bool = False, command: Optional[list[str]] = None,
+                 handle_interrupt: bool = False, **kwargs: Any) -> None:
         self.resume = resume  # the checkpoint given with --ckpt_path, already loaded safely
         # cli_main put the resumed run's config first: [subcommand, "--config", STORED, *user arguments].
         self.stored_config_injected = stored_config_injected
+        self.command = command or []  # the user's command line (program and arguments), for the resume hint
+        self.handle_interrupt = handle_interrupt  # a first Ctrl-C saves and stops (the command line's runs)
         self.preloaded_init = init  # (path, checkpoint) of --model.init_from given on the command line
         super().__init__(*args, **kwargs)
 
@@ -233,7 +238,10 @@ class MusicVAECLI(LightningCLI):
                 "was given; use --model.ema_decay D instead (e.g. 0.999). musicvae's EMA keeps the "
                 "averaged weights in place through the module's validation-end hooks, so the fitted compensation "
                 "curve, the figures and best.ckpt all describe the same weights (musicvae/training/ema.py)")
-        extra += [ResumableRandomState(), NonFiniteGuard(skip), Preemption(self.checkpoint_dir), MediaLogger()]
+        extra += [ResumableRandomState(), NonFiniteGuard(skip),
+                  Preemption(self.checkpoint_dir, interrupt=self.handle_interrupt,
+                             resume_command=resume_command(self.command, self.checkpoint_dir / "last.ckpt")),
+                  MediaLogger()]
         self.model.lr_monitor = monitor  # what --model.lr_schedule plateau watches
         if self._get(self.config_init, "trainer.logger") not in (None, False, []):
             extra.append(LearningRateMonitor())  # train/lr (musicvae/training/schedules.py names it)
@@ -438,6 +446,21 @@ def repin_loggers(loggers: Any, stored: Any) -> None:
             args.save_dir, args.version = pinned["save_dir"], pinned["version"]
 
 
+def resume_command(command: list[str], last: Path) -> str:
+    """The user's own command line with `--ckpt_path LAST` in place of any it had: the same command
+    resumes the run (a `+=` in it appends to the command's own list: restart_appended_lists)."""
+    args, skip = [], False
+    for arg in command[1:]:
+        if skip:
+            skip = False
+        elif arg == "--ckpt_path":
+            skip = True
+        elif not arg.startswith("--ckpt_path="):
+            args.append(arg)
+    program = command[0] if command else "python scripts/train.py"
+    return f"{program} {shlex.join([*args, '--ckpt_path', str(last)])}"
+
+
 def check_manual_optimization(trainer_config: dict) -> None:
     """Trainer settings Lightning refuses (or ignores) under manual optimization, as one clear line."""
     if trainer_config.get("gradient_clip_val"):
@@ -510,13 +533,17 @@ def with_default_subcommand(args: list[str]) -> list[str]:
     return ["fit", *args]
 
 
-def cli_main(args: Optional[list[str]] = None, run: bool = True) -> MusicVAECLI:
+def cli_main(args: Optional[list[str]] = None, run: bool = True, program: str = "python scripts/train.py",
+             handle_interrupt: bool = False) -> MusicVAECLI:
     """Run the training command line with `args` (default: `sys.argv[1:]`); tests call this.
 
     With `run=False` no subcommand is taken: the config is parsed and the model, data module and
-    trainer are built but nothing runs (for inspecting a configuration).
+    trainer are built but nothing runs (for inspecting a configuration). `program` is how the
+    user started it, for the resume command printed on the way out; `handle_interrupt` makes a
+    first Ctrl-C save and stop like SIGTERM (the command does; a Python caller keeps its own).
     """
     args = list(sys.argv[1:] if args is None else args)
+    command = [program, *args]
     if run:
         args = with_default_subcommand(args)
     resume = None
@@ -563,6 +590,8 @@ def cli_main(args: Optional[list[str]] = None, run: bool = True) -> MusicVAECLI:
         resume=resume,
         init=init,
         stored_config_injected=injected,
+        command=command,
+        handle_interrupt=handle_interrupt,
         seed_everything_default=0,
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_callback=SaveConfigToLogDir,
@@ -573,14 +602,16 @@ def cli_main(args: Optional[list[str]] = None, run: bool = True) -> MusicVAECLI:
     )
 
 
-def subcommand_main(argv: Optional[list[str]] = None) -> int:
+def subcommand_main(argv: Optional[list[str]] = None, program: Optional[str] = None) -> int:
     """`musicvae fit|validate|test|predict ...`. Exit status: 0 done; 2 a user error (one clear
-    line, no traceback); 3 stopped by a NaN/Inf; 143 stopped by SIGTERM (after saving last.ckpt
-    when finite)."""
+    line, no traceback); 3 stopped by a NaN/Inf; 130 stopped by Ctrl-C and 143 by SIGTERM (each
+    after saving last.ckpt when finite); 1 a second Ctrl-C, which stops at once."""
+    if program is None:
+        program = "musicvae" if Path(sys.argv[0]).name == "musicvae" else f"python {sys.argv[0]}"
     try:
-        cli_main(argv)
-    except SIGTERMException:
-        return PREEMPTED_EXIT
+        cli_main(argv, program=program, handle_interrupt=True)
+    except SIGTERMException as stop:
+        return INTERRUPTED_EXIT if getattr(stop, "signal", None) == signal.SIGINT else PREEMPTED_EXIT
     except NonFiniteError as err:
         sys.stderr.write(f"musicvae: error: {err}\n")
         return NONFINITE_EXIT

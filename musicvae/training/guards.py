@@ -8,11 +8,14 @@
 - Preemption: on SIGTERM the current step finishes on every rank, then Lightning raises
   SIGTERMException (by itself it saves nothing and exits 0). This writes `last.ckpt` when the
   weights are finite; the command line then exits 143 (128 + SIGTERM), which schedulers read
-  as preempted.
+  as preempted. The command line's runs treat a first Ctrl-C (SIGINT) the same way and exit
+  130 (128 + SIGINT); a second Ctrl-C stops at once. Lightning's own handling of Ctrl-C (a
+  KeyboardInterrupt wherever it lands) keeps only the last epoch's checkpoint.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from pathlib import Path
@@ -30,6 +33,8 @@ from musicvae.training.lightning_private import request_graceful_stop
 
 #: Exit status of a run stopped by SIGTERM after saving (128 + signal 15, as a shell reports it).
 PREEMPTED_EXIT = 143
+#: Exit status of a run stopped by Ctrl-C (128 + signal 2, as a shell reports it).
+INTERRUPTED_EXIT = 130
 #: Exit status of a run stopped by a NaN/Inf.
 NONFINITE_EXIT = 3
 
@@ -138,27 +143,60 @@ def _describe(parts: list[str], grads: list[str]) -> str:
 
 
 class Preemption(Callback):
-    """On SIGTERM: after the current step, write `last.ckpt` if the weights are finite.
+    """On SIGTERM (and, with `interrupt`, a first Ctrl-C): after the current step, write
+    `last.ckpt` if the weights are finite.
 
     Lightning raises SIGTERMException at the end of the step in which the signal arrived (on
-    every rank under DDP); the command line turns it into exit status 143.
+    every rank under DDP); the command line turns it into exit status 143, or 130 after Ctrl-C
+    (`stopped_by`). The handlers are this run's only: the previous ones come back when training
+    ends, so a notebook or test process that called the command keeps its own.
+
+    Args:
+        checkpoint_dir: where `last.ckpt` goes.
+        interrupt: also handle SIGINT (the command line does; the Python API keeps Python's
+            KeyboardInterrupt).
+        resume_command: the command that continues the run, printed on the way out.
     """
 
-    def __init__(self, checkpoint_dir: Path) -> None:
+    def __init__(self, checkpoint_dir: Path, interrupt: bool = False, resume_command: Optional[str] = None) -> None:
         self.path = Path(checkpoint_dir) / "last.ckpt"
+        self.interrupt = interrupt
+        self.resume_command = resume_command or f"python scripts/train.py --ckpt_path {self.path}"
         self.saved = False
         self.requested = False
+        self.stopped_by: Optional[int] = None  # the signal that asked for the stop
+        self._previous: dict[int, Any] = {}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Replaces Lightning's SIGTERM handler (registered just before the fit loop): it runs a
         # broadcast inside the handler, which deadlocks DDP ranks whose collectives it interleaves
         # (seen: 3 of 3 two-process runs hung). Ours only notes the signal; the ranks agree on it
         # after each batch, and Lightning's own checks then stop every rank at the same step.
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._note)
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (signal.SIGTERM, signal.SIGINT) if self.interrupt else (signal.SIGTERM,):
+            self._previous.setdefault(signum, signal.getsignal(signum))
+            signal.signal(signum, self._note)
 
     def _note(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.requested:
+            # The second Ctrl-C: stop now, as Python would have at the first.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self.stopped_by = signum
+            raise KeyboardInterrupt
         self.requested = True  # no collective, no I/O: safe wherever the signal lands
+        self.stopped_by = self.stopped_by or signum
+        if signum == signal.SIGINT:
+            # os.write, not print: a handler may run inside another write to the same stream.
+            os.write(2, b"\nmusicvae: Ctrl-C: finishing this step, then saving last.ckpt (Ctrl-C again stops at once)\n")
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore_handlers()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         # One scalar all-reduce per step under DDP (none on one device): a signal to any rank stops all.
@@ -166,16 +204,23 @@ class Preemption(Callback):
             request_graceful_stop(trainer)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore_handlers()
+        if isinstance(exception, KeyboardInterrupt) and self.stopped_by == signal.SIGINT:
+            rank_zero_info(f"musicvae: Ctrl-C twice: stopped at once at step {trainer.global_step}; {self.path} is the "
+                           f"one last written. Continue with:\n  {self.resume_command}")
+            return
         if not isinstance(exception, SIGTERMException):
             return
-        step = trainer.global_step
+        exception.signal = self.stopped_by  # the command line's exit status: 130 after Ctrl-C, else 143
+        step, name = trainer.global_step, "Ctrl-C" if self.stopped_by == signal.SIGINT else "SIGTERM"
+        status = INTERRUPTED_EXIT if self.stopped_by == signal.SIGINT else PREEMPTED_EXIT
         bad = nonfinite_entries({"state_dict": pl_module.state_dict()})
         if bad:
-            rank_zero_warn(f"SIGTERM at step {step}: the weights hold NaN/Inf ({', '.join(bad[:3])}); no checkpoint written")
+            rank_zero_warn(f"{name} at step {step}: the weights hold NaN/Inf ({', '.join(bad[:3])}); no checkpoint written")
             return
         trainer.save_checkpoint(self.path)
         self.saved = True
         rank_zero_info(
-            f"musicvae: SIGTERM: saved {self.path} at step {step} (epoch {trainer.current_epoch}); exiting with "
-            f"status {PREEMPTED_EXIT}. Continue with: python scripts/train.py --ckpt_path {self.path}"
+            f"musicvae: {name}: saved {self.path} at step {step} (epoch {trainer.current_epoch}); exiting with "
+            f"status {status}. Continue with:\n  {self.resume_command}"
         )

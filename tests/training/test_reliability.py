@@ -8,9 +8,11 @@ uninterrupted run. The many-kill loop lives in scripts/reliability.py; here it r
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,7 @@ from musicvae.errors import NonFiniteError
 from musicvae.training.guards import all_finite, nonfinite_gradients, nonfinite_parts
 from musicvae.training.random_state import capture, restore
 from musicvae.data.sampling import CropSampler
-from conftest import load_script, tiny_fit_args
+from conftest import REPO, load_script, tiny_fit_args
 from helpers import assert_same_weights, fit_args, run_train, signal_probe, step_of, straight, weights  # noqa: F401
 
 # ---- exact resume -------------------------------------------------------------------------------
@@ -56,6 +58,68 @@ def test_sigterm_finishes_the_step_saves_exits_143_and_resumes_exactly(tmp_path,
     resumed = run_train(["fit", "--ckpt_path", str(last), "--trainer.callbacks", "[]"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same_weights(last, straight["last"])
+
+
+def start_like_a_terminal(args: list[str]) -> subprocess.Popen:
+    """scripts/train.py in a process group of its own, SIGINT at its default whatever pytest's is
+    (a background shell job inherits SIGINT ignored, and a test would then pass for that reason)."""
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
+    return subprocess.Popen([sys.executable, "scripts/train.py", *args], cwd=REPO, env=environment, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def wait_for(marker: Path, proc: subprocess.Popen) -> int:
+    """The pid in `marker`, once the run has written it (WaitAtStep)."""
+    while not marker.exists():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.1)
+    return int(marker.read_text())
+
+
+def sigint_ignored(pid: int) -> bool:
+    mask = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigIgn:"))
+    return bool(int(mask.split()[1], 16) & (1 << (signal.SIGINT - 1)))
+
+
+@pytest.mark.slow
+def test_ctrl_c_finishes_the_step_saves_exits_130_and_resumes_exactly(tmp_path, straight):
+    marker = tmp_path / "at_step"
+    args = fit_args(tmp_path, straight["cache"], "--trainer.callbacks+=probes.WaitAtStep", "--trainer.callbacks.step",
+                    "10", "--trainer.callbacks.marker", str(marker))
+    proc = start_like_a_terminal(args)
+    pid = wait_for(marker, proc)
+    assert not sigint_ignored(pid)
+    workers = [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    assert len(workers) >= 2  # the two loader workers get the signal too, as from a terminal
+    os.killpg(pid, signal.SIGINT)
+    marker.with_suffix(".go").touch()
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    last = tmp_path / "ckpt" / "last.ckpt"
+    assert step_of(last) == 11  # the step running at Ctrl-C was finished, then saved
+    assert "Ctrl-C: finishing this step" in err and "Ctrl-C: saved" in err
+    # The printed command is the user's own, with --ckpt_path: run as printed, it resumes exactly.
+    command = err.split("Continue with:\n")[1].splitlines()[0].strip()
+    assert command.startswith("python scripts/train.py fit ") and command.endswith(f"--ckpt_path {last}")
+    resumed = run_train(shlex.split(command)[2:])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_same_weights(last, straight["last"])
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_stops_at_once(tmp_path, straight):
+    marker = tmp_path / "at_step"
+    proc = start_like_a_terminal(fit_args(tmp_path, straight["cache"], "--trainer.callbacks+=probes.WaitAtStep",
+                                          "--trainer.callbacks.step", "10", "--trainer.callbacks.marker", str(marker)))
+    pid = wait_for(marker, proc)
+    os.killpg(pid, signal.SIGINT)
+    time.sleep(1)
+    os.killpg(pid, signal.SIGINT)  # during the same step: no save
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err[-3000:]
+    assert "Ctrl-C twice: stopped at once at step 10" in err
+    assert step_of(tmp_path / "ckpt" / "last.ckpt") == 8  # the checkpoint of epoch 0's end, untouched
 
 
 @pytest.mark.slow
