@@ -282,3 +282,31 @@ class WaitAtStep(Callback):
         deadline = time.monotonic() + 120
         while not go.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
+
+
+class DiskFaultAtStep(Callback):
+    """As training step `step` starts, the machine fails the folder `folder`: "fill" its disk (a
+    file of zeros until the write fails), "readonly" (remount the filesystem mounted at `mount`
+    read-only) or "delete" it."""
+
+    def __init__(self, step: int, action: str, folder: str, mount: str = "") -> None:
+        self.step, self.action, self.folder, self.mount = step, action, Path(folder), mount
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step != self.step:
+            return
+        import shutil
+        import subprocess
+
+        if self.action == "fill":
+            with open(self.folder / "filler", "wb") as handle:
+                try:
+                    while True:
+                        handle.write(b"\0" * (1 << 16))
+                        handle.flush()
+                except OSError:
+                    pass
+        elif self.action == "readonly":
+            subprocess.run(["mount", "-o", "remount,ro", self.mount], check=True)
+        else:
+            shutil.rmtree(self.folder)

@@ -22,6 +22,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from musicvae.atomic import temporary_path
 from musicvae.training.checkpoints import load_checkpoint
 from musicvae.errors import NonFiniteError
+from musicvae.storage import StorageError, payload_bytes, write_fault
 
 #: Test-only hook: "N" makes this process SIGKILL itself halfway through its N-th checkpoint
 #: write (counted from 1), the worst moment for a kill. Used by tests and scripts/reliability.py.
@@ -55,6 +56,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def __init__(self) -> None:
         super().__init__()
         self.writes = 0
+        self.folders: set[Path] = set()  # folders this process has written checkpoints into
+        self.written: dict[Path, tuple[Any, Any]] = {}  # file -> (epoch, step) of its last write here
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
         bad = nonfinite_entries(checkpoint)
@@ -65,7 +68,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"{' ...' if len(bad) > 5 else ''}); the previous checkpoint is kept"
             )
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        existed = path.parent in self.folders
+        if not existed:
+            path.parent.mkdir(parents=True, exist_ok=True)  # not after a first write: a deleted folder is a fault
         tmp = temporary_path(path)
         self.writes += 1
         try:
@@ -76,14 +81,45 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
+        except BaseException as err:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass  # a read-only or vanished folder: nothing was left there either
+            reason = write_fault(err, path.parent, payload_bytes(checkpoint), existed) if isinstance(err, Exception) else None
+            if reason:
+                raise StorageError(self._stopped(reason, checkpoint, path)) from None
             raise
         fsync_dir(path.parent)
+        self.folders.add(path.parent)
+        self.written[path] = (checkpoint.get("epoch"), checkpoint.get("global_step"))
+
+    def _stopped(self, reason: str, checkpoint: dict[str, Any], path: Path) -> str:
+        """The one line a refused checkpoint write ends training with: why, where, and what is kept."""
+        kept = self.written.get(path) or _stored_position(path)
+        if kept is not None and path.is_file():
+            what = f"{path} (epoch {kept[0]}, step {kept[1]}) is kept and resumes the run (--ckpt_path {path})"
+        elif not path.parent.is_dir():
+            what = f"no checkpoint of this run remains there ({path.parent} is gone)"
+        else:
+            what = f"no {path.name} was written before"
+        return (f"checkpoint not written: {reason}. Training stopped at step {checkpoint.get('global_step')} "
+                f"(epoch {checkpoint.get('epoch')}); {what}. Free space or fix the folder (or choose another "
+                "--checkpoint_dir), then resume")
 
     def load_checkpoint(self, path: Any, map_location: Optional[Any] = None, weights_only: Optional[bool] = None) -> dict[str, Any]:
         # Always weights_only, whatever the caller asks: a checkpoint must never run code.
         return load_checkpoint(path, map_location=map_location or "cpu")
+
+
+def _stored_position(path: Path) -> Optional[tuple[Any, Any]]:
+    """(epoch, step) of a checkpoint file an earlier process wrote; None if unreadable. Memory-mapped:
+    only the two numbers are read, whatever the file's size."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return ckpt.get("epoch"), ckpt.get("global_step")
+    except Exception:  # noqa: BLE001 - the message then just does not name it
+        return None
 
 
 def _write_half_and_die(checkpoint: dict[str, Any], handle: io.BufferedWriter) -> None:

@@ -44,6 +44,7 @@ from musicvae.training.checkpoints import (
 )
 from musicvae.data.datamodule import MelDataModule
 from musicvae.errors import CheckpointError, ConfigError, MusicVAEError, NonFiniteError
+from musicvae.storage import STORAGE_EXIT, StorageError, free_bytes, payload_bytes, size_text
 from musicvae.training.guards import INTERRUPTED_EXIT, NONFINITE_EXIT, PREEMPTED_EXIT, NonFiniteGuard, Preemption
 from musicvae.training.module import MusicVAEModule
 from musicvae.training.random_state import ResumableRandomState
@@ -301,8 +302,21 @@ class MusicVAECLI(LightningCLI):
             self._check_resume()
             if self.model.hparams.get("ema_decay") and RAW_WEIGHTS_KEY not in self.resume:
                 rank_zero_info("musicvae: EMA starts at this resume: the average begins at the checkpoint's weights")
+        self._warn_if_little_room()
         for path in remove_abandoned(self.checkpoint_dir, recursive=False):
             rank_zero_info(f"musicvae: removed {path.name}, left by a checkpoint write that was killed")
+
+    def _warn_if_little_room(self) -> None:
+        """A warning when the checkpoint folder's disk holds fewer than three checkpoints: best and
+        last, and the temporary file each is written to before it replaces the old one."""
+        weights = payload_bytes(self.model.state_dict())
+        params = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
+        size = weights + 2 * params + (weights if self.model.hparams.get("ema_decay") else 0)  # + Adam's 2 moments, + EMA
+        free = free_bytes(self.checkpoint_dir)
+        if free is not None and free < 3 * size:
+            rank_zero_warn(f"--checkpoint_dir {self.checkpoint_dir}: {size_text(free)} free, room for {free // max(size, 1)} "
+                           f"checkpoint(s) of about {size_text(size)}; best.ckpt and last.ckpt need 3 (each is written "
+                           "beside the old one first). Free space or choose another folder.")
 
     def _initialise(self) -> None:
         """--model.init_from: the checkpoint's weights, and its normalisation unless told otherwise."""
@@ -605,7 +619,8 @@ def cli_main(args: Optional[list[str]] = None, run: bool = True, program: str = 
 def subcommand_main(argv: Optional[list[str]] = None, program: Optional[str] = None) -> int:
     """`musicvae fit|validate|test|predict ...`. Exit status: 0 done; 2 a user error (one clear
     line, no traceback); 3 stopped by a NaN/Inf; 130 stopped by Ctrl-C and 143 by SIGTERM (each
-    after saving last.ckpt when finite); 1 a second Ctrl-C, which stops at once."""
+    after saving last.ckpt when finite); 4 a write the machine refused (disk full, read-only or
+    deleted folder); 1 a second Ctrl-C, which stops at once."""
     if program is None:
         program = "musicvae" if Path(sys.argv[0]).name == "musicvae" else f"python {sys.argv[0]}"
     try:
@@ -615,6 +630,9 @@ def subcommand_main(argv: Optional[list[str]] = None, program: Optional[str] = N
     except NonFiniteError as err:
         sys.stderr.write(f"musicvae: error: {err}\n")
         return NONFINITE_EXIT
+    except StorageError as err:
+        sys.stderr.write(f"musicvae: error: {err}\n")
+        return STORAGE_EXIT
     except MusicVAEError as err:
         sys.stderr.write(f"musicvae: error: {err}\n")
         return 2

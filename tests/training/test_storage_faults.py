@@ -1,0 +1,64 @@
+"""Faults of the machine at a checkpoint write, through the real command: a full disk, a folder
+remounted read-only, a deleted folder. Each stops training with one line (the folder, why, what is
+kept) and exit status 4; nothing half-written is left behind. The disk is a real filesystem the
+test mounts (tmpfs), so the full disk fails inside torch.save as it would for a user."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import fit_args, run_train, step_of, straight  # noqa: F401
+from musicvae.storage import payload_bytes, size_text, write_fault
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MiB tmpfs at tmp_path/disk (these machines run as root); skipped where mounting is not allowed."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or 'mount failed'}): needs root in a "
+                    "container that allows mounts")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+@pytest.mark.parametrize("action, says", [
+    ("fill", "no space left on the device of"),
+    ("readonly", "is on a read-only filesystem now"),
+    ("delete", "no longer exists (deleted or unmounted during the run)"),
+])
+def test_a_refused_checkpoint_write_stops_with_one_line_and_status_4(tmp_path, straight, small_disk, action, says):
+    ckpt_dir = small_disk / "ckpt"
+    args = [a if a != str(tmp_path / "ckpt") else str(ckpt_dir) for a in fit_args(tmp_path, straight["cache"])]
+    result = run_train([*args, "--trainer.callbacks+=probes.DiskFaultAtStep", "--trainer.callbacks.step", "10",
+                        "--trainer.callbacks.action", action, "--trainer.callbacks.folder",
+                        str(ckpt_dir if action == "delete" else small_disk), "--trainer.callbacks.mount", str(small_disk)])
+    assert result.returncode == 4, result.stderr[-3000:]
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("musicvae: error:")]
+    assert says in line and "Training stopped at step 12 (epoch 1)" in line, line
+    assert "Traceback" not in result.stderr
+    if action == "delete":
+        assert f"no checkpoint of this run remains there ({ckpt_dir} is gone)" in line
+        return
+    assert f"{ckpt_dir / 'last.ckpt'} (epoch 0, step 8) is kept" in line
+    assert step_of(ckpt_dir / "last.ckpt") == 8
+    assert not [p for p in ckpt_dir.iterdir() if p.name.endswith(".tmp")]
+    if action == "fill":
+        assert f"needs about {size_text(payload_bytes(torch.load(ckpt_dir / 'last.ckpt', weights_only=True)))}" in line
+
+
+def test_write_fault_reads_errnos_and_the_folder(tmp_path):
+    full = OSError(28, "No space left on device")
+    assert "no space left" in write_fault(full, tmp_path, 10)
+    assert write_fault(RuntimeError("a bug"), tmp_path, 10) is None
+    assert "no space left" in write_fault(RuntimeError("unexpected pos"), tmp_path, 1 << 62)  # torch.save's, by free space
+    assert "no longer exists" in write_fault(FileNotFoundError(2, "x"), tmp_path / "gone", 10)
+    assert write_fault(FileNotFoundError(2, "x"), tmp_path / "gone", 10, existed=False) is None
