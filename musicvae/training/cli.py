@@ -48,6 +48,7 @@ from musicvae.storage import STORAGE_EXIT, StorageError, free_bytes, payload_byt
 from musicvae.training.guards import INTERRUPTED_EXIT, NONFINITE_EXIT, PREEMPTED_EXIT, NonFiniteGuard, Preemption
 from musicvae.training.module import MusicVAEModule
 from musicvae.training.random_state import ResumableRandomState
+from musicvae.training.run_lock import RunLock
 from musicvae.training.lightning_private import CLI_CKPT_HOOK
 from musicvae.training.media import MediaLogger
 from musicvae.training.predictions import LatentWriter
@@ -286,7 +287,21 @@ class MusicVAECLI(LightningCLI):
             self.init_ckpt = preloaded[1] if preloaded and preloaded[0] == init_from else load_checkpoint(init_from)
             self.init_mel = adopt_mel_settings(self.config[self.subcommand], self.init_ckpt)
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        finally:
+            if getattr(self, "run_lock", None) is not None:
+                self.run_lock.release()
+
     def before_fit(self) -> None:
+        # First: a folder another live run trains in is refused before anything else is checked or written.
+        self.run_lock = None
+        if self.trainer.is_global_zero:
+            self.run_lock = RunLock(self.checkpoint_dir, " ".join([*self.command[:1], shlex.join(self.command[1:])]))
+            note = self.run_lock.acquire()
+            if note:
+                rank_zero_warn(note)
         # Before prepare_data: a batch the training set can never fill fails now, not after the cache is built.
         bound = check_batch_size(self.datamodule)
         if self.resume is None:
