@@ -6,7 +6,6 @@ test mounts (tmpfs), so the full disk fails inside torch.save as it would for a 
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
