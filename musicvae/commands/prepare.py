@@ -20,6 +20,7 @@ from musicvae.commands.parsing import (RawDescription, add_mel_arguments, comman
 from musicvae.data.cache import build_audio_cache, cache_folder
 from musicvae.data.builtin import default_cache_dir
 from musicvae.errors import ConfigError, MusicVAEError
+from musicvae.storage import STORAGE_EXIT, StorageError
 
 EPILOG = """\
 Prepare large collections with this script before a multi-GPU (DDP) run. Training builds the same
@@ -79,6 +80,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         report = build_audio_cache(args.audio_dir, cache_dir, mel, workers=args.workers,
                                    progress=not args.no_progress)
+    except StorageError as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return STORAGE_EXIT
     except MusicVAEError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -37,6 +37,7 @@ import torch
 
 from musicvae.audio.mel import AUDIO_SUFFIXES, AudioError, MelSettings, decode_audio, mono_to_log_mel
 from musicvae.atomic import remove_abandoned, write_atomic
+from musicvae.storage import StorageError, write_fault
 from musicvae.errors import DataError
 
 #: Bump when the arrays or the manifest change meaning, so older caches are not reused.
@@ -137,8 +138,16 @@ def _prepare_one(job: tuple[str, str, str, MelSettings, int, int]) -> dict[str, 
     try:
         wave, rate = decode_audio(source)
         spec = mono_to_log_mel(wave, rate, mel, source=source)
-        Path(array).parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(Path(array), lambda h: np.save(h, spec, allow_pickle=False))
+        try:
+            Path(array).parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(Path(array), lambda h: np.save(h, spec, allow_pickle=False))
+        except OSError as err:
+            # The machine's fault, not the recording's: never recorded as a bad file (a failure is
+            # remembered and skipped by later builds), but stops the build (see on_result).
+            fault = write_fault(err, Path(array).parent, spec.nbytes, existed=False)
+            if fault is None:
+                raise
+            return {"rel": rel, "fault": fault}
         record.update(n_frames=int(spec.shape[1]), duration=wave.size / rate, sample_rate=rate)
     except AudioError as err:
         record["error"] = str(err).removeprefix(f"{source}: ")
@@ -277,6 +286,12 @@ def build_audio_cache(
     def on_result(record: dict[str, Any]) -> None:
         nonlocal last_save
         rel = record.pop("rel")
+        if "fault" in record:
+            done = len(manifest["entries"])
+            raise StorageError(
+                f"log-mel cache not written: {record['fault']}. Preparation stopped at {rel}; the {done} arrays "
+                f"already in {folder} are kept, and the next run continues from there once there is room "
+                "(or choose another --data.cache_dir)")
         if record.pop("vanished", False):
             vanished[rel] = record["error"]  # not recorded: there is no file left to key it by
         elif "error" in record:

@@ -61,3 +61,31 @@ def test_write_fault_reads_errnos_and_the_folder(tmp_path):
     assert "no space left" in write_fault(RuntimeError("unexpected pos"), tmp_path, 1 << 62)  # torch.save's, by free space
     assert "no longer exists" in write_fault(FileNotFoundError(2, "x"), tmp_path / "gone", 10)
     assert write_fault(FileNotFoundError(2, "x"), tmp_path / "gone", 10, existed=False) is None
+
+
+def test_a_full_cache_disk_stops_preparation_and_a_rerun_continues(tmp_path, small_disk, capsys):
+    """A full disk during preparation is the machine's fault, not the recordings': nothing is
+    recorded as a bad file, the arrays written are kept, and a rerun with room finishes the rest."""
+    import numpy as np
+    import soundfile as sf
+
+    from conftest import load_script
+    from musicvae.audio.synth import render_piece
+
+    music = tmp_path / "music"
+    music.mkdir()
+    for i in range(6):
+        sf.write(music / f"song_{i}.wav", render_piece(i, seconds=20.0, sample_rate=22050), 22050)
+    prepare = load_script("prepare")
+    (small_disk / "filler").write_bytes(b"\0" * (15 * 1024 * 1024))  # leaves room for about two arrays
+    status = prepare.main([str(music), "--data.cache_dir", str(small_disk / "cache"), "--workers", "0", "--no_progress"])
+    assert status == 4
+    err = capsys.readouterr().err
+    assert "log-mel cache not written: no space left on the device of" in err and "continues from there" in err
+    kept = len(list((small_disk / "cache").rglob("*.npy")))
+    assert 0 < kept < 6
+    (small_disk / "filler").unlink()
+    status = prepare.main([str(music), "--data.cache_dir", str(small_disk / "cache"), "--workers", "0", "--no_progress"])
+    assert status == 0
+    arrays = sorted((small_disk / "cache").rglob("*.npy"))
+    assert len(arrays) == 6 and all(np.load(a).shape[0] == 128 for a in arrays)
