@@ -78,14 +78,16 @@ class ValHistory(Callback):
 
 
 class SignalAtStep(Callback):
-    """Sends this process `signal` (e.g. SIGKILL, SIGTERM) as training step `step` starts."""
+    """Sends this process `signal` (e.g. SIGKILL, SIGTERM) as training step `step` starts (on
+    every rank, or only on global rank `rank`)."""
 
-    def __init__(self, step: int, signal: str = "SIGKILL") -> None:
+    def __init__(self, step: int, signal: str = "SIGKILL", rank: int = -1) -> None:
         self.step = step
         self.signal = signal
+        self.rank = rank
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
+        if trainer.global_step == self.step and self.rank in (-1, trainer.global_rank):
             import os
             import signal
 

@@ -96,7 +96,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def _stopped(self, reason: str, checkpoint: dict[str, Any], path: Path) -> str:
         """The one line a refused checkpoint write ends training with: why, where, and what is kept."""
-        kept = self.written.get(path) or _stored_position(path)
+        kept = self.written.get(path) or stored_position(path)
         if kept is not None and path.is_file():
             what = f"{path} (epoch {kept[0]}, step {kept[1]}) is kept and resumes the run (--ckpt_path {path})"
         elif not path.parent.is_dir():
@@ -112,7 +112,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return load_checkpoint(path, map_location=map_location or "cpu")
 
 
-def _stored_position(path: Path) -> Optional[tuple[Any, Any]]:
+def stored_position(path: Path) -> Optional[tuple[Any, Any]]:
     """(epoch, step) of a checkpoint file an earlier process wrote; None if unreadable. Memory-mapped:
     only the two numbers are read, whatever the file's size."""
     try:

@@ -30,7 +30,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from musicvae.atomic import remove_abandoned
 from musicvae.training.callbacks import ApplyResumedLearningRate, FixedNameCheckpoint, RunMetadata
 from musicvae.training.ema import EMA
-from musicvae.training.checkpoint_io import AtomicCheckpointIO
+from musicvae.training.checkpoint_io import AtomicCheckpointIO, stored_position
 from musicvae.training.initialisation import initialise_from
 from musicvae.training.checkpoints import (
     DATA_STATE_KEY,
@@ -290,6 +290,15 @@ class MusicVAECLI(LightningCLI):
     def _run_subcommand(self, subcommand: str) -> None:
         try:
             super()._run_subcommand(subcommand)
+        except Exception as err:
+            if getattr(self, "trainer", None) is None or self.trainer.world_size < 2 or not peer_lost(err):
+                raise
+            last = self.checkpoint_dir / "last.ckpt"
+            kept = stored_position(last) if last.is_file() else None
+            what = f"{last} (epoch {kept[0]}, step {kept[1]}) is intact" if kept else "no last.ckpt of this run was written"
+            raise PeerLostError(
+                f"rank {self.trainer.global_rank}: another process of this {self.trainer.world_size}-process run died "
+                f"({_first_line(err)}); {what}. Resume with:\n  {resume_command(self.command, last)}") from None
         finally:
             if getattr(self, "run_lock", None) is not None:
                 self.run_lock.release()
@@ -475,6 +484,35 @@ def repin_loggers(loggers: Any, stored: Any) -> None:
             args.save_dir, args.version = pinned["save_dir"], pinned["version"]
 
 
+class PeerLostError(MusicVAEError):
+    """Another process of a multi-process run died (killed, out of memory, its node lost)."""
+
+
+#: Exit status of a rank whose peer died.
+PEER_LOST_EXIT = 5
+#: What a collective raises on the survivors when a peer dies: gloo's closed or reset connection,
+#: NCCL's aborted communicator or timeout, and torch.distributed's own error types.
+_PEER_LOST = ("connection closed by peer", "connection reset by peer", "broken pipe", "nccl communicator was aborted",
+              "watchdog caught collective operation timeout", "socket timeout")
+
+
+def peer_lost(err: BaseException) -> bool:
+    """Whether `err` (or what caused it) is a collective failing because another rank is gone."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        name, text = type(err).__name__, str(err).lower()
+        if name in ("DistNetworkError", "DistBackendError") or any(s in text for s in _PEER_LOST):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0][:160]}" if lines else type(err).__name__
+
+
 def resume_command(command: list[str], last: Path) -> str:
     """The user's own command line with `--ckpt_path LAST` in place of any it had: the same command
     resumes the run (a `+=` in it appends to the command's own list: restart_appended_lists)."""
@@ -635,7 +673,8 @@ def subcommand_main(argv: Optional[list[str]] = None, program: Optional[str] = N
     """`musicvae fit|validate|test|predict ...`. Exit status: 0 done; 2 a user error (one clear
     line, no traceback); 3 stopped by a NaN/Inf; 130 stopped by Ctrl-C and 143 by SIGTERM (each
     after saving last.ckpt when finite); 4 a write the machine refused (disk full, read-only or
-    deleted folder); 1 a second Ctrl-C, which stops at once."""
+    deleted folder); 5 another process of a multi-process run died; 1 a second Ctrl-C, which stops
+    at once."""
     if program is None:
         program = "musicvae" if Path(sys.argv[0]).name == "musicvae" else f"python {sys.argv[0]}"
     try:
@@ -648,6 +687,9 @@ def subcommand_main(argv: Optional[list[str]] = None, program: Optional[str] = N
     except StorageError as err:
         sys.stderr.write(f"musicvae: error: {err}\n")
         return STORAGE_EXIT
+    except PeerLostError as err:
+        sys.stderr.write(f"musicvae: error: {err}\n")
+        return PEER_LOST_EXIT
     except MusicVAEError as err:
         sys.stderr.write(f"musicvae: error: {err}\n")
         return 2

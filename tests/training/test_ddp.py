@@ -284,3 +284,21 @@ def test_sigterm_on_every_rank_saves_last_ckpt_and_exits_143(tmp_path):
     assert all_ended, "rank 1 outlived rank 0"
     assert "SIGTERM: saved" in stderr
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 7  # step 6 finished
+
+
+def test_a_dead_rank_leaves_one_line_on_the_survivor_and_last_ckpt_intact(tmp_path):
+    # Rank 1 is killed outright at step 10 (the OOM killer's way); rank 0 meets the closed connection.
+    probe = [{"class_path": "probes.SignalAtStep", "init_args": {"step": 10, "signal": "SIGKILL", "rank": 1}}]
+    args = tiny_fit_args(tmp_path, "--trainer.accelerator", "cpu", "--trainer.devices", str(DEVICES),
+                         "--trainer.strategy", "ddp", "--trainer.max_epochs", "4", "--checkpoint_every_n_steps", "4",
+                         "--trainer.callbacks", json.dumps(probe))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": str(REPO / "tests")}
+    status, stderr, all_ended = run_process_group([sys.executable, str(REPO / "scripts" / "train.py"), *args],
+                                                  tmp_path, env, timeout=180)
+    assert status == 5, stderr[-3000:]
+    assert all_ended
+    [line] = [line for line in stderr.splitlines() if line.startswith("musicvae: error: rank 0: another process")]
+    last = tmp_path / "ckpt" / "last.ckpt"
+    assert "of this 2-process run died" in line and f"{last} (epoch" in line and "is intact" in line
+    assert "--ckpt_path " + str(last) in stderr
+    torch.load(last, weights_only=True)  # whole
