@@ -59,6 +59,9 @@ def build_parser() -> ArgumentParser:
                         help="decoding processes (default: all cores; 0 decodes in this process)")
     parser.add_argument("--data.frames", type=int, default=128,
                         help="segment length used to count segments")
+    parser.add_argument("--data.decode_timeout", type=Optional[float], default=600.0,
+                        help="seconds one file may take to decode; its process is then killed and the file reported "
+                             "as unusable (null: no limit)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     add_mel_arguments(parser)
     return parser
@@ -79,7 +82,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     cache_dir = Path(args.data.cache_dir).expanduser() if args.data.cache_dir else default_cache_dir()
     try:
         report = build_audio_cache(args.audio_dir, cache_dir, mel, workers=args.workers,
-                                   progress=not args.no_progress)
+                                   progress=not args.no_progress, decode_timeout=args.data.decode_timeout)
     except StorageError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return STORAGE_EXIT

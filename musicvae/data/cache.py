@@ -22,6 +22,7 @@ import ctypes
 import hashlib
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import re
 import stat
@@ -217,12 +218,65 @@ def _run_jobs(jobs: list, workers: int, on_result: Callable[[dict[str, Any]], No
                            "error": "the decoder crashed its process (a codec fault or out of memory)"})
 
 
+def _job_process(job: tuple, send: Any) -> None:
+    """A decoding process's whole life: one file, its record sent back, then exit."""
+    init_worker_process()
+    send.send(_prepare_one(job))
+    send.close()
+
+
+def _run_jobs_with_timeout(jobs: list, workers: int, on_result: Callable[[dict[str, Any]], None],
+                           timeout: float) -> None:
+    """Run `_prepare_one` over `jobs`, each in a process of its own that is killed (SIGKILL) after
+    `timeout` seconds: a decoder stuck on a malformed file, even one that blocks every signal,
+    cannot hold the build. Up to `workers` at once (at least one). A fork costs milliseconds
+    against the seconds a file takes to decode."""
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else None)
+    pending, running = list(jobs), {}
+    try:
+        while pending or running:
+            while pending and len(running) < max(1, workers):
+                job = pending.pop(0)
+                receive, send = context.Pipe(duplex=False)
+                process = context.Process(target=_job_process, args=(job, send), daemon=True)
+                process.start()
+                send.close()
+                running[receive] = (process, job, time.monotonic())
+            for conn in multiprocessing.connection.wait(list(running), timeout=0.2):
+                process, job, _ = running.pop(conn)
+                try:
+                    record = conn.recv()
+                except (EOFError, OSError):
+                    record = {"rel": job[1], "size": job[4], "mtime_ns": job[5],
+                              "error": "the decoder crashed its process (a codec fault or out of memory)"}
+                conn.close()
+                process.join()
+                on_result(record)
+            now = time.monotonic()
+            for conn, (process, job, started) in list(running.items()):
+                if now - started > timeout:
+                    process.kill()
+                    process.join()
+                    conn.close()
+                    del running[conn]
+                    on_result({"rel": job[1], "size": job[4], "mtime_ns": job[5],
+                               "error": f"decoding took longer than {timeout:g} s (--data.decode_timeout); "
+                                        "its process was stopped"})
+    finally:
+        for conn, (process, _, _) in running.items():
+            process.kill()
+            process.join()
+            conn.close()
+
+
 def build_audio_cache(
     data_dir: str | os.PathLike,
     cache_dir: str | os.PathLike,
     mel: MelSettings,
     workers: int = 0,
     progress: bool = False,
+    decode_timeout: Optional[float] = None,
 ) -> CacheReport:
     """Bring the log-mel cache of every audio file under `data_dir` up to date.
 
@@ -232,6 +286,9 @@ def build_audio_cache(
         mel: the mel settings of the arrays.
         workers: processes that decode in parallel; 0 decodes in this process.
         progress: show a progress bar (tqdm, on stderr) over the files to compute.
+        decode_timeout: seconds one file may take to decode and store, each in a process of its
+            own that is killed when it runs over (the file is then reported like any bad file);
+            None: no limit, in `workers` pooled processes (or this one).
 
     Returns:
         The usable entries sorted by path, the unusable files with reasons, and the counts.
@@ -306,7 +363,10 @@ def build_audio_cache(
             last_save = time.monotonic()
 
     try:
-        _run_jobs(jobs, workers, on_result)
+        if decode_timeout is None:
+            _run_jobs(jobs, workers, on_result)
+        else:
+            _run_jobs_with_timeout(jobs, workers, on_result, decode_timeout)
     finally:
         if bar is not None:
             bar.close()

@@ -79,6 +79,10 @@ class MelDataModule(L.LightningDataModule):
         on_bad_file: "skip" reports each unusable file once and trains on the rest; "error"
             stops at the first one.
         prepare_workers: processes that decode audio into the cache (None: every CPU core).
+        decode_timeout: seconds one audio file may take to decode into the cache; each file is
+            decoded in a process of its own that is killed when it runs over, and the file is
+            reported as unusable like any broken one (null: no limit). A 1-hour recording takes
+            well under a minute on one core.
         augment: random gain, mel-bin shift and mixing of training segments (see
             musicvae/data/augment.py); None (the default) changes nothing. Validation, evaluation and
             the normalisation statistics always see the segments as they are.
@@ -105,8 +109,11 @@ class MelDataModule(L.LightningDataModule):
         prepare_workers: Optional[int] = None,
         augment: Optional[AugmentSettings] = None,
         device_cache: bool = False,
+        decode_timeout: Optional[float] = 600.0,
     ) -> None:
         super().__init__()
+        if decode_timeout is not None and decode_timeout <= 0:
+            raise ConfigError(f"data.decode_timeout={decode_timeout} must be positive seconds (or null: no limit)")
         if not 0.0 < val_split < 1.0:
             raise ConfigError(f"data.val_split={val_split} must be between 0 and 1 (exclusive), e.g. 0.1")
         if frames < 1 or batch_size < 1 or num_workers < 0:
@@ -124,6 +131,7 @@ class MelDataModule(L.LightningDataModule):
         self.num_workers, self.silence_margin, self.on_bad_file = num_workers, silence_margin, on_bad_file
         self.synthetic_pieces, self.synthetic_seconds = synthetic_pieces, synthetic_seconds
         self.prepare_workers = prepare_workers
+        self.decode_timeout = decode_timeout
         self.device_cache = device_cache
         self.device_crops: Optional[DeviceCrops] = None  # built by setup("fit") when device_cache
         self.normalizer = Normalizer()
@@ -248,7 +256,8 @@ class MelDataModule(L.LightningDataModule):
         rels, odd_dirs = find_audio_files(self.data_dir)
         if not rels and not odd_dirs:
             return None
-        return build_audio_cache(self.data_dir, self.cache_dir, self.mel, workers=workers, progress=progress)
+        return build_audio_cache(self.data_dir, self.cache_dir, self.mel, workers=workers, progress=progress,
+                                 decode_timeout=self.decode_timeout)
 
     def _candidates(self) -> tuple[list[tuple[str, Path]], list[str]]:
         """(relative path, array file) of every recording, and messages about unusable files.

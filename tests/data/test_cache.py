@@ -197,3 +197,36 @@ def test_moved_folder_gets_its_own_cache(audio_dir: Path, tmp_path: Path) -> Non
     build(audio_dir, tmp_path)
     moved = shutil.copytree(audio_dir, tmp_path / "copy")
     assert build(moved, tmp_path).computed == len(GOOD)
+
+
+def test_a_decoder_that_hangs_is_killed_after_the_timeout_and_reported(tmp_path, monkeypatch):
+    """Each file decodes in a process of its own; one stuck with every signal blocked (so no
+    Python-level alarm could stop it) is killed at the timeout and reported like a bad file."""
+    import signal
+    import time
+
+    import soundfile as sf
+
+    from musicvae.audio.mel import MelSettings, decode_audio
+    from musicvae.data import cache
+
+    music = tmp_path / "music"
+    music.mkdir()
+    rate = 22050
+    for name in ("good_a", "stuck", "good_b"):
+        sf.write(music / f"{name}.wav", (0.1 * np.sin(np.arange(rate * 2) * 0.05)).astype(np.float32), rate)
+
+    def hanging_decode(path, *args, **kwargs):
+        if "stuck" in str(path):
+            signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals) - {signal.SIGKILL, signal.SIGSTOP})
+            while True:
+                time.sleep(1)
+        return decode_audio(path, *args, **kwargs)
+
+    monkeypatch.setattr(cache, "decode_audio", hanging_decode)  # forked decoding processes inherit it
+    started = time.monotonic()
+    report = cache.build_audio_cache(music, tmp_path / "cache", MelSettings(n_mels=32), workers=2, decode_timeout=3)
+    assert time.monotonic() - started < 60
+    assert sorted(Path(e.rel).stem for e in report.entries) == ["good_a", "good_b"]
+    [(path, reason)] = report.problems
+    assert path.endswith("stuck.wav") and "decoding took longer than 3 s (--data.decode_timeout)" in reason
