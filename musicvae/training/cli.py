@@ -304,13 +304,12 @@ class MusicVAECLI(LightningCLI):
                 self.run_lock.release()
 
     def before_fit(self) -> None:
-        # First: a folder another live run trains in is refused before anything else is checked or written.
+        # First: a folder another live run trains in is refused before anything else is checked (nothing
+        # written); the lock itself is taken once every other check has passed (the end of this hook).
         self.run_lock = None
+        lock = RunLock(self.checkpoint_dir, " ".join([*self.command[:1], shlex.join(self.command[1:])]))
         if self.trainer.is_global_zero:
-            self.run_lock = RunLock(self.checkpoint_dir, " ".join([*self.command[:1], shlex.join(self.command[1:])]))
-            note = self.run_lock.acquire()
-            if note:
-                rank_zero_warn(note)
+            lock.refuse_if_held()
         # Before prepare_data: a batch the training set can never fill fails now, not after the cache is built.
         bound = check_batch_size(self.datamodule)
         if self.resume is None:
@@ -327,6 +326,11 @@ class MusicVAECLI(LightningCLI):
             if self.model.hparams.get("ema_decay") and RAW_WEIGHTS_KEY not in self.resume:
                 rank_zero_info("musicvae: EMA starts at this resume: the average begins at the checkpoint's weights")
         self._warn_if_little_room()
+        if self.trainer.is_global_zero:
+            note = lock.acquire()
+            self.run_lock = lock
+            if note:
+                rank_zero_warn(note)
         for path in remove_abandoned(self.checkpoint_dir, recursive=False):
             rank_zero_info(f"musicvae: removed {path.name}, left by a checkpoint write that was killed")
 

@@ -82,8 +82,21 @@ class RunLock:
     def __init__(self, folder: str | os.PathLike, command: str = "") -> None:
         self.path = Path(folder) / LOCK_NAME
         self.command = command
+        self.created_folder = False
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+
+    def refuse_if_held(self) -> None:
+        """Raise RunLockError when a live run holds the lock; writes nothing (a check before any work)."""
+        if self.path.is_file():
+            holder, mtime = self._read()
+            if holder is not None and holder_alive(holder, mtime):
+                raise self._held(holder, mtime)
+
+    def _held(self, holder: dict[str, Any], mtime: float) -> RunLockError:
+        return RunLockError(
+            f"{self.path.parent} is in use by another training run: {describe(holder, mtime)}. Wait for it, stop "
+            "it, or choose another --checkpoint_dir (--overwrite true does not take a live run's folder)")
 
     def acquire(self) -> Optional[str]:
         """Take the lock; returns a warning when a stale one was taken over, None otherwise.
@@ -91,6 +104,7 @@ class RunLock:
         Raises:
             RunLockError: a live run holds it.
         """
+        self.created_folder = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         mine = {"host": HOST, "pid": os.getpid(), "started": process_started(os.getpid()),
                 "since": time.time(), "command": self.command}
@@ -100,10 +114,7 @@ class RunLock:
         except FileExistsError:
             holder, mtime = self._read()
             if holder is not None and holder_alive(holder, mtime):
-                raise RunLockError(
-                    f"{self.path.parent} is in use by another training run: {describe(holder, mtime)}. Wait for it, stop "
-                    "it, or choose another --checkpoint_dir (--overwrite true does not take a live run's folder)"
-                ) from None
+                raise self._held(holder, mtime) from None
             note = (f"musicvae: took over the lock of {self.path.parent} from a run that is gone "
                     f"({describe(holder, mtime) if holder else 'unreadable lock file'})")
             write_atomic(self.path, lambda h: json.dump(mine, h), mode="w")
@@ -135,5 +146,7 @@ class RunLock:
         if holder is not None and holder.get("host") == HOST and int(holder.get("pid", -1)) == os.getpid():
             try:
                 self.path.unlink()
+                if self.created_folder and not any(self.path.parent.iterdir()):
+                    self.path.parent.rmdir()  # a run stopped before writing anything leaves no folder
             except OSError:
                 pass

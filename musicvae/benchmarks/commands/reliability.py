@@ -4,12 +4,15 @@ Each trial trains a tiny model on synthetic music in a subprocess (checkpointing
 and SIGKILLs its whole process group, either
 - injected: halfway through a chosen checkpoint write (the test-only hook of
   musicvae/training/checkpoint_io.py), the worst moment there is; or
-- random: at a uniformly random moment after the first checkpoint, timed from a clean run.
+- random: at a uniformly random moment after the first checkpoint, timed from a clean run;
+or, with `--mode ctrl-c`, sends the group SIGINT at such a moment, as a terminal's Ctrl-C does
+(the run must save, exit 130 and resume).
 A trial survives when `last.ckpt` loads with `torch.load(weights_only=True)` and `--ckpt_path`
 on it trains to the end of the run.
 
     python scripts/reliability.py --kills 20             # 20 injected + 20 random
     python scripts/reliability.py --kills 5 --mode random --json
+    python scripts/reliability.py --kills 10 --mode all  # and 10 Ctrl-C
 
 Prints survived/tried per kind (the README's Reliability figures come from this).
 """
@@ -54,8 +57,10 @@ def train(root: Path, extra: list[str] = (), env: dict | None = None, resume: bo
     environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {}),
                    "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_PARENT), os.environ.get("PYTHONPATH")]))}
     root.mkdir(parents=True, exist_ok=True)  # the run's working directory: nothing lands in the checkout
+    # SIGINT at its default in the child, as in a terminal, whatever this process inherited.
     return subprocess.Popen([sys.executable, "-m", "musicvae", *args], cwd=root, env=environment,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def checkpoint_ok(path: Path) -> tuple[bool, int | None, str]:
@@ -83,17 +88,18 @@ def trial(root: Path, mode: str, rng: random.Random, window_s: float, total_step
         env[KILL_HOOK_ENV] = str(rng.randint(2, total_steps))
     process = train(root, env=env)
     delay = None
-    if mode == "random":
+    if mode in ("random", "ctrl-c"):
         wait_for_first_checkpoint(root, process)
         # Uniform over the clean run's time between its first checkpoint and its end.
         delay = rng.uniform(0, window_s)
         time.sleep(delay)
         if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+            os.killpg(process.pid, signal.SIGINT if mode == "ctrl-c" else signal.SIGKILL)
     process.wait()
     record = {"mode": mode, "returncode": process.returncode, "hook": env.get(KILL_HOOK_ENV), "delay_s": delay}
     record["mid_write"] = any(p.name.endswith(".tmp") for p in (root / "ckpt").glob(".*"))
-    record["killed"] = process.returncode == -signal.SIGKILL
+    # A signal that landed (a run that ended by itself is drawn again); Ctrl-C must end with status 130.
+    record["killed"] = process.returncode != 0 if mode == "ctrl-c" else process.returncode == -signal.SIGKILL
     ok, step, why = checkpoint_ok(root / "ckpt" / "last.ckpt")
     record.update(loads=ok, step_at_kill=step, error=why)
     if ok:
@@ -105,14 +111,16 @@ def trial(root: Path, mode: str, rng: random.Random, window_s: float, total_step
             record["error"] = err.strip().splitlines()[-1][:300] if err.strip() else f"exit {resumed.returncode}"
     else:
         record["resumed"] = False
-    record["survived"] = bool(record["loads"] and record["resumed"])
+    record["survived"] = bool(record["loads"] and record["resumed"]
+                              and (mode != "ctrl-c" or record["returncode"] == 130))
     return record
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = command_parser("reliability", __doc__.split("\n\n")[0], formatter_class=RawDescription)
     parser.add_argument("--kills", type=int, default=20, help="kills per kind (default 20)")
-    parser.add_argument("--mode", choices=("injected", "random", "both"), default="both")
+    parser.add_argument("--mode", choices=("injected", "random", "ctrl-c", "both", "all"), default="both",
+                        help="both: injected and random kills; all: those and Ctrl-C")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=None, help="where runs go (default: a temporary folder)")
     parser.add_argument("--json", action="store_true", help="print every trial as JSON too")
@@ -134,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         window_s = (base / "ckpt" / "last.ckpt").stat().st_mtime - started
         ok, total_steps, _ = checkpoint_ok(base / "ckpt" / "last.ckpt")
         print(f"clean run: {total_steps} steps, {window_s:.1f} s from its first to its last checkpoint")
-        modes = ["injected", "random"] if args.mode == "both" else [args.mode]
+        modes = {"both": ["injected", "random"], "all": ["injected", "random", "ctrl-c"]}.get(args.mode, [args.mode])
         records = []
         for mode in modes:
             for i in range(args.kills):
@@ -145,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                 records.append(record)
                 status = "survived" if record["survived"] else f"LOST ({record['error']})"
                 where = f"write {record['hook']}" if mode == "injected" else f"{record['delay_s']:.2f} s after first ckpt"
-                print(f"{mode:8s} {i + 1:3d}: kill at {where}, mid-write={record['mid_write']}, "
+                print(f"{mode:8s} {i + 1:3d}: {'SIGINT' if mode == 'ctrl-c' else 'kill'} at {where}, mid-write={record['mid_write']}, "
                       f"last.ckpt step {record['step_at_kill']} -> {status}", flush=True)
         print()
         for mode in modes:
