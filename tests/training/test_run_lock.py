@@ -57,9 +57,10 @@ def test_a_second_run_on_a_live_runs_folder_is_refused_and_readers_are_not(tmp_p
 
 @pytest.mark.slow
 def test_a_killed_holders_lock_is_taken_over_on_resume(tmp_path, straight):
-    first, _, _ = paused_at(tmp_path, straight["cache"], 9)
+    first, marker, _ = paused_at(tmp_path, straight["cache"], 9)
     first.send_signal(signal.SIGKILL)
     first.wait()
+    marker.with_suffix(".go").touch()  # the resumed run passes step 9 again, with the same probe
     assert (tmp_path / "ckpt" / LOCK_NAME).exists()
     resumed = run_train(["fit", "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt")])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
