@@ -50,10 +50,10 @@ def load_weights_only(path: str | os.PathLike, what: str = "checkpoint", hint: s
     except Exception as err:  # noqa: BLE001 - on arbitrary bytes the weights-only unpickler raises
         # EOFError (empty file), IndexError, KeyError, ... besides RuntimeError and BadZipFile.
         raise CheckpointError(f"{path}: not a readable {what} (truncated or not a {what}: "
-                              f"{_first_line(err)}){tail}") from None
+                              f"{first_line(err)}){tail}") from None
 
 
-def _first_line(err: Exception) -> str:
+def first_line(err: BaseException) -> str:
     """`Type: first sentence of the message`, or the type alone when the message is empty."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     text = lines[0].split(". ")[0][:200] if lines else ""

@@ -109,7 +109,7 @@ class ApplyResumedLearningRate(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.ckpt_path is None:
             return
-        changed = {}
+        changed, scales = {}, {}
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:
                 key = group.get("lr_from", "lr")
@@ -118,20 +118,16 @@ class ApplyResumedLearningRate(Callback):
                     continue
                 # Scaled, not replaced: the rate a schedule has reached (a cosine's, a plateau's
                 # reductions, a warm-up's) keeps its place relative to the new base.
-                scale = float(new) / float(old)
                 group["lr"] = float(new) * (group["lr"] / float(old))
                 if "initial_lr" in group:
                     group["initial_lr"] = float(new) * (group["initial_lr"] / float(old))
-                group["lr_rescaled"] = scale
+                scales[id(group)] = float(new) / float(old)
                 changed[key] = (float(old), float(new))
         for config in trainer.lr_scheduler_configs:
             scheduler = config.scheduler
             if hasattr(scheduler, "base_lrs"):
-                scheduler.base_lrs = [base * g.get("lr_rescaled", 1.0)
+                scheduler.base_lrs = [base * scales.get(id(g), 1.0)
                                       for base, g in zip(scheduler.base_lrs, scheduler.optimizer.param_groups)]
-        for optimizer in trainer.optimizers:
-            for group in optimizer.param_groups:
-                group.pop("lr_rescaled", None)
         for key, (old, new) in changed.items():
             rank_zero_info(f"musicvae: {'learning rate' if key == 'lr' else key} set to {new:g} in the restored "
                            f"optimizer (was {old:g})")

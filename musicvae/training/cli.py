@@ -44,6 +44,7 @@ from musicvae.training.checkpoints import (
 )
 from musicvae.data.datamodule import MelDataModule
 from musicvae.errors import CheckpointError, ConfigError, MusicVAEError, NonFiniteError
+from musicvae.safe_load import first_line
 from musicvae.storage import STORAGE_EXIT, StorageError, free_bytes, payload_bytes, size_text
 from musicvae.training.guards import INTERRUPTED_EXIT, NONFINITE_EXIT, PREEMPTED_EXIT, NonFiniteGuard, Preemption
 from musicvae.training.module import MusicVAEModule
@@ -298,7 +299,7 @@ class MusicVAECLI(LightningCLI):
             what = f"{last} (epoch {kept[0]}, step {kept[1]}) is intact" if kept else "no last.ckpt of this run was written"
             raise PeerLostError(
                 f"rank {self.trainer.global_rank}: another process of this {self.trainer.world_size}-process run died "
-                f"({_first_line(err)}); {what}. Resume with:\n  {resume_command(self.command, last)}") from None
+                f"({first_line(err)}); {what}. Resume with:\n  {resume_command(self.command, last)}") from None
         finally:
             if getattr(self, "run_lock", None) is not None:
                 self.run_lock.release()
@@ -510,11 +511,6 @@ def peer_lost(err: BaseException) -> bool:
             return True
         err = err.__cause__ or err.__context__
     return False
-
-
-def _first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return f"{type(err).__name__}: {lines[0][:160]}" if lines else type(err).__name__
 
 
 def resume_command(command: list[str], last: Path) -> str:
