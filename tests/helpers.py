@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,46 @@ def run_train(args: list[str], env: dict | None = None) -> subprocess.CompletedP
 def fit_args(root: Path, cache: Path, *extra: str) -> list[str]:
     args = tiny_fit_args(root, *EXACT_FLAGS, *extra)
     return [a if a != str(root / "cache") else str(cache) for a in args]  # one shared cache
+
+
+def start_like_a_terminal(args: list[str]) -> subprocess.Popen:
+    """scripts/train.py in a process group of its own, SIGINT at its default whatever pytest's is
+    (a background shell job inherits SIGINT ignored, and a test would then pass for that reason)."""
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
+    return subprocess.Popen([sys.executable, "scripts/train.py", *args], cwd=REPO, env=environment, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def wait_for(marker: Path, proc: subprocess.Popen) -> int:
+    """The pid in `marker`, once the run has written it (WaitAtStep)."""
+    while not marker.exists():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.1)
+    return int(marker.read_text())
+
+
+def sigint_ignored(pid: int) -> bool:
+    mask = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigIgn:"))
+    return bool(int(mask.split()[1], 16) & (1 << (signal.SIGINT - 1)))
+
+
+#: The adversarial stage over the tiny flags (tests/training/test_adversarial.py, test_storage_faults.py).
+SHARP = str(REPO / "configs" / "sharp.yaml")
+#: 8 batches per epoch, 2 epochs: 16 batches = 32 optimizer steps; the decoder answers the
+#: discriminator from optimizer step 10 (batch 5); a mid-epoch last.ckpt every 4 optimizer steps.
+START = 10
+STAGE_FLAGS = ["--model.disc_channels", "[8, 16]", "--model.adv_start_step", str(START), "--trainer.max_epochs", "2",
+               "--trainer.max_steps", "-1", "--checkpoint_every_n_steps", "4", "--model.dropout", "0.1",
+               "--data.num_workers", "2", "--monitor", "val/realism_differences"]
+
+def stage_args(root: Path, init: Path, cache: Path, *extra: str) -> list[str]:
+    """`fit` of the adversarial stage: configs/sharp.yaml over the tiny flags, from `init`'s weights."""
+    from conftest import TINY_FLAGS
+
+    return ["fit", "--config", SHARP, *TINY_FLAGS, *STAGE_FLAGS, "--data.cache_dir", str(cache),
+            "--checkpoint_dir", str(root / "ckpt"), "--trainer.logger.init_args.save_dir", str(root / "logs"),
+            "--model.init_from", str(init), *extra]
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:

@@ -267,14 +267,16 @@ class LearningRates(Callback):
 
 class WaitAtStep(Callback):
     """At training step `step`: writes `marker` (holding the process id) and waits until the file
-    `marker`.go exists, so a test can signal the run at a known step, from outside, as a user would."""
+    `marker`.go exists, so a test can signal the run at a known step, from outside, as a user would.
+    Under DDP only global rank `rank` waits (the others then wait for it in the step's collective)."""
 
-    def __init__(self, step: int, marker: str) -> None:
+    def __init__(self, step: int, marker: str, rank: int = 0) -> None:
         self.step = step
         self.marker = Path(marker)
+        self.rank = rank
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step != self.step:
+        if trainer.global_step != self.step or trainer.global_rank != self.rank:
             return
         import os
         import time
@@ -312,3 +314,23 @@ class DiskFaultAtStep(Callback):
             subprocess.run(["mount", "-o", "remount,ro", self.mount], check=True)
         else:
             shutil.rmtree(self.folder)
+
+
+class DieOrStallAtStep(Callback):
+    """As training step `step` starts, global rank `kill` SIGKILLs itself and global rank `stall`
+    sleeps `seconds` (outside any collective, as rank 0 is while it writes a checkpoint)."""
+
+    def __init__(self, step: int, kill: int = -1, stall: int = -1, seconds: float = 60.0) -> None:
+        self.step, self.kill, self.stall, self.seconds = step, kill, stall, seconds
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step != self.step:
+            return
+        import os
+        import signal
+        import time
+
+        if trainer.global_rank == self.kill:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if trainer.global_rank == self.stall:
+            time.sleep(self.seconds)

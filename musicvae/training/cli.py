@@ -30,7 +30,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from musicvae.atomic import remove_abandoned
 from musicvae.training.callbacks import ApplyResumedLearningRate, FixedNameCheckpoint, RunMetadata
 from musicvae.training.ema import EMA
-from musicvae.training.checkpoint_io import AtomicCheckpointIO, stored_position
+from musicvae.training.checkpoint_io import AtomicCheckpointIO
 from musicvae.training.initialisation import initialise_from
 from musicvae.training.checkpoints import (
     DATA_STATE_KEY,
@@ -44,13 +44,14 @@ from musicvae.training.checkpoints import (
 )
 from musicvae.data.datamodule import MelDataModule
 from musicvae.errors import CheckpointError, ConfigError, MusicVAEError, NonFiniteError
-from musicvae.safe_load import first_line
 from musicvae.storage import STORAGE_EXIT, StorageError, free_bytes, payload_bytes, size_text
 from musicvae.training.guards import INTERRUPTED_EXIT, NONFINITE_EXIT, PREEMPTED_EXIT, NonFiniteGuard, Preemption
 from musicvae.training.module import MusicVAEModule
 from musicvae.training.random_state import ResumableRandomState
 from musicvae.training.run_lock import RunLock
-from musicvae.training.lightning_private import CLI_CKPT_HOOK
+from musicvae.training.lightning_private import CLI_CKPT_HOOK, observe_launched_processes, set_process_group_timeout
+from musicvae.training.peers import (PEER_LOST_EXIT, PeerLostError, PeerWatch, collective_error_cause, peer_lost,
+                                     peer_lost_message, report)
 from musicvae.training.media import MediaLogger
 from musicvae.training.predictions import LatentWriter
 from musicvae.training.recipes import recipe_path
@@ -192,6 +193,14 @@ class MusicVAECLI(LightningCLI):
             "expect) or compute them afresh from this run's training data.",
         )
         parser.add_argument(
+            "--collective_timeout", type=Optional[float], default=None,
+            help="Several processes (DDP): seconds a process waits in a collective (all-reduce, broadcast) for "
+            "the others before it stops with exit status 5 (default: PyTorch's 30 minutes). Under NCCL, the "
+            "processes left when one dies on another machine wait this long; configs/gpu.yaml sets 600. It must "
+            "exceed the longest time one process works alone between collectives (rank 0's checkpoint writes "
+            "and validation media); the data preparation's wait is not bounded by it.",
+        )
+        parser.add_argument(
             "--skip_nonfinite", type=int, default=0,
             help="Batches with a NaN/Inf loss or gradient to skip (update dropped, warning logged) before "
             "training stops; 0 stops at the first.",
@@ -263,7 +272,15 @@ class MusicVAECLI(LightningCLI):
                 trainer_config["strategy"] = "ddp_find_unused_parameters_true"
                 rank_zero_info("musicvae: the adversarial stage runs DDP as ddp_find_unused_parameters_true")
         trainer_config["plugins"] = with_atomic_checkpoints(trainer_config.get("plugins"))
-        return self._instantiate_trainer(trainer_config, extra)
+        trainer = self._instantiate_trainer(trainer_config, extra)
+        timeout = self._setting("collective_timeout")
+        if timeout is not None:
+            if timeout <= 0:
+                raise ConfigError(f"--collective_timeout {timeout:g}: give a number of seconds above 0 (e.g. 600)")
+            if not set_process_group_timeout(trainer.strategy, timeout) and trainer.world_size > 1:
+                rank_zero_warn(f"--collective_timeout is not applied: it sets a DDP process group's timeout, and "
+                               f"the strategy is {type(trainer.strategy).__name__}")
+        return trainer
 
     def before_instantiate_classes(self) -> None:
         if self.subcommand and self._setting("ckpt_path") and self.resume is None:
@@ -289,20 +306,46 @@ class MusicVAECLI(LightningCLI):
             self.init_mel = adopt_mel_settings(self.config[self.subcommand], self.init_ckpt)
 
     def _run_subcommand(self, subcommand: str) -> None:
+        watch = self._peer_watch() if subcommand == "fit" else None
         try:
-            super()._run_subcommand(subcommand)
+            if watch is None:
+                super()._run_subcommand(subcommand)
+            else:
+                # The children Lightning launches go to PeerWatch instead of Lightning's observer.
+                with observe_launched_processes(watch.adopt):
+                    super()._run_subcommand(subcommand)
         except Exception as err:
             if getattr(self, "trainer", None) is None or self.trainer.world_size < 2 or not peer_lost(err):
                 raise
-            last = self.checkpoint_dir / "last.ckpt"
-            kept = stored_position(last) if last.is_file() else None
-            what = f"{last} (epoch {kept[0]}, step {kept[1]}) is intact" if kept else "no last.ckpt of this run was written"
-            raise PeerLostError(
-                f"rank {self.trainer.global_rank}: another process of this {self.trainer.world_size}-process run died "
-                f"({first_line(err)}); {what}. Resume with:\n  {resume_command(self.command, last)}") from None
+            cause = collective_error_cause(err, self._setting("collective_timeout"))
+            raise PeerLostError(self._peer_lost_message(cause)) from None
         finally:
-            if getattr(self, "run_lock", None) is not None:
-                self.run_lock.release()
+            if watch is not None:
+                watch.stop()
+            self._release_run_lock()
+
+    def _peer_lost_message(self, cause: str) -> str:
+        last = self.checkpoint_dir / "last.ckpt"
+        return peer_lost_message(self.trainer.global_rank, self.trainer.world_size, cause, last,
+                                 resume_command(self.command, last))
+
+    def _release_run_lock(self) -> None:
+        if getattr(self, "run_lock", None) is not None:
+            self.run_lock.release()
+            self.run_lock = None
+
+    def _peer_watch(self) -> Optional[PeerWatch]:
+        """On a run of several processes, a watch of the processes this one started and of the one that
+        started it (musicvae.training.peers); None on one process."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.world_size < 2:
+            return None
+        environment = getattr(trainer.strategy, "cluster_environment", None)
+        # Started by a launcher (Lightning's, torchrun, SLURM): watch it. The process that launches the
+        # others itself (Lightning, one machine) has the user's shell as parent: nothing to watch there.
+        launched = environment is not None and environment.creates_processes_externally
+        return PeerWatch(self._peer_lost_message, parent=os.getppid() if launched else None,
+                         before_exit=self._release_run_lock, first_rank=trainer.global_rank + 1).start()
 
     def before_fit(self) -> None:
         # First: a folder another live run trains in is refused before anything else is checked (nothing
@@ -489,30 +532,6 @@ def repin_loggers(loggers: Any, stored: Any) -> None:
             args.save_dir, args.version = pinned["save_dir"], pinned["version"]
 
 
-class PeerLostError(MusicVAEError):
-    """Another process of a multi-process run died (killed, out of memory, its node lost)."""
-
-
-#: Exit status of a rank whose peer died.
-PEER_LOST_EXIT = 5
-#: What a collective raises on the survivors when a peer dies: gloo's closed or reset connection,
-#: NCCL's aborted communicator or timeout, and torch.distributed's own error types.
-_PEER_LOST = ("connection closed by peer", "connection reset by peer", "broken pipe", "nccl communicator was aborted",
-              "watchdog caught collective operation timeout", "socket timeout")
-
-
-def peer_lost(err: BaseException) -> bool:
-    """Whether `err` (or what caused it) is a collective failing because another rank is gone."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        name, text = type(err).__name__, str(err).lower()
-        if name in ("DistNetworkError", "DistBackendError") or any(s in text for s in _PEER_LOST):
-            return True
-        err = err.__cause__ or err.__context__
-    return False
-
-
 def resume_command(command: list[str], last: Path) -> str:
     """The user's own command line with `--ckpt_path LAST` in place of any it had: the same command
     resumes the run (a `+=` in it appends to the command's own list: restart_appended_lists)."""
@@ -688,7 +707,7 @@ def subcommand_main(argv: Optional[list[str]] = None, program: Optional[str] = N
         sys.stderr.write(f"musicvae: error: {err}\n")
         return STORAGE_EXIT
     except PeerLostError as err:
-        sys.stderr.write(f"musicvae: error: {err}\n")
+        report(str(err))  # once: PeerWatch may have seen the same death
         return PEER_LOST_EXIT
     except MusicVAEError as err:
         sys.stderr.write(f"musicvae: error: {err}\n")

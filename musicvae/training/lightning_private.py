@@ -1,13 +1,24 @@
 """Every private Lightning API musicvae relies on, in one place.
 
-Lightning offers no public way to do these three things. Each name is checked by
+Lightning offers no public way to do these things. Each name is checked by
 tests/training/test_lightning_private.py, so a Lightning release that renames or removes one
 fails that test loudly instead of silently turning the workaround off.
 """
 
 from __future__ import annotations
 
+import subprocess
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Callable, Iterator
+
 import lightning as L
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies.launchers import subprocess_script
+
+#: The function Lightning's one-machine launcher calls with the processes it started (ranks 1 to
+#: N-1); it starts an observer that SIGKILLs the launching process when any of them exits non-zero.
+LAUNCH_OBSERVER = "_launch_process_observer"
 
 #: LightningCLI's hook that merges a checkpoint's hyper-parameters over the command line (2.6):
 #: the CLI replaces it, because it would silently ignore a new `--model.lr` on resume.
@@ -22,3 +33,25 @@ def request_graceful_stop(trainer: L.Trainer) -> None:
     """Stop every rank after the current step as Lightning stops on SIGTERM, without running
     Lightning's signal handler (whose collective deadlocks DDP ranks; musicvae.training.guards)."""
     trainer._signal_connector.received_sigterm = True
+
+
+@contextmanager
+def observe_launched_processes(observe: Callable[[list[subprocess.Popen]], None]) -> Iterator[None]:
+    """While inside, Lightning's launcher hands the processes it starts to `observe` instead of starting
+    its own observer (musicvae.training.peers.PeerWatch, which reports before it stops anything)."""
+    original = getattr(subprocess_script, LAUNCH_OBSERVER)
+    setattr(subprocess_script, LAUNCH_OBSERVER, observe)
+    try:
+        yield
+    finally:
+        setattr(subprocess_script, LAUNCH_OBSERVER, original)
+
+
+def set_process_group_timeout(strategy: object, seconds: float) -> bool:
+    """Give a DDP strategy's process group this timeout (every collective, NCCL's included), whichever
+    way the strategy was named (`ddp`, `auto` on several devices, a class path); False if it is not
+    DDP. Public only as DDPStrategy's constructor argument, which the `ddp` strategy names never reach."""
+    if not isinstance(strategy, DDPStrategy):
+        return False
+    strategy._timeout = timedelta(seconds=seconds)
+    return True

@@ -9,14 +9,16 @@ check that every step setting (max_steps, adv_start_step, checkpoint_every_n_ste
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import signal
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO
-from helpers import assert_same_weights, run_train, signal_probe, step_of, weights
+from helpers import (START, assert_same_weights, run_train, sigint_ignored, signal_probe, stage_args,
+                     start_like_a_terminal, step_of, wait_for, weights)
+from musicvae.training.checkpoints import RAW_WEIGHTS_KEY
 from musicvae.errors import ConfigError, NonFiniteError
 from musicvae.losses import adaptive_weight, feature_matching_loss, hinge_discriminator_loss, hinge_generator_loss
 from musicvae.models.discriminator import PatchDiscriminator, augment_pair
@@ -24,24 +26,8 @@ from musicvae.training.adversarial import STEPS_PER_BATCH, decoder_parameters, f
 from musicvae.training.cli import cli_main
 from musicvae.training.module import MusicVAEModule
 
-SHARP = str(REPO / "configs" / "sharp.yaml")
-#: 8 batches per epoch, 2 epochs: 16 batches = 32 optimizer steps; the decoder answers the
-#: discriminator from optimizer step 10 (batch 5); a mid-epoch last.ckpt every 4 optimizer steps.
-START = 10
-STAGE_FLAGS = ["--model.disc_channels", "[8, 16]", "--model.adv_start_step", str(START), "--trainer.max_epochs", "2",
-               "--trainer.max_steps", "-1", "--checkpoint_every_n_steps", "4", "--model.dropout", "0.1",
-               "--data.num_workers", "2", "--monitor", "val/realism_differences"]
 LOGGED = ["train/adv_active", "train/adv", "train/feature_matching", "train/adaptive_weight", "train/adv_grad_norm",
           "train/loss_d", "train/d_real", "train/d_fake", "train/d_accuracy", "train/recon"]
-
-
-def stage_args(root: Path, init: Path, cache: Path, *extra: str) -> list[str]:
-    """`fit` of the adversarial stage: configs/sharp.yaml over the tiny flags, from `init`'s weights."""
-    from conftest import TINY_FLAGS
-
-    return ["fit", "--config", SHARP, *TINY_FLAGS, *STAGE_FLAGS, "--data.cache_dir", str(cache),
-            "--checkpoint_dir", str(root / "ckpt"), "--trainer.logger.init_args.save_dir", str(root / "logs"),
-            "--model.init_from", str(init), *extra]
 
 
 # ---- units ---------------------------------------------------------------------------------------
@@ -187,17 +173,33 @@ def test_a_nan_in_the_stage_stops_with_the_part_named(tiny_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_stage_runs_under_ddp(tiny_run, tmp_path):
+def test_the_stage_runs_under_ddp_with_ema_and_ctrl_c_stops_every_rank(tiny_run, tmp_path):
     """Two CPU processes: plain `ddp` would refuse the stage (each backward leaves the other network's
     parameters without gradients, Lightning-AI/pytorch-lightning#20328); the CLI runs it as
-    ddp_find_unused_parameters_true. Each rank takes half of the 8 batches: 4 batches = 8 optimizer steps."""
-    args = stage_args(tmp_path, tiny_run["ckpt_dir"] / "best.ckpt", tiny_run["cache_dir"], "--trainer.max_epochs", "1",
-                      "--data.num_workers", "0", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
-                      "--trainer.strategy", "ddp", "--model.adv_start_step", "2")
-    result = run_train(args)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "ddp_find_unused_parameters_true" in result.stderr
-    assert step_of(tmp_path / "ckpt" / "last.ckpt") == 8
+    ddp_find_unused_parameters_true. Each rank takes half of the 8 batches per epoch: 4 batches = 8
+    optimizer steps. With EMA on, Ctrl-C (SIGINT to the whole process group, as a terminal sends it:
+    both ranks and their loader workers) at optimizer step 6 finishes that batch on both ranks, saves
+    last.ckpt at step 8 and exits 130; the printed command resumes to the end of the second epoch."""
+    marker = tmp_path / "at_step"
+    args = stage_args(tmp_path, tiny_run["ckpt_dir"] / "best.ckpt", tiny_run["cache_dir"], "--data.num_workers", "1",
+                      "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                      "--model.adv_start_step", "2", "--model.ema_decay", "0.9", "--trainer.callbacks+=probes.WaitAtStep",
+                      "--trainer.callbacks.step", "6", "--trainer.callbacks.marker", str(marker))
+    proc = start_like_a_terminal(args)
+    pid = wait_for(marker, proc)
+    assert not sigint_ignored(pid)
+    os.killpg(pid, signal.SIGINT)
+    marker.with_suffix(".go").touch()
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert "ddp_find_unused_parameters_true" in err and "Ctrl-C: saved" in err
+    last = tmp_path / "ckpt" / "last.ckpt"
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 8 and RAW_WEIGHTS_KEY in ckpt and len(ckpt["optimizer_states"]) == 2
+    command = err.split("Continue with:\n")[1].splitlines()[0].strip()
+    resumed = run_train(shlex.split(command)[2:])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert step_of(last) == 16
 
 
 def test_switching_the_stage_on_in_a_resumed_run_is_refused(tiny_run, tmp_path):

@@ -286,19 +286,51 @@ def test_sigterm_on_every_rank_saves_last_ckpt_and_exits_143(tmp_path):
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 7  # step 6 finished
 
 
-def test_a_dead_rank_leaves_one_line_on_the_survivor_and_last_ckpt_intact(tmp_path):
-    # Rank 1 is killed outright at step 10 (the OOM killer's way); rank 0 meets the closed connection.
-    probe = [{"class_path": "probes.SignalAtStep", "init_args": {"step": 10, "signal": "SIGKILL", "rank": 1}}]
+def ddp_fit(tmp_path: Path, *extra: str, timeout: float = 180) -> tuple[int, str, bool, float]:
+    """A 2-process tiny run with EMA and a cosine on: (exit status, stderr, all ended, seconds)."""
     args = tiny_fit_args(tmp_path, "--trainer.accelerator", "cpu", "--trainer.devices", str(DEVICES),
                          "--trainer.strategy", "ddp", "--trainer.max_epochs", "4", "--checkpoint_every_n_steps", "4",
-                         "--trainer.callbacks", json.dumps(probe))
+                         *EMA_AND_SCHEDULE, *extra)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": str(REPO / "tests")}
+    started = time.monotonic()
     status, stderr, all_ended = run_process_group([sys.executable, str(REPO / "scripts" / "train.py"), *args],
-                                                  tmp_path, env, timeout=180)
+                                                  tmp_path, env, timeout=timeout)
+    return status, stderr, all_ended, time.monotonic() - started
+
+
+def error_lines(stderr: str, rank: int) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith(f"musicvae: error: rank {rank}: another process")]
+
+
+def test_a_rank_killed_while_rank_zero_works_alone_is_reported_not_silently_killed(tmp_path):
+    """Rank 0 sleeps through step 10 (outside any collective, as while it writes a checkpoint, and as an
+    NCCL rank blocks rather than fails) while rank 1 is SIGKILLed. Lightning's observer then SIGKILLed
+    rank 0 without a word (exit -9); musicvae's PeerWatch reports and stops within a second or so."""
+    probe = [{"class_path": "probes.DieOrStallAtStep", "init_args": {"step": 10, "kill": 1, "stall": 0, "seconds": 120}}]
+    status, stderr, all_ended, seconds = ddp_fit(tmp_path, "--trainer.callbacks", json.dumps(probe))
     assert status == 5, stderr[-3000:]
-    assert all_ended
-    [line] = [line for line in stderr.splitlines() if line.startswith("musicvae: error: rank 0: another process")]
+    assert all_ended and seconds < 120
+    [line] = error_lines(stderr, 0)
     last = tmp_path / "ckpt" / "last.ckpt"
-    assert "of this 2-process run died" in line and f"{last} (epoch" in line and "is intact" in line
-    assert "--ckpt_path " + str(last) in stderr
-    torch.load(last, weights_only=True)  # whole
+    assert "(rank 1, pid " in line and "killed by SIGKILL" in line and f"{last} (epoch 1, step 8) is intact" in line
+    assert stderr.rstrip().endswith(f"--ckpt_path {last}")
+    assert torch.load(last, weights_only=True)["global_step"] == 8
+    assert not (tmp_path / "ckpt" / ".musicvae.lock").exists()  # released, though the process ended with os._exit
+
+
+def test_collective_timeout_bounds_the_wait_and_a_launched_rank_notices_its_launcher_is_gone(tmp_path):
+    """Rank 1 hangs at step 6: rank 0 gives up after --collective_timeout seconds (the setting reaches
+    the process group, as it must for NCCL, where a collective blocks rather than fails) and stops with
+    one line; rank 1, whose launcher is then gone, stops with its own line instead of hanging on. (30 s:
+    the same timeout bounds the start, where rank 1 imports torch and Lightning before it joins.)"""
+    probe = [{"class_path": "probes.DieOrStallAtStep", "init_args": {"step": 6, "stall": 1, "seconds": 150}}]
+    status, stderr, all_ended, seconds = ddp_fit(tmp_path, "--collective_timeout", "30",
+                                                 "--trainer.callbacks", json.dumps(probe))
+    assert status == 5, stderr[-3000:]
+    assert all_ended and seconds < 150
+    [zero] = error_lines(stderr, 0)
+    last = tmp_path / "ckpt" / "last.ckpt"
+    assert "it did not answer within 30 s, --collective_timeout: it died or hangs" in zero
+    assert f"{last} (epoch 0, step 4) is intact" in zero
+    [one] = error_lines(stderr, 1)
+    assert "which started this process (rank 0 or its launcher), is gone" in one

@@ -41,3 +41,29 @@ def test_trainer_still_stops_after_the_step_when_asked():
     with pytest.raises(SIGTERMException):
         trainer.fit(BoringModel())
     assert trainer.global_step == 2
+
+
+def test_lightnings_launcher_still_starts_its_observer_through_the_name_we_replace():
+    import inspect
+
+    from lightning.pytorch.strategies.launchers import subprocess_script
+
+    original = getattr(subprocess_script, private.LAUNCH_OBSERVER)
+    assert f"{private.LAUNCH_OBSERVER}(self.procs)" in inspect.getsource(subprocess_script._SubprocessScriptLauncher.launch)
+    seen = []
+    with private.observe_launched_processes(seen.append):
+        getattr(subprocess_script, private.LAUNCH_OBSERVER)(["child"])
+    assert seen == [["child"]] and getattr(subprocess_script, private.LAUNCH_OBSERVER) is original
+
+
+def test_ddp_still_opens_its_process_group_with_the_timeout_we_set():
+    import inspect
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+    strategy = DDPStrategy()
+    assert private.set_process_group_timeout(strategy, 42)
+    assert strategy._timeout == timedelta(seconds=42)
+    assert '{"timeout": self._timeout}' in inspect.getsource(DDPStrategy.setup_distributed)
+    assert not private.set_process_group_timeout(SingleDeviceStrategy("cpu"), 42)

@@ -26,8 +26,9 @@ from musicvae.errors import NonFiniteError
 from musicvae.training.guards import all_finite, nonfinite_gradients, nonfinite_parts
 from musicvae.training.random_state import capture, restore
 from musicvae.data.sampling import CropSampler
-from conftest import REPO, load_script, tiny_fit_args
-from helpers import assert_same_weights, fit_args, run_train, signal_probe, step_of, straight, weights  # noqa: F401
+from conftest import load_script, tiny_fit_args
+from helpers import (assert_same_weights, fit_args, run_train, sigint_ignored, signal_probe, start_like_a_terminal,  # noqa: F401
+                     step_of, straight, wait_for, weights)
 
 # ---- exact resume -------------------------------------------------------------------------------
 
@@ -58,28 +59,6 @@ def test_sigterm_finishes_the_step_saves_exits_143_and_resumes_exactly(tmp_path,
     resumed = run_train(["fit", "--ckpt_path", str(last), "--trainer.callbacks", "[]"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same_weights(last, straight["last"])
-
-
-def start_like_a_terminal(args: list[str]) -> subprocess.Popen:
-    """scripts/train.py in a process group of its own, SIGINT at its default whatever pytest's is
-    (a background shell job inherits SIGINT ignored, and a test would then pass for that reason)."""
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
-    return subprocess.Popen([sys.executable, "scripts/train.py", *args], cwd=REPO, env=environment, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-
-
-def wait_for(marker: Path, proc: subprocess.Popen) -> int:
-    """The pid in `marker`, once the run has written it (WaitAtStep)."""
-    while not marker.exists():
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        time.sleep(0.1)
-    return int(marker.read_text())
-
-
-def sigint_ignored(pid: int) -> bool:
-    mask = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigIgn:"))
-    return bool(int(mask.split()[1], 16) & (1 << (signal.SIGINT - 1)))
 
 
 @pytest.mark.slow

@@ -10,7 +10,8 @@ import subprocess
 import pytest
 import torch
 
-from helpers import fit_args, run_train, step_of, straight  # noqa: F401
+from helpers import fit_args, run_train, stage_args, straight  # noqa: F401
+from musicvae.training.checkpoints import RAW_WEIGHTS_KEY
 from musicvae.storage import payload_bytes, size_text, write_fault
 
 pytestmark = pytest.mark.slow
@@ -29,29 +30,37 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
-@pytest.mark.parametrize("action, says", [
-    ("fill", "no space left on the device of"),
-    ("readonly", "is on a read-only filesystem now"),
-    ("delete", "no longer exists (deleted or unmounted during the run)"),
-])
-def test_a_refused_checkpoint_write_stops_with_one_line_and_status_4(tmp_path, straight, small_disk, action, says):
+#: EMA on in every case (its checkpoints hold two weight sets); the read-only case is the adversarial stage
+#: (two optimizer steps per batch: its fault at step 10 meets the write at step 12 inside epoch 0).
+@pytest.mark.parametrize("action, stage, says", [
+    ("fill", False, "no space left on the device of"),
+    ("readonly", True, "is on a read-only filesystem now"),
+    ("delete", False, "no longer exists (deleted or unmounted during the run)"),
+], ids=["full-disk", "read-only-adversarial-stage", "deleted-folder"])
+def test_a_refused_checkpoint_write_stops_with_one_line_and_status_4(tmp_path, straight, tiny_run, small_disk, action,
+                                                                      stage, says):
     ckpt_dir = small_disk / "ckpt"
-    args = [a if a != str(tmp_path / "ckpt") else str(ckpt_dir) for a in fit_args(tmp_path, straight["cache"])]
-    result = run_train([*args, "--trainer.callbacks+=probes.DiskFaultAtStep", "--trainer.callbacks.step", "10",
-                        "--trainer.callbacks.action", action, "--trainer.callbacks.folder",
+    if stage:
+        args = stage_args(tmp_path, tiny_run["ckpt_dir"] / "best.ckpt", tiny_run["cache_dir"], "--data.num_workers", "0")
+    else:
+        args = fit_args(tmp_path, straight["cache"])
+    args = [a if a != str(tmp_path / "ckpt") else str(ckpt_dir) for a in args]
+    result = run_train([*args, "--model.ema_decay", "0.9", "--trainer.callbacks+=probes.DiskFaultAtStep",
+                        "--trainer.callbacks.step", "10", "--trainer.callbacks.action", action, "--trainer.callbacks.folder",
                         str(ckpt_dir if action == "delete" else small_disk), "--trainer.callbacks.mount", str(small_disk)])
     assert result.returncode == 4, result.stderr[-3000:]
     [line] = [line for line in result.stderr.splitlines() if line.startswith("musicvae: error:")]
-    assert says in line and "Training stopped at step 12 (epoch 1)" in line, line
+    assert says in line and f"Training stopped at step 12 (epoch {0 if stage else 1})" in line, line
     assert "Traceback" not in result.stderr
     if action == "delete":
         assert f"no checkpoint of this run remains there ({ckpt_dir} is gone)" in line
         return
     assert f"{ckpt_dir / 'last.ckpt'} (epoch 0, step 8) is kept" in line
-    assert step_of(ckpt_dir / "last.ckpt") == 8
+    kept = torch.load(ckpt_dir / "last.ckpt", weights_only=True)
+    assert kept["global_step"] == 8 and RAW_WEIGHTS_KEY in kept and len(kept["optimizer_states"]) == (2 if stage else 1)
     assert not [p for p in ckpt_dir.iterdir() if p.name.endswith(".tmp")]
     if action == "fill":
-        assert f"needs about {size_text(payload_bytes(torch.load(ckpt_dir / 'last.ckpt', weights_only=True)))}" in line
+        assert f"needs about {size_text(payload_bytes(kept))}" in line
 
 
 def test_write_fault_reads_errnos_and_the_folder(tmp_path):
