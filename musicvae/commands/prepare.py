@@ -24,11 +24,11 @@ from musicvae.storage import STORAGE_EXIT, StorageError
 
 EPILOG = """\
 Prepare large collections with this script before a multi-GPU (DDP) run. Training builds the same
-cache in prepare_data, on one process per node while the other processes wait at a barrier; on a
-large collection that wait can outlast the process group's start-up timeout (30 minutes by
-default), and the run dies. Prepared here, the training run only checks the cache (a stat() per
-file). Use the same --data.cache_dir (or $MUSICVAE_CACHE) and the same mel settings as the training
-run (the same --data.mel.* flags, or one --config preset for both), or the run will not find this cache.
+cache in prepare_data, on one process per machine while the other processes wait (without a
+timeout); several machines sharing one cache folder would each build it, and every process waits
+idle meanwhile. Prepared here, the training run only checks the cache (a stat() per file). Use the
+same --data.cache_dir (or $MUSICVAE_CACHE) and the same mel settings as the training run (the same
+--data.mel.* flags, or one --config preset for both), or the run will not find this cache.
 
 Unusable files (corrupt, truncated, not audio, empty, silent) are listed on stderr once each,
 with the reason, and skipped; the exit status is 1 only when no file is usable.

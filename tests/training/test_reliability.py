@@ -135,7 +135,7 @@ def test_kill_inside_a_checkpoint_write_keeps_the_previous_one(tmp_path, straigh
 def test_reliability_script_survives_an_injected_and_a_random_kill(tmp_path, capsys):
     assert load_script("reliability").main(["--kills", "1", "--workdir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "injected: 1/1 kills survived" in out and "random: 1/1 kills survived" in out
+    assert "injected: 1/1 survived" in out and "random: 1/1 survived" in out
 
 
 # ---- NaN / Inf ----------------------------------------------------------------------------------

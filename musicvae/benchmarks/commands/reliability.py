@@ -1,20 +1,25 @@
-"""Kill training many times and check that every kill leaves a checkpoint that loads and resumes.
+"""Fault training many times and check that every fault leaves a checkpoint that loads and resumes.
 
-Each trial trains a tiny model on synthetic music in a subprocess (checkpointing every step)
-and SIGKILLs its whole process group, either
-- injected: halfway through a chosen checkpoint write (the test-only hook of
-  musicvae/training/checkpoint_io.py), the worst moment there is; or
-- random: at a uniformly random moment after the first checkpoint, timed from a clean run;
-or, with `--mode ctrl-c`, sends the group SIGINT at such a moment, as a terminal's Ctrl-C does
-(the run must save, exit 130 and resume).
-A trial survives when `last.ckpt` loads with `torch.load(weights_only=True)` and `--ckpt_path`
-on it trains to the end of the run.
+Each trial trains a tiny model on synthetic music in a subprocess (checkpointing every step) and,
+at a uniformly random moment between the clean run's first checkpoint and its end, does one of:
+- injected: SIGKILL halfway through a chosen checkpoint write (the test-only hook of
+  musicvae/training/checkpoint_io.py), the worst moment there is; random: SIGKILL to the whole
+  process group;
+- ctrl-c: SIGINT to the group, as a terminal sends it (the run must save and exit 130);
+- disk-full: fills the checkpoint folder's disk (a tmpfs the script mounts: root only) until a
+  write fails; read-only: remounts it read-only (the run must stop with one line, exit 4, no
+  temporary file left; the resume runs once the disk is freed or writable again);
+- dead-rank: SIGKILL to rank 1 of a 2-process (gloo) run (rank 0 must stop with one line, exit 5,
+  and no process of the run may be left).
+A trial survives when it ended as described, `last.ckpt` loads with `torch.load(weights_only=True)`,
+and `--ckpt_path` on it trains to the end of the run.
 
     python scripts/reliability.py --kills 20             # 20 injected + 20 random
     python scripts/reliability.py --kills 5 --mode random --json
-    python scripts/reliability.py --kills 10 --mode all  # and 10 Ctrl-C
+    python scripts/reliability.py --kills 10 --mode faults  # 10 each of disk-full, read-only, dead-rank
+    python scripts/reliability.py --kills 10 --mode all     # every kind
 
-Prints survived/tried per kind (the README's Reliability figures come from this).
+Prints survived/tried per kind (the Reliability figures of the README and docs/reliability.md come from this).
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator, Optional
 
 import torch
 
@@ -45,6 +52,18 @@ TINY = [
     "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
     "--checkpoint_every_n_steps", "1",
 ]
+
+
+#: Two CPU processes (gloo): the same tiny run, each epoch split between them.
+DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+#: What each mode sends, or does to the checkpoint folder, and the exit status a survivor ends with
+#: (None: any; a SIGKILL'd process reports -9).
+MODES = {"injected": -signal.SIGKILL, "random": -signal.SIGKILL, "ctrl-c": 130, "disk-full": 4, "read-only": 4,
+         "dead-rank": 5}
+GROUPS = {"both": ["injected", "random"], "faults": ["disk-full", "read-only", "dead-rank"],
+          "all": ["injected", "random", "ctrl-c", "disk-full", "read-only", "dead-rank"]}
+#: Size of the small filesystem the disk modes mount as the checkpoint folder (checkpoints: ~0.6 MB).
+DISK = "8m"
 
 
 def train(root: Path, extra: list[str] = (), env: dict | None = None, resume: bool = False) -> subprocess.Popen:
@@ -80,47 +99,154 @@ def wait_for_first_checkpoint(root: Path, process: subprocess.Popen) -> float:
     return time.monotonic() - started
 
 
+@contextmanager
+def small_disk(folder: Path) -> Iterator[None]:
+    """A DISK-sized tmpfs mounted at `folder` (root only); RuntimeError saying why where mounting fails."""
+    folder.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK}", "tmpfs", str(folder)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"cannot mount a tmpfs at {folder} ({done.stderr.strip() or 'mount failed'}): the disk modes "
+                           "need root in a machine or container that allows mounts")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def fill(folder: Path) -> None:
+    """Write zeros into `folder/filler.bin` until its disk refuses."""
+    with open(folder / "filler.bin", "wb") as handle:
+        try:
+            while True:
+                handle.write(b"\0" * (1 << 16))
+                handle.flush()
+        except OSError:
+            pass
+
+
+def rank_one(process: subprocess.Popen) -> Optional[int]:
+    """The pid of rank 1, a child of the launching process (Lightning marks it LOCAL_RANK=1)."""
+    try:
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        for pid in children:
+            if b"LOCAL_RANK=1\0" in Path(f"/proc/{pid}/environ").read_bytes():
+                return int(pid)
+    except OSError:
+        pass
+    return None
+
+
+def group_ended(pgid: int, wait_s: float = 30.0) -> bool:
+    """Whether every process of the group has ended within `wait_s` (leftovers are then killed)."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    os.killpg(pgid, signal.SIGKILL)
+    return False
+
+
+def strike(mode: str, root: Path, process: subprocess.Popen) -> None:
+    """Do the mode's fault to a running trial."""
+    if mode == "ctrl-c":
+        os.killpg(process.pid, signal.SIGINT)
+    elif mode == "random":
+        os.killpg(process.pid, signal.SIGKILL)
+    elif mode == "disk-full":
+        fill(root / "ckpt")
+    elif mode == "read-only":
+        subprocess.run(["mount", "-o", "remount,ro", str(root / "ckpt")], check=True)
+    elif mode == "dead-rank":
+        pid = rank_one(process)
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+
+
+def undo(mode: str, root: Path) -> None:
+    """Give the resume what the fault took: room, or a writable folder."""
+    if mode == "disk-full":
+        (root / "ckpt" / "filler.bin").unlink(missing_ok=True)
+    elif mode == "read-only":
+        subprocess.run(["mount", "-o", "remount,rw", str(root / "ckpt")], check=True)
+
+
 def trial(root: Path, mode: str, rng: random.Random, window_s: float, total_steps: int) -> dict:
-    """One kill and its check; returns a record of what happened."""
+    """One fault and its check; returns a record of what happened."""
     env = {}
     if mode == "injected":
         # Writes: one per step plus best/last after each validation; skip the first (nothing to fall back on).
         env[KILL_HOOK_ENV] = str(rng.randint(2, total_steps))
-    process = train(root, env=env)
-    delay = None
-    if mode in ("random", "ctrl-c"):
-        wait_for_first_checkpoint(root, process)
-        # Uniform over the clean run's time between its first checkpoint and its end.
-        delay = rng.uniform(0, window_s)
-        time.sleep(delay)
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGINT if mode == "ctrl-c" else signal.SIGKILL)
-    process.wait()
-    record = {"mode": mode, "returncode": process.returncode, "hook": env.get(KILL_HOOK_ENV), "delay_s": delay}
-    record["mid_write"] = any(p.name.endswith(".tmp") for p in (root / "ckpt").glob(".*"))
-    # A signal that landed (a run that ended by itself is drawn again); Ctrl-C must end with status 130.
-    record["killed"] = process.returncode != 0 if mode == "ctrl-c" else process.returncode == -signal.SIGKILL
-    ok, step, why = checkpoint_ok(root / "ckpt" / "last.ckpt")
-    record.update(loads=ok, step_at_kill=step, error=why)
-    if ok:
-        resumed = train(root, resume=True)
-        _, err = resumed.communicate()
-        final_ok, final_step, why = checkpoint_ok(root / "ckpt" / "last.ckpt")
-        record.update(resumed=resumed.returncode == 0 and final_ok and final_step == total_steps, final_step=final_step)
-        if resumed.returncode != 0:
-            record["error"] = err.strip().splitlines()[-1][:300] if err.strip() else f"exit {resumed.returncode}"
-    else:
-        record["resumed"] = False
-    record["survived"] = bool(record["loads"] and record["resumed"]
-                              and (mode != "ctrl-c" or record["returncode"] == 130))
+    with (small_disk(root / "ckpt") if mode in ("disk-full", "read-only") else _nothing()):
+        process = train(root, extra=DDP if mode == "dead-rank" else [], env=env)
+        delay = None
+        if mode != "injected":
+            wait_for_first_checkpoint(root, process)
+            # Uniform over the clean run's time between its first checkpoint and its end.
+            delay = rng.uniform(0, window_s)
+            time.sleep(delay)
+            if process.poll() is None:
+                strike(mode, root, process)
+        _, err = process.communicate()
+        record = {"mode": mode, "returncode": process.returncode, "hook": env.get(KILL_HOOK_ENV), "delay_s": delay}
+        record["all_ended"] = group_ended(process.pid)
+        record["mid_write"] = any(p.name.endswith(".tmp") for p in (root / "ckpt").glob(".*"))
+        lines = [line for line in err.splitlines() if line.startswith("musicvae: error:")]
+        record["message"] = lines[0][:300] if lines else ""
+        # The fault landed (a run that ended by itself first is drawn again).
+        record["killed"] = process.returncode != 0
+        expected = MODES[mode]
+        ended_right = process.returncode == expected and record["all_ended"]
+        if expected in (4, 5):  # one line and no traceback
+            ended_right = ended_right and len(lines) == 1 and "Traceback" not in err
+        if expected == 4:  # and the refused write's temporary file removed (a dead rank's may stay: next start's)
+            ended_right = ended_right and not record["mid_write"]
+        record["ended_right"] = ended_right
+        ok, step, why = checkpoint_ok(root / "ckpt" / "last.ckpt")
+        record.update(loads=ok, step_at_kill=step, error=why or ("" if ended_right else f"ended with {process.returncode}: "
+                                                                  f"{record['message'] or err.strip()[-300:]}"))
+        if ok:
+            undo(mode, root)
+            resumed = train(root, resume=True)
+            _, err = resumed.communicate()
+            final_ok, final_step, why = checkpoint_ok(root / "ckpt" / "last.ckpt")
+            record.update(resumed=resumed.returncode == 0 and final_ok and final_step == total_steps, final_step=final_step)
+            if resumed.returncode != 0:
+                record["error"] = err.strip().splitlines()[-1][:300] if err.strip() else f"exit {resumed.returncode}"
+        else:
+            record["resumed"] = False
+    record["survived"] = bool(record["loads"] and record["resumed"] and record["ended_right"])
     return record
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+def clean_run(work: Path, name: str, extra: list[str]) -> tuple[float, int] | None:
+    """(seconds from the first to the last checkpoint, steps) of an unfaulted run; None if it failed."""
+    base = work / name
+    process = train(base, extra=extra)
+    wait_for_first_checkpoint(base, process)
+    started = time.time()
+    _, err = process.communicate()
+    if process.returncode != 0:
+        sys.stderr.write(f"reliability: the clean run failed:\n{err}\n")
+        return None
+    # Faults are drawn over training itself, first to last checkpoint (not the exit's teardown).
+    window_s = (base / "ckpt" / "last.ckpt").stat().st_mtime - started
+    return window_s, checkpoint_ok(base / "ckpt" / "last.ckpt")[1]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = command_parser("reliability", __doc__.split("\n\n")[0], formatter_class=RawDescription)
-    parser.add_argument("--kills", type=int, default=20, help="kills per kind (default 20)")
-    parser.add_argument("--mode", choices=("injected", "random", "ctrl-c", "both", "all"), default="both",
-                        help="both: injected and random kills; all: those and Ctrl-C")
+    parser.add_argument("--kills", type=int, default=20, help="trials per kind (default 20)")
+    parser.add_argument("--mode", choices=(*MODES, *GROUPS), default="both",
+                        help="one kind, or both (injected and random kills), faults (disk-full, read-only, dead-rank) "
+                        "or all")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=None, help="where runs go (default: a temporary folder)")
     parser.add_argument("--json", action="store_true", help="print every trial as JSON too")
@@ -128,44 +254,54 @@ def main(argv: list[str] | None = None) -> int:
     if args.kills < 1:
         parser.error("--kills must be at least 1")
     rng = random.Random(args.seed)
+    modes = GROUPS.get(args.mode, [args.mode])
     with tempfile.TemporaryDirectory(prefix="musicvae-reliability-") as tmp:
         work = args.workdir or Path(tmp)
-        base = work / "baseline"
-        process = train(base)
-        wait_for_first_checkpoint(base, process)
-        started = time.time()
-        _, err = process.communicate()
-        if process.returncode != 0:
-            sys.stderr.write(f"reliability: the clean run failed:\n{err}\n")
-            return 1
-        # Kills are drawn over training itself, first to last checkpoint (not the exit's teardown).
-        window_s = (base / "ckpt" / "last.ckpt").stat().st_mtime - started
-        ok, total_steps, _ = checkpoint_ok(base / "ckpt" / "last.ckpt")
-        print(f"clean run: {total_steps} steps, {window_s:.1f} s from its first to its last checkpoint")
-        modes = {"both": ["injected", "random"], "all": ["injected", "random", "ctrl-c"]}.get(args.mode, [args.mode])
+        clean = {}
+        for name, extra in (("one process", []), ("two processes", DDP)):
+            if name == "two processes" and "dead-rank" not in modes:
+                continue
+            if name == "one process" and modes == ["dead-rank"]:
+                continue
+            measured = clean_run(work, "baseline" if not extra else "baseline_ddp", extra)
+            if measured is None:
+                return 1
+            clean[name] = measured
+            print(f"clean run ({name}): {measured[1]} steps, {measured[0]:.1f} s from its first to its last checkpoint")
         records = []
         for mode in modes:
+            window_s, total_steps = clean["two processes" if mode == "dead-rank" else "one process"]
             for i in range(args.kills):
                 for attempt in range(5):  # a random moment can fall after the run's own end: draw again
-                    record = trial(work / f"{mode}_{i:03d}_{attempt}", mode, rng, window_s, total_steps)
+                    try:
+                        record = trial(work / f"{mode}_{i:03d}_{attempt}", mode, rng, window_s, total_steps)
+                    except RuntimeError as err:  # the disk modes without the right to mount
+                        print(f"{mode}: skipped: {err}", flush=True)
+                        record = None
+                        break
                     if record["killed"]:
                         break
+                if record is None:
+                    break
                 records.append(record)
                 status = "survived" if record["survived"] else f"LOST ({record['error']})"
                 where = f"write {record['hook']}" if mode == "injected" else f"{record['delay_s']:.2f} s after first ckpt"
-                print(f"{mode:8s} {i + 1:3d}: {'SIGINT' if mode == 'ctrl-c' else 'kill'} at {where}, mid-write={record['mid_write']}, "
+                print(f"{mode:9s} {i + 1:3d}: at {where}, exit {record['returncode']}, mid-write={record['mid_write']}, "
                       f"last.ckpt step {record['step_at_kill']} -> {status}", flush=True)
         print()
         for mode in modes:
             mine = [r for r in records if r["mode"] == mode]
+            if not mine:
+                continue
+            total_steps = clean["two processes" if mode == "dead-rank" else "one process"][1]
             survived = sum(r["survived"] for r in mine)
             during = sum(r["killed"] and (r["step_at_kill"] or 0) < total_steps for r in mine)
             mid = sum(r["mid_write"] for r in mine)
-            print(f"{mode}: {survived}/{len(mine)} kills survived ({during} landed while training was still going, "
-                  f"{mid} during a checkpoint write)")
+            print(f"{mode}: {survived}/{len(mine)} survived ({during} landed while training was still going, "
+                  f"{mid} left a half-written checkpoint behind)")
         if args.json:
             print(json.dumps(records, indent=1))
-        return 0 if all(r["survived"] for r in records) else 1
+        return 0 if records and all(r["survived"] for r in records) else 1
 
 
 if __name__ == "__main__":
