@@ -345,7 +345,8 @@ class MusicVAECLI(LightningCLI):
         # others itself (Lightning, one machine) has the user's shell as parent: nothing to watch there.
         launched = environment is not None and environment.creates_processes_externally
         return PeerWatch(self._peer_lost_message, parent=os.getppid() if launched else None,
-                         before_exit=self._release_run_lock, first_rank=trainer.global_rank + 1).start()
+                         before_exit=self._release_run_lock, first_rank=trainer.global_rank + 1,
+                         standing_down=lambda: trainer.interrupted).start()
 
     def before_fit(self) -> None:
         # First: a folder another live run trains in is refused before anything else is checked (nothing

@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -128,10 +129,15 @@ class PeerWatch:
     ORDERLY_GRACE_S = 60.0
 
     def __init__(self, message: Callable[[str], str], parent: Optional[int] = None,
-                 before_exit: Callable[[], None] = lambda: None, first_rank: int = 1) -> None:
+                 before_exit: Callable[[], None] = lambda: None, first_rank: int = 1,
+                 standing_down: Callable[[], bool] = lambda: False) -> None:
         self.message = message  # cause -> the one line (peer_lost_message with the run's details bound)
         self.parent = parent
         self.before_exit = before_exit
+        # True once this process is stopping on its own (an exception, Ctrl-C, SIGTERM: Lightning marks the
+        # trainer interrupted before anything else): its own message and status win, and Lightning itself
+        # SIGKILLs the children after a second Ctrl-C, which is then no death to report.
+        self.standing_down = standing_down
         self.first_rank = first_rank  # global rank of the first child (the launcher's rank + 1)
         self.children: list[subprocess.Popen] = []
         self._stopped = threading.Event()
@@ -157,7 +163,8 @@ class PeerWatch:
             rank = self.first_rank + index
             if code not in ORDERLY_EXITS:
                 return f"rank {rank}, pid {child.pid}, {exit_description(code)}"
-            self._orderly_since = self._orderly_since or now
+            if self._orderly_since is None:
+                self._orderly_since = now
             if now - self._orderly_since > self.ORDERLY_GRACE_S:
                 return (f"rank {rank}, pid {child.pid}, stopped in order (exit status {code}) over "
                         f"{self.ORDERLY_GRACE_S:g} s ago, and this process is still training")
@@ -168,11 +175,9 @@ class PeerWatch:
         return None
 
     def _run(self) -> None:
-        import time
-
         while not self._stopped.wait(self.POLL_S):
             cause = self.check(time.monotonic())
-            if cause is not None and not self._stopped.is_set():
+            if cause is not None and not self._stopped.is_set() and not self.standing_down():
                 self._stop_everything(cause)
 
     def _stop_everything(self, cause: str) -> None:

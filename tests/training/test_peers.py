@@ -78,3 +78,28 @@ def test_the_line_names_the_checkpoint_kept_or_says_there_is_none(tmp_path):
     line = peer_lost_message(1, 4, "x", last, "cmd --ckpt_path L")
     assert line.startswith("rank 1: another process of this 4-process run died (x); ")
     assert line.endswith(f"{last} (epoch 3, step 40) is intact. Resume with:\n  cmd --ckpt_path L")
+
+
+def test_a_process_stopping_on_its_own_does_not_report_its_children(monkeypatch):
+    """After a second Ctrl-C Lightning SIGKILLs the children itself; the trainer is marked interrupted
+    first, and the watch stands down instead of calling that a death."""
+    import musicvae.training.peers as peers
+
+    exits = []
+    monkeypatch.setattr(PeerWatch, "POLL_S", 0.01)
+    monkeypatch.setattr(peers.os, "_exit", exits.append)
+    monkeypatch.setattr(peers, "report", lambda line: exits.append(line))
+    w = PeerWatch(lambda cause: cause, first_rank=1, standing_down=lambda: True)
+    w.adopt([FakeChild(10, -signal.SIGKILL)])
+    w.start()
+    import time
+
+    time.sleep(0.2)
+    w.stop()
+    assert exits == []
+    w = PeerWatch(lambda cause: cause, first_rank=1)
+    w.adopt([FakeChild(10, -signal.SIGKILL)])
+    w.start()
+    time.sleep(0.2)
+    w.stop()
+    assert exits[:2] == ["rank 1, pid 10, killed by SIGKILL, as the out-of-memory killer does", 5]

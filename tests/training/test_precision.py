@@ -75,3 +75,17 @@ def test_gpu_config_layers_on_a_recipe(tmp_path):
                     "--data.cache_dir", str(tmp_path / "cache")], run=False)
     assert cli.model.hparams.compile and cli.model.hparams.channels_last
     assert cli.datamodule.num_workers == 4 and cli.model.hparams.lr == 5e-5  # the recipe is kept
+
+
+def test_gpu_config_gives_a_ddp_run_its_collective_timeout_and_a_bad_one_is_refused(tmp_path):
+    from datetime import timedelta
+
+    from musicvae.errors import ConfigError
+
+    args = ["--config", "configs/improved.yaml", "--config", "configs/gpu.yaml", "--trainer.accelerator", "cpu",
+            "--trainer.precision", "32", "--checkpoint_dir", str(tmp_path / "ckpt"), "--data.cache_dir", str(tmp_path / "cache"),
+            "--trainer.devices", "2", "--trainer.strategy", "ddp", "--model.compile", "false"]
+    cli = cli_main(args, run=False)
+    assert cli.trainer.strategy._timeout == timedelta(seconds=600)  # the process group opens with it (test_ddp.py)
+    with pytest.raises(ConfigError, match=r"--collective_timeout 0: give a number of seconds above 0"):
+        cli_main([*args, "--collective_timeout", "0"], run=False)
