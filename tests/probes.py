@@ -303,13 +303,9 @@ class DiskFaultAtStep(Callback):
         import subprocess
 
         if self.action == "fill":
-            with open(self.folder / "filler", "wb") as handle:
-                try:
-                    while True:
-                        handle.write(b"\0" * (1 << 16))
-                        handle.flush()
-                except OSError:
-                    pass
+            from musicvae.benchmarks.commands.reliability import fill
+
+            fill(self.folder)
         elif self.action == "readonly":
             subprocess.run(["mount", "-o", "remount,ro", self.mount], check=True)
         else:
