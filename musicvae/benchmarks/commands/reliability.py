@@ -158,7 +158,13 @@ def strike(mode: str, root: Path, process: subprocess.Popen) -> None:
     elif mode == "disk-full":
         fill(root / "ckpt")
     elif mode == "read-only":
-        subprocess.run(["mount", "-o", "remount,ro", str(root / "ckpt")], check=True)
+        # A remount is refused (EBUSY) while a file there is open for writing: it lands as soon as the
+        # checkpoint being written is closed.
+        deadline = time.monotonic() + 10
+        while subprocess.run(["mount", "-o", "remount,ro", str(root / "ckpt")], capture_output=True).returncode != 0:
+            if process.poll() is not None or time.monotonic() > deadline:
+                return
+            time.sleep(0.005)
     elif mode == "dead-rank":
         pid = rank_one(process)
         if pid is not None:
