@@ -79,6 +79,7 @@ def launch(tmp: Path, name: str, *extra: str) -> dict:
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), *args],
                             cwd=run, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
+    assert "musicvae: error" not in result.stderr  # no rank took the others' normal end for a death (PeerWatch)
     ranks = {r: json.loads((out / "probe" / f"rank{r}.json").read_text()) for r in range(DEVICES)}
     return {"ranks": ranks, "audit": read_audit(out / "audit"), "probe": out / "probe", "run": run}
 
