@@ -204,13 +204,16 @@ def trial(root: Path, mode: str, rng: random.Random, window_s: float, total_step
         # The fault landed (a run that ended by itself first is drawn again).
         record["killed"] = process.returncode != 0
         expected = MODES[mode]
-        ended_right = process.returncode == expected and record["all_ended"]
+        ok, step, why = checkpoint_ok(root / "ckpt" / "last.ckpt")
+        # A Ctrl-C after training ended (its handler restored) kills the process as SIGINT does any
+        # program: a shell reports 130 as well, and the run is complete.
+        finished = mode == "ctrl-c" and process.returncode == -signal.SIGINT and step == total_steps
+        ended_right = (process.returncode == expected or finished) and record["all_ended"]
         if expected in (4, 5):  # one line and no traceback
             ended_right = ended_right and len(lines) == 1 and "Traceback" not in err
         if expected == 4:  # and the refused write's temporary file removed (a dead rank's may stay: next start's)
             ended_right = ended_right and not record["mid_write"]
         record["ended_right"] = ended_right
-        ok, step, why = checkpoint_ok(root / "ckpt" / "last.ckpt")
         record.update(loads=ok, step_at_kill=step, error=why or ("" if ended_right else f"ended with {process.returncode}: "
                                                                   f"{record['message'] or err.strip()[-300:]}"))
         if ok:
