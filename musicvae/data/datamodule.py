@@ -60,10 +60,18 @@ def _kill_loader_workers() -> None:
     `_shutdown_workers_and_reset_iterator` checks for torch's class), so they are left to garbage
     collection, which may come after this. Registered after multiprocessing's exit handler, so it
     runs before it (atexit runs last-in, first-out); workers hold nothing that needs a clean end."""
-    for child in multiprocessing.active_children():
-        if child.daemon:
-            child.kill()
+    workers = [child for child in multiprocessing.active_children() if child.daemon]
+    if not workers:
+        return
+    # torch's loader raises from its SIGCHLD handler when a worker dies: that would stop this loop.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in workers:
+        child.kill()
+    for child in workers:
+        try:
             child.join(timeout=5)
+        except Exception:  # noqa: BLE001 - exiting anyway; the next worker must still be ended
+            pass
 
 
 atexit.register(_kill_loader_workers)
