@@ -40,7 +40,8 @@ PEER_LOST_EXIT = 5
 #: What a collective raises on the survivors when a peer dies: gloo's closed or reset connection,
 #: NCCL's aborted communicator or timeout, and torch.distributed's own error types.
 _PEER_LOST = ("connection closed by peer", "connection reset by peer", "broken pipe", "nccl communicator was aborted",
-              "watchdog caught collective operation timeout", "socket timeout", "timed out waiting")
+              "watchdog caught collective operation timeout", "socket timeout", "timed out waiting",
+              "caused pair closure")  # gloo's "Application timeout caused pair closure", on the other side of a timeout
 #: Exit statuses every rank takes together (done, Ctrl-C, SIGTERM: the stop is agreed across ranks),
 #: so a child ending with one is not a death unless the launching process is still training long after.
 ORDERLY_EXITS = (0, INTERRUPTED_EXIT, PREEMPTED_EXIT)

@@ -61,6 +61,8 @@ def test_collective_failures_are_recognised_and_explained():
     assert peer_lost(wrapped)
     timed_out = RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 30000ms for recv operation to complete")
     assert peer_lost(timed_out)
+    pair = RuntimeError("Application timeout caused pair closure")  # gloo, seen on rank 0 in a broadcast
+    assert peer_lost(pair) and collective_error_cause(pair, 30.0).startswith("it did not answer within 30 s")
     assert collective_error_cause(timed_out, 30.0).startswith("it did not answer within 30 s, --collective_timeout")
     assert collective_error_cause(timed_out, None).startswith("it did not answer within the process group's timeout")
     start = RuntimeError("Timed out after 601 seconds waiting for clients. 1/4 clients joined.")
