@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -56,8 +56,7 @@ TINY = [
 
 #: Two CPU processes (gloo): the same tiny run, each epoch split between them.
 DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
-#: What each mode sends, or does to the checkpoint folder, and the exit status a survivor ends with
-#: (None: any; a SIGKILL'd process reports -9).
+#: Each mode's exit status of a survivor (a SIGKILL'd process reports -9).
 MODES = {"injected": -signal.SIGKILL, "random": -signal.SIGKILL, "ctrl-c": 130, "disk-full": 4, "read-only": 4,
          "dead-rank": 5}
 GROUPS = {"both": ["injected", "random"], "faults": ["disk-full", "read-only", "dead-rank"],
@@ -185,7 +184,7 @@ def trial(root: Path, mode: str, rng: random.Random, window_s: float, total_step
     if mode == "injected":
         # Writes: one per step plus best/last after each validation; skip the first (nothing to fall back on).
         env[KILL_HOOK_ENV] = str(rng.randint(2, total_steps))
-    with (small_disk(root / "ckpt") if mode in ("disk-full", "read-only") else _nothing()):
+    with (small_disk(root / "ckpt") if mode in ("disk-full", "read-only") else nullcontext()):
         process = train(root, extra=DDP if mode == "dead-rank" else [], env=env)
         delay = None
         if mode != "injected":
@@ -230,9 +229,12 @@ def trial(root: Path, mode: str, rng: random.Random, window_s: float, total_step
     return record
 
 
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
+TWO = "two processes"
+
+
+def setup_of(mode: str) -> str:
+    """Which clean run a mode's trials are timed against."""
+    return TWO if mode == "dead-rank" else "one process"
 
 
 def clean_run(work: Path, name: str, extra: list[str]) -> tuple[float, int] | None:
@@ -267,19 +269,15 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="musicvae-reliability-") as tmp:
         work = args.workdir or Path(tmp)
         clean = {}
-        for name, extra in (("one process", []), ("two processes", DDP)):
-            if name == "two processes" and "dead-rank" not in modes:
-                continue
-            if name == "one process" and modes == ["dead-rank"]:
-                continue
-            measured = clean_run(work, "baseline" if not extra else "baseline_ddp", extra)
+        for name in dict.fromkeys(setup_of(mode) for mode in modes):  # the clean runs the modes need, once each
+            measured = clean_run(work, "baseline_ddp" if name == TWO else "baseline", DDP if name == TWO else [])
             if measured is None:
                 return 1
             clean[name] = measured
             print(f"clean run ({name}): {measured[1]} steps, {measured[0]:.1f} s from its first to its last checkpoint")
         records = []
         for mode in modes:
-            window_s, total_steps = clean["two processes" if mode == "dead-rank" else "one process"]
+            window_s, total_steps = clean[setup_of(mode)]
             for i in range(args.kills):
                 for attempt in range(5):  # a random moment can fall after the run's own end: draw again
                     try:
@@ -302,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             mine = [r for r in records if r["mode"] == mode]
             if not mine:
                 continue
-            total_steps = clean["two processes" if mode == "dead-rank" else "one process"][1]
+            total_steps = clean[setup_of(mode)][1]
             survived = sum(r["survived"] for r in mine)
             during = sum(r["killed"] and (r["step_at_kill"] or 0) < total_steps for r in mine)
             mid = sum(r["mid_write"] for r in mine)
