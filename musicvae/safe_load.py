@@ -19,7 +19,7 @@ from musicvae.errors import CheckpointError
 
 
 def load_weights_only(path: str | os.PathLike, what: str = "checkpoint", hint: str = "",
-                      map_location: str = "cpu") -> Any:
+                      map_location: str = "cpu", mmap: bool = False) -> Any:
     """The object saved in `path`, unpickling tensors and plain values only.
 
     Args:
@@ -27,6 +27,8 @@ def load_weights_only(path: str | os.PathLike, what: str = "checkpoint", hint: s
         what: what the file should be, in the messages ("checkpoint", "weights file").
         hint: what the user can do, appended to every message.
         map_location: where tensors go.
+        mmap: map the file's tensors instead of reading them (zip-format files only), to read the
+            plain values beside them cheaply.
 
     Raises:
         CheckpointError: missing, truncated or corrupt, or holding Python objects that would run
@@ -38,7 +40,7 @@ def load_weights_only(path: str | os.PathLike, what: str = "checkpoint", hint: s
     try:
         with warnings.catch_warnings():  # e.g. torch's note on a bare pickle: the error below says it all
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         # weights_only refuses globals (code) with a message naming them; anything else is garbage.
         # torch's advice to retry with weights_only=False is left out on purpose.
@@ -70,3 +72,10 @@ def _unsupported(err: Exception) -> str:
         if "global" in line.lower():
             return line.strip().split(". Please")[0][:300]
     return _last_line(err)
+
+
+def load_yaml(text: str, source: str = "config") -> Any:
+    """YAML text as plain data (the safe loader: no Python objects)."""
+    import yaml
+
+    return yaml.safe_load(text)

@@ -17,9 +17,11 @@ from musicvae.training.checkpoints import DATA_STATE_KEY, RAW_WEIGHTS_KEY, load_
 from musicvae.data.datamodule import MelDataModule
 from musicvae.errors import CheckpointError, ConfigError
 from musicvae.training.module import MusicVAEModule, with_compensation_defaults
+from musicvae.training.stored_config import check_mel_bounds, check_model_shapes, is_plain
 
-#: Data settings that evaluation may take from the stored run (the rest come from the checkpoint).
-_DATA_KEYS = ("data_dir", "cache_dir", "frames", "batch_size", "val_split", "seed", "synthetic_pieces",
+#: Data settings that evaluation may take from the stored run (the rest come from the checkpoint). Never
+#: `cache_dir`: a checkpoint is data and chooses no place to write (musicvae/training/stored_config.py).
+_DATA_KEYS = ("data_dir", "frames", "batch_size", "val_split", "seed", "synthetic_pieces",
               "synthetic_seconds", "silence_margin", "on_bad_file")
 
 
@@ -44,6 +46,10 @@ def load_module(ckpt_path: str | os.PathLike, device: str = "cpu",
         raise CheckpointError(f"{ckpt_path}: no raw weights beside its state_dict: it was trained without "
                               "--model.ema_decay, so its one set of weights is --weights average")
     state = ckpt[RAW_WEIGHTS_KEY] if weights == "raw" else ckpt["state_dict"]
+    mel = (ckpt.get(DATA_STATE_KEY) or {}).get("mel")
+    if mel is not None:
+        check_mel_bounds(mel, ckpt_path)
+    check_model_shapes(MusicVAEModule, hparams, state, ckpt_path)  # before any real allocation
     try:
         module = MusicVAEModule(**hparams)
         module.load_state_dict(with_compensation_defaults(dict(state), int(module.hparams.n_mels)))
@@ -63,7 +69,7 @@ def datamodule_for(
     """
     state = ckpt.get(DATA_STATE_KEY) or {}
     stored = (run_config(ckpt).get("data") or {}) if ckpt else {}
-    kwargs = {k: stored[k] for k in _DATA_KEYS if k in stored}
+    kwargs = {k: stored[k] for k in _DATA_KEYS if k in stored and is_plain(stored[k])}
     kwargs.update({"frames": state.get("frames", kwargs.get("frames", 128)), "val_split": state.get("val_split", 0.1),
                    "seed": state.get("seed", 0), "num_workers": 0})
     if data_dir is not None:

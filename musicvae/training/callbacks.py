@@ -6,13 +6,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from musicvae.atomic import write_atomic
 from musicvae.training.lightning_private import CHECKPOINT_DIR_WARNING
-from musicvae.training.checkpoints import MONITOR_KEY, RUN_CONFIG_KEY, dump_yaml
+from musicvae.training.checkpoints import MONITOR_KEY, RUN_CONFIG_KEY, RUN_ID_KEY, dump_yaml
 
 
 class RunMetadata(Callback):
@@ -24,8 +25,9 @@ class RunMetadata(Callback):
     same curves instead of starting a new version relative to wherever it was started.
     """
 
-    def __init__(self, config: dict[str, Any], monitor: str, checkpoint_dir: Path) -> None:
+    def __init__(self, config: dict[str, Any], monitor: str, checkpoint_dir: Path, run_id: Optional[str] = None) -> None:
         self.config = config
+        self.run_id = run_id
         self.monitor = monitor
         self.checkpoint_dir = Path(checkpoint_dir)
         self.config_yaml = dump_yaml(config)
@@ -60,6 +62,8 @@ class RunMetadata(Callback):
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint[RUN_CONFIG_KEY] = self.config_yaml
+        if self.run_id:
+            checkpoint[RUN_ID_KEY] = self.run_id
         value = trainer.callback_metrics.get(self.monitor)
         checkpoint[MONITOR_KEY] = {"name": self.monitor, "value": None if value is None else float(value)}
 
@@ -134,35 +138,53 @@ class ApplyResumedLearningRate(Callback):
 
 
 class FixedNameCheckpoint(ModelCheckpoint):
-    """A ModelCheckpoint with a fixed file name whose best score survives a moved run folder.
+    """A ModelCheckpoint with a fixed file name whose stored paths cannot point outside its folder.
 
-    Lightning restores `best_model_score` only when the stored `dirpath` string equals the
-    current one; otherwise a resumed run would replace `best.ckpt` with its first, possibly
-    worse, model. File names are fixed here, so the stored paths map onto the new folder by
-    name, and the score is kept whenever that folder holds the file it refers to.
+    Lightning restores `best_model_path`, `kth_best_model_path`, `best_k_models` and
+    `last_model_path` from a checkpoint as given, and later deletes the old "best" file it names
+    (`_should_remove_checkpoint` compares the path's text, so `<dirpath>/../x` passes). A
+    checkpoint is data: here each stored path is mapped by its file name onto this callback's own
+    file in the current folder, or dropped. That also keeps the best score of a moved run folder
+    (Lightning restores it only when the stored `dirpath` string is identical); the score is kept
+    whenever the folder holds the file it belongs to (the CLI has checked that it is the same run).
     """
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        stored_dir = state_dict.get("dirpath", self.dirpath)
-        if stored_dir == self.dirpath or self.dirpath is None:
-            return super().load_state_dict(state_dict)
-        moved = {key: self._moved(state_dict.get(key)) for key in ("best_model_path", "kth_best_model_path", "last_model_path")}
-        if moved["best_model_path"] and Path(moved["best_model_path"]).exists():
-            self.best_model_score = state_dict["best_model_score"]
-            self.kth_value = state_dict.get("kth_value", self.kth_value)
-            self.best_k_models = {self._moved(path): score for path, score in state_dict.get("best_k_models", {}).items()}
-            self.best_model_path = moved["best_model_path"]
-            self.kth_best_model_path = moved["kth_best_model_path"] or ""
-            self.last_model_path = moved["last_model_path"] or ""
+        stored_dir = state_dict.get("dirpath")
+        best = self._own(state_dict.get("best_model_path"))
+        if self.dirpath is None or not best or not Path(best).exists():
+            if self.monitor and (best or stored_dir):
+                rank_zero_info(f"musicvae: {self.dirpath} holds no {self.filename}.ckpt of the resumed run; the best "
+                               "score starts afresh there")
+            return
+        self.best_model_score = _score(state_dict.get("best_model_score"))
+        self.kth_value = _score(state_dict.get("kth_value")) if _score(state_dict.get("kth_value")) is not None \
+            else self.kth_value
+        stored_k = state_dict.get("best_k_models")
+        self.best_k_models = {self._own(path): _score(score) for path, score in
+                              (stored_k.items() if isinstance(stored_k, dict) else ())
+                              if self._own(path) and _score(score) is not None}
+        self.best_model_path = best
+        self.kth_best_model_path = self._own(state_dict.get("kth_best_model_path"))
+        self.last_model_path = self._own(state_dict.get("last_model_path"))
+        if stored_dir != self.dirpath:
             rank_zero_info(f"musicvae: run folder moved from {stored_dir} to {self.dirpath}; best score kept")
-        else:
-            rank_zero_info(
-                f"musicvae: {self.dirpath} holds no {self.filename}.ckpt of the resumed run (it was in {stored_dir}); "
-                "the best score starts afresh in the new folder"
-            )
 
-    def _moved(self, path: Optional[str]) -> Optional[str]:
-        return str(Path(self.dirpath) / Path(path).name) if path else None
+    def _own(self, path: Any) -> str:
+        """This callback's file in the current folder when `path` names it (by file name), else ''."""
+        name = f"{self.filename}{self.FILE_EXTENSION}"
+        if not isinstance(path, str) or not path or Path(path).name != name or self.dirpath is None:
+            return ""
+        return str(Path(self.dirpath) / name)
+
+
+def _score(value: Any) -> Optional[torch.Tensor]:
+    """A stored score as a tensor, or None when it is not a number."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.tensor(float(value))
+    return None
 
 
 def _no_dir_warning(self: ModelCheckpoint, dirpath: str) -> None:

@@ -14,13 +14,15 @@ from typing import Any, Optional
 import yaml
 
 from musicvae.errors import CheckpointError
-from musicvae.safe_load import load_weights_only
+from musicvae.safe_load import load_weights_only, load_yaml
 
 #: Key of the run's full config (a YAML string) inside every checkpoint the CLI writes.
 RUN_CONFIG_KEY = "musicvae_run_config"
 #: Where Lightning's WeightAveraging (EMA: musicvae/training/ema.py) keeps the raw training weights; the
 #: checkpoint's `state_dict` is then the average.
 RAW_WEIGHTS_KEY = "current_model_state"
+#: Key of the run's id (hex), the same in every checkpoint of one run, resumes included.
+RUN_ID_KEY = "musicvae_run_id"
 #: Key of {"name": monitor, "value": float} inside every checkpoint the CLI writes.
 MONITOR_KEY = "musicvae_monitor"
 #: Key of the data module's state (mel settings, statistics, split rule).
@@ -54,7 +56,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> dict[
 def run_config(ckpt: dict[str, Any]) -> dict[str, Any]:
     """The run's config stored in a checkpoint ({} for checkpoints written outside the CLI)."""
     text = ckpt.get(RUN_CONFIG_KEY)
-    return yaml.safe_load(text) if text else {}
+    if not text:
+        return {}
+    if not isinstance(text, str):
+        raise CheckpointError(f"its stored run config ({RUN_CONFIG_KEY}) is not YAML text")
+    config = load_yaml(text, "the checkpoint's stored run config")
+    return config if isinstance(config, dict) else {}
 
 
 def config_from_hyperparameters(ckpt: dict[str, Any]) -> dict[str, Any]:
@@ -140,6 +147,46 @@ def unresumable_changes(ckpt: dict[str, Any], model_hparams: dict[str, Any], mel
         if mel.get(name) != old:
             problems.append(f"data.mel.{name}: checkpoint {old!r}, now {mel.get(name)!r}")
     return problems
+
+
+def stored_run_id(path: Path) -> Optional[str]:
+    """The run id inside a checkpoint file, read without loading its tensors (None: written before ids).
+
+    Raises:
+        CheckpointError: the file cannot be read as a checkpoint.
+    """
+    try:
+        ckpt = load_weights_only(path, "checkpoint file", mmap=True)
+    except CheckpointError:
+        ckpt = load_weights_only(path, "checkpoint file")  # torch's legacy format cannot be memory-mapped
+    run_id = ckpt.get(RUN_ID_KEY) if isinstance(ckpt, dict) else None
+    return run_id if isinstance(run_id, str) else None
+
+
+def foreign_checkpoints(folder: Path, ckpt: dict[str, Any], ckpt_path: str | os.PathLike) -> list[str]:
+    """The checkpoints in `folder` that belong to another run than `ckpt` (read from `ckpt_path`).
+
+    Two checkpoints with run ids are the same run when the ids are equal. Checkpoints written before
+    runs had ids are taken as the resumed run's only in the folder that holds the resumed file.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    resumed = Path(ckpt_path).expanduser().resolve()
+    own = ckpt.get(RUN_ID_KEY) if isinstance(ckpt.get(RUN_ID_KEY), str) else None
+    foreign = []
+    for path in sorted(folder.glob("*.ckpt")):
+        if path.resolve() == resumed:
+            continue
+        try:
+            other = stored_run_id(path)
+        except CheckpointError:
+            foreign.append(f"{path.name} (unreadable)")
+            continue
+        same = own == other if own is not None and other is not None else resumed.parent == folder.resolve()
+        if not same:
+            foreign.append(path.name)
+    return foreign
 
 
 def describe(path: Path, ckpt: dict[str, Any]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import re
 import shlex
 import signal
 import sys
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -35,6 +36,8 @@ from musicvae.training.initialisation import initialise_from
 from musicvae.training.checkpoints import (
     DATA_STATE_KEY,
     RAW_WEIGHTS_KEY,
+    RUN_ID_KEY,
+    foreign_checkpoints,
     config_changes,
     config_from_hyperparameters,
     dump_yaml,
@@ -44,12 +47,14 @@ from musicvae.training.checkpoints import (
 )
 from musicvae.data.datamodule import MelDataModule
 from musicvae.errors import CheckpointError, ConfigError, MusicVAEError, NonFiniteError
+from musicvae.safe_load import load_yaml
 from musicvae.storage import STORAGE_EXIT, StorageError, free_bytes, payload_bytes, size_text
 from musicvae.training.guards import INTERRUPTED_EXIT, NONFINITE_EXIT, PREEMPTED_EXIT, NonFiniteGuard, Preemption
 from musicvae.training.module import MusicVAEModule
 from musicvae.training.random_state import ResumableRandomState
 from musicvae.training.run_lock import RunLock
 from musicvae.training.lightning_private import CLI_CKPT_HOOK, observe_launched_processes, set_process_group_timeout
+from musicvae.training.stored_config import NOT_COMPARED, TakenConfig, check_mel_bounds, check_model_shapes, config_as_data, pinned_version
 from musicvae.training.peers import (PEER_LOST_EXIT, PeerLostError, PeerWatch, collective_error_cause, peer_lost,
                                      peer_lost_message, report)
 from musicvae.training.media import MediaLogger
@@ -139,27 +144,25 @@ class MusicVAECLI(LightningCLI):
     """LightningCLI with the project's links, checkpoint folder, resume rules and defaults."""
 
     def __init__(self, *args: Any, resume: Optional[dict] = None, init: Optional[tuple[str, dict]] = None,
-                 stored_config_injected: bool = False, command: Optional[list[str]] = None,
+                 taken: Optional[TakenConfig] = None, command: Optional[list[str]] = None,
                  handle_interrupt: bool = False, **kwargs: Any) -> None:
         self.resume = resume  # the checkpoint given with --ckpt_path, already loaded safely
-        # cli_main put the resumed run's config first: [subcommand, "--config", STORED, *user arguments].
-        self.stored_config_injected = stored_config_injected
+        # What the resumed run's stored config gave: cli_main put it first, as
+        # [subcommand, "--config", TAKEN, *user arguments].
+        self.taken = taken
         self.command = command or []  # the user's command line (program and arguments), for the resume hint
         self.handle_interrupt = handle_interrupt  # a first Ctrl-C saves and stops (the command line's runs)
         self.preloaded_init = init  # (path, checkpoint) of --model.init_from given on the command line
         super().__init__(*args, **kwargs)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        restarted = False
-        if self.stored_config_injected and isinstance(args, list):
-            restarted = "trainer.logger" in appended_keys(args[3:])
+        if self.taken is not None and isinstance(args, list):
             args = restart_appended_lists(args, self._parser(args[0]))
         super().parse_arguments(parser, args)
-        if restarted:
-            # The logger list was rebuilt from the command: its file loggers continue the resumed run's
-            # version folders where they still write to the same place (RunMetadata pinned them).
-            stored = (run_config(self.resume) or {}).get("trainer", {}).get("logger")
-            repin_loggers(self.config[args[0]].trainer.logger, stored)
+        if self.taken is not None and isinstance(args, list) and args[0] == "fit":
+            # File loggers continue the resumed run's version folders where the user's (or the default)
+            # folder is the stored one; the stored folder itself is never taken.
+            repin_loggers(self.config["fit"].trainer.logger, self.taken.loggers)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -241,7 +244,8 @@ class MusicVAECLI(LightningCLI):
                 f"--checkpoint_every_n_steps ({every}) and --skip_nonfinite ({skip}) must be 0 or more"
             )
         extra += checkpoint_callbacks(self.checkpoint_dir, monitor, every)
-        extra.append(RunMetadata(yaml.safe_load(self._stored_config()), monitor, self.checkpoint_dir))
+        run_id = (self.resume or {}).get(RUN_ID_KEY) or uuid.uuid4().hex
+        extra.append(RunMetadata(yaml.safe_load(self._stored_config()), monitor, self.checkpoint_dir, run_id))
         extra.append(ApplyResumedLearningRate((self.resume or {}).get("hyper_parameters") or None))
         configured = self._get(self.config_init, "trainer.callbacks") or []
         if any(isinstance(cb, WeightAveraging) for cb in (configured if isinstance(configured, list) else [configured])):
@@ -297,6 +301,8 @@ class MusicVAECLI(LightningCLI):
             if self._get(self.config, "data.cache_dir"):
                 check_creatable_dir(self._get(self.config, "data.cache_dir"), "--data.cache_dir")
         check_mel_settings(self._get(self.config, "data.mel"))
+        if self.subcommand and self.resume is not None:
+            self._check_stored_sizes()
         self.init_ckpt = None
         init_from = self._get(self.config, "model.init_from") if self.subcommand == "fit" else None
         if init_from and self.resume is None:
@@ -304,6 +310,27 @@ class MusicVAECLI(LightningCLI):
             preloaded = self.preloaded_init
             self.init_ckpt = preloaded[1] if preloaded and preloaded[0] == init_from else load_checkpoint(init_from)
             self.init_mel = adopt_mel_settings(self.config[self.subcommand], self.init_ckpt)
+
+    def _check_stored_sizes(self) -> None:
+        """Before anything is built from a checkpoint's settings: what was taken from it, in words, and the
+        model those settings describe, built on the meta device and compared with its weights."""
+        path = _ckpt_path_arg(self.command[1:]) or "the checkpoint"
+        if self.taken is not None and self.taken.inputs:
+            rank_zero_info(f"musicvae: from the checkpoint's stored config: {', '.join(self.taken.inputs)}")
+        # Worth a word only where the run does not use the same value anyway (from the user or a default).
+        dropped = [f"{key} {value!r}" for key, value in (self.taken.not_taken if self.taken else [])
+                   if "[" in key or self._get(self.config, key, default=None) != value]
+        if dropped:
+            rank_zero_info("musicvae: not taken from the checkpoint (a checkpoint is data; give them on the command line "
+                           f"if you want them): {', '.join(dropped)}")
+        stored_mel = (self.resume.get(DATA_STATE_KEY) or {}).get("mel")
+        if stored_mel is not None:
+            check_mel_bounds(stored_mel, path)
+        config = self.config[self.subcommand]
+        hparams = config.model.as_dict()
+        hparams["n_mels"] = int((stored_mel or {}).get("n_mels") or (config.data.mel or {}).get("n_mels", 128))
+        hparams["compile"] = False
+        check_model_shapes(MusicVAEModule, hparams, self.resume["state_dict"], path)
 
     def _run_subcommand(self, subcommand: str) -> None:
         watch = self._peer_watch() if subcommand == "fit" else None
@@ -367,6 +394,7 @@ class MusicVAECLI(LightningCLI):
             check_linear_path(self.model, bound)  # a resumed run's linear path is already set
             self._refuse_to_clobber()
         else:
+            self._refuse_another_runs_folder()
             self._check_resume()
             if self.model.hparams.get("ema_decay") and RAW_WEIGHTS_KEY not in self.resume:
                 rank_zero_info("musicvae: EMA starts at this resume: the average begins at the checkpoint's weights")
@@ -449,6 +477,15 @@ class MusicVAECLI(LightningCLI):
         # Nothing is created here: RunMetadata and the checkpoint callbacks make the folder when they
         # first write into it, and before_instantiate_classes has checked that they can.
 
+    def _refuse_another_runs_folder(self) -> None:
+        ckpt_path = _ckpt_path_arg(self.command[1:])
+        foreign = foreign_checkpoints(self.checkpoint_dir, self.resume, ckpt_path)
+        if foreign and not self._setting("overwrite"):
+            raise ConfigError(
+                f"{self.checkpoint_dir} holds {', '.join(foreign)} of another run than {ckpt_path}: resuming there "
+                "would replace them. Choose another --checkpoint_dir (by default a resume writes beside the checkpoint "
+                "it resumes), or pass --overwrite true to replace them.")
+
     def _check_resume(self) -> None:
         ckpt = self.resume
         problems = unresumable_changes(ckpt, dict(self.model.hparams), self.datamodule.mel.to_dict())
@@ -463,6 +500,7 @@ class MusicVAECLI(LightningCLI):
         defaults = yaml.safe_load(self._parser(self.subcommand).dump(self._parser(self.subcommand).get_defaults(),
                                                                      skip_none=False))
         changes = config_changes(old, yaml.safe_load(self._stored_config()), defaults)
+        changes = {key: change for key, change in changes.items() if not key.startswith(NOT_COMPARED)}
         if changes:
             listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
             rank_zero_info(f"musicvae: resuming with changed settings: {listed}")
@@ -512,10 +550,11 @@ def restart_appended_lists(args: list[str], parser: LightningArgumentParser) -> 
 
 
 def repin_loggers(loggers: Any, stored: Any) -> None:
-    """Copy the stored run's pinned logger versions onto the same loggers of a rebuilt list, in place.
+    """Continue the stored run's pinned logger versions on the same loggers of this run, in place.
 
-    Loggers pair up by class, in order; a pair is the same logger when the rebuilt one's folder
-    and name resolve to the stored ones (a different folder is a new place to log: no pin).
+    Loggers pair up by class, in order; a pair is the same logger when this run's folder (the user's,
+    or the default) and name resolve to the stored ones. Only then is the stored version taken, and
+    only a plain one (a number or one folder name): the stored folder itself never chooses a place.
     """
     new = loggers if isinstance(loggers, list) else [loggers]
     old = [e for e in (stored if isinstance(stored, list) else [stored]) if isinstance(e, dict)]
@@ -527,10 +566,11 @@ def repin_loggers(loggers: Any, stored: Any) -> None:
             continue
         old.remove(match)
         pinned, args = match.get("init_args") or {}, entry.init_args
-        if pinned.get("version") is None or args.get("version") is not None or not args.get("save_dir"):
+        version = pinned_version(match)
+        if version is None or args.get("version") is not None or not args.get("save_dir"):
             continue
         if str(Path(args.save_dir).expanduser().resolve()) == pinned.get("save_dir") and args.get("name") == pinned.get("name"):
-            args.save_dir, args.version = pinned["save_dir"], pinned["version"]
+            args.save_dir, args.version = pinned["save_dir"], version
 
 
 def resume_command(command: list[str], last: Path) -> str:
@@ -567,6 +607,7 @@ def adopt_mel_settings(config: Any, ckpt: dict) -> str:
     stored = (ckpt.get(DATA_STATE_KEY) or {}).get("mel")
     if stored is None:
         return "this run's (the checkpoint stores none)"
+    check_mel_bounds(stored, config.model.init_from)
     if config.data.mel is None:
         config.data.mel = Namespace(**stored)
         return "the checkpoint's (" + ", ".join(f"{k} {v}" for k, v in stored.items()) + ")"
@@ -607,6 +648,38 @@ def _flag_value(args: list[str], flag: str = "--ckpt_path") -> Optional[str]:
     return found
 
 
+def user_set_keys(args: list[str]) -> set[str]:
+    """The dotted settings the user's own flags and `--config` files set (`trainer.callbacks`, ...).
+
+    A file that cannot be read is skipped here: the parser reads it next and names the problem.
+    """
+    keys: set[str] = set()
+    for i, arg in enumerate(args):
+        match = re.match(r"--([\w.]+?)\+?(=|$)", arg)
+        if not match:
+            continue
+        if match.group(1) != "config":
+            keys.add(match.group(1))
+            continue
+        value = arg.split("=", 1)[1] if "=" in arg else args[i + 1] if i + 1 < len(args) else None
+        try:
+            text = Path(value).read_text() if value and Path(value).is_file() else value
+            keys.update(flatten_keys(load_yaml(text or "", str(value))))
+        except (OSError, MusicVAEError, yaml.YAMLError):
+            continue
+    return keys
+
+
+def flatten_keys(config: Any, prefix: str = "") -> list[str]:
+    """{"trainer": {"logger": {...}}} -> ["trainer", "trainer.logger", "trainer.logger.class_path", ...]."""
+    if not isinstance(config, dict):
+        return []
+    keys = []
+    for key, value in config.items():
+        keys += [f"{prefix}{key}", *flatten_keys(value, f"{prefix}{key}.")]
+    return keys
+
+
 def _ckpt_path_arg(args: list[str]) -> Optional[str]:
     return _flag_value(args, "--ckpt_path")
 
@@ -634,22 +707,15 @@ def cli_main(args: Optional[list[str]] = None, run: bool = True, program: str = 
     if run:
         args = with_default_subcommand(args)
     resume = None
-    injected = False
+    taken = None
     ckpt_path = _ckpt_path_arg(args)
     if ckpt_path and run and args[0] in SUBCOMMANDS:
         resume = load_checkpoint(ckpt_path)
         stored = run_config(resume) or config_from_hyperparameters(resume)
-        if stored:
-            if args[0] != "fit":
-                # The run's pinned TensorBoard version is for resuming its curves; validate, test and
-                # predict log beside it in a version of their own (and never replace its config.yaml).
-                logger = (stored.get("trainer") or {}).get("logger")
-                for entry in logger if isinstance(logger, list) else [logger]:
-                    if isinstance(entry, dict):
-                        (entry.get("init_args") or {}).pop("version", None)
-            # The stored run is the base; everything on the command line overrides it.
-            args = [args[0], "--config", dump_yaml(stored), *args[1:]]
-            injected = True
+        # The stored run is the base and everything on the command line overrides it, but it is data:
+        # only plain settings and allowlisted classes are taken, never a place to write (stored_config.py).
+        taken = config_as_data(stored, ckpt_path, args[0], user_set_keys(args[1:]))
+        args = [args[0], "--config", dump_yaml(taken.config), *args[1:]]
     init = None
     init_path = _flag_value(args, "--model.init_from")
     if init_path and run and args[0] == "fit" and resume is None:
@@ -676,7 +742,7 @@ def cli_main(args: Optional[list[str]] = None, run: bool = True, program: str = 
         run=run,
         resume=resume,
         init=init,
-        stored_config_injected=injected,
+        taken=taken,
         command=command,
         handle_interrupt=handle_interrupt,
         seed_everything_default=0,
