@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,13 @@ TINY_FLAGS = [
     "--trainer.enable_progress_bar", "false",
     "--trainer.enable_model_summary", "false",
 ]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_default_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The default cache (~/.cache/musicvae) is the user's: runs that use it (a resume takes no cache
+    folder from a checkpoint) write under the suite's own temporary folder instead."""
+    os.environ["MUSICVAE_CACHE"] = str(tmp_path_factory.mktemp("default_cache"))
 
 
 def write_mel_folder(folder: Path, n_files: int = 8, frames: int = 64, n_mels: int = 16, seed: int = 0,

@@ -327,9 +327,16 @@ class MusicVAECLI(LightningCLI):
         if stored_mel is not None:
             check_mel_bounds(stored_mel, path)
         config = self.config[self.subcommand]
+        mel = config.data.mel.as_dict() if isinstance(config.data.mel, Namespace) else config.data.mel
         hparams = config.model.as_dict()
-        hparams["n_mels"] = int((stored_mel or {}).get("n_mels") or (config.data.mel or {}).get("n_mels", 128))
+        hparams["n_mels"] = int((mel or stored_mel or {}).get("n_mels", 128))
         hparams["compile"] = False
+        # Named changes first (the clearest message), then the shapes the settings give, still on no memory.
+        problems = unresumable_changes(self.resume, hparams, mel or stored_mel or {})
+        if problems:
+            raise CheckpointError(
+                f"cannot {'resume' if self.subcommand == 'fit' else 'use the checkpoint'}: its weights do not fit the "
+                f"new settings: {'; '.join(problems)}. Keep these as they were, or start a fresh run without --ckpt_path.")
         check_model_shapes(MusicVAEModule, hparams, self.resume["state_dict"], path)
 
     def _run_subcommand(self, subcommand: str) -> None:

@@ -125,9 +125,11 @@ def test_relative_checkpoint_dir_resumes_from_another_directory(tmp_path):
     history = tmp_path / "history.json"
     callbacks = [{"class_path": "probes.ValHistory", "init_args": {"out": str(history), "checkpoint_dir": str(ckpt_dir)}}]
     result = run_train("--ckpt_path", str(ckpt_dir / "last.ckpt"), "--model.lr", "0.3", "--trainer.max_epochs", "3",
-                       "--trainer.callbacks", json.dumps(callbacks), cwd=second)
+                       "--trainer.callbacks", json.dumps(callbacks), "--trainer.logger.init_args.save_dir", "../first/logs",
+                       cwd=second)
     assert result.returncode == 0, result.stderr[-3000:]
-    # The stored absolute folders, not ones relative to the new cwd; TensorBoard curves continue.
+    # Checkpoints beside the resumed file, not relative to the new cwd; the log folder the command names
+    # is the stored one, so the TensorBoard curves continue in its version.
     assert not (second / "ckpt").exists() and not (second / "logs").exists()
     assert [p.name for p in (first / "logs" / "musicvae").iterdir()] == ["version_0"]
     assert len(list((first / "logs" / "musicvae" / "version_0").glob("events.out.tfevents.*"))) == 2
@@ -169,7 +171,8 @@ def test_ckpt_path_alone_recovers_the_whole_run(trained, tmp_path):
                     "--trainer.max_epochs", "2"])
     assert cli.model.hparams.latent_dim == 6 and cli.model.hparams.channels == [8, 16]
     assert cli.datamodule.frames == 32 and cli.datamodule.n_mels == 32 and cli.datamodule.val_split == 0.2
-    assert cli.datamodule.cache_dir == (trained / "cache").resolve()
+    # A place to write: the documented default, not the stored folder (docs/reliability.md, security).
+    assert cli.datamodule.cache_dir != (trained / "cache").resolve()
     assert cli.trainer.log_every_n_steps == 1
     # Nothing explicit: the stored checkpoint_dir is absolute, so it points at the original run.
     stored = load_checkpoint(run / "ckpt" / "last.ckpt")["musicvae_run_config"]
