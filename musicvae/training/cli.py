@@ -662,10 +662,10 @@ def user_set_keys(args: list[str]) -> set[str]:
     """
     keys: set[str] = set()
     for i, arg in enumerate(args):
-        match = re.match(r"--([\w.]+?)\+?(=|$)", arg)
+        match = re.match(r"--([\w.]+?)\+?(=|$)", arg) or re.match(r"-(c)(=|$)", arg)
         if not match:
             continue
-        if match.group(1) != "config":
+        if match.group(1) not in ("config", "c"):
             keys.add(match.group(1))
             continue
         value = arg.split("=", 1)[1] if "=" in arg else args[i + 1] if i + 1 < len(args) else None
