@@ -167,7 +167,7 @@ class FixedNameCheckpoint(ModelCheckpoint):
         self.best_model_path = best
         self.kth_best_model_path = self._own(state_dict.get("kth_best_model_path"))
         self.last_model_path = self._own(state_dict.get("last_model_path"))
-        if stored_dir != self.dirpath:
+        if stored_dir != self.dirpath and self.monitor:
             rank_zero_info(f"musicvae: run folder moved from {stored_dir} to {self.dirpath}; best score kept")
 
     def _own(self, path: Any) -> str:
