@@ -55,7 +55,8 @@ def test_loaders_use_the_average(ema_run):
 
 def test_removing_ema_on_resume_is_refused_and_adding_it_is_named(ema_run, tmp_path, caplog):
     with pytest.raises(CheckpointError, match="model.ema_decay: checkpoint 0.8, now None .*--model.init_from"):
-        cli_main(["fit", "--ckpt_path", str(ema_run["root"] / "ckpt" / "last.ckpt"), "--model.ema_decay", "null"])
+        cli_main(["fit", "--ckpt_path", str(ema_run["root"] / "ckpt" / "last.ckpt"), "--model.ema_decay", "null",
+                  "--trainer.callbacks", "[]"])
     plain = tmp_path / "plain"
     cli_main(tiny_fit_args(plain, "--trainer.max_epochs", "1"))
     with caplog.at_level("INFO"):

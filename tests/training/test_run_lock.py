@@ -46,7 +46,7 @@ def test_a_second_run_on_a_live_runs_folder_is_refused_and_readers_are_not(tmp_p
         second = run_train([*args, "--overwrite", "true"])
         assert second.returncode == 2, second.stderr[-2000:]
         assert f"is in use by another training run: pid {first.pid} on host {HOST}" in second.stderr
-        reader = run_train(["validate", "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt")])
+        reader = run_train(["validate", "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt"), "--trainer.callbacks", "[]"])
         assert reader.returncode == 0, reader.stderr[-2000:]
     finally:
         marker.with_suffix(".go").touch()
@@ -62,7 +62,9 @@ def test_a_killed_holders_lock_is_taken_over_on_resume(tmp_path, straight):
     first.wait()
     marker.with_suffix(".go").touch()  # the resumed run passes step 9 again, with the same probe
     assert (tmp_path / "ckpt" / LOCK_NAME).exists()
-    resumed = run_train(["fit", "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt")])
+    # The probe given again: a checkpoint's stored callbacks are never taken beyond Lightning's plain ones.
+    resumed = run_train(["fit", "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt"), "--trainer.callbacks+=probes.WaitAtStep",
+                         "--trainer.callbacks.step", "9", "--trainer.callbacks.marker", str(marker)])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"took over the lock of {tmp_path / 'ckpt'} from a run that is gone (pid {first.pid}" in resumed.stderr
 
