@@ -33,11 +33,25 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Any], None], mode: st
     A kill leaves `path` either as it was or complete, never half-written (os.replace is atomic
     within one filesystem, which the same folder guarantees).
     """
+
+    def write_file(tmp: Path) -> None:
+        with open(tmp, mode) as handle:
+            write(handle)
+
+    write_atomic_to(path, write_file)
+
+
+def write_atomic_to(path: str | os.PathLike, write_file: Callable[[Path], None]) -> None:
+    """`write_atomic` for writers that take a file name (`soundfile.write`, `Figure.savefig`):
+    `write_file(tmp)` creates the temporary file beside `path`, which is then renamed into place.
+
+    A name rather than a handle, because libsndfile writing through a Python handle reports a
+    failed write from inside its I/O callbacks, as tracebacks printed on stderr.
+    """
     path = Path(path)
     tmp = temporary_path(path)
     try:
-        with open(tmp, mode) as handle:
-            write(handle)
+        write_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

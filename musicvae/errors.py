@@ -20,6 +20,14 @@ class CheckpointError(MusicVAEError, ValueError):
     """A checkpoint that cannot be loaded or resumed from."""
 
 
+class OversizedYAMLError(MusicVAEError):
+    """A YAML file or text that would expand past musicvae's limits (an alias bomb, a nesting too deep).
+
+    Not a ValueError on purpose: jsonargparse turns a loader's ValueError into a parse error that
+    carries the offending value, so this one passes through it to the command's one-line report.
+    """
+
+
 class NonFiniteError(MusicVAEError):
     """Training produced a NaN or Inf; the message gives the step and what went non-finite.
 

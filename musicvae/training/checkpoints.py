@@ -14,7 +14,7 @@ from typing import Any, Optional
 import yaml
 
 from musicvae.errors import CheckpointError
-from musicvae.safe_load import load_weights_only
+from musicvae.safe_load import load_weights_only, safe_yaml_load
 
 #: Key of the run's full config (a YAML string) inside every checkpoint the CLI writes.
 RUN_CONFIG_KEY = "musicvae_run_config"
@@ -28,7 +28,7 @@ DATA_STATE_KEY = "MelDataModule"
 #: Fields whose change makes the weights meaningless or unloadable.
 ARCHITECTURE_FIELDS = ("n_mels", "frames", "latent_dim", "channels", "blocks_per_stage", "linear_path_components")
 #: Fields of the run that may differ on resume without being a change of hyper-parameters.
-NOT_HYPERPARAMETERS = ("ckpt_path", "overwrite", "predict_dir", "predict_reconstructions")
+NOT_HYPERPARAMETERS = ("ckpt_path", "overwrite", "force", "predict_dir", "predict_reconstructions")
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> dict[str, Any]:
@@ -54,7 +54,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> dict[
 def run_config(ckpt: dict[str, Any]) -> dict[str, Any]:
     """The run's config stored in a checkpoint ({} for checkpoints written outside the CLI)."""
     text = ckpt.get(RUN_CONFIG_KEY)
-    return yaml.safe_load(text) if text else {}
+    return safe_yaml_load(text, "the run config stored in the checkpoint") if text else {}
 
 
 def config_from_hyperparameters(ckpt: dict[str, Any]) -> dict[str, Any]:

@@ -53,8 +53,10 @@ from musicvae.training.lightning_private import CLI_CKPT_HOOK, observe_launched_
 from musicvae.training.peers import (PEER_LOST_EXIT, PeerLostError, PeerWatch, collective_error_cause, peer_lost,
                                      peer_lost_message, report)
 from musicvae.training.media import MediaLogger
-from musicvae.training.predictions import LatentWriter
+from musicvae.training.predictions import LatentWriter, check_prediction_outputs
+from musicvae.outputs import add_force_flag
 from musicvae.training.recipes import recipe_path
+from musicvae.safe_load import limit_config_yaml
 from musicvae.training.preflight import (check_batch_size, check_creatable_dir, check_linear_path, check_mel_settings,
                                 logger_save_dirs)
 
@@ -187,6 +189,8 @@ class MusicVAECLI(LightningCLI):
             "--predict_reconstructions", type=bool, default=False,
             help="predict: also write each window's reconstruction (log-mel) into the recording's file.",
         )
+        add_force_flag(parser, "predict: replace latent-code files --predict_dir already holds (never an input; "
+                               "fit replaces checkpoints with --overwrite true).")
         parser.add_argument(
             "--init_normalization", type=Literal["checkpoint", "data"], default="checkpoint",
             help="With --model.init_from: normalise with the checkpoint's statistics (the scale its weights "
@@ -221,7 +225,7 @@ class MusicVAECLI(LightningCLI):
         """This run's config as YAML, with absolute paths so it resumes from any directory."""
         config = (self.config[self.subcommand] if self.subcommand else self.config).clone()
         config.checkpoint_dir = str(self.checkpoint_dir)
-        config.overwrite = False
+        config.overwrite = config.force = False
         if "ckpt_path" in config:  # absent without a subcommand (run=False)
             config.ckpt_path = None
         return self._parser(self.subcommand).dump(config, skip_none=False)
@@ -420,6 +424,7 @@ class MusicVAECLI(LightningCLI):
     def before_predict(self) -> None:
         if self.resume is None:
             raise ConfigError("predict encodes with a trained model: give --ckpt_path CHECKPOINT")
+        check_prediction_outputs(self._setting("predict_dir"), self.datamodule, self._setting("force"))
         self.datamodule.predict_reconstructions = bool(self._setting("predict_reconstructions"))
 
     def after_predict(self) -> None:
@@ -631,6 +636,7 @@ def cli_main(args: Optional[list[str]] = None, run: bool = True, program: str = 
     """
     args = list(sys.argv[1:] if args is None else args)
     command = [program, *args]
+    limit_config_yaml()  # before any config file, the checkpoint's included, is read
     if run:
         args = with_default_subcommand(args)
     resume = None

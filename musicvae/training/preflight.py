@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import stat
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -22,65 +21,14 @@ import torch
 from musicvae.data.cache import find_audio_files
 from musicvae.data.builtin import synthetic_piece_name
 from musicvae.errors import ConfigError
+from musicvae.outputs import check_creatable_dir  # noqa: F401 - the rule lives there; the CLI imports it from here
+from musicvae.data.segments import ARRAY_SUFFIXES
 from musicvae.data.split import MIN_FILES_FOR_FILE_SPLIT, segment_split_point, split_files
 
 #: Audio formats whose length libsndfile may estimate from the header (compressed streams):
 #: their bound gets a margin, so an estimate that is a little short never refuses a real run.
 _ESTIMATED_LENGTH = (".ogg", ".oga", ".opus", ".mp3")
 _LENGTH_MARGIN = 1.05  # relative, on top of one second
-
-
-def check_creatable_dir(path: str | os.PathLike, setting: str) -> Path:
-    """Refuse a folder that could not be created or written into, without creating anything.
-
-    Walks up from `path` to the first part that exists. That part must be a folder this process
-    may write into; a regular file (or anything else that is not a folder, a dangling symbolic
-    link included) on the way makes `mkdir` fail, and so does a folder without write permission
-    (`os.access`, so root passes unless the file system is read-only).
-
-    Args:
-        path: the folder the run will write into; `~` is expanded, relative paths are taken
-            from the working directory.
-        setting: the command-line name of the setting, e.g. `--checkpoint_dir`, used in the message.
-
-    Returns:
-        The absolute path of the folder.
-
-    Raises:
-        ConfigError: naming `setting`, the offending path component and what to change.
-    """
-    target = Path(os.path.abspath(Path(path).expanduser()))
-    part = target
-    while True:
-        try:
-            mode = os.stat(part).st_mode  # follows symbolic links, as mkdir's parents do
-        except FileNotFoundError:
-            if os.path.islink(part):
-                raise ConfigError(_cannot_create(setting, target, part, "is a dangling symbolic link")) from None
-            if part.parent == part:  # a missing root: nothing more to walk
-                return target
-            part = part.parent
-            continue
-        except NotADirectoryError:  # a file further up; walk on to name it
-            part = part.parent
-            continue
-        except OSError as err:
-            raise ConfigError(_cannot_create(setting, target, part, f"cannot be inspected ({err.strerror})")) from None
-        break
-    if not stat.S_ISDIR(mode):
-        kind = "a regular file" if stat.S_ISREG(mode) else "not a folder"
-        raise ConfigError(_cannot_create(setting, target, part, f"is {kind}, not a folder"))
-    if not os.access(part, os.W_OK | os.X_OK):
-        raise ConfigError(_cannot_create(setting, target, part, "is a folder this user may not write into"))
-    return target
-
-
-def _cannot_create(setting: str, target: Path, part: Path, reason: str) -> str:
-    where = "it" if part == target else str(part)
-    return (
-        f"{setting} {target}: cannot be created or written, because {where} {reason}; "
-        f"choose another {setting} (or move {part} out of the way)"
-    )
 
 
 def logger_save_dirs(logger: Any) -> list[tuple[str, str]]:
@@ -191,25 +139,42 @@ def audio_frames(path: Path, sample_rate: int, hop_length: int) -> int:
     return 1 + resampled // hop_length
 
 
-def _folder_files(datamodule: Any) -> Optional[list[tuple[str, int]]]:
-    """(relative path, frame bound) of every candidate recording of a data folder, or None."""
+def recording_files(datamodule: Any) -> list[tuple[str, Path]]:
+    """(path relative to the data folder, file) of every candidate recording, listed, never read:
+    the built-in synthetic pieces by name (their folder may not exist yet), or a data folder's
+    arrays (outside a cache_dir inside it) and audio files. Sorted by the relative path.
+
+    Args:
+        datamodule: a `MelDataModule` (only its settings are read; nothing is built).
+    """
     from musicvae.data.datamodule import find_array_files  # here: musicvae.data.datamodule imports Lightning
 
+    if datamodule.data_dir is None:
+        folder = datamodule.folder
+        names = [synthetic_piece_name(index) for index in range(int(datamodule.synthetic_pieces))]
+        return [(name, folder / name) for name in names]
     data_dir: Path = datamodule.data_dir
     cache_dir = Path(datamodule.cache_dir).expanduser().resolve()
     cache_inside = data_dir in cache_dir.parents
+    files = [(path.relative_to(data_dir).as_posix(), path) for path in find_array_files(data_dir)
+             if not (cache_inside and cache_dir in path.parents)]
+    rels, _ = find_audio_files(data_dir)
+    return sorted(files + [(rel, data_dir / rel) for rel in rels])
+
+
+def _folder_files(datamodule: Any) -> Optional[list[tuple[str, int]]]:
+    """(relative path, frame bound) of every candidate recording of a data folder, or None."""
     mel = datamodule.mel
     files: list[tuple[str, int]] = []
-    for path in find_array_files(data_dir):
-        if cache_inside and cache_dir in path.parents:
-            continue
-        n = array_frames(path, mel.n_mels)
-        if n is None:
-            return None
-        files.append((path.relative_to(data_dir).as_posix(), n))
-    rels, _ = find_audio_files(data_dir)
-    files += [(rel, audio_frames(data_dir / rel, mel.sample_rate, mel.hop_length)) for rel in rels]
-    return sorted(files)
+    for rel, path in recording_files(datamodule):
+        if path.suffix in ARRAY_SUFFIXES:
+            n = array_frames(path, mel.n_mels)
+            if n is None:
+                return None
+        else:
+            n = audio_frames(path, mel.sample_rate, mel.hop_length)
+        files.append((rel, n))
+    return files
 
 
 def _synthetic_files(datamodule: Any) -> list[tuple[str, int]]:
