@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from musicvae.atomic import write_atomic, write_atomic_to
+from musicvae.atomic import atomic_path, write_atomic
 from musicvae.errors import ConfigError
 from musicvae.safe_load import first_line
 from musicvae.storage import StorageError, read_only, write_fault
@@ -201,7 +201,12 @@ def write_output_to(path: str | os.PathLike, write_file: Callable[[Path], None])
     A name for soundfile: libsndfile writing through a Python handle reports a failed write from
     inside its I/O callbacks, as tracebacks printed on stderr.
     """
-    return _refusals_as_storage_errors(path, lambda: write_atomic_to(path, write_file))
+
+    def write() -> None:
+        with atomic_path(path) as tmp:
+            write_file(tmp)
+
+    return _refusals_as_storage_errors(path, write)
 
 
 def _refusals_as_storage_errors(path: str | os.PathLike, write: Callable[[], None]) -> Path:

@@ -20,9 +20,11 @@ import torch
 
 from musicvae.data.cache import find_audio_files
 from musicvae.data.builtin import synthetic_piece_name
-from musicvae.errors import ConfigError
+from musicvae.audio.mel import AUDIO_SUFFIXES, decode_audio, mono_to_log_mel
+from musicvae.data.listing import no_recordings
+from musicvae.errors import ConfigError, DataError
 from musicvae.outputs import check_creatable_dir  # noqa: F401 - the rule lives there; the CLI imports it from here
-from musicvae.data.segments import ARRAY_SUFFIXES
+from musicvae.data.segments import ARRAY_SUFFIXES, MelSource, scan_mel_file, summarise_mel, window_starts
 from musicvae.data.split import MIN_FILES_FOR_FILE_SPLIT, segment_split_point, split_files
 
 #: Audio formats whose length libsndfile may estimate from the header (compressed streams):
@@ -200,17 +202,23 @@ def train_segments_upper_bound(datamodule: Any) -> Optional[int]:
         The bound, or None when it cannot be known cheaply (a `.pt` file that cannot be
         memory-mapped).
     """
-    if datamodule.data_dir is None:
-        files = _synthetic_files(datamodule)
-    else:
-        files = _folder_files(datamodule)
-        if files is None:
-            return None
-    return training_windows_bound(files, datamodule.frames, datamodule.val_split, datamodule.seed)
+    files = _candidates(datamodule)
+    return None if files is None else training_windows_bound(files, datamodule.frames, datamodule.val_split,
+                                                              datamodule.seed)
+
+
+def _candidates(datamodule: Any) -> Optional[list[tuple[str, int]]]:
+    return _synthetic_files(datamodule) if datamodule.data_dir is None else _folder_files(datamodule)
 
 
 def check_batch_size(datamodule: Any) -> Optional[int]:
     """Refuse a batch larger than the training set can ever be, before any data is prepared.
+
+    When a data folder cannot fill a batch, the reason may be the folder rather than the batch:
+    then the folder is refused instead, with what is wrong with it (no recording at all, none as
+    long as a segment, or only silent ones). Silence needs the recordings read: only the few
+    whose headers promise a segment are (fewer than a batch of segments, so seconds of audio),
+    in memory, with the data module's own rule; nothing is written.
 
     Args:
         datamodule: a `MelDataModule`.
@@ -220,20 +228,75 @@ def check_batch_size(datamodule: Any) -> Optional[int]:
         after preparation decides).
 
     Raises:
+        DataError: a data folder without a usable recording, named, with the reason.
         ConfigError: `data.batch_size` exceeds the bound, with the bound and what to change.
     """
-    bound = train_segments_upper_bound(datamodule)
-    if bound is not None and bound < datamodule.batch_size:
+    files = _candidates(datamodule)
+    if files is None:
+        return None
+    bound = training_windows_bound(files, datamodule.frames, datamodule.val_split, datamodule.seed)
+    if bound < datamodule.batch_size:
         if datamodule.data_dir is None:
             where = (f"the built-in synthetic music: data.synthetic_pieces={datamodule.synthetic_pieces} "
                      f"of data.synthetic_seconds={datamodule.synthetic_seconds:g}")
         else:
+            check_folder_has_music(datamodule, files)
             where = str(datamodule.data_dir)
         raise ConfigError(
             f"data.batch_size={datamodule.batch_size} is larger than the training set (at most {bound} "
             f"segments of {datamodule.frames} frames in {where}): lower data.batch_size or add data"
         )
     return bound
+
+
+def check_folder_has_music(datamodule: Any, files: Sequence[tuple[str, int]]) -> None:
+    """Refuse a data folder none of whose recordings has a segment the data module would train on.
+
+    Args:
+        datamodule: a `MelDataModule` with a data folder.
+        files: (relative path, frame bound) of its candidate recordings (`_folder_files`).
+
+    Raises:
+        DataError: naming the folder: no recording found, none as long as a segment, or every
+            one that is silent (or unreadable), with the counts.
+    """
+    folder, frames = datamodule.data_dir, datamodule.frames
+    if not files:
+        raise no_recordings(folder, ARRAY_SUFFIXES + AUDIO_SUFFIXES)
+    longest = max(n for _, n in files)
+    if longest < frames:
+        raise DataError(f"{folder}: none of its {len(files)} recording(s) is as long as one segment of {frames} "
+                        f"frames (the longest has {longest}): lower data.frames or add longer recordings")
+    silent, unusable = 0, 0
+    for rel, n in files:
+        if n < frames:
+            continue
+        try:
+            source = _summary(datamodule, rel)
+        except DataError as err:
+            silent += ": silent" in str(err)  # decode_audio's "silent (every sample is zero ...)"
+            unusable += ": silent" not in str(err)
+            continue
+        if window_starts(source, 0, source.n_frames, frames, datamodule.silence_margin):
+            return  # real music, too little of it: the batch size is the problem
+        silent += 1
+    short = sum(n < frames for _, n in files)
+    db = 10 * datamodule.silence_margin / math.log(10)
+    if not unusable and not short:
+        raise DataError(f"{folder}: every recording is silent ({silent} file(s) in which no segment of {frames} frames "
+                        f"rises {db:.0f} dB above the file's floor): there is nothing to train on. Add music, or lower "
+                        "data.silence_margin for quiet material")
+    raise DataError(f"{folder}: no recording has a segment to train on ({silent} silent, {unusable} unreadable, "
+                    f"{short} shorter than {frames} frames); `musicvae prepare {folder}` names each file and why")
+
+
+def _summary(datamodule: Any, rel: str) -> MelSource:
+    """The MelSource the data module would make of one recording, in memory (nothing cached)."""
+    path, mel = datamodule.data_dir / rel, datamodule.mel
+    if path.suffix in ARRAY_SUFFIXES:
+        return scan_mel_file(path, rel, mel.n_mels, mel.log_floor_value)
+    wave, rate = decode_audio(path)
+    return summarise_mel(mono_to_log_mel(wave, rate, mel, source=str(path)), path, rel, mel.log_floor_value)
 
 
 def check_linear_path(model: Any, bound: Optional[int]) -> None:
