@@ -136,10 +136,10 @@ def _check_targets(folder: Optional[Path], targets: list[Path], setting: str, in
     existing = [target for target in targets if os.path.lexists(target)]
     if not existing:
         return
-    inputs = list(inputs)
+    read = _identities(inputs)
     for target in existing:
         named = f"{setting} {target}:" if folder is None else f"{setting} {folder}: {target}"
-        source = _same_file(target, inputs)
+        source = read.get(_identity(target))
         if source is not None:
             raise ConfigError(f"{named} is the input {source}, which writing would destroy while it is read; "
                               f"choose another {setting} ({FORCE_FLAG} never replaces an input)")
@@ -156,15 +156,17 @@ def _check_targets(folder: Optional[Path], targets: list[Path], setting: str, in
                       f"{FORCE_FLAG} to replace {'it' if len(existing) == 1 else 'them'}, or choose another {setting}")
 
 
-def _same_file(target: Path, inputs: Iterable[str | os.PathLike]) -> Optional[Path]:
-    """The input that `target` is (the same file by device and inode: links and other spellings included)."""
-    for source in inputs:
-        try:
-            if os.path.samefile(source, target):
-                return Path(source)
-        except OSError:
-            continue  # a missing input is the loader's to report
-    return None
+def _identity(path: str | os.PathLike) -> Optional[tuple[int, int]]:
+    """(device, inode) of the file `path` leads to: the same for every name of one file (links included)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None  # a missing input is the loader's to report
+    return st.st_dev, st.st_ino
+
+
+def _identities(inputs: Iterable[str | os.PathLike]) -> dict[tuple[int, int], Path]:
+    return {ident: Path(source) for source in inputs if (ident := _identity(source)) is not None}
 
 
 def make_output_folder(folder: str | os.PathLike) -> Path:

@@ -343,10 +343,11 @@ def reconstruct_file(ckpt_path: str | os.PathLike, input_path: str | os.PathLike
         ConfigError: before any work, when `out_wav` is not an audio file name, cannot be written,
             is an input, or exists (it or the PNG) and `force` is off.
     """
+    if not os.path.isdir(out_wav):  # a folder is refused as one, below
+        audio_format(out_wav)
     inputs = _inputs(ckpt_path, input_path, vocoder, vocoder_weights)
     out_wav = check_output_file(out_wav, "--out", inputs, force)
     check_output_file(out_wav.with_suffix(".png"), "--out", inputs, force)
-    audio_format(out_wav)
     model = load_generation_model(ckpt_path, device, alpha)
     synthesise = model.vocoder(griffin_lim_iters, vocoder, vocoder_weights, str(ckpt_path))  # refused before any work
     log_mel, samples = load_log_mel(input_path, model.mel)
