@@ -10,7 +10,6 @@ the limit, the commands would merely spend seconds and a few hundred MB on it in
 from __future__ import annotations
 
 import resource
-from pathlib import Path
 
 import pytest
 import torch

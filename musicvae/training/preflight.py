@@ -9,7 +9,6 @@ final word; these catch the mistakes that would otherwise surface only after min
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Optional
