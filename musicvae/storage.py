@@ -26,6 +26,9 @@ STORAGE_EXIT = 4
 _FULL = {errno.ENOSPC, errno.EDQUOT}
 _READ_ONLY = {errno.EROFS}
 _DENIED = {errno.EACCES, errno.EPERM}
+#: Free bytes under which a failed write of unknown size is put down to a full disk (torch.save's
+#: failure carries no errno).
+NEARLY_FULL = 1 << 20
 
 
 class StorageError(MusicVAEError):
@@ -77,13 +80,14 @@ def _errnos(err: BaseException) -> set[int]:
     return found
 
 
-def write_fault(err: BaseException, folder: str | os.PathLike, needed: int, existed: bool = True) -> Optional[str]:
+def write_fault(err: BaseException, folder: str | os.PathLike, needed: Optional[int],
+                existed: bool = True) -> Optional[str]:
     """Why the machine refused a write into `folder`, in words; None when `err` is something else.
 
     Args:
         err: what the write raised.
         folder: the folder written into.
-        needed: the bytes the write needed (about).
+        needed: the bytes the write needed (about); None when unknown (a full disk is then known by errno only).
         existed: the folder existed before this write (a vanished folder is then a fault, not a first write).
     """
     folder = Path(folder)
@@ -91,17 +95,20 @@ def write_fault(err: BaseException, folder: str | os.PathLike, needed: int, exis
     free = free_bytes(folder)
     if existed and not folder.is_dir():
         return f"{folder} no longer exists (deleted or unmounted during the run)"
-    if codes & _READ_ONLY or (folder.is_dir() and _read_only(folder)):
+    if codes & _READ_ONLY or (folder.is_dir() and read_only(folder)):
         return f"{folder} is on a read-only filesystem now"
     if codes & _DENIED:
         return f"{folder} is not writable (permission denied)"
-    if codes & _FULL or (free is not None and free < needed):
+    if needed is None and (codes & _FULL or (free is not None and free < NEARLY_FULL)):
+        return f"no space left on the device of {folder} ({size_text(free)} free)"
+    if codes & _FULL or (needed is not None and free is not None and free < needed):
         return (f"no space left on the device of {folder}: the write needs about {size_text(needed)} and "
                 f"{size_text(free)} is free")
     return None
 
 
-def _read_only(folder: Path) -> bool:
+def read_only(folder: str | os.PathLike) -> bool:
+    """True when `folder` is on a filesystem mounted read-only."""
     try:
         return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
     except (OSError, AttributeError):

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from musicvae.audio.mel import MelSettings
 from musicvae.audio.vocoder import GriffinLimVocoder
 from musicvae.errors import CheckpointError, ConfigError
-from musicvae.safe_load import load_weights_only
+from musicvae.safe_load import load_weights_only, safe_yaml_load
 
 #: The two files of a Vocos model, as its Hugging Face repository names them.
 CONFIG_FILE = "config.yaml"
@@ -114,7 +114,7 @@ def read_vocos_config(path: Path) -> dict[str, Any]:
         ConfigError: unreadable, not a Vocos config, or a vocoder of other features (EnCodec tokens).
     """
     try:
-        config = yaml.safe_load(path.read_text())
+        config = safe_yaml_load(path.read_text(), str(path))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise ConfigError(f"{path}: cannot read the vocoder's config ({type(err).__name__}); "
                           f"{HOW_TO_GET}") from None

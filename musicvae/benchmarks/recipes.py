@@ -231,7 +231,8 @@ def run_comparison(out: str | Path, base: str | Path = DEFAULT_BASE, steps: int 
         tic = time.monotonic()
         cli_main(training_args(recipe, base, seed, steps, run_dir, data_dir, flags, overwrite))
         trained = time.monotonic() - tic
-        result = evaluate_checkpoint(run_dir / "ckpt" / "last.ckpt", run_dir / "eval", test_dir, device)
+        result = evaluate_checkpoint(run_dir / "ckpt" / "last.ckpt", run_dir / "eval", test_dir, device,
+                                     force=overwrite)
         metrics = {k: v for k, v in result["metrics"].items() if not isinstance(v, list)}
         runs.append({"recipe": recipe, "seed": seed, "global_step": result["checkpoint"]["global_step"],
                      "train_seconds": round(trained, 1), "eval_dir": str(run_dir / "eval"),

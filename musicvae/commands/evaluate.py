@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from musicvae.commands.parsing import command_parser, parse_command
+from musicvae.commands.parsing import command_parser, parse_command, report_error
 from musicvae.errors import MusicVAEError
+from musicvae.outputs import add_force_flag
 from musicvae.evaluation.report import evaluate_checkpoint
 
 
@@ -24,6 +25,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data.data_dir", type=Optional[str], default=None,
                         help="folder to evaluate on (default: the run's validation split)")
     parser.add_argument("--out", type=str, required=True, help="report folder (created)")
+    add_force_flag(parser, "replace the report files --out already holds (metrics.json, report.md, figures)")
     parser.add_argument("--device", type=str, default="cpu", help="cpu or cuda[:i]")
     parser.add_argument("--data.batch_size", type=Optional[int], default=None,
                         help="examples per forward pass (default: the run's)")
@@ -33,16 +35,15 @@ def main(argv=None) -> int:
     parser.add_argument("--weights", type=str, default="average",
                         help="'average': the checkpoint's state_dict (with --model.ema_decay the EMA average); 'raw': "
                              "the training weights an EMA checkpoint keeps beside it, to see what the average changes")
-    args = parse_command(parser, argv, RENAMES)
-    batch_size = args.data.batch_size
-    if batch_size is not None and batch_size < 1:
-        parser.error(f"--data.batch_size {batch_size}: must be positive")
     try:
+        args = parse_command(parser, argv, RENAMES)
+        batch_size = args.data.batch_size
+        if batch_size is not None and batch_size < 1:
+            parser.error(f"--data.batch_size {batch_size}: must be positive")
         result = evaluate_checkpoint(args.ckpt_path, args.out, args.data.data_dir, args.device, batch_size,
-                                     alpha=args.alpha, weights=args.weights)
+                                     alpha=args.alpha, weights=args.weights, force=args.force)
     except MusicVAEError as err:
-        sys.stderr.write(f"{parser.prog}: error: {err}\n")
-        return 2
+        return report_error(parser.prog, err)
     print(f"evaluated {result['metrics']['n_examples']} examples ({result['data']['split']}) from {result['data']['folder']}")
     for verdict in result["verdicts"]:
         print(f"  {verdict['problem']}: {verdict['status']} ({verdict['detail']})")

@@ -6,7 +6,8 @@
   ceiling AUDIO                                  how close the vocoder gets to a recording from its own log-mel
 
 Audio is written as 16-bit WAV at the model's sample rate, with a PNG of the mels beside it
-(see musicvae/inference/generation.py and musicvae/audio/vocoder.py). `--vocoder DIR` plays it
+(see musicvae/inference/generation.py and musicvae/audio/vocoder.py). Files that exist already are
+not replaced without --force, and never an input (musicvae/outputs.py). `--vocoder DIR` plays it
 with a downloaded Vocos instead of Griffin-Lim, for a checkpoint trained on its features
 (configs/vocos.yaml; docs/vocoder.md).
 """
@@ -19,8 +20,9 @@ from jsonargparse.typing import PositiveInt
 from jsonargparse import ArgumentParser
 
 from musicvae.audio.mel import MelSettings
-from musicvae.commands.parsing import command_parser, parse_command
+from musicvae.commands.parsing import command_parser, parse_command, report_error
 from musicvae.errors import MusicVAEError
+from musicvae.outputs import add_force_flag
 from musicvae.inference.generation import (METHODS, interpolate_files, load_generation_model, reconstruct_file,
                                  sample_files)
 from musicvae.audio.neural_vocoder import load_vocos
@@ -44,6 +46,7 @@ def build_parser() -> ArgumentParser:
         sub.add_argument("--vocoder_weights", type=Optional[str], default=None,
                          help="the vocoder's weights file, when it is not pytorch_model.bin beside its config")
         if ckpt:
+            add_force_flag(sub, "replace output files that already exist (never an input)")
             sub.add_argument("--alpha", type=str, default="0",
                              help="variance compensation: a strength in [0, 1] (0: the plain decoder output, the "
                                   "least MSE) or 'perceptual' (the checkpoint's point where every validation band "
@@ -84,7 +87,7 @@ def run(parsed) -> None:
     command, args = parsed.command, parsed[parsed.command]  # the chosen subcommand's flags
     common = {"device": args.device, "griffin_lim_iters": args.griffin_lim_iters}
     if command != "ceiling":
-        common.update(alpha=args.alpha, vocoder=args.vocoder, vocoder_weights=args.vocoder_weights)
+        common.update(alpha=args.alpha, vocoder=args.vocoder, vocoder_weights=args.vocoder_weights, force=args.force)
     if command == "reconstruct":
         result = reconstruct_file(args.ckpt_path, args.input, args.out, hop=args.hop, **common)
         print(f"reconstructed {result['seconds']:.2f} s ({result['frames']} frames) -> {result['wav']}, {result['png']}")
@@ -112,12 +115,10 @@ def run(parsed) -> None:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parse_command(parser, argv)
     try:
-        run(args)
+        run(parse_command(parser, argv))
     except MusicVAEError as err:
-        sys.stderr.write(f"{parser.prog}: error: {err}\n")
-        return 2
+        return report_error(parser.prog, err)
     return 0
 
 

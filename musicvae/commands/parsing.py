@@ -18,7 +18,9 @@ import argparse
 from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter
 
 from musicvae.audio.mel import MelSettings
-from musicvae.errors import ConfigError
+from musicvae.errors import ConfigError, MusicVAEError, OversizedYAMLError
+from musicvae.safe_load import limit_config_yaml, safe_yaml_load
+from musicvae.storage import STORAGE_EXIT, StorageError
 
 MEL_KEY = "data.mel"
 
@@ -35,6 +37,7 @@ def command_parser(name: str, description: str, config: bool = True, **kwargs: A
         config: False for a command whose `--config` already names something else (benchmark-quality's
             training recipe); it then has no config file of its own.
     """
+    limit_config_yaml()  # every --config file and YAML value this process parses from now on
     parser = ArgumentParser(prog=f"musicvae {name}", description=description, allow_abbrev=False,
                             exit_on_error=True, **kwargs)
     if config:
@@ -70,6 +73,13 @@ def parse_command(parser: ArgumentParser, argv: Optional[Sequence[str]] = None,
     still fail.
     """
     argv = renamed_flags(list(sys.argv[1:] if argv is None else argv), renames or {}, parser.prog)
+    try:
+        return _parse(parser, argv)
+    except OversizedYAMLError as err:  # one line, as the parser's own errors exit: status 2
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+
+
+def _parse(parser: ArgumentParser, argv: list[str]) -> Any:
     if not any(isinstance(action, ActionConfigFile) for action in parser._actions):
         return parser.parse_args(argv)
     known = set(_flatten(parser.get_defaults().as_dict()))
@@ -103,7 +113,7 @@ def _known_part(source: str, known: set[str]) -> str:
     if not path.is_file():
         return source
     try:
-        tree = yaml.safe_load(path.read_text())
+        tree = safe_yaml_load(path.read_text(), str(path))
     except (OSError, yaml.YAMLError):
         return source
     if not isinstance(tree, Mapping):
@@ -117,6 +127,13 @@ def _known_part(source: str, known: set[str]) -> str:
                 node = node.setdefault(part, {})
             node[leaf] = value
     return yaml.safe_dump(nested) if nested else "{}"
+
+
+def report_error(prog: str, err: MusicVAEError) -> int:
+    """Print `err` as the command's one line on stderr; returns the exit status: STORAGE_EXIT (4)
+    for a write the machine refused, 2 for anything the user can change."""
+    sys.stderr.write(f"{prog}: error: {err}\n")
+    return STORAGE_EXIT if isinstance(err, StorageError) else 2
 
 
 def renamed_flags(argv: Sequence[str], renames: Mapping[str, str], prog: str) -> list[str]:

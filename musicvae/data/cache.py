@@ -39,7 +39,8 @@ import torch
 from musicvae.audio.mel import AUDIO_SUFFIXES, AudioError, MelSettings, decode_audio, mono_to_log_mel
 from musicvae.atomic import remove_abandoned, write_atomic
 from musicvae.storage import StorageError, write_fault
-from musicvae.errors import DataError
+from musicvae.data.listing import link_problem, list_folder
+from musicvae.errors import DataError, printable
 
 #: Bump when the arrays or the manifest change meaning, so older caches are not reused.
 CACHE_VERSION = 1
@@ -102,17 +103,14 @@ def cache_folder(cache_dir: str | os.PathLike, data_dir: str | os.PathLike, mel:
 
 
 def find_audio_files(data_dir: Path) -> tuple[list[str], list[tuple[str, str]]]:
-    """Relative POSIX paths of the audio files under `data_dir`, sorted, and directories that
-    carry an audio suffix (reported as problems). Symbolic links to folders are not followed."""
-    found, problems = [], []
-    for root, dirs, files in os.walk(data_dir):
-        dirs.sort()
-        base = Path(root).relative_to(data_dir)
-        for name in dirs:
-            if os.path.splitext(name)[1].lower() in AUDIO_SUFFIXES:
-                problems.append((str(Path(root) / name), "is a directory, not an audio file"))
-        found += [(base / n).as_posix() for n in files if os.path.splitext(n)[1].lower() in AUDIO_SUFFIXES]
-    return sorted(found), problems
+    """Relative POSIX paths of the audio files under `data_dir`, sorted, and problems: directories
+    that carry an audio suffix, and symbolic links that loop (musicvae.data.listing: links to
+    folders are followed, each folder once)."""
+    listing = list_folder(data_dir)
+    problems = [(str(Path(data_dir) / rel), "is a directory, not an audio file") for rel in listing.dirs
+                if os.path.splitext(rel)[1].lower() in AUDIO_SUFFIXES]
+    found = [rel for rel in listing.files if os.path.splitext(rel)[1].lower() in AUDIO_SUFFIXES]
+    return found, problems + listing.loops
 
 
 def _load_manifest(folder: Path, data_dir: Path, mel: MelSettings) -> dict[str, Any]:
@@ -151,7 +149,7 @@ def _prepare_one(job: tuple[str, str, str, MelSettings, int, int]) -> dict[str, 
             return {"rel": rel, "fault": fault}
         record.update(n_frames=int(spec.shape[1]), duration=wave.size / rate, sample_rate=rate)
     except AudioError as err:
-        record["error"] = str(err).removeprefix(f"{source}: ")
+        record["error"] = str(err).removeprefix(f"{printable(source)}: ")  # str() of our errors is printable
     except Exception as err:  # a worker reports, it never raises: one bad file must not stop a build
         record["error"] = f"{type(err).__name__}: {err}"
     if "error" in record and not os.path.lexists(source):
@@ -317,8 +315,8 @@ def build_audio_cache(
         try:
             st = os.stat(source)
         except OSError as err:
-            if source.is_symlink():
-                problems.append((str(source), "broken symbolic link"))
+            if link_problem(source, err):
+                problems.append((str(source), link_problem(source, err)))
             elif isinstance(err, FileNotFoundError):
                 vanished[rel] = VANISHED
             else:
@@ -389,7 +387,7 @@ def build_audio_cache(
     problems += [(str(data_dir / rel), reason) for rel, reason in vanished.items()]
     if vanished:
         _vanished_last_build[str(folder)] = vanished
-    report.problems = sorted(problems)
+    report.problems = sorted((printable(path), printable(reason)) for path, reason in problems)  # one line each
     report.seconds_of_audio = float(sum(e.duration for e in report.entries))
     return report
 

@@ -24,9 +24,10 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from musicvae.audio.mel import AUDIO_SUFFIXES, MelSettings, read_mel_sidecar
 from musicvae.data.augment import AugmentSettings
 from musicvae.data.cache import CacheReport, build_audio_cache, find_audio_files
+from musicvae.data.listing import list_folder, no_recordings
 from musicvae.data.device_crops import CropPlan, DeviceCrops, cache_bytes, check_fits
 from musicvae.data.builtin import build_synthetic_collection, default_cache_dir, synthetic_folder
-from musicvae.errors import ConfigError, DataError
+from musicvae.errors import ConfigError, DataError, printable
 from musicvae.data.sampling import CropSampler
 from musicvae.data.segments import (
     ARRAY_SUFFIXES,
@@ -84,8 +85,9 @@ def _whole_item(item: dict) -> dict:
 
 
 def find_array_files(folder: Path) -> list[Path]:
-    """Mel array files under `folder`, recursively, in a stable order (dangling links included)."""
-    return sorted(p for p in Path(folder).rglob("*") if p.suffix in ARRAY_SUFFIXES and not p.is_dir())
+    """Mel array files under `folder`, recursively, through links to folders (musicvae.data.listing),
+    in a stable order (dangling and looping links included, for the reader to report)."""
+    return [Path(folder) / rel for rel in list_folder(folder).files if os.path.splitext(rel)[1] in ARRAY_SUFFIXES]
 
 
 class MelDataModule(L.LightningDataModule):
@@ -303,21 +305,17 @@ class MelDataModule(L.LightningDataModule):
             for path in find_array_files(self.folder)
             if not (cache_inside and self.cache_dir in path.parents)
         ]
-        messages = [f"{path}: is a directory, not an array file" for path in self._array_named_dirs(cache_inside)]
+        listing = list_folder(self.folder)
+        # Folders named like array files (`take_3.npy/`): reported, since find_array_files skips them.
+        named = [self.folder / rel for rel in listing.dirs if os.path.splitext(rel)[1] in ARRAY_SUFFIXES]
+        messages = [f"{path}: is a directory, not an array file" for path in named
+                    if not (cache_inside and (path == self.cache_dir or self.cache_dir in path.parents))]
         report = self._audio_cache(workers=0)
         if report is not None:
             arrays += [(entry.rel, Path(entry.array)) for entry in report.entries]
             messages += [f"{path}: {reason}" for path, reason in report.problems]
+        messages += [m for m in (f"{printable(path)}: {reason}" for path, reason in listing.loops) if m not in messages]
         return sorted(arrays), messages
-
-    def _array_named_dirs(self, cache_inside: bool) -> list[Path]:
-        """Folders named like array files (`take_3.npy/`): reported, since find_array_files skips them."""
-        found = []
-        for root, dirs, _ in os.walk(self.folder):
-            if cache_inside and (Path(root) == self.cache_dir or self.cache_dir in Path(root).parents):
-                continue
-            found += [Path(root) / name for name in dirs if os.path.splitext(name)[1] in ARRAY_SUFFIXES]
-        return sorted(found)
 
     def _scan(self) -> list[MelSource]:
         candidates, problems = self._candidates()
@@ -325,10 +323,7 @@ class MelDataModule(L.LightningDataModule):
         if problems and self.on_bad_file == "error":
             raise DataError(problems[0])
         if not candidates and not problems:
-            raise DataError(
-                f"{self.folder}: no mel arrays or audio files found (looked recursively for "
-                f"{', '.join(ARRAY_SUFFIXES + AUDIO_SUFFIXES)})"
-            )
+            raise no_recordings(self.folder, ARRAY_SUFFIXES + AUDIO_SUFFIXES)
         sources, too_short = [], []
         for rel, path in candidates:
             try:
@@ -349,16 +344,20 @@ class MelDataModule(L.LightningDataModule):
             # Every name, however many: a file left out of a run is one its owner must be able to find.
             warnings.warn(
                 f"skipped {len(too_short)} file(s) shorter than one segment ({self.frames} frames): "
-                + ", ".join(too_short),
+                + ", ".join(printable(rel) for rel in too_short),
                 stacklevel=2,
             )
         if problems:
             warnings.warn(
-                f"skipped {len(problems)} unusable file(s):\n" + "\n".join(f"  {msg}" for msg in problems),
+                f"skipped {len(problems)} unusable file(s):\n" + "\n".join(f"  {printable(msg)}" for msg in problems),
                 stacklevel=2,
             )
         self.problems = problems + [f"{rel}: shorter than one segment" for rel in too_short]
         if not sources:
+            silent = sum(": silent" in msg for msg in problems)
+            if silent and silent == len(problems) and not too_short:
+                raise DataError(f"{self.folder}: every recording is silent ({silent} file(s); see the warnings "
+                                "above): there is nothing to train on")
             raise DataError(f"{self.folder}: none of the files is usable (see the warnings above)")
         return sources
 

@@ -20,7 +20,8 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from musicvae.data.augment import AugmentSettings, augment_raw, draw_augmentation
-from musicvae.errors import DataError
+from musicvae.data.listing import link_problem
+from musicvae.errors import DataError, printable
 from musicvae.data.sampling import DRAW_RANGE
 
 #: File suffixes read as precomputed log-mel arrays.
@@ -82,8 +83,10 @@ def load_mel_array(path: Path, n_mels: int) -> np.ndarray:
 
 def _read_failure(path: Path, err: BaseException) -> str:
     """Why `path` could not be read, in words, without repeating the path (the caller names it)."""
+    if link_problem(path, err):
+        return link_problem(path, err)
     if isinstance(err, FileNotFoundError):
-        return "broken symbolic link" if path.is_symlink() else "vanished after it was listed: file not found"
+        return "vanished after it was listed: file not found"
     if isinstance(err, IsADirectoryError):
         return "is a directory, not an array file"
     if isinstance(err, OSError) and err.strerror:
@@ -127,7 +130,15 @@ def scan_mel_file(path: Path, rel: str, n_mels: int, log_floor: float) -> MelSou
     Raises:
         DataError: unreadable, wrong shape, or non-finite values (with the first bad frame).
     """
-    array = load_mel_array(path, n_mels)
+    return summarise_mel(load_mel_array(path, n_mels), path, rel, log_floor)
+
+
+def summarise_mel(array: np.ndarray, path: Path, rel: str, log_floor: float) -> MelSource:
+    """A MelSource of an (n_mels, T) log-mel, memory-mapped or in memory, read in blocks.
+
+    Raises:
+        DataError: non-finite values, naming `path` and the first bad frame.
+    """
     n_frames = array.shape[1]
     frame_max = np.empty(n_frames, dtype=np.float32)
     file_min = math.inf
@@ -261,8 +272,7 @@ class SegmentDataset(Dataset):
         try:
             st = os.stat(path)
         except FileNotFoundError as err:
-            reason = "broken symbolic link" if os.path.islink(path) else "file not found: deleted or moved"
-            raise DataError(f"{path}: {reason}") from err
+            raise DataError(f"{path}: {link_problem(path, err) or 'file not found: deleted or moved'}") from err
         except OSError as err:
             raise DataError(f"{path}: cannot read the array ({_read_failure(Path(path), err)})") from err
         stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
@@ -359,7 +369,7 @@ class SegmentDataset(Dataset):
             return  # another worker found it first and said so
         flags[file_index] = 1
         path = Path(self.paths[file_index])
-        reason = str(err).removeprefix(f"{path}: ") if isinstance(err, DataError) else _read_failure(path, err)
+        reason = str(err).removeprefix(f"{printable(path)}: ") if isinstance(err, DataError) else _read_failure(path, err)
         if reason.startswith("cannot read the array (") and reason.endswith(")"):
             reason = reason[len("cannot read the array (") : -1]
         worker = get_worker_info()

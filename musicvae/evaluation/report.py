@@ -19,7 +19,7 @@ from typing import Any, Optional
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from musicvae.atomic import write_atomic
+from musicvae.outputs import check_output_folder, write_output, write_output_to
 from musicvae.evaluation.realism import TradeOff, half_labels
 from musicvae.inference.loading import datamodule_for, load_module, resolve_alpha
 from musicvae.metrics import (ACTIVE_UNIT_THRESHOLD, FEATURELESS_THRESHOLD, LatentDiagnostics,
@@ -50,6 +50,8 @@ FEATURELESS_FRAC_THRESHOLD = 0.0
 QUALITY_METRICS = {"mse": "MSE", "weighted_mse": "weighted MSE", "spectral_convergence": "spectral convergence",
                    "lsd_db": "LSD (dB)", "ssim": "SSIM", "psnr": "PSNR (dB)"}
 FIGURES = ("reconstructions.png", "band_ratios.png", "kl_per_dim.png")
+#: Every file `evaluate_checkpoint` may write into its folder (the compensated figure only at alpha > 0).
+REPORT_FILES = ("metrics.json", "report.md", *FIGURES, "reconstructions_compensated.png")
 
 
 @dataclass
@@ -242,7 +244,7 @@ def json_safe(value: Any) -> Any:
 def write_json(path: Path, data: Any) -> None:
     """`data` as indented standard JSON, via a temporary file so a kill never leaves half a file."""
     text = json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n"
-    write_atomic(path, lambda handle: handle.write(text), mode="w")
+    write_output(path, lambda handle: handle.write(text), mode="w")
 
 
 def write_figures(out_dir: Path, module: MusicVAEModule, dataset: Dataset, metrics: dict[str, Any],
@@ -270,8 +272,7 @@ def write_figures(out_dir: Path, module: MusicVAEModule, dataset: Dataset, metri
             x, module.compensated(x_hat, alpha), f"the same examples with variance compensation, alpha {alpha:g}")
     paths = []
     for name, figure in figures.items():
-        figure.savefig(out_dir / name, dpi=90)
-        paths.append(out_dir / name)
+        paths.append(write_output_to(out_dir / name, lambda tmp: figure.savefig(tmp, format="png", dpi=90)))
     return paths
 
 
@@ -310,9 +311,8 @@ def write_report(out_dir: Path, metrics: dict[str, Any], found: list[Verdict], i
               *compensation_lines(metrics),
               *(["## Figures", ""] if figures else [])]
     lines += [f"![{name}]({name})" for name in figures]
-    path = out_dir / "report.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    text = "\n".join(lines) + "\n"
+    return write_output(out_dir / "report.md", lambda handle: handle.write(text), mode="w")
 
 
 def compensation_lines(metrics: dict[str, Any]) -> list[str]:
@@ -353,7 +353,8 @@ def windows_digest(dataset: Dataset) -> Optional[str]:
 
 def evaluate_checkpoint(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, data_dir: Optional[str] = None,
                         device: str = "cpu", batch_size: Optional[int] = None, figures: bool = True,
-                        alpha: Optional[float | str] = None, weights: str = "average") -> dict[str, Any]:
+                        alpha: Optional[float | str] = None, weights: str = "average",
+                        force: bool = False) -> dict[str, Any]:
     """Evaluate a checkpoint and write `metrics.json`, `report.md` and the figures into `out_dir`.
 
     Without `data_dir` the run's own validation split is rebuilt from the rule stored in the
@@ -366,8 +367,11 @@ def evaluate_checkpoint(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike
 
     Raises:
         MusicVAEError: (CheckpointError, ConfigError, DataError) a missing or unreadable
-            checkpoint, or data that does not match it, with a message for the user.
+            checkpoint, or data that does not match it, with a message for the user; before any
+            work, an `out_dir` that cannot be written or already holds REPORT_FILES (unless `force`).
+        StorageError: the machine refused a write.
     """
+    out = check_output_folder(out_dir, REPORT_FILES, "--out", [ckpt_path], force)
     module, ckpt = load_module(ckpt_path, device, weights)
     datamodule = datamodule_for(ckpt, data_dir=data_dir, batch_size=batch_size)
     split = "all" if data_dir is not None else "val"
@@ -384,8 +388,6 @@ def evaluate_checkpoint(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike
                  f"validation split: seed {datamodule.seed}, val_split {datamodule.val_split}",
                  "n_files": len({int(f) for f in dataset.items[:, 0]}), "windows_sha1": windows_digest(dataset)},
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     result = {**info, "metrics": metrics, "examples": examples, "verdicts": [asdict(v) | {"status": v.status} for v in found],
               "thresholds": thresholds()}
     names: tuple[str, ...] = ()

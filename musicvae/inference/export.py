@@ -31,6 +31,7 @@ import musicvae
 from musicvae.compensation import strength_gain
 from musicvae.errors import ConfigError
 from musicvae.inference.generation import GenerationModel, load_generation_model
+from musicvae.outputs import check_output_file, write_output
 
 #: Names of the metadata files stored in the program (read with `torch.jit.load(_extra_files=...)`).
 MEL_SETTINGS_FILE = "mel_settings.json"
@@ -139,7 +140,7 @@ def max_difference(program: torch.jit.ScriptModule, model: GenerationModel, n: i
 
 
 def export_checkpoint(ckpt_path: str | os.PathLike, out_path: str | os.PathLike,
-                      alpha: Optional[float | str] = 0.0) -> dict[str, Any]:
+                      alpha: Optional[float | str] = 0.0, force: bool = False) -> dict[str, Any]:
     """Write a checkpoint as a TorchScript program (see the module docstring), its `decode` compensated at
     strength `alpha` (a number in [0, 1] or "perceptual"; musicvae.inference.loading.resolve_alpha).
 
@@ -149,8 +150,11 @@ def export_checkpoint(ckpt_path: str | os.PathLike, out_path: str | os.PathLike,
 
     Raises:
         CheckpointError: the checkpoint is missing, unreadable, or lacks its mel settings.
-        ConfigError: the program does not reproduce the module, or `out_path` cannot be written.
+        ConfigError: before any work, `out_path` cannot be written, is the checkpoint, or exists and
+            `force` is off; after it, the program does not reproduce the module.
+        StorageError: the machine refused the write.
     """
+    out = check_output_file(out_path, "--out", [ckpt_path], force)
     model = load_generation_model(ckpt_path, "cpu", alpha)
     program = script(model)
     difference = max_difference(program, model)
@@ -172,12 +176,7 @@ def export_checkpoint(ckpt_path: str | os.PathLike, out_path: str | os.PathLike,
         "methods": {"encode": "log-mel -> posterior mean", "posterior": "log-mel -> (mu, logvar)",
                     "decode": "latent -> log-mel", "forward": "log-mel -> reconstructed log-mel"},
     }
-    out = Path(out_path)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with _jit_quietly():
-            torch.jit.save(program, str(out), _extra_files={MEL_SETTINGS_FILE: program.mel_settings,
-                                                            METADATA_FILE: json.dumps(metadata, indent=2)})
-    except (OSError, RuntimeError) as err:
-        raise ConfigError(f"{out}: cannot write the exported program ({err})") from None
-    return {**metadata, "path": str(out), "max_difference": difference}
+    extra = {MEL_SETTINGS_FILE: program.mel_settings, METADATA_FILE: json.dumps(metadata, indent=2)}
+    with _jit_quietly():
+        write_output(out, lambda handle: torch.jit.save(program, handle, _extra_files=extra))
+    return {**metadata, "path": str(Path(out_path)), "max_difference": difference}

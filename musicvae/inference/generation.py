@@ -24,6 +24,7 @@ from torch import Tensor
 from musicvae.audio.mel import AUDIO_SUFFIXES, MelSettings, decode_audio, mono_to_log_mel
 from musicvae.training.checkpoints import DATA_STATE_KEY
 from musicvae.errors import CheckpointError, ConfigError, DataError
+from musicvae.outputs import check_output_file, check_output_folder, write_output_to
 from musicvae.inference.loading import load_module, resolve_alpha
 from musicvae.training.module import MusicVAEModule
 from musicvae.plots import mel_comparison_figure, mel_grid_figure
@@ -263,15 +264,31 @@ def segment_at(log_mel: Tensor, offset_s: float, frames: int, mel: MelSettings, 
 
 # --- writing ------------------------------------------------------------------------------------
 
+def audio_format(path: str | os.PathLike) -> str:
+    """soundfile's name of the format `path`'s suffix asks for (`.wav` -> "WAV"), checked to take 16-bit PCM.
+
+    Raises:
+        ConfigError: a suffix soundfile cannot write 16-bit PCM to (`.txt`, `.mp3`, none).
+    """
+    name = Path(path).suffix[1:].upper()
+    if not name or not sf.check_format(name, "PCM_16"):
+        raise ConfigError(f"--out {path}: not the name of an audio file 16-bit PCM can be written to; "
+                          "name a .wav file (or .flac, .aiff)")
+    return name
+
+
 def write_wav(path: Path, wave: Tensor, sample_rate: int) -> float:
-    """Write a mono waveform as 16-bit PCM; returns the gain applied (< 1 only when it would clip)."""
+    """Write a mono waveform as 16-bit PCM (the format its suffix names, see `audio_format`), whole or
+    not at all; returns the gain applied (< 1 only when it would clip).
+
+    Raises:
+        StorageError: the machine refused the write.
+    """
     wave = wave.detach().float().cpu()
     peak = float(wave.abs().max()) if wave.numel() else 0.0
     gain = MAX_PEAK / peak if peak > MAX_PEAK else 1.0
-    try:
-        sf.write(str(path), (wave * gain).numpy(), sample_rate, subtype="PCM_16")
-    except (OSError, RuntimeError) as err:  # soundfile's LibsndfileError is a RuntimeError
-        raise ConfigError(f"{path}: cannot write the WAV ({err})") from None
+    samples, kind = (wave * gain).numpy(), audio_format(path)
+    write_output_to(path, lambda tmp: sf.write(tmp, samples, sample_rate, subtype="PCM_16", format=kind))
     return gain
 
 
@@ -291,17 +308,22 @@ def crossfade_concat(waves: list[Tensor], fade: int) -> Tensor:
 
 
 def save_figure(fig: Figure, path: Path) -> Path:
-    fig.savefig(path, dpi=100)
-    return path
+    return write_output_to(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
 
-def _out_dir(out: str | os.PathLike) -> Path:
-    folder = Path(out)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"--out {folder}: cannot create the folder ({err.strerror})") from None
-    return folder
+def sample_names(n: int) -> list[str]:
+    """The files `sample_files` writes into its folder."""
+    return [f"sample_{i:02d}.wav" for i in range(n)] + ["samples.png"]
+
+
+def interpolation_names(steps: int) -> list[str]:
+    """The files `interpolate_files` writes into its folder."""
+    return [f"step_{i:02d}.wav" for i in range(steps)] + ["morph.wav", "interpolation.png"]
+
+
+def _inputs(ckpt_path: Any, *paths: Any) -> list[str | os.PathLike]:
+    """The files a generation reads, none of which an output may replace."""
+    return [p for p in (ckpt_path, *paths) if p]
 
 
 # --- the three things a user can hear -----------------------------------------------------------
@@ -309,20 +331,27 @@ def _out_dir(out: str | os.PathLike) -> Path:
 def reconstruct_file(ckpt_path: str | os.PathLike, input_path: str | os.PathLike, out_wav: str | os.PathLike,
                      device: str = "cpu", griffin_lim_iters: int = 64, hop: Optional[int] = None,
                      alpha: Optional[float | str] = 0.0, vocoder: Optional[str | os.PathLike] = None,
-                     vocoder_weights: Optional[str | os.PathLike] = None) -> dict[str, Any]:
+                     vocoder_weights: Optional[str | os.PathLike] = None, force: bool = False) -> dict[str, Any]:
     """Reconstruct a whole recording through a checkpoint; write `out_wav` and a PNG beside it.
 
     The piece's mel is reconstructed by `reconstruct_mel` and inverted once, so the audio has
     no seams between segments; by Griffin-Lim, or by the Vocos download `vocoder` (with its
     weights file `vocoder_weights` when not beside its config). Returns the paths written and
     the piece's length.
+
+    Raises:
+        ConfigError: before any work, when `out_wav` is not an audio file name, cannot be written,
+            is an input, or exists (it or the PNG) and `force` is off.
     """
+    if not os.path.isdir(out_wav):  # a folder is refused as one, below
+        audio_format(out_wav)
+    inputs = _inputs(ckpt_path, input_path, vocoder, vocoder_weights)
+    out_wav = check_output_file(out_wav, "--out", inputs, force)
+    check_output_file(out_wav.with_suffix(".png"), "--out", inputs, force)
     model = load_generation_model(ckpt_path, device, alpha)
     synthesise = model.vocoder(griffin_lim_iters, vocoder, vocoder_weights, str(ckpt_path))  # refused before any work
     log_mel, samples = load_log_mel(input_path, model.mel)
     recon = reconstruct_mel(model, log_mel.to(model.device), hop)
-    out_wav = Path(out_wav)
-    _out_dir(out_wav.parent)
     with torch.inference_mode():
         wave = synthesise(recon.to(model.device), length=samples)
     gain = write_wav(out_wav, wave, model.mel.sample_rate)
@@ -338,27 +367,28 @@ def reconstruct_file(ckpt_path: str | os.PathLike, input_path: str | os.PathLike
 def sample_files(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, n: int = 8, temperature: float = 1.0,
                  seed: Optional[int] = None, device: str = "cpu", griffin_lim_iters: int = 64,
                  alpha: Optional[float | str] = 0.0, vocoder: Optional[str | os.PathLike] = None,
-                 vocoder_weights: Optional[str | os.PathLike] = None) -> dict[str, Any]:
+                 vocoder_weights: Optional[str | os.PathLike] = None, force: bool = False) -> dict[str, Any]:
     """Decode `n` draws from the prior N(0, temperature^2 I); write `sample_XX.wav` and `samples.png`
-    (audio by Griffin-Lim, or by the Vocos download `vocoder`: see `reconstruct_file`)."""
+    (audio by Griffin-Lim, or by the Vocos download `vocoder`: see `reconstruct_file`), refusing
+    before any work a folder that holds them already unless `force`."""
     if n < 1:
         raise ConfigError(f"-n {n}: draw at least one sample")
     if temperature <= 0:
         raise ConfigError(f"--temperature {temperature}: must be positive")
+    out = check_output_folder(out_dir, sample_names(n), "--out", _inputs(ckpt_path, vocoder, vocoder_weights), force)
     model = load_generation_model(ckpt_path, device, alpha)
     synthesise = model.vocoder(griffin_lim_iters, vocoder, vocoder_weights, str(ckpt_path))
-    out = _out_dir(out_dir)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     with torch.inference_mode():
         drawn = model.module.compensated(model.module.sample(n, temperature, generator), model.alpha)
         mels = model.denormalize(drawn[:, 0])  # (n, 1, n_mels, frames) -> (n, n_mels, frames)
         waves = synthesise(mels).cpu()  # -> (n, samples)
-    wavs = [out / f"sample_{i:02d}.wav" for i in range(n)]
+    *wavs, png = [out / name for name in sample_names(n)]
     for path, wave in zip(wavs, waves):
         write_wav(path, wave, model.mel.sample_rate)
     fig = mel_grid_figure(mels, [f"sample {i}" for i in range(n)], min(n, 4),
                           f"prior samples, temperature {temperature:g}" + (f", seed {seed}" if seed is not None else ""))
-    return {"wavs": [str(p) for p in wavs], "png": str(save_figure(fig, out / "samples.png"))}
+    return {"wavs": [str(p) for p in wavs], "png": str(save_figure(fig, png))}
 
 
 def interpolation_mels(model: GenerationModel, segment_a: Tensor, segment_b: Tensor, steps: int,
@@ -377,25 +407,27 @@ def interpolate_files(ckpt_path: str | os.PathLike, path_a: str | os.PathLike, p
                       out_dir: str | os.PathLike, steps: int = 8, method: str = "slerp", offset_a: float = 0.0,
                       offset_b: float = 0.0, device: str = "cpu", griffin_lim_iters: int = 64,
                       alpha: Optional[float | str] = 0.0, vocoder: Optional[str | os.PathLike] = None,
-                      vocoder_weights: Optional[str | os.PathLike] = None) -> dict[str, Any]:
+                      vocoder_weights: Optional[str | os.PathLike] = None, force: bool = False) -> dict[str, Any]:
     """Morph from a segment of A to one of B; write `step_XX.wav`, `morph.wav` and `interpolation.png`
-    (audio by Griffin-Lim, or by the Vocos download `vocoder`: see `reconstruct_file`)."""
+    (audio by Griffin-Lim, or by the Vocos download `vocoder`: see `reconstruct_file`), refusing
+    before any work a folder that holds them already unless `force`."""
     latent_path(torch.zeros(1), torch.ones(1), steps, method)  # refuse bad settings before any work
+    out = check_output_folder(out_dir, interpolation_names(steps), "--out",
+                              _inputs(ckpt_path, path_a, path_b, vocoder, vocoder_weights), force)
     model = load_generation_model(ckpt_path, device, alpha)
     synthesise = model.vocoder(griffin_lim_iters, vocoder, vocoder_weights, str(ckpt_path))
     seg_a, used_a = segment_at(load_log_mel(path_a, model.mel)[0], offset_a, model.frames, model.mel, str(path_a))
     seg_b, used_b = segment_at(load_log_mel(path_b, model.mel)[0], offset_b, model.frames, model.mel, str(path_b))
-    out = _out_dir(out_dir)  # only once the inputs are known good: a failed run leaves no empty folder
     with torch.inference_mode():
         mels = interpolation_mels(model, seg_a, seg_b, steps, method)
         waves = synthesise(mels).cpu()  # (steps, n_mels, frames) -> (steps, samples)
-    wavs = [out / f"step_{i:02d}.wav" for i in range(steps)]
+    *wavs, morph_wav, png = [out / name for name in interpolation_names(steps)]
     for path, wave in zip(wavs, waves):
         write_wav(path, wave, model.mel.sample_rate)
     morph = crossfade_concat(list(waves), int(CROSSFADE_SECONDS * model.mel.sample_rate))
-    write_wav(out / "morph.wav", morph, model.mel.sample_rate)
+    write_wav(morph_wav, morph, model.mel.sample_rate)
     titles = [f"{i}: A" if i == 0 else f"{i}: B" if i == steps - 1 else str(i) for i in range(steps)]
     fig = mel_grid_figure(mels, titles, steps, f"{method} from {Path(path_a).name} @ {used_a:.2f} s "
                           f"to {Path(path_b).name} @ {used_b:.2f} s")
-    return {"wavs": [str(p) for p in wavs], "morph": str(out / "morph.wav"),
-            "png": str(save_figure(fig, out / "interpolation.png")), "offsets": [used_a, used_b]}
+    return {"wavs": [str(p) for p in wavs], "morph": str(morph_wav),
+            "png": str(save_figure(fig, png)), "offsets": [used_a, used_b]}

@@ -14,7 +14,7 @@ from typing import Any, Optional
 import yaml
 
 from musicvae.errors import CheckpointError
-from musicvae.safe_load import load_weights_only, load_yaml
+from musicvae.safe_load import load_weights_only, safe_yaml_load
 
 #: Key of the run's full config (a YAML string) inside every checkpoint the CLI writes.
 RUN_CONFIG_KEY = "musicvae_run_config"
@@ -30,7 +30,7 @@ DATA_STATE_KEY = "MelDataModule"
 #: Fields whose change makes the weights meaningless or unloadable.
 ARCHITECTURE_FIELDS = ("n_mels", "frames", "latent_dim", "channels", "blocks_per_stage", "linear_path_components")
 #: Fields of the run that may differ on resume without being a change of hyper-parameters.
-NOT_HYPERPARAMETERS = ("ckpt_path", "overwrite", "predict_dir", "predict_reconstructions")
+NOT_HYPERPARAMETERS = ("ckpt_path", "overwrite", "force", "predict_dir", "predict_reconstructions")
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> dict[str, Any]:
@@ -60,7 +60,7 @@ def run_config(ckpt: dict[str, Any]) -> dict[str, Any]:
         return {}
     if not isinstance(text, str):
         raise CheckpointError(f"its stored run config ({RUN_CONFIG_KEY}) is not YAML text")
-    config = load_yaml(text, "the checkpoint's stored run config")
+    config = safe_yaml_load(text, "the run config stored in the checkpoint")
     return config if isinstance(config, dict) else {}
 
 

@@ -47,7 +47,6 @@ from musicvae.training.checkpoints import (
 )
 from musicvae.data.datamodule import MelDataModule
 from musicvae.errors import CheckpointError, ConfigError, MusicVAEError, NonFiniteError
-from musicvae.safe_load import load_yaml
 from musicvae.storage import STORAGE_EXIT, StorageError, free_bytes, payload_bytes, size_text
 from musicvae.training.guards import INTERRUPTED_EXIT, NONFINITE_EXIT, PREEMPTED_EXIT, NonFiniteGuard, Preemption
 from musicvae.training.module import MusicVAEModule
@@ -58,8 +57,10 @@ from musicvae.training.stored_config import NOT_COMPARED, TakenConfig, check_mel
 from musicvae.training.peers import (PEER_LOST_EXIT, PeerLostError, PeerWatch, collective_error_cause, peer_lost,
                                      peer_lost_message, report)
 from musicvae.training.media import MediaLogger
-from musicvae.training.predictions import LatentWriter
+from musicvae.training.predictions import LatentWriter, check_prediction_outputs
+from musicvae.outputs import add_force_flag
 from musicvae.training.recipes import recipe_path
+from musicvae.safe_load import limit_config_yaml, safe_yaml_load
 from musicvae.training.preflight import (check_batch_size, check_creatable_dir, check_linear_path, check_mel_settings,
                                 logger_save_dirs)
 
@@ -190,6 +191,8 @@ class MusicVAECLI(LightningCLI):
             "--predict_reconstructions", type=bool, default=False,
             help="predict: also write each window's reconstruction (log-mel) into the recording's file.",
         )
+        add_force_flag(parser, "predict: replace latent-code files --predict_dir already holds (never an input; "
+                               "fit replaces checkpoints with --overwrite true).")
         parser.add_argument(
             "--init_normalization", type=Literal["checkpoint", "data"], default="checkpoint",
             help="With --model.init_from: normalise with the checkpoint's statistics (the scale its weights "
@@ -224,7 +227,7 @@ class MusicVAECLI(LightningCLI):
         """This run's config as YAML, with absolute paths so it resumes from any directory."""
         config = (self.config[self.subcommand] if self.subcommand else self.config).clone()
         config.checkpoint_dir = str(self.checkpoint_dir)
-        config.overwrite = False
+        config.overwrite = config.force = False
         if "ckpt_path" in config:  # absent without a subcommand (run=False)
             config.ckpt_path = None
         return self._parser(self.subcommand).dump(config, skip_none=False)
@@ -455,6 +458,7 @@ class MusicVAECLI(LightningCLI):
     def before_predict(self) -> None:
         if self.resume is None:
             raise ConfigError("predict encodes with a trained model: give --ckpt_path CHECKPOINT")
+        check_prediction_outputs(self._setting("predict_dir"), self.datamodule, self._setting("force"))
         self.datamodule.predict_reconstructions = bool(self._setting("predict_reconstructions"))
 
     def after_predict(self) -> None:
@@ -671,7 +675,7 @@ def user_set_keys(args: list[str]) -> set[str]:
         value = arg.split("=", 1)[1] if "=" in arg else args[i + 1] if i + 1 < len(args) else None
         try:
             text = Path(value).read_text() if value and Path(value).is_file() else value
-            keys.update(flatten_keys(load_yaml(text or "", str(value))))
+            keys.update(flatten_keys(safe_yaml_load(text or "", str(value))))
         except (OSError, MusicVAEError, yaml.YAMLError):
             continue
     return keys
@@ -711,6 +715,7 @@ def cli_main(args: Optional[list[str]] = None, run: bool = True, program: str = 
     """
     args = list(sys.argv[1:] if args is None else args)
     command = [program, *args]
+    limit_config_yaml()  # before any config file, the checkpoint's included, is read
     if run:
         args = with_default_subcommand(args)
     resume = None

@@ -11,7 +11,9 @@ and strings (readable with `torch.load(path, weights_only=True)`):
 - `reconstruction` (W, n_mels, frames), in natural-log mel units, with
   `--predict_reconstructions true`.
 
-Files are written whole or not at all (musicvae.atomic), by the rank that encoded the recording.
+Files are written whole or not at all (musicvae.outputs), by the rank that encoded the recording.
+Before anything is prepared, `check_prediction_outputs` refuses a `--predict_dir` that cannot be
+written or already holds a file of this run, unless `--force` (an input is never replaced).
 """
 
 from __future__ import annotations
@@ -23,12 +25,32 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from musicvae.atomic import write_atomic
+from musicvae.outputs import check_output_folder, write_output
 
 
 def prediction_path(predict_dir: Path, source: str) -> Path:
     """`predict_dir/<source>.pt`: the recording's relative path, its own suffix kept (a.ogg -> a.ogg.pt)."""
     return predict_dir / f"{source}.pt"
+
+
+def check_prediction_outputs(predict_dir: str | Path, datamodule: Any, force: bool = False) -> Path:
+    """Refuse `predict_dir` before anything is prepared: it cannot be made or written, a recording's
+    file would replace an input (another recording, in a folder predicted into itself), a folder
+    stands where a file goes, or files of this run exist there and `force` is off.
+
+    The recordings are listed, not read (musicvae.training.preflight.recording_files).
+
+    Returns:
+        The folder's absolute path.
+
+    Raises:
+        ConfigError: naming --predict_dir and what to change.
+    """
+    from musicvae.training.preflight import recording_files
+
+    files = recording_files(datamodule)
+    return check_output_folder(predict_dir, [prediction_path(Path(), rel) for rel, _ in files], "--predict_dir",
+                               [path for _, path in files], force)
 
 
 class LatentWriter(BasePredictionWriter):
@@ -42,7 +64,6 @@ class LatentWriter(BasePredictionWriter):
     def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: dict,
                            batch_indices: Optional[Sequence[int]], batch: Any, batch_idx: int,
                            dataloader_idx: int) -> None:
-        path = prediction_path(self.predict_dir, prediction["source"])
-        path.parent.mkdir(parents=True, exist_ok=True)  # recordings in subfolders keep them
-        write_atomic(path, lambda handle: torch.save(prediction, handle))
+        path = prediction_path(self.predict_dir, prediction["source"])  # recordings in subfolders keep them
+        write_output(path, lambda handle: torch.save(prediction, handle))
         self.written.append(path)

@@ -9,8 +9,6 @@ final word; these catch the mistakes that would otherwise surface only after min
 from __future__ import annotations
 
 import math
-import os
-import stat
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -21,66 +19,17 @@ import torch
 
 from musicvae.data.cache import find_audio_files
 from musicvae.data.builtin import synthetic_piece_name
-from musicvae.errors import ConfigError
+from musicvae.audio.mel import AUDIO_SUFFIXES, decode_audio, mono_to_log_mel
+from musicvae.data.listing import no_recordings
+from musicvae.errors import ConfigError, DataError
+from musicvae.outputs import check_creatable_dir  # noqa: F401 - the rule lives there; the CLI imports it from here
+from musicvae.data.segments import ARRAY_SUFFIXES, MelSource, scan_mel_file, summarise_mel, window_starts
 from musicvae.data.split import MIN_FILES_FOR_FILE_SPLIT, segment_split_point, split_files
 
 #: Audio formats whose length libsndfile may estimate from the header (compressed streams):
 #: their bound gets a margin, so an estimate that is a little short never refuses a real run.
 _ESTIMATED_LENGTH = (".ogg", ".oga", ".opus", ".mp3")
 _LENGTH_MARGIN = 1.05  # relative, on top of one second
-
-
-def check_creatable_dir(path: str | os.PathLike, setting: str) -> Path:
-    """Refuse a folder that could not be created or written into, without creating anything.
-
-    Walks up from `path` to the first part that exists. That part must be a folder this process
-    may write into; a regular file (or anything else that is not a folder, a dangling symbolic
-    link included) on the way makes `mkdir` fail, and so does a folder without write permission
-    (`os.access`, so root passes unless the file system is read-only).
-
-    Args:
-        path: the folder the run will write into; `~` is expanded, relative paths are taken
-            from the working directory.
-        setting: the command-line name of the setting, e.g. `--checkpoint_dir`, used in the message.
-
-    Returns:
-        The absolute path of the folder.
-
-    Raises:
-        ConfigError: naming `setting`, the offending path component and what to change.
-    """
-    target = Path(os.path.abspath(Path(path).expanduser()))
-    part = target
-    while True:
-        try:
-            mode = os.stat(part).st_mode  # follows symbolic links, as mkdir's parents do
-        except FileNotFoundError:
-            if os.path.islink(part):
-                raise ConfigError(_cannot_create(setting, target, part, "is a dangling symbolic link")) from None
-            if part.parent == part:  # a missing root: nothing more to walk
-                return target
-            part = part.parent
-            continue
-        except NotADirectoryError:  # a file further up; walk on to name it
-            part = part.parent
-            continue
-        except OSError as err:
-            raise ConfigError(_cannot_create(setting, target, part, f"cannot be inspected ({err.strerror})")) from None
-        break
-    if not stat.S_ISDIR(mode):
-        kind = "a regular file" if stat.S_ISREG(mode) else "not a folder"
-        raise ConfigError(_cannot_create(setting, target, part, f"is {kind}, not a folder"))
-    if not os.access(part, os.W_OK | os.X_OK):
-        raise ConfigError(_cannot_create(setting, target, part, "is a folder this user may not write into"))
-    return target
-
-
-def _cannot_create(setting: str, target: Path, part: Path, reason: str) -> str:
-    where = "it" if part == target else str(part)
-    return (
-        f"{setting} {target}: cannot be created or written, because {where} {reason}; "
-        f"choose another {setting} (or move {part} out of the way)"
-    )
 
 
 def logger_save_dirs(logger: Any) -> list[tuple[str, str]]:
@@ -191,25 +140,42 @@ def audio_frames(path: Path, sample_rate: int, hop_length: int) -> int:
     return 1 + resampled // hop_length
 
 
-def _folder_files(datamodule: Any) -> Optional[list[tuple[str, int]]]:
-    """(relative path, frame bound) of every candidate recording of a data folder, or None."""
+def recording_files(datamodule: Any) -> list[tuple[str, Path]]:
+    """(path relative to the data folder, file) of every candidate recording, listed, never read:
+    the built-in synthetic pieces by name (their folder may not exist yet), or a data folder's
+    arrays (outside a cache_dir inside it) and audio files. Sorted by the relative path.
+
+    Args:
+        datamodule: a `MelDataModule` (only its settings are read; nothing is built).
+    """
     from musicvae.data.datamodule import find_array_files  # here: musicvae.data.datamodule imports Lightning
 
+    if datamodule.data_dir is None:
+        folder = datamodule.folder
+        names = [synthetic_piece_name(index) for index in range(int(datamodule.synthetic_pieces))]
+        return [(name, folder / name) for name in names]
     data_dir: Path = datamodule.data_dir
     cache_dir = Path(datamodule.cache_dir).expanduser().resolve()
     cache_inside = data_dir in cache_dir.parents
+    files = [(path.relative_to(data_dir).as_posix(), path) for path in find_array_files(data_dir)
+             if not (cache_inside and cache_dir in path.parents)]
+    rels, _ = find_audio_files(data_dir)
+    return sorted(files + [(rel, data_dir / rel) for rel in rels])
+
+
+def _folder_files(datamodule: Any) -> Optional[list[tuple[str, int]]]:
+    """(relative path, frame bound) of every candidate recording of a data folder, or None."""
     mel = datamodule.mel
     files: list[tuple[str, int]] = []
-    for path in find_array_files(data_dir):
-        if cache_inside and cache_dir in path.parents:
-            continue
-        n = array_frames(path, mel.n_mels)
-        if n is None:
-            return None
-        files.append((path.relative_to(data_dir).as_posix(), n))
-    rels, _ = find_audio_files(data_dir)
-    files += [(rel, audio_frames(data_dir / rel, mel.sample_rate, mel.hop_length)) for rel in rels]
-    return sorted(files)
+    for rel, path in recording_files(datamodule):
+        if path.suffix in ARRAY_SUFFIXES:
+            n = array_frames(path, mel.n_mels)
+            if n is None:
+                return None
+        else:
+            n = audio_frames(path, mel.sample_rate, mel.hop_length)
+        files.append((rel, n))
+    return files
 
 
 def _synthetic_files(datamodule: Any) -> list[tuple[str, int]]:
@@ -235,17 +201,23 @@ def train_segments_upper_bound(datamodule: Any) -> Optional[int]:
         The bound, or None when it cannot be known cheaply (a `.pt` file that cannot be
         memory-mapped).
     """
-    if datamodule.data_dir is None:
-        files = _synthetic_files(datamodule)
-    else:
-        files = _folder_files(datamodule)
-        if files is None:
-            return None
-    return training_windows_bound(files, datamodule.frames, datamodule.val_split, datamodule.seed)
+    files = _candidates(datamodule)
+    return None if files is None else training_windows_bound(files, datamodule.frames, datamodule.val_split,
+                                                              datamodule.seed)
+
+
+def _candidates(datamodule: Any) -> Optional[list[tuple[str, int]]]:
+    return _synthetic_files(datamodule) if datamodule.data_dir is None else _folder_files(datamodule)
 
 
 def check_batch_size(datamodule: Any) -> Optional[int]:
     """Refuse a batch larger than the training set can ever be, before any data is prepared.
+
+    When a data folder cannot fill a batch, the reason may be the folder rather than the batch:
+    then the folder is refused instead, with what is wrong with it (no recording at all, none as
+    long as a segment, or only silent ones). Silence needs the recordings read: only the few
+    whose headers promise a segment are (fewer than a batch of segments, so seconds of audio),
+    in memory, with the data module's own rule; nothing is written.
 
     Args:
         datamodule: a `MelDataModule`.
@@ -255,20 +227,75 @@ def check_batch_size(datamodule: Any) -> Optional[int]:
         after preparation decides).
 
     Raises:
+        DataError: a data folder without a usable recording, named, with the reason.
         ConfigError: `data.batch_size` exceeds the bound, with the bound and what to change.
     """
-    bound = train_segments_upper_bound(datamodule)
-    if bound is not None and bound < datamodule.batch_size:
+    files = _candidates(datamodule)
+    if files is None:
+        return None
+    bound = training_windows_bound(files, datamodule.frames, datamodule.val_split, datamodule.seed)
+    if bound < datamodule.batch_size:
         if datamodule.data_dir is None:
             where = (f"the built-in synthetic music: data.synthetic_pieces={datamodule.synthetic_pieces} "
                      f"of data.synthetic_seconds={datamodule.synthetic_seconds:g}")
         else:
+            check_folder_has_music(datamodule, files)
             where = str(datamodule.data_dir)
         raise ConfigError(
             f"data.batch_size={datamodule.batch_size} is larger than the training set (at most {bound} "
             f"segments of {datamodule.frames} frames in {where}): lower data.batch_size or add data"
         )
     return bound
+
+
+def check_folder_has_music(datamodule: Any, files: Sequence[tuple[str, int]]) -> None:
+    """Refuse a data folder none of whose recordings has a segment the data module would train on.
+
+    Args:
+        datamodule: a `MelDataModule` with a data folder.
+        files: (relative path, frame bound) of its candidate recordings (`_folder_files`).
+
+    Raises:
+        DataError: naming the folder: no recording found, none as long as a segment, or every
+            one that is silent (or unreadable), with the counts.
+    """
+    folder, frames = datamodule.data_dir, datamodule.frames
+    if not files:
+        raise no_recordings(folder, ARRAY_SUFFIXES + AUDIO_SUFFIXES)
+    longest = max(n for _, n in files)
+    if longest < frames:
+        raise DataError(f"{folder}: none of its {len(files)} recording(s) is as long as one segment of {frames} "
+                        f"frames (the longest has {longest}): lower data.frames or add longer recordings")
+    silent, unusable = 0, 0
+    for rel, n in files:
+        if n < frames:
+            continue
+        try:
+            source = _summary(datamodule, rel)
+        except DataError as err:
+            silent += ": silent" in str(err)  # decode_audio's "silent (every sample is zero ...)"
+            unusable += ": silent" not in str(err)
+            continue
+        if window_starts(source, 0, source.n_frames, frames, datamodule.silence_margin):
+            return  # real music, too little of it: the batch size is the problem
+        silent += 1
+    short = sum(n < frames for _, n in files)
+    db = 10 * datamodule.silence_margin / math.log(10)
+    if not unusable and not short:
+        raise DataError(f"{folder}: every recording is silent ({silent} file(s) in which no segment of {frames} frames "
+                        f"rises {db:.0f} dB above the file's floor): there is nothing to train on. Add music, or lower "
+                        "data.silence_margin for quiet material")
+    raise DataError(f"{folder}: no recording has a segment to train on ({silent} silent, {unusable} unreadable, "
+                    f"{short} shorter than {frames} frames); `musicvae prepare {folder}` names each file and why")
+
+
+def _summary(datamodule: Any, rel: str) -> MelSource:
+    """The MelSource the data module would make of one recording, in memory (nothing cached)."""
+    path, mel = datamodule.data_dir / rel, datamodule.mel
+    if path.suffix in ARRAY_SUFFIXES:
+        return scan_mel_file(path, rel, mel.n_mels, mel.log_floor_value)
+    wave, rate = decode_audio(path)
+    return summarise_mel(mono_to_log_mel(wave, rate, mel, source=str(path)), path, rel, mel.log_floor_value)
 
 
 def check_linear_path(model: Any, bound: Optional[int]) -> None:

@@ -87,7 +87,7 @@ def test_a_folder_without_write_permission_is_refused(tmp_path, monkeypatch):
     # Tests run as root, for whom os.access allows every write; stand in for an ordinary user.
     locked = tmp_path / "locked"
     locked.mkdir()
-    monkeypatch.setattr(preflight.os, "access", lambda path, mode: Path(path) != locked)
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked)
     with pytest.raises(ConfigError, match="may not write into") as err:
         check_creatable_dir(locked / "logs", "--trainer.logger.init_args.save_dir")
     assert str(locked) in str(err.value)
