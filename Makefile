@@ -13,7 +13,7 @@ UV_DIR := .uv
 UV     := $(UV_DIR)/bin/uv
 ARGS   ?=
 # Test processes (pytest-xdist): most tests wait on a training subprocess, so two processes on a
-# 2-core machine take about half the time of one (measured: see the README's Tests section).
+# 2-core machine finish well before one (measured: docs/install.md, "Test times").
 # Whole files go to one process (--dist loadfile), so module fixtures are built once.
 WORKERS ?= 2
 PYTEST := $(BIN)/python -m pytest -n $(WORKERS) --dist loadfile
@@ -24,7 +24,7 @@ export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 # pip compiles .pyc files at install; uv does not by default. Without them every process
 # (and PYTHONDONTWRITEBYTECODE=1 machines never write them) recompiles torch and Lightning
-# from source at import: `import lightning` took 33 s instead of 13-14 s here (docs/install.md).
+# from source at import, which makes every start much slower (measured: docs/install.md, "What gets installed").
 export UV_COMPILE_BYTECODE := 1
 
 .PHONY: train test test-fast test-latest check-env lock lock-upgrade clean-venv
