@@ -194,7 +194,7 @@ class EpochTimer(Callback):
 def bench_trainer(device: torch.device, callbacks: list[Callback], clip: float = CLIP, **kwargs: Any) -> L.Trainer:
     """The Trainer scripts/train.py builds (atomic checkpoint IO, clipping of the recipes) minus
     checkpoint writing, logging, progress bar and model summary, for one epoch without validation."""
-    from musicvae.training.cli import with_atomic_checkpoints  # the CLI's own plugin list
+    from musicvae.training.run_callbacks import with_atomic_checkpoints  # the CLI's own plugin list
 
     return L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",

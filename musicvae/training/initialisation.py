@@ -12,8 +12,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from jsonargparse import Namespace
 
 from musicvae.errors import CheckpointError
+from musicvae.training.checkpoints import DATA_STATE_KEY, RAW_WEIGHTS_KEY
+from musicvae.training.stored_config import check_mel_bounds
 from musicvae.training.module import MusicVAEModule, with_compensation_defaults
 
 #: The configured frequency bands win over the stored ones (a hyper-parameter, as on resume).
@@ -66,3 +69,55 @@ def initialise_from(module: MusicVAEModule, ckpt: dict[str, Any], path: str) -> 
     module.load_state_dict(loaded, strict=False)
     return {"loaded": len(loaded), "fresh": [k for k in target if k not in source and k not in _CONFIGURED],
             "ignored": sorted(k for k in source if k not in target)}
+
+
+def adopt_mel_settings(config: Any, ckpt: dict) -> str:
+    """With --model.init_from and no --data.mel given, the checkpoint's mel settings (its weights were
+    trained on them); returns which settings the run uses, in words."""
+    stored = (ckpt.get(DATA_STATE_KEY) or {}).get("mel")
+    if stored is None:
+        return "this run's (the checkpoint stores none)"
+    check_mel_bounds(stored, config.model.init_from)
+    if config.data.mel is None:
+        config.data.mel = Namespace(**stored)
+        return "the checkpoint's (" + ", ".join(f"{k} {v}" for k, v in stored.items()) + ")"
+    given = config.data.mel.as_dict() if hasattr(config.data.mel, "as_dict") else dict(config.data.mel)
+    differ = {k: (stored.get(k), v) for k, v in given.items() if stored.get(k) != v}
+    if not differ:
+        return "as configured, the same as the checkpoint's"
+    return "as configured (--data.mel), which differ from the checkpoint's: " + ", ".join(
+        f"{k} {a!r} -> {b!r}" for k, (a, b) in differ.items())
+
+
+def initialise_run(module: MusicVAEModule, datamodule: Any, ckpt: dict[str, Any], path: str, mel_note: str,
+                   normalization: str) -> str:
+    """--model.init_from on a built run: the checkpoint's weights, and its normalisation unless
+    `normalization` is "data"; returns what was done, in lines for the log."""
+    done = initialise_from(module, ckpt, path)
+    state = ckpt.get(DATA_STATE_KEY) or {}
+    if normalization == "checkpoint" and "mean" in state and "std" in state:
+        datamodule.normalizer.mean, datamodule.normalizer.std = float(state["mean"]), float(state["std"])
+        datamodule.stats_restored = True
+        norm = f"the checkpoint's (mean {float(state['mean']):.4g}, std {float(state['std']):.4g})"
+    else:
+        norm = "computed from this run's training data (--init_normalization data)"
+    lines = [f"musicvae: starting from the weights of {path} (epoch {ckpt.get('epoch')}, step "
+             f"{ckpt.get('global_step')}): {done['loaded']} tensors; a new optimizer, step count 0",
+             f"  mel settings: {mel_note}", f"  normalisation: {norm}"]
+    if RAW_WEIGHTS_KEY in ckpt:
+        lines.append("  weights: the checkpoint's EMA average (its raw training weights are not used)")
+    if done["fresh"]:
+        lines.append(f"  new in this model, at their initialisation: {summarise_names(done['fresh'])}")
+    if done["ignored"]:
+        lines.append(f"  in the checkpoint, not used: {summarise_names(done['ignored'])}")
+    return "\n".join(lines)
+
+
+def summarise_names(names: list[str], shown: int = 4) -> str:
+    """Tensor names, grouped by their first two components: ``discriminator.blocks (12 tensors)``."""
+    groups: dict[str, int] = {}
+    for name in names:
+        key = ".".join(name.split(".")[:2])
+        groups[key] = groups.get(key, 0) + 1
+    parts = [f"{key} ({n} tensor{'s' if n > 1 else ''})" for key, n in list(groups.items())[:shown]]
+    return ", ".join(parts) + (f", ... {len(groups) - shown} more" if len(groups) > shown else "")

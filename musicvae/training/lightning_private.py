@@ -24,6 +24,17 @@ LAUNCH_OBSERVER = "_launch_process_observer"
 #: the CLI replaces it, because it would silently ignore a new `--model.lr` on resume.
 CLI_CKPT_HOOK = "_parse_ckpt_path"
 
+#: LightningCLI's helpers the CLI calls: a setting inside the subcommand's config, the subcommand's
+#: parser, and the Trainer built from a config plus extra callbacks.
+CLI_GET = "_get"
+CLI_PARSER = "_parser"
+CLI_INSTANTIATE_TRAINER = "_instantiate_trainer"
+#: LightningCLI's method that runs a subcommand with its before_/after_ hooks; MusicVAECLI overrides it
+#: to hold the run lock and the peer watch around the whole subcommand.
+CLI_RUN_SUBCOMMAND = "_run_subcommand"
+#: A LightningModule's trainer or None; its public `trainer` property raises when none is attached.
+MODULE_TRAINER = "_trainer"
+
 #: ModelCheckpoint's name-mangled warning about a non-empty folder, which fires on every resume;
 #: the CLI refuses a fresh run into a used folder itself, so the warning is only noise here.
 CHECKPOINT_DIR_WARNING = "_ModelCheckpoint__warn_if_dir_not_empty"

@@ -21,6 +21,7 @@ from musicvae.metrics import (REALISM_VIEWS, GaussianFit, LatentDiagnostics, Rec
                               gaussian_distance)
 from musicvae.models.discriminator import PatchDiscriminator
 from musicvae.training.adversarial import adversarial_step, decoder_parameters, freeze_encoder
+from musicvae.training.lightning_private import MODULE_TRAINER
 from musicvae.training.ema import check_decay
 from musicvae.training.schedules import LOG_NAME, SCHEDULES, StepSchedule, build_schedulers, continue_schedules
 from musicvae.models.linear_codes import fit_pca, fit_separable_code, stack_segments
@@ -286,7 +287,7 @@ class MusicVAEModule(L.LightningModule):
         Validation uses the same value as the step it follows, so val/loss tracks what is optimised.
         """
         warmup = self.hparams.get("kl_warmup_steps", 0)
-        if warmup <= 0 or self._trainer is None:
+        if warmup <= 0 or getattr(self, MODULE_TRAINER) is None:
             return self.hparams.beta
         return self.hparams.beta * min(1.0, self.global_step / warmup)
 
@@ -392,7 +393,7 @@ class MusicVAEModule(L.LightningModule):
         Skipped in the sanity check (two batches are not the validation set) and when no batch
         was seen; the strength is the smallest putting every validation band at PERCEPTUAL_TARGET.
         """
-        if self.val_compensation.update_count == 0 or (self._trainer is not None and self.trainer.sanity_checking):
+        if self.val_compensation.update_count == 0 or (getattr(self, MODULE_TRAINER) is not None and self.trainer.sanity_checking):
             self.val_compensation.reset()
             return
         sums = {k: v.cpu() for k, v in self.val_compensation.compute().items()}  # reduced across processes

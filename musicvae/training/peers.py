@@ -27,13 +27,17 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
-from musicvae.errors import MusicVAEError
+from lightning.pytorch.utilities import rank_zero_warn
+
+from musicvae.errors import ConfigError, MusicVAEError
 from musicvae.safe_load import first_line
 from musicvae.training.checkpoint_io import stored_position
 from musicvae.training.guards import INTERRUPTED_EXIT, PREEMPTED_EXIT
+from musicvae.training.lightning_private import observe_launched_processes, set_process_group_timeout
 
 #: Exit status of a process whose peer died.
 PEER_LOST_EXIT = 5
@@ -190,3 +194,54 @@ class PeerWatch:
         finally:
             report(self.message(cause))
             os._exit(PEER_LOST_EXIT)
+
+
+def apply_collective_timeout(trainer: Any, seconds: Optional[float]) -> None:
+    """`--collective_timeout`: the DDP process group's timeout for every collective (None: PyTorch's)."""
+    if seconds is None:
+        return
+    if seconds <= 0:
+        raise ConfigError(f"--collective_timeout {seconds:g}: give a number of seconds above 0 (e.g. 600)")
+    if not set_process_group_timeout(trainer.strategy, seconds) and trainer.world_size > 1:
+        rank_zero_warn(f"--collective_timeout is not applied: it sets a DDP process group's timeout, and "
+                       f"the strategy is {type(trainer.strategy).__name__}")
+
+
+@contextmanager
+def peers_watched(trainer: Any, message: Callable[[str], str], before_exit: Callable[[], None],
+                  timeout: Optional[float], watch: bool = True) -> Iterator[None]:
+    """Run a subcommand of several processes so that another process's death is reported: a collective
+    that fails because another process died or hung becomes one PeerLostError line, and with `watch` a
+    PeerWatch also watches the processes this one started and the one that started it.
+
+    Args:
+        trainer: the run's trainer (None, or one process: nothing to do).
+        message: cause -> the one line (peer_lost_message with the run's details bound).
+        before_exit: what to release before a watch ends the process (the run lock).
+        timeout: `--collective_timeout`, named in a timed-out collective's line.
+        watch: start a PeerWatch (fit; the other subcommands end without one).
+    """
+    if trainer is None or trainer.world_size < 2:
+        yield
+        return
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    # Started by a launcher (Lightning's, torchrun, SLURM): watch it. The process that launches the
+    # others itself (Lightning, one machine) has the user's shell as parent: nothing to watch there.
+    launched = environment is not None and environment.creates_processes_externally
+    peer_watch = PeerWatch(message, parent=os.getppid() if launched else None, before_exit=before_exit,
+                           first_rank=trainer.global_rank + 1, standing_down=lambda: trainer.interrupted).start() \
+        if watch else None
+    try:
+        if peer_watch is None:
+            yield
+        else:
+            # The children Lightning launches go to PeerWatch instead of Lightning's observer.
+            with observe_launched_processes(peer_watch.adopt):
+                yield
+    except Exception as err:
+        if not peer_lost(err):
+            raise
+        raise PeerLostError(message(collective_error_cause(err, timeout))) from None
+    finally:
+        if peer_watch is not None:
+            peer_watch.stop()

@@ -22,6 +22,7 @@ from musicvae.data.builtin import synthetic_piece_name
 from musicvae.audio.mel import AUDIO_SUFFIXES, decode_audio, mono_to_log_mel
 from musicvae.data.listing import no_recordings
 from musicvae.errors import ConfigError, DataError
+from musicvae.storage import free_bytes, payload_bytes, size_text
 from musicvae.outputs import check_creatable_dir  # noqa: F401 - the rule lives there; the CLI imports it from here
 from musicvae.data.segments import ARRAY_SUFFIXES, MelSource, scan_mel_file, summarise_mel, window_starts
 from musicvae.data.split import MIN_FILES_FOR_FILE_SPLIT, segment_split_point, split_files
@@ -338,3 +339,29 @@ def check_mel_settings(mel: Any) -> None:
         MelSettings(**values)
     except ConfigError as err:
         raise ConfigError(f"--data.mel: {err}") from None
+
+
+def room_warning(module: torch.nn.Module, folder: Path) -> Optional[str]:
+    """A warning when the checkpoint folder's disk holds fewer than three checkpoints: best and last,
+    and the temporary file each is written to before it replaces the old one (None: room enough)."""
+    weights = payload_bytes(module.state_dict())
+    params = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
+    ema = bool(getattr(module, "hparams", {}).get("ema_decay"))
+    size = weights + 2 * params + (weights if ema else 0)  # + Adam's 2 moments, + EMA's average
+    free = free_bytes(folder)
+    if free is None or free >= 3 * size:
+        return None
+    return (f"--checkpoint_dir {folder}: {size_text(free)} free, room for {free // max(size, 1)} checkpoint(s) of about "
+            f"{size_text(size)}; best.ckpt and last.ckpt need 3 (each is written beside the old one first). Free space "
+            "or choose another folder.")
+
+
+def check_run_folders(subcommand: str, config: Any) -> None:
+    """The folders a run will write into (checkpoints, logs, the cache), checked, never created, before
+    anything is built: one line naming the setting when one cannot be made or written."""
+    if subcommand == "fit":
+        check_creatable_dir(config.checkpoint_dir, "--checkpoint_dir")
+    for setting, folder in logger_save_dirs(config.trainer.get("logger")):
+        check_creatable_dir(folder, setting)
+    if config.data.get("cache_dir"):
+        check_creatable_dir(config.data.cache_dir, "--data.cache_dir")

@@ -15,7 +15,8 @@ import torch
 
 from conftest import tiny_fit_args
 from musicvae.training.checkpoints import list_checkpoints, load_checkpoint
-from musicvae.training.cli import checkpoint_callbacks, cli_main
+from musicvae.training.cli import cli_main
+from musicvae.training.run_callbacks import checkpoint_callbacks
 from musicvae.errors import CheckpointError, ConfigError
 
 REPO = Path(__file__).resolve().parents[2]

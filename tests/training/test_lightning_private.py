@@ -67,3 +67,19 @@ def test_ddp_still_opens_its_process_group_with_the_timeout_we_set():
     assert strategy._timeout == timedelta(seconds=42)
     assert '{"timeout": self._timeout}' in inspect.getsource(DDPStrategy.setup_distributed)
     assert not private.set_process_group_timeout(SingleDeviceStrategy("cpu"), 42)
+
+
+def test_lightning_cli_still_has_the_helpers_the_cli_calls_and_the_method_it_overrides():
+    for name in (private.CLI_GET, private.CLI_PARSER, private.CLI_INSTANTIATE_TRAINER, private.CLI_RUN_SUBCOMMAND):
+        assert callable(getattr(LightningCLI, name, None)), name
+    assert MusicVAECLI._run_subcommand is not LightningCLI._run_subcommand
+    assert private.CLI_RUN_SUBCOMMAND == "_run_subcommand"  # the override's own name
+
+
+def test_a_lightning_module_still_keeps_its_trainer_or_none_under_the_private_name():
+    module = BoringModel()
+    assert getattr(module, private.MODULE_TRAINER) is None
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu")
+    trainer.fit(module)
+    assert getattr(module, private.MODULE_TRAINER) is trainer

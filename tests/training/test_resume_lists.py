@@ -15,7 +15,7 @@ import yaml
 from conftest import tiny_fit_args
 from helpers import run_train
 from musicvae.training.checkpoints import RUN_CONFIG_KEY
-from musicvae.training.cli import appended_keys
+from musicvae.training.resume import appended_keys
 
 
 def test_appended_keys_reads_both_spellings():
