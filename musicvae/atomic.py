@@ -6,12 +6,13 @@ tell a dead writer's leftovers from a live writer's work in progress (see cache.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 #: Matches the temporary names below; group 1 is the writer's pid, group 2 its host.
 TMP_PATTERN = re.compile(r"\.(\d+)@([^.@]*)\.tmp$")
@@ -27,21 +28,30 @@ def temporary_path(path: str | os.PathLike) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}@{HOST}.tmp")
 
 
-def write_atomic(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Call `write(handle)` on a temporary file beside `path`, then rename it into place.
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield the temporary path beside `path` to write; it is renamed onto `path` when the block
+    ends, and removed when the block raises (or is killed: see remove_abandoned).
 
-    A kill leaves `path` either as it was or complete, never half-written (os.replace is atomic
-    within one filesystem, which the same folder guarantees).
+    For writers that need a name rather than a handle (numpy.lib.format.open_memmap).
     """
     path = Path(path)
     tmp = temporary_path(path)
     try:
-        with open(tmp, mode) as handle:
-            write(handle)
-        os.replace(tmp, path)
+        yield tmp
+        os.replace(tmp, path)  # atomic within one filesystem, which the same folder guarantees
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Call `write(handle)` on a temporary file beside `path`, then rename it into place.
+
+    A kill leaves `path` either as it was or complete, never half-written.
+    """
+    with atomic_path(path) as tmp, open(tmp, mode) as handle:
+        write(handle)
 
 
 def is_abandoned(path: Path, max_age_s: float = STALE_TMP_S) -> bool:

@@ -60,7 +60,7 @@ def test_first_build_caches_every_file(audio_dir: Path, tmp_path: Path) -> None:
 
 def test_second_build_reuses_everything(audio_dir: Path, tmp_path: Path, monkeypatch) -> None:
     first = build(audio_dir, tmp_path)
-    monkeypatch.setattr(cache, "decode_audio", lambda *a: pytest.fail("a warm build decoded a file"))
+    monkeypatch.setattr(cache, "decode_blocks", lambda *a: pytest.fail("a warm build decoded a file"))
     second = build(audio_dir, tmp_path)
     assert second.computed == 0 and second.reused == len(GOOD)
     assert second.entries == first.entries
@@ -121,7 +121,7 @@ def test_bad_files_are_reported_once_and_good_ones_cached(audio_dir: Path, tmp_p
     for path, reason in report.problems:
         assert bad[Path(path).name] in reason, (path, reason)
     # A warm run reports the same problems from the manifest, without decoding anything again.
-    monkeypatch.setattr(cache, "decode_audio", lambda *a: pytest.fail("a warm build decoded a file"))
+    monkeypatch.setattr(cache, "decode_blocks", lambda *a: pytest.fail("a warm build decoded a file"))
     again = build(audio_dir, tmp_path)
     assert again.computed == 0 and again.problems == report.problems
     failures = json.loads((cache_folder(tmp_path / "cache", audio_dir, MEL) / MANIFEST).read_text())["failures"]
@@ -207,7 +207,7 @@ def test_a_decoder_that_hangs_is_killed_after_the_timeout_and_reported(tmp_path,
 
     import soundfile as sf
 
-    from musicvae.audio.mel import MelSettings, decode_audio
+    from musicvae.audio.mel import MelSettings, decode_blocks
     from musicvae.data import cache
 
     music = tmp_path / "music"
@@ -221,9 +221,9 @@ def test_a_decoder_that_hangs_is_killed_after_the_timeout_and_reported(tmp_path,
             signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals) - {signal.SIGKILL, signal.SIGSTOP})
             while True:
                 time.sleep(1)
-        return decode_audio(path, *args, **kwargs)
+        return decode_blocks(path, *args, **kwargs)
 
-    monkeypatch.setattr(cache, "decode_audio", hanging_decode)  # forked decoding processes inherit it
+    monkeypatch.setattr(cache, "decode_blocks", hanging_decode)  # forked decoding processes inherit it
     started = time.monotonic()
     report = cache.build_audio_cache(music, tmp_path / "cache", MelSettings(n_mels=32), workers=2, decode_timeout=3)
     assert time.monotonic() - started < 60
