@@ -50,9 +50,9 @@ CACHE_VERSION = 1
 MANIFEST = "manifest.json"
 _SAVE_EVERY_S = 5.0  # manifest saves during a build: at most this much work is lost to a kill
 VANISHED = "vanished after it was listed: file not found"
-#: A log-mel up to this size (6 minutes of 128 mels at 86 frames/s) is saved from memory; a longer one is
+#: A log-mel up to this size (95 s of 128 mels at 86 frames/s) is saved from memory; a longer one is
 #: written in pieces (see _store_log_mel), so that memory does not grow with a recording's length.
-_IN_MEMORY_BYTES = 16 << 20
+_IN_MEMORY_BYTES = 4 << 20
 #: Builds that may fail on a file for reasons not its own (memory ran out, its process was
 #: killed) before the file is recorded as unusable: a file that exhausts memory by itself each
 #: time must not be retried forever.
