@@ -37,6 +37,8 @@ AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".ai
 # mono: twice as fast as a fresh 1M-frame array per read (OGG/Vorbis 48 kHz stereo: 72 vs 140 ms
 # per minute of audio), and memory stays bounded on long multichannel files.
 _DECODE_BLOCK_BYTES = 1 << 19
+# libsndfile's frame count of a stream that does not declare its length (SF_COUNT_MAX).
+_UNKNOWN_FRAMES = (1 << 63) - 1
 # Samples per block when an in-memory waveform is fed to the block-wise front end (views, not copies).
 _PIECE = 1 << 16
 
@@ -299,10 +301,15 @@ def _read_blocks(path: Path, handle: sf.SoundFile) -> Iterator[np.ndarray]:
             weights = np.full(channels, 1.0 / channels, dtype=np.float32)
             buffer = np.empty((max(1024, _DECODE_BLOCK_BYTES // (4 * channels)), channels), np.float32)
             decoded = 0
+            unknown_length = handle.format == "FLAC" and handle.frames >= _UNKNOWN_FRAMES
             while True:
                 # Until a read comes back short: the header's frame count (which SoundFile.blocks()
-                # trusts) is an estimate for MP3 and wrong in a file cut short.
-                block = handle.read(len(buffer), out=buffer)  # (frames, channels), a view of the reused buffer
+                # trusts) is an estimate for MP3, wrong in a file cut short, and absent from a FLAC
+                # written by a streaming encoder.
+                if unknown_length:
+                    block = _read_to_unknown_end(handle, buffer)
+                else:
+                    block = handle.read(len(buffer), out=buffer)  # (frames, channels), a view of the reused buffer
                 if len(block):
                     decoded += len(block)
                     # A matrix-vector product mixes ~30x faster than block.mean(axis=1). (frames, C) -> (frames,)
@@ -319,6 +326,24 @@ def _read_blocks(path: Path, handle: sf.SoundFile) -> Iterator[np.ndarray]:
         raise AudioError(f"{path}: truncated: decoded {decoded} of the {declared} frames its header promises")
     if not decoded:
         raise AudioError(f"{path}: no audio frames could be decoded (empty or truncated)")
+
+
+def _read_to_unknown_end(handle: sf.SoundFile, buffer: np.ndarray) -> np.ndarray:
+    """SoundFile.read into `buffer` for a FLAC stream of unknown length.
+
+    soundfile seeks to the new position after every read, and libsndfile cannot seek to the end
+    of a FLAC stream whose header leaves the length unset (streaming encoders do): the read that
+    reaches the end fills the buffer, then raises "Internal psf_fseek() failed". FLAC is integer
+    PCM, which never decodes to NaN, so the frames read are those before the first NaN.
+    """
+    buffer.fill(np.nan)
+    try:
+        return handle.read(len(buffer), out=buffer)
+    except sf.LibsndfileError as err:
+        if "psf_fseek" not in str(err):
+            raise
+    unread = np.isnan(buffer[:, 0])
+    return buffer[: int(unread.argmax()) if unread.any() else len(buffer)]
 
 
 def decode_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:

@@ -437,6 +437,7 @@ def build_audio_cache(
     jobs = []
     listed = set(rels)
     vanished: dict[str, str] = {}  # rel -> reason, for files gone between listing and reading
+    interrupted: list[str] = []
     earlier = _vanished_last_build.pop(str(folder), {})
     problems += [(str(data_dir / rel), reason) for rel, reason in earlier.items() if rel not in listed]
     for rel in rels:
@@ -480,7 +481,8 @@ def build_audio_cache(
                 f"already in {folder} are kept, and the next run continues from there once there is room "
                 "(or choose another --data.cache_dir)")
         if record.get("interrupted"):
-            return  # Ctrl-C in a decoding process; the build itself is stopping
+            interrupted.append(rel)  # Ctrl-C in its decoding process: nothing is recorded
+            return
         retry = manifest["retries"].pop(rel, None)
         if "transient" in record:
             count = (retry or {}).get("count", 0) + 1
@@ -532,6 +534,8 @@ def build_audio_cache(
             problems.append((str(data_dir / rel), f"{retry['transient']}; not the file's fault, so the next run "
                                                   f"tries it again ({retry['count']} of {MAX_RETRIES} tries)"))
     problems += [(str(data_dir / rel), reason) for rel, reason in vanished.items()]
+    problems += [(str(data_dir / rel), "its decoding was interrupted (Ctrl-C); the next run tries it again")
+                 for rel in interrupted]
     if vanished:
         _vanished_last_build[str(folder)] = vanished
     report.problems = sorted(problems)
