@@ -9,6 +9,7 @@ neural vocoder trained on the same MelSettings can replace it without touching i
 from __future__ import annotations
 
 import functools
+import math
 import os
 from typing import Any, Optional
 
@@ -136,7 +137,10 @@ class GriffinLimVocoder(nn.Module):
         hop, total = self.mel.hop_length, log_mel.shape[-1]
         fade = GRIFFIN_LIM_OVERLAP * hop // 2  # well inside the overlap, away from each block's own edges
         ramp = torch.linspace(0.0, 1.0, fade, device=log_mel.device)
-        pieces, tail, carried = [], None, None
+        batch = log_mel.shape[:-2]
+        # Filled in place: a three-hour waveform is 0.95 GB, and joining pieces would double it.
+        out = log_mel.new_zeros(math.prod(batch), (total - 1) * hop if length is None else length)
+        carried = None
         for start in range(0, total, GRIFFIN_LIM_BLOCK):
             end = min(total, start + GRIFFIN_LIM_BLOCK)
             a, b = max(0, start - GRIFFIN_LIM_OVERLAP), min(total, end + GRIFFIN_LIM_OVERLAP)
@@ -149,16 +153,18 @@ class GriffinLimVocoder(nn.Module):
             wave, angles = griffin_lim_from(magnitude, angles, self.window, self.mel.n_fft, hop, self.n_iter,
                                             self.momentum)  # -> (B, (b - a - 1) * hop)
             carried = (a, angles)
-            lo, hi = (start - a) * hop, (end - a) * hop if end < total else wave.shape[-1]
-            piece = wave[:, lo:hi]
-            if tail is not None:
-                piece = torch.cat([tail * (1 - ramp) + piece[:, :fade] * ramp, piece[:, fade:]], dim=-1)
-            tail = wave[:, hi : hi + fade]
-            pieces.append(piece)
-        wave = torch.cat(pieces, dim=-1)  # (B, (total - 1) * hop)
-        if length is not None:
-            wave = nn.functional.pad(wave, (0, max(0, length - wave.shape[-1])))[:, :length]
-        return wave.reshape(log_mel.shape[:-2] + wave.shape[-1:])
+            # This block's samples from the seam at `start` on, and into the overlap for the crossfade.
+            piece = wave[:, (start - a) * hop : (end - a) * hop + (fade if end < total else wave.shape[-1])]
+            at = start * hop
+            piece = piece[:, : max(0, out.shape[-1] - at)]
+            if start:  # fade in over the previous block's tail, already in `out`
+                n = min(fade, piece.shape[-1])
+                out[:, at : at + n] *= 1 - ramp[:n]
+                out[:, at : at + n] += piece[:, :n] * ramp[:n]
+                out[:, at + n : at + piece.shape[-1]] = piece[:, n:]
+            else:
+                out[:, : piece.shape[-1]] = piece
+        return out.reshape(batch + out.shape[-1:])
 
 
 def griffin_lim_from(magnitude: Tensor, angles: Tensor, window: Tensor, n_fft: int, hop: int, n_iter: int,
