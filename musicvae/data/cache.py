@@ -348,7 +348,12 @@ def _ended_without_record(job: tuple, exitcode: Optional[int]) -> dict[str, Any]
     record = {"rel": job[1], "size": job[4], "mtime_ns": job[5]}
     if exitcode == -signal.SIGKILL:
         return {**record, "transient": "its decoding process was killed (SIGKILL: out of memory?)"}
-    how = f"signal {signal.Signals(-exitcode).name}" if exitcode and exitcode < 0 else f"exit status {exitcode}"
+    how = f"exit status {exitcode}"
+    if exitcode is not None and exitcode < 0:
+        try:
+            how = f"signal {signal.Signals(-exitcode).name}"
+        except ValueError:  # a real-time signal has no name
+            how = f"signal {-exitcode}"
     return {**record, "error": f"the decoder crashed its process ({how}): a codec fault on this file"}
 
 
@@ -437,7 +442,7 @@ def build_audio_cache(
     jobs = []
     listed = set(rels)
     vanished: dict[str, str] = {}  # rel -> reason, for files gone between listing and reading
-    interrupted: list[str] = []
+    interrupted: set[str] = set()
     earlier = _vanished_last_build.pop(str(folder), {})
     problems += [(str(data_dir / rel), reason) for rel, reason in earlier.items() if rel not in listed]
     for rel in rels:
@@ -481,7 +486,7 @@ def build_audio_cache(
                 f"already in {folder} are kept, and the next run continues from there once there is room "
                 "(or choose another --data.cache_dir)")
         if record.get("interrupted"):
-            interrupted.append(rel)  # Ctrl-C in its decoding process: nothing is recorded
+            interrupted.add(rel)  # Ctrl-C in its decoding process: nothing is recorded
             return
         retry = manifest["retries"].pop(rel, None)
         if "transient" in record:
@@ -529,13 +534,13 @@ def build_audio_cache(
                                              e["n_frames"], e["duration"], e["sample_rate"]))
         elif rel in manifest["failures"]:
             problems.append((str(data_dir / rel), manifest["failures"][rel]["error"]))
+        elif rel in interrupted:
+            problems.append((str(data_dir / rel), "its decoding was interrupted (Ctrl-C); the next run tries it again"))
         elif rel in manifest["retries"]:
             retry = manifest["retries"][rel]
             problems.append((str(data_dir / rel), f"{retry['transient']}; not the file's fault, so the next run "
                                                   f"tries it again ({retry['count']} of {MAX_RETRIES} tries)"))
     problems += [(str(data_dir / rel), reason) for rel, reason in vanished.items()]
-    problems += [(str(data_dir / rel), "its decoding was interrupted (Ctrl-C); the next run tries it again")
-                 for rel in interrupted]
     if vanished:
         _vanished_last_build[str(folder)] = vanished
     report.problems = sorted(problems)
