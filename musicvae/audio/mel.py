@@ -8,6 +8,7 @@ needs torchcodec and FFmpeg.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -16,7 +17,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Iterable, Iterator, Literal, Optional
 
 import numpy as np
 import soundfile as sf
@@ -24,6 +25,7 @@ import torch
 import torchaudio
 from torch import nn
 
+from musicvae.audio.blocks import FRAME_BLOCK, RESAMPLE_BLOCK, centred_frame_blocks, resample_blocks
 from musicvae.errors import ConfigError, DataError
 
 #: Name of the sidecar file that declares the mel settings of a folder of precomputed arrays.
@@ -36,6 +38,10 @@ AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".ai
 # mono: twice as fast as a fresh 1M-frame array per read (OGG/Vorbis 48 kHz stereo: 72 vs 140 ms
 # per minute of audio), and memory stays bounded on long multichannel files.
 _DECODE_BLOCK_BYTES = 1 << 19
+# libsndfile's frame count of a stream that does not declare its length (SF_COUNT_MAX).
+_UNKNOWN_FRAMES = (1 << 63) - 1
+# Samples per block when an in-memory waveform is fed to the block-wise front end (views, not copies).
+_PIECE = 1 << 16
 
 
 class AudioError(DataError):
@@ -154,24 +160,39 @@ class LogMel(nn.Module):
         )
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
-        waveform = waveform.float()
+        """(..., samples) -> (..., n_mels, 1 + samples // hop_length) for an even n_fft: a centred STFT."""
+        flat = waveform.float().reshape(-1, waveform.shape[-1])
+        pad = self.mel.n_fft // 2
+        # What torch.stft(center=True) does (reflect padding, then uncentred frames), spelled out so
+        # that the block-wise front end (musicvae/audio/blocks.py) runs the very same frames().
+        padded = nn.functional.pad(flat[:, None], (pad, pad), mode="reflect")[:, 0]  # -> (B, samples + 2 pad)
+        spec = self.frames(padded)  # -> (B, n_mels, frames)
+        return spec.reshape(waveform.shape[:-1] + spec.shape[-2:])
+
+    def frames(self, padded: torch.Tensor) -> torch.Tensor:
+        """(..., samples) already padded -> (..., n_mels, 1 + (samples - n_fft) // hop_length): log-mels
+        of the uncentred STFT frames."""
         if self.mel.power == 2.0:
-            power = self._mel_power(waveform)
+            power = self._mel_power(padded)
         else:
-            power = self.spectrogram(waveform)  # (..., samples) -> (..., n_mels, frames)
+            stft = self.spectrogram.spectrogram
+            spec = torchaudio.functional.spectrogram(
+                padded, 0, stft.window, stft.n_fft, stft.hop_length, stft.win_length, self.mel.power,
+                normalized=False, center=False, onesided=stft.onesided,
+            )  # (..., samples) -> (..., n_fft/2+1, frames)
+            power = self.spectrogram.mel_scale(spec)  # -> (..., n_mels, frames)
         return torch.log(power.clamp_min(self.mel.log_floor))
 
-    def _mel_power(self, waveform: torch.Tensor) -> torch.Tensor:
+    def _mel_power(self, padded: torch.Tensor) -> torch.Tensor:
         """What `self.spectrogram` computes for power 2, a quarter faster: torchaudio takes the
         magnitude (a square root per bin) and squares it again; re^2 + im^2 skips both."""
         stft, fbanks = self.spectrogram.spectrogram, self.spectrogram.mel_scale.fb
         spec = torch.stft(
-            waveform.reshape(-1, waveform.shape[-1]), stft.n_fft, stft.hop_length, stft.win_length,
-            stft.window, center=stft.center, pad_mode=stft.pad_mode, normalized=False,
-            onesided=stft.onesided, return_complex=True,
+            padded.reshape(-1, padded.shape[-1]), stft.n_fft, stft.hop_length, stft.win_length,
+            stft.window, center=False, normalized=False, onesided=stft.onesided, return_complex=True,
         )  # (..., samples) -> (B, n_fft/2+1, frames)
         mel = torch.matmul(fbanks.T, spec.real.square() + spec.imag.square())  # -> (B, n_mels, frames)
-        return mel.reshape(waveform.shape[:-1] + mel.shape[-2:])
+        return mel.reshape(padded.shape[:-1] + mel.shape[-2:])
 
 
 def log_mel(waveform: torch.Tensor, mel: MelSettings) -> torch.Tensor:
@@ -231,53 +252,116 @@ def _truncation(path: Path, handle: sf.SoundFile) -> Optional[str]:
     return None
 
 
-def decode_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
-    """Decode an audio file and mix it to mono.
+def _audio_error(path: Path, err: Exception) -> AudioError:
+    """The one-line AudioError for what opening or reading `path` raised."""
+    if isinstance(err, FileNotFoundError):
+        return AudioError(f"{path}: {'broken symbolic link' if path.is_symlink() else 'file not found'}")
+    if isinstance(err, IsADirectoryError):
+        return AudioError(f"{path}: is a directory, not an audio file")
+    return AudioError(f"{path}: {_decode_reason(path, err)}")
+
+
+def decode_blocks(path: str | os.PathLike) -> tuple[int, Iterator[np.ndarray]]:
+    """Open an audio file to decode it block by block, mixed to mono, in bounded memory.
 
     Args:
         path: any file libsndfile reads (see AUDIO_SUFFIXES); 16/24/32-bit PCM and float, any
             number of channels, any sample rate.
 
     Returns:
-        (samples,) float32 mono waveform (the mean of the channels) and its native sample rate.
+        Its native sample rate, and an iterator of (frames,) float32 mono blocks (the mean of the
+        channels, each a new array) that joined are decode_audio's waveform.
+
+    Raises:
+        AudioError: here when the file is missing, empty, unreadable or visibly cut short; from the
+            iterator for what only reading finds (corrupt data, a FLAC stream that ends early,
+            not a single frame). A MemoryError is not the file's fault and passes unchanged.
+    """
+    path = Path(path)
+    handle = None
+    try:
+        if os.stat(path).st_size == 0:
+            raise AudioError(f"{path}: empty file (0 bytes)")
+        handle = sf.SoundFile(str(path))
+        truncated = _truncation(path, handle)
+        if truncated:
+            raise AudioError(f"{path}: {truncated}")
+    except BaseException as err:
+        if handle is not None:
+            handle.close()
+        if isinstance(err, (AudioError, MemoryError)) or not isinstance(err, Exception):
+            raise
+        raise _audio_error(path, err) from err  # libsndfile and its codecs raise several types
+    return int(handle.samplerate), _read_blocks(path, handle)
+
+
+def _read_blocks(path: Path, handle: sf.SoundFile) -> Iterator[np.ndarray]:
+    with handle:
+        try:
+            channels = handle.channels
+            weights = np.full(channels, 1.0 / channels, dtype=np.float32)
+            buffer = np.empty((max(1024, _DECODE_BLOCK_BYTES // (4 * channels)), channels), np.float32)
+            decoded = 0
+            unknown_length = handle.format == "FLAC" and handle.frames >= _UNKNOWN_FRAMES
+            while True:
+                # Until a read comes back short: the header's frame count (which SoundFile.blocks()
+                # trusts) is an estimate for MP3, wrong in a file cut short, and absent from a FLAC
+                # written by a streaming encoder.
+                if unknown_length:
+                    block = _read_to_unknown_end(handle, buffer)
+                else:
+                    block = handle.read(len(buffer), out=buffer)  # (frames, channels), a view of the reused buffer
+                if len(block):
+                    decoded += len(block)
+                    # A matrix-vector product mixes ~30x faster than block.mean(axis=1). (frames, C) -> (frames,)
+                    yield block[:, 0].copy() if channels == 1 else block @ weights
+                if len(block) < len(buffer):
+                    break
+            declared, container = handle.frames, handle.format
+        except (AudioError, MemoryError):
+            raise
+        except Exception as err:
+            raise _audio_error(path, err) from err
+    # FLAC's header count is exact when known (streamed encoders may leave it unset).
+    if container == "FLAC" and 0 < decoded < declared < 1 << 40:
+        raise AudioError(f"{path}: truncated: decoded {decoded} of the {declared} frames its header promises")
+    if not decoded:
+        raise AudioError(f"{path}: no audio frames could be decoded (empty or truncated)")
+
+
+def _read_to_unknown_end(handle: sf.SoundFile, buffer: np.ndarray) -> np.ndarray:
+    """SoundFile.read into `buffer` for a FLAC stream of unknown length.
+
+    soundfile seeks to the new position after every read, and libsndfile cannot seek to the end
+    of a FLAC stream whose header leaves the length unset (streaming encoders do): the read that
+    reaches the end fills the buffer, then raises "Internal psf_fseek() failed". FLAC is integer
+    PCM, which never decodes to NaN, so the frames read are those before the first NaN.
+    """
+    buffer.fill(np.nan)
+    try:
+        return handle.read(len(buffer), out=buffer)
+    except sf.LibsndfileError as err:
+        if "psf_fseek" not in str(err):
+            raise
+    unread = np.isnan(buffer[:, 0])
+    return buffer[: int(unread.argmax()) if unread.any() else len(buffer)]
+
+
+def decode_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
+    """Decode a whole audio file, mixed to mono (see decode_blocks, which bounds the memory).
+
+    Returns:
+        (samples,) float32 mono waveform and its native sample rate.
 
     Raises:
         AudioError: missing, empty, unreadable, corrupt, or without a single decodable frame.
     """
-    path = Path(path)
-    try:
-        if os.stat(path).st_size == 0:
-            raise AudioError(f"{path}: empty file (0 bytes)")
-        blocks = []
-        with sf.SoundFile(str(path)) as handle:
-            truncated = _truncation(path, handle)
-            if truncated:
-                raise AudioError(f"{path}: {truncated}")
-            sample_rate, channels = handle.samplerate, handle.channels
-            weights = np.full(channels, 1.0 / channels, dtype=np.float32)
-            buffer = np.empty((max(1024, _DECODE_BLOCK_BYTES // (4 * channels)), channels), np.float32)
-            while True:
-                block = handle.read(out=buffer)  # (frames, channels), a view of the reused buffer
-                if not len(block):
-                    break
-                # A matrix-vector product mixes ~30x faster than block.mean(axis=1). (frames, C) -> (frames,)
-                blocks.append(block[:, 0].copy() if channels == 1 else block @ weights)
-            decoded, declared = sum(len(b) for b in blocks), handle.frames
-            # FLAC's header count is exact when known (streamed encoders may leave it unset).
-            if handle.format == "FLAC" and 0 < decoded < declared < 1 << 40:
-                raise AudioError(f"{path}: truncated: decoded {decoded} of the {declared} frames its header promises")
-    except AudioError:
-        raise
-    except FileNotFoundError as err:
-        reason = "broken symbolic link" if path.is_symlink() else "file not found"
-        raise AudioError(f"{path}: {reason}") from err
-    except IsADirectoryError as err:
-        raise AudioError(f"{path}: is a directory, not an audio file") from err
-    except Exception as err:  # libsndfile and its codecs raise several types for corrupt data
-        raise AudioError(f"{path}: {_decode_reason(path, err)}") from err
-    if not blocks:
-        raise AudioError(f"{path}: no audio frames could be decoded (empty or truncated)")
-    return np.concatenate(blocks) if len(blocks) > 1 else blocks[0], int(sample_rate)
+    rate, blocks = decode_blocks(path)
+    return _joined(list(blocks)), rate
+
+
+def _joined(blocks: list[np.ndarray], axis: int = -1) -> np.ndarray:
+    return blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=axis)
 
 
 @functools.lru_cache(maxsize=32)
@@ -294,6 +378,15 @@ def resample(waveform: torch.Tensor, orig_rate: int, new_rate: int) -> torch.Ten
     return _resampler(int(orig_rate), int(new_rate))(waveform)
 
 
+def _resampled_blocks(blocks: Iterable[torch.Tensor], orig_rate: int, new_rate: int,
+                      block: int = RESAMPLE_BLOCK) -> Iterable[torch.Tensor]:
+    """`resample` of a stream of (samples,) blocks, block by block (musicvae/audio/blocks.py)."""
+    if orig_rate == new_rate:
+        return blocks
+    resampler = _resampler(int(orig_rate), int(new_rate))
+    return resample_blocks(blocks, resampler, int(orig_rate), int(new_rate), resampler.width, block)
+
+
 def load_audio(path: str | os.PathLike, sample_rate: int) -> torch.Tensor:
     """Decode, mix to mono and resample an audio file.
 
@@ -305,11 +398,21 @@ def load_audio(path: str | os.PathLike, sample_rate: int) -> torch.Tensor:
         (samples,) float32 waveform at `sample_rate`.
 
     Raises:
-        AudioError: see decode_audio.
+        AudioError: see decode_blocks.
     """
-    wave, rate = decode_audio(path)
-    with torch.inference_mode():
-        return resample(torch.from_numpy(wave), rate, sample_rate)
+    rate, blocks = decode_blocks(path)
+    waves = _resampled_blocks((torch.from_numpy(b) for b in blocks), rate, sample_rate)
+    return torch.cat(list(waves))
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @functools.lru_cache(maxsize=8)
@@ -317,8 +420,78 @@ def _log_mel_module(mel: MelSettings) -> LogMel:
     return LogMel(mel)  # the mel filterbank is built once per process and setting
 
 
+class LogMelStream:
+    """The log-mel of a mono stream, computed block by block so that memory does not grow with its length.
+
+    Iterating yields (n_mels, frames) float32 arrays that, joined on the last axis, equal LogMel
+    of the whole waveform resampled at once: decoding, resampling and the STFT each carry their
+    context across the seams (musicvae/audio/blocks.py). Once iterated, `samples` and `resampled`
+    hold the stream's length at its own rate and at `mel.sample_rate`.
+
+    Args:
+        blocks: (samples,) float32 mono arrays at `rate` (decode_blocks' iterator).
+        rate: their sample rate.
+        mel: the mel settings; the stream is resampled to `mel.sample_rate` first.
+        source: the name errors give (the file's path).
+        resample_block, frame_block: input samples per resampler call and frames per STFT call.
+
+    Raises (while iterating):
+        AudioError: naming `source`, for silent, too short or non-finite input.
+    """
+
+    def __init__(self, blocks: Iterable[np.ndarray], rate: int, mel: MelSettings, source: str = "waveform",
+                 resample_block: int = RESAMPLE_BLOCK, frame_block: int = FRAME_BLOCK) -> None:
+        self.blocks, self.rate, self.mel, self.source = blocks, int(rate), mel, source
+        self.resample_block, self.frame_block = resample_block, frame_block
+        self.samples = 0
+        self.resampled = 0
+        self._audible = False
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        waves = _resampled_blocks(self._received(), self.rate, self.mel.sample_rate, self.resample_block)
+        to_mel = _log_mel_module(self.mel)
+        pieces = centred_frame_blocks(self._checked(waves), to_mel.frames, self.mel.n_fft, self.mel.hop_length,
+                                      self.frame_block)
+        while True:
+            # One thread per piece, the caller's setting back before each yield: torch's intra-op
+            # threads cost more than they gain on pieces this small, and where another process
+            # held a core their spinning made an 8-minute FLAC take 5.1 s instead of 0.72 s.
+            with _one_thread():
+                spec = next(pieces, None)  # (n_mels, frames)
+            if spec is None:
+                return
+            if not torch.isfinite(spec).all():
+                raise AudioError(f"{self.source}: contains NaN or Inf samples")
+            yield spec.numpy()
+
+    def joined(self) -> np.ndarray:
+        """The whole (n_mels, frames) log-mel in one array."""
+        return _joined(list(self))
+
+    def _received(self) -> Iterator[torch.Tensor]:
+        for block in self.blocks:
+            self.samples += block.shape[-1]
+            self._audible = self._audible or bool(block.any())
+            yield torch.from_numpy(block)
+
+    def _checked(self, waves: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+        for wave in waves:
+            self.resampled += wave.shape[-1]
+            yield wave
+        # Raised before the last frames are released, so a consumer never takes a bad stream for whole.
+        if not self._audible:
+            raise AudioError(f"{self.source}: silent (every sample is zero after mixing to mono)")
+        if self.resampled < self.mel.n_fft:
+            raise AudioError(
+                f"{self.source}: too short ({self.samples / self.rate:.3f} s); needs at least one STFT window "
+                f"of {self.mel.n_fft} samples at {self.mel.sample_rate} Hz"
+            )
+
+
 def audio_to_log_mel(path: str | os.PathLike, mel: MelSettings) -> np.ndarray:
     """The log-mel spectrogram of an audio file, as the models are trained on it.
+
+    Decoded, resampled and transformed block by block (LogMelStream); only the result is whole.
 
     Args:
         path: the audio file.
@@ -331,8 +504,8 @@ def audio_to_log_mel(path: str | os.PathLike, mel: MelSettings) -> np.ndarray:
         AudioError: unreadable, empty, silent (every sample zero), shorter than one STFT window,
             or with NaN/Inf samples.
     """
-    wave, rate = decode_audio(path)
-    return mono_to_log_mel(wave, rate, mel, source=str(path))
+    rate, blocks = decode_blocks(path)
+    return LogMelStream(blocks, rate, mel, source=str(path)).joined()
 
 
 def mono_to_log_mel(wave: np.ndarray, rate: int, mel: MelSettings, source: str = "waveform") -> np.ndarray:
@@ -341,16 +514,6 @@ def mono_to_log_mel(wave: np.ndarray, rate: int, mel: MelSettings, source: str =
     Raises:
         AudioError: naming `source`, for silent, too short or non-finite input.
     """
-    if not wave.any():
-        raise AudioError(f"{source}: silent (every sample is zero after mixing to mono)")
-    with torch.inference_mode():
-        wave_t = resample(torch.from_numpy(wave), rate, mel.sample_rate)
-        if wave_t.numel() < mel.n_fft:
-            raise AudioError(
-                f"{source}: too short ({wave.size / rate:.3f} s); needs at least one STFT window "
-                f"of {mel.n_fft} samples at {mel.sample_rate} Hz"
-            )
-        spec = _log_mel_module(mel)(wave_t)  # (samples,) -> (n_mels, frames)
-    if not torch.isfinite(spec).all():
-        raise AudioError(f"{source}: contains NaN or Inf samples")
-    return spec.numpy()
+    wave = np.asarray(wave, dtype=np.float32)
+    pieces = (wave[i : i + _PIECE] for i in range(0, len(wave), _PIECE))
+    return LogMelStream(pieces, rate, mel, source=source).joined()

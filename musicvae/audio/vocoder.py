@@ -9,6 +9,7 @@ neural vocoder trained on the same MelSettings can replace it without touching i
 from __future__ import annotations
 
 import functools
+import math
 import os
 from typing import Any, Optional
 
@@ -17,7 +18,7 @@ import torch
 import torchaudio
 from torch import Tensor, nn
 
-from musicvae.audio.mel import LogMel, MelSettings, decode_audio, resample
+from musicvae.audio.mel import LogMel, MelSettings, decode_blocks, resample
 from musicvae.errors import ConfigError, DataError
 
 
@@ -59,6 +60,16 @@ def _pseudo_inverse(mel: MelSettings) -> Tensor:
         return torch.linalg.pinv(fb.T.double()).float()  # (n_mels, freq) -> (freq, n_mels)
     finally:
         torch.set_num_threads(threads)
+
+
+#: Frames Griffin-Lim inverts at once (47 s at 22050 Hz with a 256 hop). A longer piece is inverted in
+#: blocks that overlap their neighbours by GRIFFIN_LIM_OVERLAP frames (1.5 s) on each side, each block
+#: starting from the phase the previous one found in their overlap, and joined by a crossfade there:
+#: memory stays that of one block (a three-hour piece inverted at once needs tens of GB), and the two
+#: phase estimates agree where they meet, so the crossfade does not cancel. Not the same samples
+#: as one inversion of the whole, which no block-wise Griffin-Lim can be: its phase is global.
+GRIFFIN_LIM_BLOCK = 4096
+GRIFFIN_LIM_OVERLAP = 128
 
 
 class GriffinLimVocoder(nn.Module):
@@ -104,22 +115,83 @@ class GriffinLimVocoder(nn.Module):
         Returns:
             (..., samples) float32 waveform at `mel.sample_rate`.
         """
-        spec = self.mel_to_linear(log_mel)
+        invert = self._griffin_lim if log_mel.shape[-1] <= GRIFFIN_LIM_BLOCK else self._griffin_lim_blocks
         if self.seed is None:
-            return self._griffin_lim(spec, length)
+            return invert(log_mel, length)
         # manual_seed reseeds every CUDA device too: fork them all, so the caller's streams are untouched.
-        devices = list(range(torch.cuda.device_count())) if spec.is_cuda else []
+        devices = list(range(torch.cuda.device_count())) if log_mel.is_cuda else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.seed)
-            return self._griffin_lim(spec, length)
+            return invert(log_mel, length)
 
-    def _griffin_lim(self, spec: Tensor, length: Optional[int]) -> Tensor:
+    def _griffin_lim(self, log_mel: Tensor, length: Optional[int]) -> Tensor:
         # power=mel.power: the inverted filterbank gives back the spectrogram LogMel started from
         # (power 2 by default), and griffinlim takes its 1/power root to get the magnitude.
         return torchaudio.functional.griffinlim(
-            spec, self.window, self.mel.n_fft, self.mel.hop_length, self.mel.n_fft, self.mel.power,
-            self.n_iter, self.momentum, length, rand_init=True,
+            self.mel_to_linear(log_mel), self.window, self.mel.n_fft, self.mel.hop_length, self.mel.n_fft,
+            self.mel.power, self.n_iter, self.momentum, length, rand_init=True,
         )  # (..., freq, T) -> (..., samples)
+
+    def _griffin_lim_blocks(self, log_mel: Tensor, length: Optional[int]) -> Tensor:
+        """Griffin-Lim of a long piece, block by block (see GRIFFIN_LIM_BLOCK)."""
+        hop, total = self.mel.hop_length, log_mel.shape[-1]
+        fade = GRIFFIN_LIM_OVERLAP * hop // 2  # well inside the overlap, away from each block's own edges
+        ramp = torch.linspace(0.0, 1.0, fade, device=log_mel.device)
+        batch = log_mel.shape[:-2]
+        # Filled in place: a three-hour waveform is 0.95 GB, and joining pieces would double it.
+        out = log_mel.new_zeros(math.prod(batch), (total - 1) * hop if length is None else length)
+        carried = None
+        for start in range(0, total, GRIFFIN_LIM_BLOCK):
+            end = min(total, start + GRIFFIN_LIM_BLOCK)
+            a, b = max(0, start - GRIFFIN_LIM_OVERLAP), min(total, end + GRIFFIN_LIM_OVERLAP)
+            magnitude = self.mel_to_linear(log_mel[..., a:b]).pow(1 / self.mel.power)  # -> (..., freq, b - a)
+            magnitude = magnitude.reshape(-1, *magnitude.shape[-2:])
+            angles = torch.rand(magnitude.shape, dtype=torch.complex64, device=magnitude.device)  # as torchaudio starts
+            if carried is not None:
+                first, previous = carried  # the previous block's frames [first, first + its length)
+                angles[..., : first + previous.shape[-1] - a] = previous[..., a - first :]
+            wave, angles = griffin_lim_from(magnitude, angles, self.window, self.mel.n_fft, hop, self.n_iter,
+                                            self.momentum)  # -> (B, (b - a - 1) * hop)
+            carried = (a, angles)
+            # This block's samples from the seam at `start` on, and into the overlap for the crossfade.
+            piece = wave[:, (start - a) * hop : (end - a) * hop + (fade if end < total else wave.shape[-1])]
+            at = start * hop
+            piece = piece[:, : max(0, out.shape[-1] - at)]
+            if start:  # fade in over the previous block's tail, already in `out`
+                n = min(fade, piece.shape[-1])
+                out[:, at : at + n] *= 1 - ramp[:n]
+                out[:, at : at + n] += piece[:, :n] * ramp[:n]
+                out[:, at + n : at + piece.shape[-1]] = piece[:, n:]
+            else:
+                out[:, : piece.shape[-1]] = piece
+        return out.reshape(batch + out.shape[-1:])
+
+
+def griffin_lim_from(magnitude: Tensor, angles: Tensor, window: Tensor, n_fft: int, hop: int, n_iter: int,
+                     momentum: float) -> tuple[Tensor, Tensor]:
+    """Fast Griffin-Lim (Perraudin et al. 2013) from given initial phases: torchaudio's
+    `functional.griffinlim`, which can only start from random or zero phase.
+
+    Args:
+        magnitude: (B, n_fft/2+1, T) STFT magnitudes.
+        angles: (B, n_fft/2+1, T) complex initial phases.
+        window, n_fft, hop: the STFT's.
+        n_iter, momentum: as GriffinLimVocoder's.
+
+    Returns:
+        The (B, (T - 1) * hop) waveform and the (B, n_fft/2+1, T) unit-modulus phases it was made with.
+    """
+    momentum = momentum / (1 + momentum)
+    length = (magnitude.shape[-1] - 1) * hop
+    previous = None
+    for _ in range(n_iter):
+        inverse = torch.istft(magnitude * angles, n_fft, hop, n_fft, window, length=length)
+        rebuilt = torch.stft(inverse, n_fft, hop, n_fft, window, center=True, pad_mode="reflect", normalized=False,
+                             onesided=True, return_complex=True)
+        angles = rebuilt - previous * momentum if previous is not None and momentum else rebuilt
+        angles = angles / (angles.abs() + 1e-16)
+        previous = rebuilt
+    return torch.istft(magnitude * angles, n_fft, hop, n_fft, window, length=length), angles
 
 
 def stft_magnitude(wave: Tensor, mel: MelSettings) -> Tensor:
@@ -196,14 +268,24 @@ def measure_ceiling(audio_path: str | os.PathLike, mel: MelSettings, offset: flo
     """
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: no CUDA device is available here; use --device cpu")
-    wave, rate = decode_audio(audio_path)
-    # Cut at the native rate first: resampling a whole album to measure 30 s of it would dominate.
+    rate, blocks = decode_blocks(audio_path)
+    # Cut at the native rate, block by block: only the excerpt is kept, and resampled, however
+    # long the recording (a three-hour one is 1.9 GB decoded).
     start = int(offset * rate)
-    end = len(wave) if seconds is None else start + int(seconds * rate)
-    excerpt = np.ascontiguousarray(wave[start:end])
+    end = None if seconds is None else start + int(seconds * rate)
+    kept, total = [], 0
+    for block in blocks:
+        a, b = max(start, total), total + len(block) if end is None else min(end, total + len(block))
+        if a < b:
+            kept.append(block[a - total : b - total])
+        total += len(block)
+        if end is not None and total >= end:
+            break  # the rest is not needed
+    excerpt = np.concatenate(kept) if kept else np.zeros(0, np.float32)
     if excerpt.size < mel.n_fft or not excerpt.any():
-        raise DataError(f"{audio_path}: the excerpt at {offset:g} s ({excerpt.size / rate:.2f} s of "
-                        f"{len(wave) / rate:.2f} s) is empty, silent or shorter than one STFT window")
+        length = f" of {total / rate:.2f} s" if end is None or total < end else ""
+        raise DataError(f"{audio_path}: the excerpt at {offset:g} s ({excerpt.size / rate:.2f} s{length}) is empty, "
+                        "silent or shorter than one STFT window")
     with torch.inference_mode():
         excerpt_t = resample(torch.from_numpy(excerpt), rate, mel.sample_rate).to(device)
     return {**griffin_lim_ceiling(excerpt_t, mel, griffin_lim_iters, vocoder), "seconds": excerpt.size / rate,

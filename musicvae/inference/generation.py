@@ -21,7 +21,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from musicvae.audio.mel import AUDIO_SUFFIXES, MelSettings, decode_audio, mono_to_log_mel
+from musicvae.audio.mel import AUDIO_SUFFIXES, LogMelStream, MelSettings, decode_blocks
 from musicvae.training.checkpoints import DATA_STATE_KEY
 from musicvae.errors import CheckpointError, ConfigError, DataError
 from musicvae.outputs import check_output_file, check_output_folder, write_output_to
@@ -61,16 +61,20 @@ def overlap_add(segments: Tensor, starts: list[int], total: int) -> Tensor:
     Each frame is the window-weighted mean of the segments covering it, so the result passes
     from one segment to the next by a smooth crossfade, with no seam where a segment ends.
     """
+    out, weight = segments.new_zeros(segments.shape[-2], total), segments.new_zeros(total)
+    _add_segments(out, weight, segments, starts)
+    return out / weight
+
+
+def _add_segments(out: Tensor, weight: Tensor, segments: Tensor, starts: list[int]) -> None:
+    """Add (N, n_mels, frames) segments, windowed, into the sums `out` (n_mels, T) and `weight` (T,)."""
     frames = segments.shape[-1]
     # Hann of frames + 2 without its zero ends: every frame keeps a positive weight, so the first
     # and last frames of the piece (covered by one segment only) are that segment, not 0/0.
     window = torch.hann_window(frames + 2, periodic=False, dtype=segments.dtype, device=segments.device)[1:-1]
-    out = segments.new_zeros(segments.shape[-2], total)
-    weight = segments.new_zeros(total)
     for segment, start in zip(segments, starts):
         out[:, start : start + frames] += segment * window
         weight[start : start + frames] += window
-    return out / weight
 
 
 def slerp(a: Tensor, b: Tensor, t: Tensor) -> Tensor:
@@ -206,9 +210,9 @@ def load_log_mel(path: str | os.PathLike, mel: MelSettings) -> tuple[Tensor, int
         return array, (array.shape[-1] - 1) * mel.hop_length
     if path.suffix.lower() not in AUDIO_SUFFIXES and path.is_file():
         raise DataError(f"{path}: unknown file type; use audio ({', '.join(AUDIO_SUFFIXES)}) or a .npy log-mel")
-    wave, rate = decode_audio(path)
-    log_mel = torch.from_numpy(mono_to_log_mel(wave, rate, mel, source=str(path)))
-    return log_mel, -(-len(wave) * mel.sample_rate // rate)  # resample's length: ceil(n * new / old)
+    rate, blocks = decode_blocks(path)
+    stream = LogMelStream(blocks, rate, mel, source=str(path))  # the cache's block-wise path, in bounded memory
+    return torch.from_numpy(stream.joined()), stream.resampled
 
 
 def pad_to(log_mel: Tensor, frames: int, floor: float) -> Tensor:
@@ -238,11 +242,14 @@ def reconstruct_mel(model: GenerationModel, log_mel: Tensor, hop: Optional[int] 
     total = log_mel.shape[-1]
     padded = pad_to(log_mel.float(), model.frames, model.mel.log_floor_value)
     starts = segment_starts(padded.shape[-1], model.frames, hop)
-    x = model.normalize(padded)
-    segments = torch.stack([x[:, s : s + model.frames] for s in starts])[:, None]  # -> (N, 1, n_mels, frames)
-    outputs = torch.cat([model.decode(model.encode(batch)).cpu() for batch in segments.split(batch_size)])
-    joined = overlap_add(outputs[:, 0], starts, padded.shape[-1])  # (N, n_mels, frames) -> (n_mels, T')
-    return model.denormalize(joined[:, :total])
+    joined, weight = padded.new_zeros(padded.shape), padded.new_zeros(padded.shape[-1])
+    # Batch by batch into running sums: a three-hour piece's segments at half overlap are twice its
+    # log-mel (1 GB at 128 mels), their outputs as much again.
+    for i in range(0, len(starts), batch_size):
+        batch = starts[i : i + batch_size]
+        x = torch.stack([model.normalize(padded[:, s : s + model.frames]) for s in batch])[:, None]  # -> (B, 1, n_mels, frames)
+        _add_segments(joined, weight, model.decode(model.encode(x)).cpu()[:, 0], batch)
+    return model.denormalize((joined / weight)[:, :total])  # (n_mels, T') -> (n_mels, T)
 
 
 def segment_at(log_mel: Tensor, offset_s: float, frames: int, mel: MelSettings, source: str) -> tuple[Tensor, float]:
@@ -290,6 +297,16 @@ def write_wav(path: Path, wave: Tensor, sample_rate: int) -> float:
     samples, kind = (wave * gain).numpy(), audio_format(path)
     write_output_to(path, lambda tmp: sf.write(tmp, samples, sample_rate, subtype="PCM_16", format=kind))
     return gain
+
+
+def _for_display(log_mel: Tensor, columns: int = 4800) -> Tensor:
+    """(n_mels, T) -> (n_mels, <= columns): means of runs of frames, for a figure at most 2400 pixels wide;
+    a three-hour piece has 930,000 frames."""
+    group = -(-log_mel.shape[-1] // columns)
+    if group == 1:
+        return log_mel
+    usable = log_mel.shape[-1] // group * group
+    return log_mel[:, :usable].reshape(log_mel.shape[0], -1, group).mean(-1)
 
 
 def crossfade_concat(waves: list[Tensor], fade: int) -> Tensor:
@@ -355,7 +372,7 @@ def reconstruct_file(ckpt_path: str | os.PathLike, input_path: str | os.PathLike
     with torch.inference_mode():
         wave = synthesise(recon.to(model.device), length=samples)
     gain = write_wav(out_wav, wave, model.mel.sample_rate)
-    fig = mel_comparison_figure(model.normalize(log_mel)[None], model.normalize(recon.cpu())[None],
+    fig = mel_comparison_figure(model.normalize(_for_display(log_mel))[None], model.normalize(_for_display(recon.cpu()))[None],
                                 f"{Path(input_path).name}: input (top) and reconstruction"
                                 + (f", variance compensation alpha {model.alpha:g}" if model.alpha else ""))
     fig.set_size_inches(min(24.0, max(6.0, log_mel.shape[-1] / 100)), 5.2)  # long pieces get a wide figure

@@ -19,7 +19,7 @@ import torch
 
 from musicvae.data.cache import find_audio_files
 from musicvae.data.builtin import synthetic_piece_name
-from musicvae.audio.mel import AUDIO_SUFFIXES, decode_audio, mono_to_log_mel
+from musicvae.audio.mel import AUDIO_SUFFIXES, audio_to_log_mel
 from musicvae.data.listing import no_recordings
 from musicvae.errors import ConfigError, DataError
 from musicvae.storage import free_bytes, payload_bytes, size_text
@@ -274,7 +274,7 @@ def check_folder_has_music(datamodule: Any, files: Sequence[tuple[str, int]]) ->
         try:
             source = _summary(datamodule, rel)
         except DataError as err:
-            silent += ": silent" in str(err)  # decode_audio's "silent (every sample is zero ...)"
+            silent += ": silent" in str(err)  # the audio reader's "silent (every sample is zero ...)"
             unusable += ": silent" not in str(err)
             continue
         if window_starts(source, 0, source.n_frames, frames, datamodule.silence_margin):
@@ -295,8 +295,8 @@ def _summary(datamodule: Any, rel: str) -> MelSource:
     path, mel = datamodule.data_dir / rel, datamodule.mel
     if path.suffix in ARRAY_SUFFIXES:
         return scan_mel_file(path, rel, mel.n_mels, mel.log_floor_value)
-    wave, rate = decode_audio(path)
-    return summarise_mel(mono_to_log_mel(wave, rate, mel, source=str(path)), path, rel, mel.log_floor_value)
+    # The block-wise front end, as the cache reads it: memory does not grow with the recording's length.
+    return summarise_mel(audio_to_log_mel(path, mel), path, rel, mel.log_floor_value)
 
 
 def check_linear_path(model: Any, bound: Optional[int]) -> None:

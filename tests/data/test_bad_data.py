@@ -293,14 +293,14 @@ def test_cache_reports_a_file_deleted_while_the_pool_decodes_it(tmp_path, monkey
     folder = tmp_path / "music"
     for i in range(4):
         write_audio(folder / f"t{i}.wav", tone(1.0, 22050, seed=i), 22050)
-    decode = cache.decode_audio
+    decode = cache.decode_blocks
 
     def delete_then_decode(path):
         if Path(path).name == "t2.wav":
             Path(path).unlink()
         return decode(path)
 
-    monkeypatch.setattr(cache, "decode_audio", delete_then_decode)  # forked workers inherit the patch
+    monkeypatch.setattr(cache, "decode_blocks", delete_then_decode)  # forked workers inherit the patch
     first = build_audio_cache(folder, tmp_path / "cache", MEL, workers=2)
     assert first.problems == [(str(folder / "t2.wav"), "vanished after it was listed: file not found")]
     second = build_audio_cache(folder, tmp_path / "cache", MEL)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 from musicvae import atomic
 
@@ -60,7 +63,7 @@ def test_first_build_caches_every_file(audio_dir: Path, tmp_path: Path) -> None:
 
 def test_second_build_reuses_everything(audio_dir: Path, tmp_path: Path, monkeypatch) -> None:
     first = build(audio_dir, tmp_path)
-    monkeypatch.setattr(cache, "decode_audio", lambda *a: pytest.fail("a warm build decoded a file"))
+    monkeypatch.setattr(cache, "decode_blocks", lambda *a: pytest.fail("a warm build decoded a file"))
     second = build(audio_dir, tmp_path)
     assert second.computed == 0 and second.reused == len(GOOD)
     assert second.entries == first.entries
@@ -121,7 +124,7 @@ def test_bad_files_are_reported_once_and_good_ones_cached(audio_dir: Path, tmp_p
     for path, reason in report.problems:
         assert bad[Path(path).name] in reason, (path, reason)
     # A warm run reports the same problems from the manifest, without decoding anything again.
-    monkeypatch.setattr(cache, "decode_audio", lambda *a: pytest.fail("a warm build decoded a file"))
+    monkeypatch.setattr(cache, "decode_blocks", lambda *a: pytest.fail("a warm build decoded a file"))
     again = build(audio_dir, tmp_path)
     assert again.computed == 0 and again.problems == report.problems
     failures = json.loads((cache_folder(tmp_path / "cache", audio_dir, MEL) / MANIFEST).read_text())["failures"]
@@ -207,7 +210,7 @@ def test_a_decoder_that_hangs_is_killed_after_the_timeout_and_reported(tmp_path,
 
     import soundfile as sf
 
-    from musicvae.audio.mel import MelSettings, decode_audio
+    from musicvae.audio.mel import MelSettings, decode_blocks
     from musicvae.data import cache
 
     music = tmp_path / "music"
@@ -221,12 +224,143 @@ def test_a_decoder_that_hangs_is_killed_after_the_timeout_and_reported(tmp_path,
             signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals) - {signal.SIGKILL, signal.SIGSTOP})
             while True:
                 time.sleep(1)
-        return decode_audio(path, *args, **kwargs)
+        return decode_blocks(path, *args, **kwargs)
 
-    monkeypatch.setattr(cache, "decode_audio", hanging_decode)  # forked decoding processes inherit it
+    monkeypatch.setattr(cache, "decode_blocks", hanging_decode)  # forked decoding processes inherit it
     started = time.monotonic()
     report = cache.build_audio_cache(music, tmp_path / "cache", MelSettings(n_mels=32), workers=2, decode_timeout=3)
     assert time.monotonic() - started < 60
     assert sorted(Path(e.rel).stem for e in report.entries) == ["good_a", "good_b"]
     [(path, reason)] = report.problems
     assert path.endswith("stuck.wav") and "decoding took longer than 3 s (--data.decode_timeout)" in reason
+    # A hung decoder is the file's fault (unlike running out of memory): remembered, not tried again.
+    again = cache.build_audio_cache(music, tmp_path / "cache", MelSettings(n_mels=32), workers=2, decode_timeout=3)
+    assert again.reused == 3 and again.computed == 0 and again.problems == report.problems
+
+
+# --- failures that are not the file's fault ------------------------------------------------------
+
+def _decoder_failing_on(name: str, failure):
+    """cache.decode_blocks, calling `failure()` instead for the file `name`."""
+    decode = cache.decode_blocks
+
+    def patched(path):
+        if Path(path).name == name:
+            failure()
+        return decode(path)
+
+    return patched
+
+
+def _numpy_out_of_memory():
+    np.empty(1 << 62, np.uint8)  # numpy's MemoryError, as a real allocation raises it
+
+
+def _torch_out_of_memory():
+    torch.empty(1 << 62, dtype=torch.uint8)  # torch's CPU allocator raises a RuntimeError
+
+
+@pytest.mark.parametrize("failure", [_numpy_out_of_memory, _torch_out_of_memory], ids=["numpy", "torch"])
+def test_running_out_of_memory_is_retried_and_recorded_after_three_builds(audio_dir, tmp_path, monkeypatch, failure):
+    monkeypatch.setattr(cache, "decode_blocks", _decoder_failing_on("b.flac", failure))
+    folder = cache_folder(tmp_path / "cache", audio_dir, MEL)
+    for attempt in range(1, cache.MAX_RETRIES):
+        report = build(audio_dir, tmp_path)
+        [(path, reason)] = report.problems
+        assert path == str(audio_dir / "b.flac") and reason.startswith("out of memory"), reason
+        assert f"the next run tries it again ({attempt} of {cache.MAX_RETRIES} tries)" in reason
+        assert report.computed == (len(GOOD) if attempt == 1 else 1)  # tried again; the others reused
+        manifest = json.loads((folder / MANIFEST).read_text())
+        assert "b.flac" not in manifest["failures"] and manifest["retries"]["b.flac"]["count"] == attempt
+    report = build(audio_dir, tmp_path)  # the third build in a row: this file exhausts memory by itself
+    [(_, reason)] = report.problems
+    assert reason.startswith("out of memory") and "in 3 builds in a row; not tried again until the file changes" in reason
+    monkeypatch.setattr(cache, "decode_blocks", lambda *a: pytest.fail("a recorded failure was decoded again"))
+    assert build(audio_dir, tmp_path).problems == report.problems
+    monkeypatch.undo()
+    write_tone(audio_dir / "b.flac", seconds=1.0)  # a new version of the file is tried again
+    assert build(audio_dir, tmp_path).problems == []
+
+
+def _killed_on_b(job):
+    """SIGKILLs its process on b.flac, as the kernel's OOM killer would. Module level: pickled by name."""
+    if job[1] == "b.flac":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _prepare_one(job)
+
+
+@pytest.mark.parametrize("timeout", [None, 60.0], ids=["pool", "process-per-file"])
+def test_a_decoder_killed_from_outside_is_retried_not_recorded(audio_dir, tmp_path, monkeypatch, timeout):
+    """SIGKILL comes from outside the process (the OOM killer): not the file's fault. Any other
+    death is the codec's on this file (test_crashing_worker_loses_only_its_file)."""
+    monkeypatch.setattr(cache, "_prepare_one", _killed_on_b)  # forked processes inherit the patch
+    report = build_audio_cache(audio_dir, tmp_path / "cache", MEL, workers=2, decode_timeout=timeout)
+    assert [e.rel for e in report.entries] == sorted(set(GOOD) - {"b.flac"})
+    [(path, reason)] = report.problems
+    assert path == str(audio_dir / "b.flac") and "killed (SIGKILL" in reason and "(1 of 3 tries)" in reason
+    monkeypatch.undo()
+    report = build(audio_dir, tmp_path)
+    assert report.problems == [] and report.computed == 1
+
+
+def _interrupted_on_b(job):
+    if job[1] == "b.flac":
+        raise KeyboardInterrupt
+    return _prepare_one(job)
+
+
+def test_ctrl_c_in_a_decoding_process_is_not_recorded(audio_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(cache, "_prepare_one", _interrupted_on_b)
+    report = build_audio_cache(audio_dir, tmp_path / "cache", MEL, workers=2, decode_timeout=60.0)
+    assert report.problems == [(str(audio_dir / "b.flac"), "its decoding was interrupted (Ctrl-C); the next run "
+                                                           "tries it again")]
+    monkeypatch.undo()
+    report = build(audio_dir, tmp_path)
+    assert report.problems == [] and report.computed == 1
+
+
+def test_ctrl_c_in_process_stops_the_build_and_records_nothing(audio_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(cache, "decode_blocks", _decoder_failing_on("b.flac", lambda: (_ for _ in ()).throw(KeyboardInterrupt)))
+    with pytest.raises(KeyboardInterrupt):
+        build(audio_dir, tmp_path)
+    manifest = json.loads((cache_folder(tmp_path / "cache", audio_dir, MEL) / MANIFEST).read_text())
+    assert list(manifest["entries"]) == ["a.wav"] and manifest["failures"] == {}  # the work before it is kept
+    monkeypatch.undo()
+    report = build(audio_dir, tmp_path)
+    assert report.problems == [] and report.computed == len(GOOD) - 1
+
+
+# --- long recordings -----------------------------------------------------------------------------
+
+def test_a_long_log_mel_is_written_in_pieces_equal_to_the_whole(audio_dir, tmp_path, monkeypatch):
+    whole = {e.rel: np.load(e.array) for e in build(audio_dir, tmp_path).entries}
+    opened = []
+    open_memmap = np.lib.format.open_memmap
+    monkeypatch.setattr(np.lib.format, "open_memmap", lambda *a, **k: opened.append(a[0]) or open_memmap(*a, **k))
+    monkeypatch.setattr(cache, "_IN_MEMORY_BYTES", 4096)  # every array here is "long": 32 frames in memory
+    report = build_audio_cache(audio_dir, tmp_path / "pieces", MEL)
+    for entry in report.entries:
+        array = np.load(entry.array)
+        assert array.flags.c_contiguous
+        np.testing.assert_array_equal(array, whole[entry.rel])
+    assert len(opened) > 2 * len(GOOD)  # each array created, then filled piece by piece
+    assert not list((tmp_path / "pieces").rglob("*.tmp"))  # no scratch file left
+
+
+def test_a_full_disk_while_a_long_array_is_written_stops_the_build_and_records_nothing(audio_dir, tmp_path,
+                                                                                      monkeypatch):
+    from musicvae.storage import StorageError
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cache, "_IN_MEMORY_BYTES", 4096)
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    with pytest.raises(StorageError, match="no space left on the device of"):
+        build(audio_dir, tmp_path)
+    folder = cache_folder(tmp_path / "cache", audio_dir, MEL)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    assert manifest["failures"] == {} and manifest["retries"] == {}
+    assert not list(folder.rglob("*.tmp"))
+    monkeypatch.undo()
+    assert build(audio_dir, tmp_path).problems == []

@@ -262,3 +262,20 @@ def test_generate_script_end_to_end(ckpt, tmp_path):
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "out.wav").is_file() and (tmp_path / "out.png").is_file()
     assert "reconstructed 1.00 s" in run.stdout
+
+
+def test_generate_reads_a_recording_as_the_cache_does(tmp_path):
+    """load_log_mel (generate) and the cache (prepare, training, evaluate, predict) share the block-wise
+    front end: the same array, and the length of the recording at the model's rate."""
+    from musicvae.data.cache import build_audio_cache
+
+    rate, samples = 44100, 44100 * 20 + 5
+    t = np.arange(samples) / rate
+    stereo = np.stack([np.sin(2 * np.pi * 330 * t), 0.5 * np.sin(2 * np.pi * 495 * t)], axis=1)
+    (tmp_path / "music").mkdir()
+    sf.write(tmp_path / "music" / "song.flac", 0.3 * stereo, rate)
+    mel = MelSettings(n_mels=64)
+    log_mel, length = load_log_mel(tmp_path / "music" / "song.flac", mel)
+    [entry] = build_audio_cache(tmp_path / "music", tmp_path / "cache", mel).entries
+    np.testing.assert_array_equal(np.load(entry.array), log_mel.numpy())
+    assert length == -(-samples * mel.sample_rate // rate)
