@@ -9,7 +9,7 @@ same one-line message naming the file; nothing in a refused file is ever execute
 `limit_config_yaml` puts the same limits on jsonargparse, which reads every `--config` file. PyYAML
 builds an alias (`*a`) as a second reference to the anchored object, so a "billion laughs" file of
 a few hundred bytes loads in microseconds; every consumer that walks, copies, compares or prints
-the result then expands it (jsonargparse reached 2.8 GB and a MemoryError). The limits are checked
+the result then expands it (jsonargparse ran out of memory; docs/reliability.md has the figures). The limits are checked
 on the parser's event stream, before any object is built, in memory that does not grow with the
 expansion.
 """

@@ -35,8 +35,8 @@ MEL_SIDECAR = "mel.json"
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff")
 
 # Bytes decoded per read, into one reused buffer that stays in the L2 cache while it is mixed to
-# mono: twice as fast as a fresh 1M-frame array per read (OGG/Vorbis 48 kHz stereo: 72 vs 140 ms
-# per minute of audio), and memory stays bounded on long multichannel files.
+# mono: faster than a fresh 1M-frame array per read, and memory stays bounded on long
+# multichannel files.
 _DECODE_BLOCK_BYTES = 1 << 19
 # libsndfile's frame count of a stream that does not declare its length (SF_COUNT_MAX).
 _UNKNOWN_FRAMES = (1 << 63) - 1
@@ -184,7 +184,7 @@ class LogMel(nn.Module):
         return torch.log(power.clamp_min(self.mel.log_floor))
 
     def _mel_power(self, padded: torch.Tensor) -> torch.Tensor:
-        """What `self.spectrogram` computes for power 2, a quarter faster: torchaudio takes the
+        """What `self.spectrogram` computes for power 2, but faster: torchaudio takes the
         magnitude (a square root per bin) and squares it again; re^2 + im^2 skips both."""
         stft, fbanks = self.spectrogram.spectrogram, self.spectrogram.mel_scale.fb
         spec = torch.stft(
@@ -313,7 +313,7 @@ def _read_blocks(path: Path, handle: sf.SoundFile) -> Iterator[np.ndarray]:
                     block = handle.read(len(buffer), out=buffer)  # (frames, channels), a view of the reused buffer
                 if len(block):
                     decoded += len(block)
-                    # A matrix-vector product mixes ~30x faster than block.mean(axis=1). (frames, C) -> (frames,)
+                    # A matrix-vector product mixes far faster than block.mean(axis=1). (frames, C) -> (frames,)
                     yield block[:, 0].copy() if channels == 1 else block @ weights
                 if len(block) < len(buffer):
                     break
@@ -455,7 +455,7 @@ class LogMelStream:
         while True:
             # One thread per piece, the caller's setting back before each yield: torch's intra-op
             # threads cost more than they gain on pieces this small, and where another process
-            # held a core their spinning made an 8-minute FLAC take 5.1 s instead of 0.72 s.
+            # holds a core their spinning makes the whole stream several times slower.
             with _one_thread():
                 spec = next(pieces, None)  # (n_mels, frames)
             if spec is None:

@@ -42,8 +42,8 @@ def mel_pseudo_inverse(mel: MelSettings) -> Tensor:
     on every call. With 128 mels at n_fft 1024 the filterbank has rank 126: the default `gels`
     driver fails on CPU, and on CUDA `gels` is the only driver lstsq has. The minimum-norm
     solution `gelsd` returns is exactly `pinv(fb^T) @ mel` (max difference 5e-13), so the SVD is
-    done once per process and setting and each inversion is one matmul, on any device: for 30 s
-    of audio 4 ms against gelsd's 32 ms (one thread; Griffin-Lim then takes ~2 s).
+    done once per process and setting and each inversion is one matmul, on any device, far cheaper
+    than a least-squares solve per call (and small beside Griffin-Lim itself).
     """
     return _pseudo_inverse(mel).clone()  # a copy: the cached tensor must not be moved or edited in place
 
@@ -51,8 +51,8 @@ def mel_pseudo_inverse(mel: MelSettings) -> Tensor:
 @functools.lru_cache(maxsize=8)
 def _pseudo_inverse(mel: MelSettings) -> Tensor:
     fb = mel_filterbank(mel)
-    # One thread: MKL's threaded SVD of this small matrix took 2.9 s instead of 5 ms on a busy
-    # 2-core machine (its OpenMP workers wait on each other); one thread is never slower here.
+    # One thread: MKL's threaded SVD of this small matrix took seconds instead of milliseconds on a
+    # busy 2-core machine (its OpenMP workers wait on each other); one thread is never slower here.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

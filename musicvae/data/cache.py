@@ -278,7 +278,7 @@ def init_worker_process() -> None:
     torch.set_num_threads(1)
     # glibc serves blocks above its mmap threshold (128 KB at first, adapting) with fresh pages
     # from the kernel, so each file's multi-MB decode and STFT buffers page-faulted anew. Keeping
-    # them on the heap made preparation 22% faster. Workers only: the caller's process is not ours
+    # them on the heap made preparation faster. Workers only: the caller's process is not ours
     # to tune. A no-op where the C library is not glibc.
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -299,7 +299,7 @@ def _run_jobs(jobs: list, workers: int, on_result: Callable[[dict[str, Any]], No
     """Run `_prepare_one` over `jobs` in `workers` processes (0: in this one)."""
     if workers <= 0 or len(jobs) <= 1:
         # One file at a time gains little from torch's intra-op threads, and when another process
-        # holds a core their OpenMP spinning made preparation 4x slower (measured on 2 cores).
+        # holds a core their OpenMP spinning made preparation several times slower.
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:

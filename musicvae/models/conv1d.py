@@ -3,8 +3,8 @@
 A log-mel segment (B, 1, M, T) is read as M channels over T frames: each conv mixes every mel
 bin of a few neighbouring frames. Against ConvVAE's 2-D convs over the (M, T) image this gives
 up translation along the mel axis (a pitch shift is a shift there) but costs far fewer FLOPs
-per example for the same depth: on the 2-core CPU it takes ~3.7x the training steps per second
-(docs/speed.md); docs/experiments.md compares what both learn. Shapes: B batch, C channels, M mel bins, T frames.
+per example for the same depth: on a CPU it takes several times the training steps per second
+(docs/speed.md gives the figure and its command); docs/experiments.md compares what both learn. Shapes: B batch, C channels, M mel bins, T frames.
 """
 
 from __future__ import annotations

@@ -90,7 +90,7 @@ class Upsample(nn.Module):
     With ``shuffle=True`` (the last layer) the conv runs at the input resolution and
     produces 4 * C_out channels that PixelShuffle rearranges into a 2x2 neighbourhood
     (Shi et al. 2016, arXiv:1609.05158). It never materialises a C_in-channel map at full
-    resolution, which made a training step of the default model ~30% faster on a 2-core CPU.
+    resolution, which made a training step of the default model faster on a CPU.
     """
 
     def __init__(self, in_ch: int, out_ch: int, shuffle: bool = False):

@@ -47,8 +47,8 @@ def all_finite(parts: dict[str, torch.Tensor], module: Optional[torch.nn.Module]
     """
     grads = [p.grad for p in module.parameters() if p.grad is not None] if module is not None else []
     # A 2-norm is NaN/Inf whenever an element is (and when huge finite values overflow it, which
-    # the exact check below then clears); on a CPU it is ~12x faster than the infinity norm
-    # (0.8 vs 9.3 ms for the default model's 7.1M gradients, scripts/bench.py).
+    # the exact check below then clears); on a CPU it is much faster than the infinity norm
+    # (docs/speed.md gives the figure and the command that measured it).
     if _finite(parts, grads, 2.0):
         return True
     return _finite(parts, grads, float("inf"))

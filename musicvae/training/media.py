@@ -92,8 +92,8 @@ class MediaLogger(Callback):
         mel, norm = trainer.datamodule.mel, trainer.datamodule.normalizer
         vocoder = self._vocoder(pl_module, mel)
         clips = {}
-        # One thread: on a busy machine two OpenMP threads made these tiny FFTs 30x slower
-        # (7.8 s vs 0.26 s for four 64-frame clips measured with another job running).
+        # One thread: on a busy machine two OpenMP threads wait on each other over these tiny FFTs,
+        # many times slower than one.
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:

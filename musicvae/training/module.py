@@ -62,8 +62,8 @@ class MusicVAEModule(L.LightningModule):
         channels_last: keep convolution weights and activations in channels-last memory format
             (NHWC), which tensor-core GPUs and oneDNN CPUs run faster for many conv shapes.
         architecture: "conv2d" (ConvVAE: 2-D convs over the mel image, the notebook's) or "conv1d"
-            (TemporalConvVAE: 1-D convs over time with mel bins as channels, ~3.7x the steps per
-            second on a CPU; docs/speed.md).
+            (TemporalConvVAE: 1-D convs over time with mel bins as channels, several times the
+            steps per second on a CPU; docs/speed.md).
         linear_path: add a linear path initialised from PCA of the training segments when training
             starts (musicvae/models/linear_path.py): training begins at PCA's reconstructions.
         linear_path_examples: at most this many training segments (evenly spaced) for that PCA; its
