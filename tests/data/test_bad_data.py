@@ -414,3 +414,27 @@ def test_train_script_on_a_mixed_folder_with_workers(tmp_path):
     assert "training finished" in result.stdout + result.stderr
     assert (tmp_path / "ckpt" / "last.ckpt").is_file()
     check_report(result.stdout + result.stderr, mixed)
+
+
+class _Payload:
+    """Unpickling this writes `marker`: what an object array in a crafted .npy would do to allow_pickle=True."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
+
+
+def test_a_mel_array_holding_python_objects_is_refused_and_never_unpickled(tmp_path):
+    from musicvae.data.segments import scan_mel_file
+    from musicvae.errors import DataError
+
+    marker = tmp_path / "PWNED"
+    path = tmp_path / "crafted.npy"
+    np.save(path, np.array([[_Payload(str(marker))]], dtype=object), allow_pickle=True)
+    with pytest.raises(DataError, match=str(path)):
+        scan_mel_file(path, "crafted.npy", 1, -11.5)
+    assert not marker.exists()
+    np.load(path, allow_pickle=True)  # the control: the payload is live
+    assert marker.read_text() == "pwned"
