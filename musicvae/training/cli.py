@@ -1,5 +1,4 @@
-"""`musicvae fit|validate|test|predict` (and `python scripts/train.py`): LightningCLI over MusicVAEModule
-and MelDataModule.
+"""`musicvae fit|validate|test|predict`: LightningCLI over MusicVAEModule and MelDataModule.
 
 What this file adds to LightningCLI, each rule living in its own module:
 - resuming with `--ckpt_path` (`resume.py`: the checkpoint's stored config, filtered to data by
@@ -34,7 +33,7 @@ from musicvae.storage import STORAGE_EXIT, StorageError
 from musicvae.training.checkpoints import RAW_WEIGHTS_KEY, RUN_ID_KEY, load_checkpoint
 from musicvae.training.guards import INTERRUPTED_EXIT, NONFINITE_EXIT, PREEMPTED_EXIT
 from musicvae.training.initialisation import adopt_mel_settings, initialise_run
-from musicvae.training.lightning_private import CLI_CKPT_HOOK, CLI_GET, CLI_INSTANTIATE_TRAINER, CLI_PARSER
+from musicvae.training.lightning_private import CLI_GET, CLI_INSTANTIATE_TRAINER, CLI_PARSER
 from musicvae.training.module import MusicVAEModule
 from musicvae.training.peers import (PEER_LOST_EXIT, PeerLostError, apply_collective_timeout, peer_lost_message,
                                      peers_watched, report)
@@ -138,8 +137,8 @@ class MusicVAECLI(LightningCLI):
         init_from = self._setting("model.init_from") if self.subcommand == "fit" else None
         if init_from and self.resume is None:
             # Read (safely) before anything is built or written: a bad file is refused with nothing done.
-            preloaded = self.preloaded_init
-            self.init_ckpt = preloaded[1] if preloaded and preloaded[0] == init_from else load_checkpoint(init_from)
+            pre = self.preloaded_init
+            self.init_ckpt = pre[1] if pre and pre[0] == init_from else load_checkpoint(init_from)
             self.init_mel = adopt_mel_settings(self.config[self.subcommand], self.init_ckpt)
 
     def _run_subcommand(self, subcommand: str) -> None:
@@ -224,6 +223,9 @@ class MusicVAECLI(LightningCLI):
         writer = next(cb for cb in self.trainer.callbacks if isinstance(cb, LatentWriter))
         rank_zero_info(f"musicvae: wrote the latent codes of each recording into {writer.predict_dir}")
 
+    def _parse_ckpt_path(self) -> None:  # lightning_private.CLI_CKPT_HOOK: resume.load_resume does it instead
+        return None
+
     def after_fit(self) -> None:
         trainer = self.trainer
         if not trainer.is_global_zero:
@@ -235,14 +237,6 @@ class MusicVAECLI(LightningCLI):
             lines.append(f"  TensorBoard logs: {log_dir}  (view: tensorboard --logdir {trainer.logger.save_dir})")
         lines.append(f"  resume: python scripts/train.py --ckpt_path {self.checkpoint_dir / 'last.ckpt'} [--trainer.max_epochs N]")
         rank_zero_info("musicvae: training finished.\n" + "\n".join(lines))
-
-
-def _stored_run_config_instead(self: LightningCLI) -> None:
-    # Replaced: resume.load_resume reads the stored run config and cli_main puts it under the command line.
-    return None
-
-
-setattr(MusicVAECLI, CLI_CKPT_HOOK, _stored_run_config_instead)
 
 
 def with_default_subcommand(args: list[str]) -> list[str]:
