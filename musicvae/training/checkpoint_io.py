@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import os
-import signal
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,11 +22,6 @@ from musicvae.atomic import temporary_path
 from musicvae.training.checkpoints import load_checkpoint
 from musicvae.errors import NonFiniteError
 from musicvae.storage import StorageError, payload_bytes, write_fault
-
-#: Test-only hook: "N" makes this process SIGKILL itself halfway through its N-th checkpoint
-#: write (counted from 1), the worst moment for a kill. Used by tests and scripts/reliability.py.
-KILL_HOOK_ENV = "MUSICVAE_TEST_KILL_IN_CHECKPOINT_WRITE"
-
 
 def nonfinite_entries(checkpoint: dict[str, Any]) -> list[str]:
     """Names of the floating-point tensors in the checkpoint's weights that hold a NaN or Inf."""
@@ -75,9 +69,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         self.writes += 1
         try:
             with open(tmp, "wb") as handle:
-                if os.environ.get(KILL_HOOK_ENV) == str(self.writes):
-                    _write_half_and_die(checkpoint, handle)
-                torch.save(checkpoint, handle)
+                self.write_payload(checkpoint, handle)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
@@ -93,6 +85,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         fsync_dir(path.parent)
         self.folders.add(path.parent)
         self.written[path] = (checkpoint.get("epoch"), checkpoint.get("global_step"))
+
+    def write_payload(self, checkpoint: dict[str, Any], handle: io.BufferedWriter) -> None:
+        """The checkpoint's bytes into the open temporary file (a fault-injecting subclass overrides this)."""
+        torch.save(checkpoint, handle)
 
     def _stopped(self, reason: str, checkpoint: dict[str, Any], path: Path) -> str:
         """The one line a refused checkpoint write ends training with: why, where, and what is kept."""
@@ -120,13 +116,3 @@ def stored_position(path: Path) -> Optional[tuple[Any, Any]]:
         return ckpt.get("epoch"), ckpt.get("global_step")
     except Exception:  # noqa: BLE001 - the message then just does not name it
         return None
-
-
-def _write_half_and_die(checkpoint: dict[str, Any], handle: io.BufferedWriter) -> None:
-    buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)
-    data = buffer.getvalue()
-    handle.write(data[: len(data) // 2])
-    handle.flush()
-    os.fsync(handle.fileno())
-    os.kill(os.getpid(), signal.SIGKILL)

@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from musicvae.atomic import HOST, remove_abandoned
-from musicvae.training.checkpoint_io import KILL_HOOK_ENV, AtomicCheckpointIO, nonfinite_entries
+from musicvae.benchmarks.faults import kill_in_write_flags
+from musicvae.training.checkpoint_io import AtomicCheckpointIO, nonfinite_entries
 from musicvae.training.cli import cli_main, main
 from musicvae.errors import NonFiniteError
 from musicvae.training.guards import all_finite, nonfinite_gradients, nonfinite_parts
@@ -118,7 +119,7 @@ def test_sigterm_with_nan_weights_writes_nothing(tmp_path, straight):
 @pytest.mark.slow
 def test_kill_inside_a_checkpoint_write_keeps_the_previous_one(tmp_path, straight):
     # Writes: step 4 (1), step 8 (2), then best and last after validation (3, 4): die in the 3rd.
-    result = run_train(fit_args(tmp_path, straight["cache"]), env={KILL_HOOK_ENV: "3"})
+    result = run_train([*fit_args(tmp_path, straight["cache"]), *kill_in_write_flags(3)])
     assert result.returncode == -signal.SIGKILL
     ckpt_dir = tmp_path / "ckpt"
     leftovers = [p for p in ckpt_dir.iterdir() if p.name.endswith(".tmp")]

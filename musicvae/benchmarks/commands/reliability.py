@@ -2,8 +2,8 @@
 
 Each trial trains a tiny model on synthetic music in a subprocess (checkpointing every step) and,
 at a uniformly random moment between the clean run's first checkpoint and its end, does one of:
-- injected: SIGKILL halfway through a chosen checkpoint write (the test-only hook of
-  musicvae/training/checkpoint_io.py), the worst moment there is; random: SIGKILL to the whole
+- injected: SIGKILL halfway through a chosen checkpoint write (the fault plugin
+  musicvae/benchmarks/faults.py, passed on the run's command line), the worst moment there is; random: SIGKILL to the whole
   process group;
 - ctrl-c: SIGINT to the group, as a terminal sends it (the run must save and exit 130);
 - disk-full: fills the checkpoint folder's disk (a tmpfs the script mounts: root only) until a
@@ -41,7 +41,7 @@ import torch
 #: The folder holding the musicvae package (a checkout or site-packages): children import it from there.
 PACKAGE_PARENT = Path(__file__).resolve().parents[3]
 
-from musicvae.training.checkpoint_io import KILL_HOOK_ENV
+from musicvae.benchmarks.faults import kill_in_write_flags
 from musicvae.commands.parsing import RawDescription, command_parser, parse_command
 
 #: A tiny run: 10 synthetic pieces, 32 mels, 5 epochs of 8 steps, a checkpoint after every step.
@@ -180,12 +180,11 @@ def undo(mode: str, root: Path) -> None:
 
 def trial(root: Path, mode: str, rng: random.Random, window_s: float, total_steps: int) -> dict:
     """One fault and its check; returns a record of what happened."""
-    env = {}
-    if mode == "injected":
-        # Writes: one per step plus best/last after each validation; skip the first (nothing to fall back on).
-        env[KILL_HOOK_ENV] = str(rng.randint(2, total_steps))
+    # Writes: one per step plus best/last after each validation; skip the first (nothing to fall back on).
+    hook = rng.randint(2, total_steps) if mode == "injected" else None
+    extra = DDP if mode == "dead-rank" else kill_in_write_flags(hook) if hook else []
     with (small_disk(root / "ckpt") if mode in ("disk-full", "read-only") else nullcontext()):
-        process = train(root, extra=DDP if mode == "dead-rank" else [], env=env)
+        process = train(root, extra=extra)
         delay = None
         if mode != "injected":
             wait_for_first_checkpoint(root, process)
@@ -195,7 +194,7 @@ def trial(root: Path, mode: str, rng: random.Random, window_s: float, total_step
             if process.poll() is None:
                 strike(mode, root, process)
         _, err = process.communicate()
-        record = {"mode": mode, "returncode": process.returncode, "hook": env.get(KILL_HOOK_ENV), "delay_s": delay}
+        record = {"mode": mode, "returncode": process.returncode, "hook": hook, "delay_s": delay}
         record["all_ended"] = group_ended(process.pid)
         record["mid_write"] = any(p.name.endswith(".tmp") for p in (root / "ckpt").glob(".*"))
         lines = [line for line in err.splitlines() if line.startswith("musicvae: error:")]
