@@ -1,4 +1,4 @@
-"""Where commands write (musicvae/outputs.py), through `generate`, `export`, `evaluate` and `predict`
+"""Where commands write (musicvae/io/outputs.py), through `generate`, `export`, `evaluate` and `predict`
 called in-process: an output that is an input is refused even with --force; an existing file is
 replaced only with --force; an output that cannot be written is refused before the checkpoint is
 read (the refusals below hold with a checkpoint that is not one); a write the machine refuses
@@ -18,7 +18,7 @@ import torch
 
 from conftest import load_script, write_mel_folder
 from musicvae.errors import ConfigError
-from musicvae.outputs import check_output_file, check_output_folder
+from musicvae.io.outputs import check_output_file, check_output_folder
 
 generate, export, evaluate = (load_script(name) for name in ("generate", "export", "evaluate"))
 

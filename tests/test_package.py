@@ -111,3 +111,11 @@ def test_pyproject_lists_every_subpackage():
     listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {".".join(p.parent.relative_to(REPO).parts) for p in PACKAGE.rglob("__init__.py")}
     assert listed == found | {"musicvae.configs"}
+
+
+def test_the_package_top_holds_at_most_eight_modules_and_io_depends_on_errors_only():
+    top = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert len(top) <= 8, top
+    for path in (PACKAGE / "io").glob("*.py"):
+        ours = {m for m in _imports(path) if m.startswith("musicvae") and not m.startswith("musicvae.io")}
+        assert ours <= {"musicvae.errors"}, (path.name, ours)

@@ -17,7 +17,7 @@ import yaml
 
 from conftest import load_script
 from musicvae.errors import OversizedYAMLError
-from musicvae.safe_load import MAX_YAML_DEPTH, MAX_YAML_NODES, check_yaml_size, safe_yaml_load
+from musicvae.io.safe_load import MAX_YAML_DEPTH, MAX_YAML_NODES, check_yaml_size, safe_yaml_load
 
 #: The peak RSS a refused file may add to the test process (the limit keeps it at ~0).
 MAX_GROWTH_KB = 100_000

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from musicvae.audio.mel import MelSettings
 from musicvae.audio.vocoder import GriffinLimVocoder
 from musicvae.errors import CheckpointError, ConfigError
-from musicvae.safe_load import load_weights_only, safe_yaml_load
+from musicvae.io.safe_load import load_weights_only, safe_yaml_load
 
 #: The two files of a Vocos model, as its Hugging Face repository names them.
 CONFIG_FILE = "config.yaml"

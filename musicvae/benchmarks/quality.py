@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from musicvae import tables
+from musicvae.io import tables
 from musicvae.compensation import PERCEPTUAL_TARGET, CompensationStats, compensate, fit_compensation_curve
 from musicvae.evaluation.realism import PLANE_ALPHAS, trade_off
 from musicvae.losses import RANGE_MARGIN, Band, range_band

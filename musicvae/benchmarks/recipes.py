@@ -34,7 +34,7 @@ from typing import Any, Optional
 
 import yaml
 
-from musicvae.tables import markdown_table
+from musicvae.io.tables import markdown_table
 from musicvae.training.recipes import recipe_path
 from musicvae.training.checkpoints import flatten
 from musicvae.errors import ConfigError

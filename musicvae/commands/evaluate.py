@@ -11,7 +11,7 @@ from typing import Optional
 
 from musicvae.commands.parsing import command_parser, parse_command, report_error
 from musicvae.errors import MusicVAEError
-from musicvae.outputs import add_force_flag
+from musicvae.io.outputs import add_force_flag
 from musicvae.evaluation.report import evaluate_checkpoint
 
 

@@ -9,7 +9,7 @@ import sys
 
 from musicvae.commands.parsing import command_parser, parse_command, report_error
 from musicvae.errors import MusicVAEError
-from musicvae.outputs import add_force_flag
+from musicvae.io.outputs import add_force_flag
 from musicvae.inference.export import export_checkpoint
 
 

@@ -7,7 +7,7 @@
 
 Audio is written as 16-bit WAV at the model's sample rate, with a PNG of the mels beside it
 (see musicvae/inference/generation.py and musicvae/audio/vocoder.py). Files that exist already are
-not replaced without --force, and never an input (musicvae/outputs.py). `--vocoder DIR` plays it
+not replaced without --force, and never an input (musicvae/io/outputs.py). `--vocoder DIR` plays it
 with a downloaded Vocos instead of Griffin-Lim, for a checkpoint trained on its features
 (configs/vocos.yaml; docs/vocoder.md).
 """
@@ -22,7 +22,7 @@ from jsonargparse import ArgumentParser
 from musicvae.audio.mel import MelSettings
 from musicvae.commands.parsing import command_parser, parse_command, report_error
 from musicvae.errors import MusicVAEError
-from musicvae.outputs import add_force_flag
+from musicvae.io.outputs import add_force_flag
 from musicvae.inference.generation import (METHODS, interpolate_files, load_generation_model, reconstruct_file,
                                  sample_files)
 from musicvae.audio.neural_vocoder import load_vocos

@@ -19,8 +19,8 @@ from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter
 
 from musicvae.audio.mel import MelSettings
 from musicvae.errors import ConfigError, MusicVAEError, OversizedYAMLError
-from musicvae.safe_load import limit_config_yaml, safe_yaml_load
-from musicvae.storage import STORAGE_EXIT, StorageError
+from musicvae.io.safe_load import limit_config_yaml, safe_yaml_load
+from musicvae.io.storage import STORAGE_EXIT, StorageError
 
 MEL_KEY = "data.mel"
 

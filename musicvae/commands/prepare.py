@@ -20,7 +20,7 @@ from musicvae.commands.parsing import (RawDescription, add_mel_arguments, comman
 from musicvae.data.cache import build_audio_cache, cache_folder
 from musicvae.data.builtin import default_cache_dir
 from musicvae.errors import ConfigError, MusicVAEError
-from musicvae.storage import STORAGE_EXIT, StorageError
+from musicvae.io.storage import STORAGE_EXIT, StorageError
 
 EPILOG = """\
 Prepare large collections with this script before a multi-GPU (DDP) run. Training builds the same

@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from musicvae.atomic import write_atomic
+from musicvae.io.atomic import write_atomic
 from musicvae.audio.mel import LogMel, MelSettings, write_mel_sidecar
 from musicvae.audio.synth import render_piece
 

@@ -41,8 +41,8 @@ import numpy as np
 import torch
 
 from musicvae.audio.mel import AUDIO_SUFFIXES, AudioError, LogMelStream, MelSettings, decode_blocks
-from musicvae.atomic import atomic_path, remove_abandoned, temporary_path, write_atomic
-from musicvae.storage import StorageError, write_fault
+from musicvae.io.atomic import atomic_path, remove_abandoned, temporary_path, write_atomic
+from musicvae.io.storage import StorageError, write_fault
 from musicvae.data.listing import link_problem, list_folder
 from musicvae.errors import DataError, printable
 

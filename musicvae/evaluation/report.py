@@ -19,12 +19,12 @@ from typing import Any, Optional
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from musicvae.outputs import check_output_folder, write_output, write_output_to
+from musicvae.io.outputs import check_output_folder, write_output, write_output_to
 from musicvae.evaluation.realism import TradeOff, half_labels
 from musicvae.inference.loading import datamodule_for, load_module, resolve_alpha
 from musicvae.metrics import (ACTIVE_UNIT_THRESHOLD, FEATURELESS_THRESHOLD, LatentDiagnostics,
                               ReconstructionDiagnostics)
-from musicvae.tables import markdown_table
+from musicvae.io.tables import markdown_table
 from musicvae.training.checkpoints import RAW_WEIGHTS_KEY
 from musicvae.training.module import MusicVAEModule
 from musicvae.plots import band_ratio_figure, kl_per_dim_figure, mel_comparison_figure

@@ -31,7 +31,7 @@ import musicvae
 from musicvae.compensation import strength_gain
 from musicvae.errors import ConfigError
 from musicvae.inference.generation import GenerationModel, load_generation_model
-from musicvae.outputs import check_output_file, write_output
+from musicvae.io.outputs import check_output_file, write_output
 
 #: Names of the metadata files stored in the program (read with `torch.jit.load(_extra_files=...)`).
 MEL_SETTINGS_FILE = "mel_settings.json"

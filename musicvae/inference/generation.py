@@ -24,7 +24,7 @@ from torch import Tensor
 from musicvae.audio.mel import AUDIO_SUFFIXES, LogMelStream, MelSettings, decode_blocks
 from musicvae.training.checkpoints import DATA_STATE_KEY
 from musicvae.errors import CheckpointError, ConfigError, DataError
-from musicvae.outputs import check_output_file, check_output_folder, write_output_to
+from musicvae.io.outputs import check_output_file, check_output_folder, write_output_to
 from musicvae.inference.loading import load_module, resolve_alpha
 from musicvae.training.module import MusicVAEModule
 from musicvae.plots import mel_comparison_figure, mel_grid_figure

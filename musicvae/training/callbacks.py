@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from musicvae.atomic import write_atomic
+from musicvae.io.atomic import write_atomic
 from musicvae.training.lightning_private import CHECKPOINT_DIR_WARNING
 from musicvae.training.checkpoints import MONITOR_KEY, RUN_CONFIG_KEY, RUN_ID_KEY, dump_yaml
 

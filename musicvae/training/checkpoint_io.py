@@ -18,10 +18,10 @@ from typing import Any, Optional
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from musicvae.atomic import temporary_path
+from musicvae.io.atomic import temporary_path
 from musicvae.training.checkpoints import load_checkpoint
 from musicvae.errors import NonFiniteError
-from musicvae.storage import StorageError, payload_bytes, write_fault
+from musicvae.io.storage import StorageError, payload_bytes, write_fault
 
 def nonfinite_entries(checkpoint: dict[str, Any]) -> list[str]:
     """Names of the floating-point tensors in the checkpoint's weights that hold a NaN or Inf."""

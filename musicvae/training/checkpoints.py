@@ -14,7 +14,7 @@ from typing import Any, Optional
 import yaml
 
 from musicvae.errors import CheckpointError
-from musicvae.safe_load import load_weights_only, safe_yaml_load
+from musicvae.io.safe_load import load_weights_only, safe_yaml_load
 
 #: Key of the run's full config (a YAML string) inside every checkpoint the CLI writes.
 RUN_CONFIG_KEY = "musicvae_run_config"

@@ -25,11 +25,11 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from musicvae.atomic import remove_abandoned
+from musicvae.io.atomic import remove_abandoned
 from musicvae.data.datamodule import MelDataModule
 from musicvae.errors import ConfigError, MusicVAEError, NonFiniteError
-from musicvae.safe_load import limit_config_yaml
-from musicvae.storage import STORAGE_EXIT, StorageError
+from musicvae.io.safe_load import limit_config_yaml
+from musicvae.io.storage import STORAGE_EXIT, StorageError
 from musicvae.training.checkpoints import RAW_WEIGHTS_KEY, RUN_ID_KEY, load_checkpoint
 from musicvae.training.guards import INTERRUPTED_EXIT, NONFINITE_EXIT, PREEMPTED_EXIT
 from musicvae.training.initialisation import adopt_mel_settings, initialise_run

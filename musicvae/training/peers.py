@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator, Optional
 from lightning.pytorch.utilities import rank_zero_warn
 
 from musicvae.errors import ConfigError, MusicVAEError
-from musicvae.safe_load import first_line
+from musicvae.io.safe_load import first_line
 from musicvae.training.checkpoint_io import stored_position
 from musicvae.training.guards import INTERRUPTED_EXIT, PREEMPTED_EXIT
 from musicvae.training.lightning_private import observe_launched_processes, set_process_group_timeout

@@ -11,7 +11,7 @@ and strings (readable with `torch.load(path, weights_only=True)`):
 - `reconstruction` (W, n_mels, frames), in natural-log mel units, with
   `--predict_reconstructions true`.
 
-Files are written whole or not at all (musicvae.outputs), by the rank that encoded the recording.
+Files are written whole or not at all (musicvae.io.outputs), by the rank that encoded the recording.
 Before anything is prepared, `check_prediction_outputs` refuses a `--predict_dir` that cannot be
 written or already holds a file of this run, unless `--force` (an input is never replaced).
 """
@@ -25,7 +25,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from musicvae.outputs import check_output_folder, write_output
+from musicvae.io.outputs import check_output_folder, write_output
 
 
 def prediction_path(predict_dir: Path, source: str) -> Path:

@@ -22,8 +22,8 @@ from musicvae.data.builtin import synthetic_piece_name
 from musicvae.audio.mel import AUDIO_SUFFIXES, audio_to_log_mel
 from musicvae.data.listing import no_recordings
 from musicvae.errors import ConfigError, DataError
-from musicvae.storage import free_bytes, payload_bytes, size_text
-from musicvae.outputs import check_creatable_dir  # noqa: F401 - the rule lives there; the CLI imports it from here
+from musicvae.io.storage import free_bytes, payload_bytes, size_text
+from musicvae.io.outputs import check_creatable_dir  # noqa: F401 - the rule lives there; the CLI imports it from here
 from musicvae.data.segments import ARRAY_SUFFIXES, MelSource, scan_mel_file, summarise_mel, window_starts
 from musicvae.data.split import MIN_FILES_FOR_FILE_SPLIT, segment_split_point, split_files
 

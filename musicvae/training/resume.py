@@ -28,7 +28,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from musicvae.errors import CheckpointError, ConfigError, MusicVAEError
-from musicvae.safe_load import safe_yaml_load
+from musicvae.io.safe_load import safe_yaml_load
 from musicvae.training.checkpoints import (DATA_STATE_KEY, config_changes, config_from_hyperparameters, dump_yaml,
                                            foreign_checkpoints, load_checkpoint, run_config, unresumable_changes)
 from musicvae.training.module import MusicVAEModule

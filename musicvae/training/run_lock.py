@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from musicvae.atomic import HOST, process_alive, write_atomic
+from musicvae.io.atomic import HOST, process_alive, write_atomic
 from musicvae.errors import MusicVAEError
 
 LOCK_NAME = ".musicvae.lock"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from musicvae.outputs import add_force_flag
+from musicvae.io.outputs import add_force_flag
 from musicvae.training.resume import MONITOR_DEPENDS
 
 #: The logger a run gets unless the command names another (`--trainer.logger`).

@@ -14,7 +14,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from musicvae import atomic
+from musicvae.io import atomic
 
 from musicvae.data import cache
 from musicvae.audio.mel import MelSettings
@@ -349,7 +349,7 @@ def test_a_long_log_mel_is_written_in_pieces_equal_to_the_whole(audio_dir, tmp_p
 
 def test_a_full_disk_while_a_long_array_is_written_stops_the_build_and_records_nothing(audio_dir, tmp_path,
                                                                                       monkeypatch):
-    from musicvae.storage import StorageError
+    from musicvae.io.storage import StorageError
 
     def full(fd, offset, length):
         raise OSError(errno.ENOSPC, "No space left on device")

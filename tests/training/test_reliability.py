@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from musicvae.atomic import HOST, remove_abandoned
+from musicvae.io.atomic import HOST, remove_abandoned
 from musicvae.benchmarks.faults import kill_in_write_flags
 from musicvae.training.checkpoint_io import AtomicCheckpointIO, nonfinite_entries
 from musicvae.training.cli import cli_main, main

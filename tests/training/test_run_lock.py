@@ -15,7 +15,7 @@ import pytest
 
 from conftest import REPO
 from helpers import fit_args, run_train, step_of, straight  # noqa: F401
-from musicvae.atomic import HOST
+from musicvae.io.atomic import HOST
 from musicvae.training.run_lock import LOCK_NAME, STALE_S, holder_alive, process_started
 
 

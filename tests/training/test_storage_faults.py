@@ -12,7 +12,7 @@ import torch
 
 from helpers import fit_args, run_train, stage_args, straight  # noqa: F401
 from musicvae.training.checkpoints import RAW_WEIGHTS_KEY
-from musicvae.storage import payload_bytes, size_text, write_fault
+from musicvae.io.storage import payload_bytes, size_text, write_fault
 
 pytestmark = pytest.mark.slow
 

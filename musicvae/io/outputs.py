@@ -4,9 +4,9 @@ unless the user passes `--force`, and written whole or not at all.
 Every command that writes results (`generate`, `export`, `evaluate`, `predict`) checks its outputs
 with `check_output_file` or `check_output_folder` first, before a model is loaded or a recording
 decoded, so a mistyped `--out` costs nothing and refuses in one line (exit status 2). Each file is
-then written by `write_output`: a temporary file beside it, renamed into place (musicvae.atomic),
+then written by `write_output`: a temporary file beside it, renamed into place (musicvae.io.atomic),
 so a write the machine refuses midway (a full disk, a read-only remount) leaves the old file or
-nothing, and stops with one line and exit status 4, as checkpoint writes do (musicvae.storage).
+nothing, and stops with one line and exit status 4, as checkpoint writes do (musicvae.io.storage).
 
 An output that is one of the command's inputs is refused even with `--force`, as ffmpeg refuses
 to write over its input: the input would be destroyed while it is still being read.
@@ -20,10 +20,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from musicvae.atomic import atomic_path, write_atomic
+from musicvae.io.atomic import atomic_path, write_atomic
 from musicvae.errors import ConfigError
-from musicvae.safe_load import first_line
-from musicvae.storage import StorageError, read_only, write_fault
+from musicvae.io.safe_load import first_line
+from musicvae.io.storage import StorageError, read_only, write_fault
 
 #: The one flag of every command that replaces output files that already exist (`fit` has
 #: `--overwrite` for its checkpoints, which starts a run afresh: another decision).
@@ -186,7 +186,7 @@ def make_output_folder(folder: str | os.PathLike) -> Path:
 
 def write_output(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> Path:
     """Call `write(handle)` on a temporary file beside `path`, then rename it over `path`
-    (musicvae.atomic; the folder is made if needed). A failure leaves `path` as it was.
+    (musicvae.io.atomic; the folder is made if needed). A failure leaves `path` as it was.
 
     A handle for torch's writers: `torch.save` and `torch.jit.save` given a file name abort the
     process on a full disk (their zip writer throws from a destructor), given a handle they raise.
