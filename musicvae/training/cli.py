@@ -227,15 +227,15 @@ class MusicVAECLI(LightningCLI):
         return None
 
     def after_fit(self) -> None:
-        trainer = self.trainer
-        if not trainer.is_global_zero:
+        if not (trainer := self.trainer).is_global_zero:
             return
         lines = [f"  checkpoints: {self.checkpoint_dir}/{{best,last}}.ckpt (and config.yaml)"]
         # logger.log_dir, not trainer.log_dir: the trainer's broadcasts, and other ranks have left.
         log_dir = getattr(trainer.logger, "log_dir", None)
         if log_dir:
             lines.append(f"  TensorBoard logs: {log_dir}  (view: tensorboard --logdir {trainer.logger.save_dir})")
-        lines.append(f"  resume: python scripts/train.py --ckpt_path {self.checkpoint_dir / 'last.ckpt'} [--trainer.max_epochs N]")
+        lines.append(f"  resume: {(self.command or ['musicvae'])[0]} fit --ckpt_path {self.checkpoint_dir / 'last.ckpt'} "
+                     "[--trainer.max_epochs N]")
         rank_zero_info("musicvae: training finished.\n" + "\n".join(lines))
 
 
