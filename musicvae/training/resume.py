@@ -166,13 +166,17 @@ def restart_appended_lists(args: list[str], parser: Any) -> list[str]:
     return [*args[:3], *restarts, *args[3:]]
 
 
-def repin_loggers(loggers: Any, stored: Any) -> None:
+def repin_loggers(loggers: Any, stored: Any) -> list[str]:
     """Continue the stored run's pinned logger versions on the same loggers of this run, in place.
 
     Loggers pair up by class, in order; a pair is the same logger when this run's folder (the user's,
     or the default) and name resolve to the stored ones. Only then is the stored version taken, and
     only a plain one (a number or one folder name): the stored folder itself never chooses a place.
+
+    Returns:
+        The stored folders not continued, as "save_dir/name", for a line telling the user how to.
     """
+    missed = []
     new = loggers if isinstance(loggers, list) else [loggers]
     old = [e for e in (stored if isinstance(stored, list) else [stored]) if isinstance(e, dict)]
     for entry in new:
@@ -188,6 +192,12 @@ def repin_loggers(loggers: Any, stored: Any) -> None:
             continue
         if str(Path(args.save_dir).expanduser().resolve()) == pinned.get("save_dir") and args.get("name") == pinned.get("name"):
             args.save_dir, args.version = pinned["save_dir"], version
+        else:
+            missed.append(f"{pinned.get('save_dir')}/{pinned.get('name')}")
+    for folder in missed:
+        rank_zero_info(f"musicvae: logging to a new version, not the resumed run's {folder} (a checkpoint chooses no "
+                       "folder; --trainer.logger.init_args.save_dir names it to continue its curves)")
+    return missed
 
 
 def resume_command(command: list[str], last: Path) -> str:

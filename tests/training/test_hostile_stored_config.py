@@ -304,3 +304,22 @@ def test_config_as_data_keeps_plain_settings_and_allowlisted_classes(tmp_path):
     # A list the user's own command sets is not read, so its stored entries are not checked either.
     crafted = {"trainer": {"callbacks": [{"class_path": "os.system"}]}}
     assert "callbacks" not in config_as_data(crafted, tmp_path / "x.ckpt", "fit", {"trainer.callbacks"}).config["trainer"]
+
+
+def test_a_stored_log_folder_is_continued_only_where_the_command_names_it(tmp_path):
+    """Unit: the stored version is taken when this run's folder is the stored one; otherwise it is named."""
+    from jsonargparse import Namespace
+
+    from musicvae.training.resume import repin_loggers
+
+    stored = [{"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+               "init_args": {"save_dir": str(tmp_path / "logs"), "name": "run", "version": 3}}]
+    same = Namespace(class_path=stored[0]["class_path"],
+                     init_args=Namespace(save_dir=str(tmp_path / "logs"), name="run", version=None))
+    assert repin_loggers(same, stored) == [] and same.init_args.version == 3
+    other = Namespace(class_path=stored[0]["class_path"], init_args=Namespace(save_dir="logs", name="run", version=None))
+    assert repin_loggers(other, stored) == [f"{tmp_path / 'logs'}/run"] and other.init_args.version is None
+    crafted = [{**stored[0], "init_args": {**stored[0]["init_args"], "version": "../../elsewhere"}}]
+    same.init_args.version = None
+    repin_loggers(same, crafted)
+    assert same.init_args.version is None  # a version that is a path is never taken
