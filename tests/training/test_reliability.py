@@ -134,8 +134,13 @@ def test_kill_inside_a_checkpoint_write_keeps_the_previous_one(tmp_path, straigh
 
 
 @pytest.mark.slow
-def test_reliability_script_survives_an_injected_and_a_random_kill(tmp_path, capsys):
-    assert load_script("reliability").main(["--kills", "1", "--workdir", str(tmp_path)]) == 0
+def test_reliability_script_survives_an_injected_and_a_random_kill(tmp_path, capsys, monkeypatch):
+    reliability = load_script("reliability")
+    # Its tiny run with 2 epochs instead of 5 (16 steps, a checkpoint after each): room enough for
+    # a kill at a random moment; each trial is a `musicvae fit` process the script starts and kills.
+    epochs = reliability.TINY.index("--trainer.max_epochs") + 1
+    monkeypatch.setattr(reliability, "TINY", [*reliability.TINY[:epochs], "2", *reliability.TINY[epochs + 1:]])
+    assert reliability.main(["--kills", "1", "--workdir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "injected: 1/1 survived" in out and "random: 1/1 survived" in out
 
