@@ -4,7 +4,6 @@ process, kill/resume checks, audio)."""
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import os
 import signal
@@ -105,6 +104,31 @@ def _entry(script: str, args: Sequence[str]) -> Callable[[], object]:
     return lambda: load_script(script).main(args)
 
 
+@contextlib.contextmanager
+def console_output() -> Iterator[dict[str, str]]:
+    """A command's console, at the file-descriptor level: what this process and the processes it
+    forks (loader workers, decoders) write to stdout and stderr, as a terminal would show it.
+    The texts are in the yielded dict ("stdout", "stderr") once the block has ended."""
+    texts: dict[str, str] = {}
+    with tempfile.TemporaryFile() as out_file, tempfile.TemporaryFile() as err_file:
+        sys.stdout.flush(), sys.stderr.flush()
+        saved = os.dup(1), os.dup(2)
+        os.dup2(out_file.fileno(), 1)
+        os.dup2(err_file.fileno(), 2)
+        stdout = open(1, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
+        stderr = open(2, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
+        try:
+            with command_output(stdout, stderr):
+                yield texts
+        finally:
+            stdout.flush(), stderr.flush()
+            os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+            os.close(saved[0]), os.close(saved[1])
+        for name, handle in (("stdout", out_file), ("stderr", err_file)):
+            handle.seek(0)
+            texts[name] = handle.read().decode("utf-8", errors="replace")
+
+
 def run_command(script: str, args: Sequence[str], env: dict | None = None, cwd: Path | None = None,
                 threads: int | None = 1) -> subprocess.CompletedProcess:
     """`python scripts/SCRIPT.py ARGS` (or `musicvae ARGS` for "musicvae") run in this process.
@@ -112,16 +136,15 @@ def run_command(script: str, args: Sequence[str], env: dict | None = None, cwd: 
     `threads`: torch's thread count for the run; 1 is what the subprocesses got (OMP_NUM_THREADS=1),
     and what exact-resume comparisons need on every side.
     """
-    out, err = io.StringIO(), io.StringIO()
     with global_state_kept():
         os.environ.update(env or {})
         if cwd is not None:
             os.chdir(cwd)
         if threads:
             torch.set_num_threads(threads)
-        with command_output(out, err):
+        with console_output() as texts:
             status = exit_status(_entry(script, args))
-    return subprocess.CompletedProcess([script, *args], status, out.getvalue(), err.getvalue())
+    return subprocess.CompletedProcess([script, *args], status, texts["stdout"], texts["stderr"])
 
 
 def train(args: Sequence[str], env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
