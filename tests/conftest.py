@@ -48,6 +48,15 @@ def private_default_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["MUSICVAE_CACHE"] = str(tmp_path_factory.mktemp("default_cache"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread_per_test_process() -> None:
+    """Under pytest-xdist (`make test`: as many test processes as cores), each process's training
+    and Griffin-Lim run on one thread, as the suite's subprocesses do (OMP_NUM_THREADS=1): two
+    threads per process would only make the processes wait on each other for the same cores."""
+    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) >= (os.cpu_count() or 1):
+        torch.set_num_threads(1)
+
+
 #: Handlers a command or Lightning sets (Ctrl-C, SIGTERM, SIGCHLD for loader workers, ...).
 SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGCHLD", "SIGHUP", "SIGUSR1", "SIGUSR2",
                                                   "SIGPIPE") if hasattr(signal, name))
