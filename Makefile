@@ -54,11 +54,13 @@ test-fast: $(STAMP)
 
 # Line coverage of musicvae/ by the whole suite, its subprocesses and forked children included
 # (pyproject.toml's [tool.coverage.run]: the xdist workers are subprocesses too).
+# The report comes even when a test fails; the target then fails with pytest's status.
 coverage: $(STAMP)
 	$(BIN)/python -m coverage erase
-	$(BIN)/python -m coverage run -m pytest -n $(WORKERS) --dist loadfile -p no:cacheprovider $(ARGS)
-	$(BIN)/python -m coverage combine -q
-	$(BIN)/python -m coverage report --skip-covered --sort=cover
+	status=0; $(BIN)/python -m coverage run -m pytest -n $(WORKERS) --dist loadfile -p no:cacheprovider $(ARGS) \
+		|| status=$$?; \
+	$(BIN)/python -m coverage combine -q && $(BIN)/python -m coverage report --skip-covered --sort=cover; \
+	exit $$status
 
 # The lock against pyproject.toml, the venv against the lock, and the stack loads (torchaudio's
 # C++ extension included). Fails with one line per disagreement.

@@ -69,8 +69,10 @@ def global_state_kept() -> Iterator[None]:
     A command owns its process: cli_main adds warning filters, sets environment variables
     (PL_GLOBAL_SEED from seed_everything, JSONARGPARSE_DEPRECATION_WARNINGS), installs signal
     handlers (Ctrl-C, SIGTERM, loader workers' SIGCHLD), and limits jsonargparse's YAML loader;
-    a test may change the working directory or torch's thread count. Run in-process, each of these
-    would leak into the next test; this restores them all.
+    benchmark-quality turns autograd off for its process; a test may change the working directory
+    or torch's thread count. Run in-process, each of these would leak into the next test; this
+    restores them all, with torch's other process-wide switches (default dtype, matmul precision,
+    deterministic algorithms).
     """
     from jsonargparse import _loaders_dumpers as loading  # set_loader keeps one loader per mode, process-wide
 
@@ -81,6 +83,8 @@ def global_state_kept() -> Iterator[None]:
     handlers = {signum: signal.getsignal(signum) for signum in SIGNALS}
     cwd = os.getcwd()
     threads = torch.get_num_threads()
+    torch_switches = (torch.is_grad_enabled(), torch.get_default_dtype(), torch.get_float32_matmul_precision(),
+                      torch.are_deterministic_algorithms_enabled())
     argv = list(sys.argv)
     try:
         yield
@@ -94,6 +98,10 @@ def global_state_kept() -> Iterator[None]:
                 signal.signal(signum, handler)
         os.chdir(cwd)
         torch.set_num_threads(threads)
+        torch.set_grad_enabled(torch_switches[0])
+        torch.set_default_dtype(torch_switches[1])
+        torch.set_float32_matmul_precision(torch_switches[2])
+        torch.use_deterministic_algorithms(torch_switches[3])
         for table, saved in loader_tables:
             table.clear()
             table.update(saved)

@@ -21,6 +21,8 @@ def snapshot() -> dict:
         "handlers": {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD)},
         "cwd": os.getcwd(),
         "threads": torch.get_num_threads(),
+        "torch": (torch.is_grad_enabled(), torch.get_default_dtype(), torch.get_float32_matmul_precision(),
+                  torch.are_deterministic_algorithms_enabled()),
         "yaml_loader": get_loader("yaml"),
     }
 
@@ -38,15 +40,26 @@ def test_global_state_kept_puts_back_each_thing_a_command_changes(tmp_path):
         signal.signal(signal.SIGCHLD, signal.SIG_IGN)
         os.chdir(tmp_path)
         torch.set_num_threads(torch.get_num_threads() + 1)
+        torch.set_grad_enabled(False)  # as benchmark-quality leaves it
+        torch.set_default_dtype(torch.float64)
+        torch.set_float32_matmul_precision("medium")
+        torch.use_deterministic_algorithms(True)
         limit_config_yaml()
         assert snapshot() != before  # the premise: each of them changed
     assert snapshot() == before
 
 
-def test_a_command_run_in_process_leaves_the_process_as_it_found_it():
+def test_a_command_run_in_process_leaves_the_process_as_it_found_it(tmp_path):
     before = snapshot()
     result = train(["--config", str(REPO / "configs" / "quickstart.yaml"), "--print_config"])
     assert result.returncode == 0 and "model:" in result.stdout, result.stderr[-2000:]
+    assert snapshot() == before
+    # benchmark-quality turns autograd off for its whole process (refused here before any work).
+    from helpers import run_command
+
+    refused = run_command("benchmark-quality", ["--test_dir", str(tmp_path / "missing"), "--ckpt_path",
+                                                 str(tmp_path / "x.ckpt"), "--out", str(tmp_path / "o")])
+    assert refused.returncode == 2, refused.stderr[-2000:]
     assert snapshot() == before
 
 
