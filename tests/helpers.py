@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -165,6 +166,7 @@ class Child:
         folder = Path(tempfile.mkdtemp(prefix="child-"))
         self._out, self._err = folder / "stdout", folder / "stderr"
         self.returncode: int | None = None
+        self._texts: tuple[str, str] | None = None
         sys.stdout.flush(), sys.stderr.flush()
         self.pid = os.fork()
         if self.pid == 0:  # the child: never returns into pytest
@@ -193,7 +195,10 @@ class Child:
 
     def communicate(self, timeout: float | None = None) -> tuple[str, str]:
         self.wait(timeout)
-        return self._out.read_text(errors="replace"), self._err.read_text(errors="replace")
+        if self._texts is None:
+            self._texts = self._out.read_text(errors="replace"), self._err.read_text(errors="replace")
+            shutil.rmtree(self._out.parent, ignore_errors=True)
+        return self._texts
 
     def send_signal(self, signum: int) -> None:
         os.kill(self.pid, signum)
