@@ -122,7 +122,7 @@ def console_output() -> Iterator[dict[str, str]]:
             with command_output(stdout, stderr):
                 yield texts
         finally:
-            stdout.flush(), stderr.flush()
+            stdout.close(), stderr.close()  # flushed; fds 1 and 2 stay open (closefd=False)
             os.dup2(saved[0], 1), os.dup2(saved[1], 2)
             os.close(saved[0]), os.close(saved[1])
         for name, handle in (("stdout", out_file), ("stderr", err_file)):
@@ -233,20 +233,13 @@ def train_in_child(args: Sequence[str], env: dict | None = None) -> subprocess.C
     return Child("train", args, env).result()
 
 
-def run_script(*args: str, cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "train.py"), *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
-    )
-
-
 #: Dropout and two loader workers on, so exactness covers worker prefetch and dropout masks;
 #: a mid-epoch checkpoint every 4 of the 16 steps (2 epochs of 8).
 EXACT_FLAGS = ["--model.dropout", "0.1", "--data.num_workers", "2", "--checkpoint_every_n_steps", "4"]
 
 
 def run_train(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python scripts/train.py ARGS` in a new process: only where Lightning must start more ranks from it (DDP)."""
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests"), **(env or {})}
     return subprocess.run([sys.executable, "scripts/train.py", *args], cwd=REPO, env=environment,
                           capture_output=True, text=True, timeout=600)

@@ -16,8 +16,8 @@ import signal
 import pytest
 import torch
 
-from helpers import (START, assert_same_weights, run_train, sigint_ignored, signal_probe, stage_args, start_like_a_terminal,
-                     step_of, train, train_in_child, wait_for, weights)
+from helpers import (START, assert_same_weights, run_train, sigint_ignored, signal_probe, stage_args,
+                     start_like_a_terminal, step_of, train, train_in_child, wait_for, weights)
 from musicvae.training.checkpoints import RAW_WEIGHTS_KEY
 from musicvae.errors import ConfigError, NonFiniteError
 from musicvae.losses import adaptive_weight, feature_matching_loss, hinge_discriminator_loss, hinge_generator_loss
