@@ -12,8 +12,7 @@ BIN    := $(VENV)/bin
 UV_DIR := .uv
 UV     := $(UV_DIR)/bin/uv
 ARGS   ?=
-# Test processes (pytest-xdist): most tests wait on a training subprocess, so two processes on a
-# 2-core machine finish well before one (measured: docs/install.md, "Test times").
+# Test processes (pytest-xdist): two on a 2-core machine (docs/testing.md has the timings).
 # Whole files go to one process (--dist loadfile), so module fixtures are built once.
 WORKERS ?= 2
 PYTEST := $(BIN)/python -m pytest -n $(WORKERS) --dist loadfile
@@ -27,7 +26,7 @@ export UV_PROJECT_ENVIRONMENT := $(VENV)
 # from source at import, which makes every start much slower (measured: docs/install.md, "What gets installed").
 export UV_COMPILE_BYTECODE := 1
 
-.PHONY: train test test-fast test-latest check-env lock lock-upgrade clean-venv
+.PHONY: train test test-fast coverage test-latest check-env lock lock-upgrade clean-venv
 
 $(UV): tools/uv-requirements.txt
 	rm -rf $(UV_DIR)
@@ -49,9 +48,19 @@ train: $(STAMP)
 test: check-env
 	$(PYTEST) --durations=15 $(ARGS)
 
-# The inner loop: everything but the end-to-end tests.
+# The inner loop: everything but the end-to-end tests (under 2 minutes: docs/testing.md).
 test-fast: $(STAMP)
 	$(PYTEST) -m "not slow" $(ARGS)
+
+# Line coverage of musicvae/ by the whole suite, its subprocesses and forked children included
+# (pyproject.toml's [tool.coverage.run]: the xdist workers are subprocesses too).
+# The report comes even when a test fails; the target then fails with pytest's status.
+coverage: $(STAMP)
+	$(BIN)/python -m coverage erase
+	status=0; $(BIN)/python -m coverage run -m pytest -n $(WORKERS) --dist loadfile -p no:cacheprovider $(ARGS) \
+		|| status=$$?; \
+	$(BIN)/python -m coverage combine -q && $(BIN)/python -m coverage report --skip-covered --sort=cover; \
+	exit $$status
 
 # The lock against pyproject.toml, the venv against the lock, and the stack loads (torchaudio's
 # C++ extension included). Fails with one line per disagreement.

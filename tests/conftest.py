@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
+import signal
+import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +46,80 @@ def private_default_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """The default cache (~/.cache/musicvae) is the user's: runs that use it (a resume takes no cache
     folder from a checkpoint) write under the suite's own temporary folder instead."""
     os.environ["MUSICVAE_CACHE"] = str(tmp_path_factory.mktemp("default_cache"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread_per_test_process() -> None:
+    """Under pytest-xdist (`make test`: as many test processes as cores), each process's training
+    and Griffin-Lim run on one thread, as the suite's subprocesses do (OMP_NUM_THREADS=1): two
+    threads per process would only make the processes wait on each other for the same cores."""
+    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) >= (os.cpu_count() or 1):
+        torch.set_num_threads(1)
+
+
+#: Handlers a command or Lightning sets (Ctrl-C, SIGTERM, SIGCHLD for loader workers, ...).
+SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGCHLD", "SIGHUP", "SIGUSR1", "SIGUSR2",
+                                                  "SIGPIPE") if hasattr(signal, name))
+
+
+@contextlib.contextmanager
+def global_state_kept() -> Iterator[None]:
+    """Puts back what a command run in this process changes for the whole process.
+
+    A command owns its process: cli_main adds warning filters, sets environment variables
+    (PL_GLOBAL_SEED from seed_everything, JSONARGPARSE_DEPRECATION_WARNINGS), installs signal
+    handlers (Ctrl-C, SIGTERM, loader workers' SIGCHLD), and limits jsonargparse's YAML loader;
+    benchmark-quality turns autograd off for its process; a test may change the working directory
+    or torch's thread count. Run in-process, each of these would leak into the next test; this
+    restores them all, with torch's other process-wide switches (default dtype, matmul precision,
+    deterministic algorithms).
+    """
+    from jsonargparse import _loaders_dumpers as loading  # set_loader keeps one loader per mode, process-wide
+
+    loader_tables = [(table, dict(table)) for table in (loading.loaders, loading.loader_exceptions,
+                                                         loading.loader_json_superset, loading.loader_params)]
+    filters = list(warnings.filters)
+    environ = dict(os.environ)
+    handlers = {signum: signal.getsignal(signum) for signum in SIGNALS}
+    cwd = os.getcwd()
+    threads = torch.get_num_threads()
+    torch_switches = (torch.is_grad_enabled(), torch.get_default_dtype(), torch.get_float32_matmul_precision(),
+                      torch.are_deterministic_algorithms_enabled())
+    argv = list(sys.argv)
+    try:
+        yield
+    finally:
+        warnings.filters[:] = filters
+        warnings._filters_mutated()  # each module's "shown once" registry starts anew, as in a new process
+        os.environ.clear()
+        os.environ.update(environ)
+        for signum, handler in handlers.items():
+            if handler is not None:  # None: set outside Python, cannot be put back from here
+                signal.signal(signum, handler)
+        os.chdir(cwd)
+        torch.set_num_threads(threads)
+        torch.set_grad_enabled(torch_switches[0])
+        torch.set_default_dtype(torch_switches[1])
+        torch.set_float32_matmul_precision(torch_switches[2])
+        torch.use_deterministic_algorithms(torch_switches[3])
+        for table, saved in loader_tables:
+            table.clear()
+            table.update(saved)
+        sys.argv[:] = argv
+
+
+@pytest.fixture(autouse=True, scope="module")
+def restore_global_state_per_module() -> Iterator[None]:
+    """Each module, so a module fixture that trains in-process leaves nothing to the next module."""
+    with global_state_kept():
+        yield
+
+
+@pytest.fixture(autouse=True)
+def restore_global_state() -> Iterator[None]:
+    """Every test, so an in-process command (cli_main, a command's main) leaves nothing behind."""
+    with global_state_kept():
+        yield
 
 
 def write_mel_folder(folder: Path, n_files: int = 8, frames: int = 64, n_mels: int = 16, seed: int = 0,
@@ -89,7 +168,8 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from musicvae.training.cli import cli_main
 
     root = tmp_path_factory.mktemp("tiny_run")
-    cli = cli_main(tiny_fit_args(root))
+    with global_state_kept():
+        cli = cli_main(tiny_fit_args(root))
     return {
         "root": root,
         "ckpt_dir": root / "ckpt",
@@ -97,6 +177,18 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "cache_dir": root / "cache",
         "datamodule": cli.datamodule,
     }
+
+
+@pytest.fixture(scope="session")
+def straight(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The uninterrupted run every interrupted one is compared with (tests/helpers.py's EXACT_FLAGS)."""
+    from helpers import fit_args, train
+
+    root = tmp_path_factory.mktemp("straight")
+    cache = root / "cache"
+    result = train(fit_args(root, cache))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return {"cache": cache, "last": root / "ckpt" / "last.ckpt"}
 
 
 def load_script(name: str):

@@ -3,15 +3,29 @@
 from __future__ import annotations
 
 import importlib.util
+import io
 import subprocess
 import sys
 import tomllib
 
 from conftest import REPO
+from helpers import command_output, exit_status
 
 _spec = importlib.util.spec_from_file_location("check_env", REPO / "tools" / "check_env.py")
 check_env = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(check_env)
+
+
+def run_check_env(export: str, *args: str) -> subprocess.CompletedProcess:
+    """`python tools/check_env.py ARGS < export`, in this process (tests/helpers.py)."""
+    out, err = io.StringIO(), io.StringIO()
+    stdin, sys.stdin = sys.stdin, io.StringIO(export)
+    try:
+        with command_output(out, err):
+            status = exit_status(lambda: check_env.main(list(args)))
+    finally:
+        sys.stdin = stdin
+    return subprocess.CompletedProcess(["check_env.py", *args], status, out.getvalue(), err.getvalue())
 
 
 def _export_of_this_environment() -> str:
@@ -46,8 +60,7 @@ def test_compare_names_each_disagreement():
 
 
 def test_check_env_passes_on_a_matching_environment_and_loads_torchaudio():
-    run = subprocess.run([sys.executable, str(REPO / "tools" / "check_env.py")],
-                         input=_export_of_this_environment(), capture_output=True, text=True)
+    run = run_check_env(_export_of_this_environment())
     assert run.returncode == 0, run.stderr
     assert "load (torchaudio's C++ extension too)" in run.stdout
     assert "torchaudio " in run.stdout.splitlines()[0]
@@ -57,14 +70,12 @@ def test_check_env_fails_clearly_when_the_lock_disagrees():
     export = _export_of_this_environment()
     torch_version = check_env.installed_versions()["torch"]
     tampered = export.replace(f"torch=={torch_version}\n", "torch==2.11.0\n")
-    run = subprocess.run([sys.executable, str(REPO / "tools" / "check_env.py")],
-                         input=tampered, capture_output=True, text=True)
+    run = run_check_env(tampered)
     assert run.returncode == 1
     assert f"check-env: torch: locked 2.11.0, installed {torch_version}" in run.stderr
     assert "does not match uv.lock" in run.stderr
     # Resolved without the lock (make test-latest): differences are listed, not fatal.
-    run = subprocess.run([sys.executable, str(REPO / "tools" / "check_env.py"), "--newer-than-lock"],
-                         input=tampered, capture_output=True, text=True)
+    run = run_check_env(tampered, "--newer-than-lock")
     assert run.returncode == 0, run.stderr
     assert f"differs from uv.lock: torch: locked 2.11.0, installed {torch_version}" in run.stdout
 

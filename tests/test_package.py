@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
+from helpers import run_command
 
 PACKAGE = REPO / "musicvae"
 
@@ -70,7 +71,7 @@ def test_help_lists_every_subcommand_and_imports_no_command():
 
 
 def test_unknown_subcommand_names_the_closest():
-    run = subprocess.run([sys.executable, "-m", "musicvae", "evalute"], cwd=REPO, capture_output=True, text=True)
+    run = run_command("musicvae", ["evalute"])
     assert run.returncode == 2
     assert "unknown command 'evalute'; did you mean 'evaluate'?" in run.stderr
 

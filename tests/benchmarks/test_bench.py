@@ -21,6 +21,7 @@ from musicvae.benchmarks import timing as B
 from musicvae.benchmarks import memory as M
 from musicvae.training.module import MusicVAEModule
 from conftest import REPO
+from helpers import run_command
 
 BENCH = REPO / "scripts" / "bench.py"
 CPU = torch.device("cpu")
@@ -211,8 +212,7 @@ def test_lightning_epoch_and_profile_run_the_module():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_a_gpu_is_one_line():
-    done = subprocess.run([sys.executable, str(BENCH), "--device", "cuda", "--quick"],
-                          capture_output=True, text=True, timeout=120)
+    done = run_command("bench", ["--device", "cuda", "--quick"])
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "CUDA is not available" in done.stderr
 

@@ -5,22 +5,19 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from conftest import TINY_FLAGS
+from helpers import run_command
 from musicvae.benchmarks.recipes import (CLAIMS, DEFAULT_BASE, HIGHER, LOWER, RECIPE_KEYS, TOWARD_ONE, check_base,
                                  claim_results, direction, judge, parse_flags, training_args)
 from musicvae.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "scripts" / "compare.py"
 
 
 def without(flags: list[str], *keys: str) -> list[str]:
@@ -113,9 +110,8 @@ def test_compare_settings_come_last(tmp_path):
 def test_compare_script_end_to_end(tmp_path):
     out = tmp_path / "cmp"
     flags = shlex.join([*COMPARE_FLAGS, "--data.cache_dir", str(tmp_path / "cache")])
-    args = [sys.executable, str(SCRIPT), "--out", str(out), "--steps", "6", "--seeds", "2", "--flags", flags]
-    done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    args = ["--out", str(out), "--steps", "6", "--seeds", "2", "--flags", flags]
+    done = run_command("compare", args, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "compare: [4/4] improved seed 1" in done.stdout
 
@@ -158,6 +154,6 @@ def test_compare_script_end_to_end(tmp_path):
     for claim in result["claims"]:
         assert f"{claim['claim']} ({claim['metric']}): {claim['result']}" in done.stdout
 
-    again = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+    again = run_command("compare", args, cwd=REPO)
     assert again.returncode == 2 and "compare: error:" in again.stderr and "--overwrite" in again.stderr
     assert "Traceback" not in again.stderr

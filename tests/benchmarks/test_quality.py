@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from helpers import run_command
 from musicvae.losses import DEFAULT_BANDS
 from musicvae.benchmarks.quality import (PathShares, fit_pca, goal_rows, linear_references, markdown_table,
                               prior_diagnostics, reference_statistics)
@@ -128,9 +127,8 @@ trainer:
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark_quality.py"), *args],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+    """`python scripts/benchmark_quality.py ARGS`, in this process."""
+    return run_command("benchmark-quality", args, cwd=REPO)
 
 
 def test_bad_folders_are_refused_in_one_line(tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_fit_args, write_mel_folder
+from conftest import write_mel_folder
 from musicvae.data.augment import (
     AugmentDraw,
     AugmentSettings,
@@ -25,8 +25,7 @@ from musicvae.data.datamodule import MelDataModule
 from musicvae.errors import ConfigError
 from musicvae.data.sampling import DRAW_RANGE
 from musicvae.data.segments import Normalizer, SegmentDataset
-from helpers import run_script
-from helpers import assert_same_weights, fit_args, run_train, signal_probe, step_of
+from helpers import assert_same_weights, fit_args, signal_probe, step_of, train, train_in_child
 
 ALL_ON = AugmentSettings(gain_db=6.0, freq_shift=2, mix_prob=0.5, mix_gain_db=6.0)
 AUGMENT_FLAGS = ["--data.augment.gain_db", "3", "--data.augment.freq_shift", "1", "--data.augment.mix_prob", "0.5"]
@@ -199,22 +198,11 @@ def test_bad_settings_name_the_setting(values, setting):
 # --- the command line ----------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_cli_trains_with_augmentation_and_records_it(tmp_path):
-    result = run_script(*tiny_fit_args(tmp_path, "--trainer.max_epochs", "1", *AUGMENT_FLAGS)[1:])
-    assert result.returncode == 0, result.stderr[-3000:]
-    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert ckpt["datamodule_hyper_parameters"]["augment"] == {
-        "gain_db": 3.0, "freq_shift": 1, "mix_prob": 0.5, "mix_gain_db": 6.0,
-    }
-
-
-@pytest.mark.slow
 def test_cli_refuses_a_mistyped_or_out_of_range_augment_option(tmp_path):
-    typo = run_script("--data.augment.gain_dB", "3", "--checkpoint_dir", str(tmp_path / "ckpt"))
+    typo = train(["--data.augment.gain_dB", "3", "--checkpoint_dir", str(tmp_path / "ckpt")])
     assert typo.returncode != 0 and "gain_dB" in typo.stderr
-    bad = run_script("--data.augment.mix_prob", "1.5", "--data.cache_dir", str(tmp_path / "cache"),
-                     "--checkpoint_dir", str(tmp_path / "ckpt"))
+    bad = train(["--data.augment.mix_prob", "1.5", "--data.cache_dir", str(tmp_path / "cache"),
+                 "--checkpoint_dir", str(tmp_path / "ckpt")])
     assert bad.returncode == 2 and "data.augment.mix_prob=1.5 must be in [0, 1]" in bad.stderr
     assert "Traceback" not in bad.stderr
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "cache").exists()
@@ -223,19 +211,27 @@ def test_cli_refuses_a_mistyped_or_out_of_range_augment_option(tmp_path):
 @pytest.fixture(scope="module")
 def straight_augmented(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("straight_augmented")
-    result = run_train(fit_args(root, root / "cache", *AUGMENT_FLAGS))
+    result = train(fit_args(root, root / "cache", *AUGMENT_FLAGS))
     assert result.returncode == 0, result.stderr[-2000:]
     return {"cache": root / "cache", "last": root / "ckpt" / "last.ckpt"}
+
+
+@pytest.mark.slow
+def test_cli_trains_with_augmentation_and_records_it(straight_augmented):
+    ckpt = torch.load(straight_augmented["last"], map_location="cpu", weights_only=True)
+    assert ckpt["datamodule_hyper_parameters"]["augment"] == {
+        "gain_db": 3.0, "freq_shift": 1, "mix_prob": 0.5, "mix_gain_db": 6.0,
+    }
 
 
 @pytest.mark.slow
 def test_augmented_training_resumes_bitwise_after_a_kill(tmp_path, straight_augmented):
     # Two loader workers and a kill mid-epoch (tests/test_reliability.py's setting): augmentation
     # drawn from anything but the sampler's draws would make the resumed weights differ.
-    result = run_train(fit_args(tmp_path, straight_augmented["cache"], *AUGMENT_FLAGS, *signal_probe(7, "SIGKILL")))
+    result = train_in_child(fit_args(tmp_path, straight_augmented["cache"], *AUGMENT_FLAGS, *signal_probe(7, "SIGKILL")))
     assert result.returncode == -9
     last = tmp_path / "ckpt" / "last.ckpt"
     assert step_of(last) == 4
-    resumed = run_train(["fit", "--ckpt_path", str(last), "--trainer.callbacks", "[]"])
+    resumed = train(["fit", "--ckpt_path", str(last), "--trainer.callbacks", "[]"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same_weights(last, straight_augmented["last"])

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +21,7 @@ import soundfile as sf
 import torch
 
 from conftest import tiny_fit_args, write_mel_folder
+from helpers import train
 from musicvae.data import cache
 from musicvae.data import datamodule as data
 from musicvae.audio.mel import AudioError, MelSettings, decode_audio
@@ -405,11 +404,9 @@ def test_training_on_a_mixed_folder_completes_and_names_each_bad_file_once(
 @pytest.mark.slow
 def test_train_script_on_a_mixed_folder_with_workers(tmp_path):
     mixed = build_mixed_folder(tmp_path / "music", patched=False)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO / "tests"), "OMP_NUM_THREADS": "1"}
     args = tiny_fit_args(tmp_path, "--data.data_dir", str(mixed.folder), "--data.num_workers", "2",
                          "--trainer.max_epochs", "1", *spoil_flags(mixed))
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), *args],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = train(args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-5000:]
     assert "training finished" in result.stdout + result.stderr
     assert (tmp_path / "ckpt" / "last.ckpt").is_file()

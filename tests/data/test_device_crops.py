@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from conftest import tiny_fit_args, write_mel_folder
-from helpers import run_script
-from helpers import assert_same_weights, fit_args, run_train, signal_probe, step_of, straight  # noqa: F401
+from helpers import assert_same_weights, fit_args, signal_probe, step_of, train, train_in_child
 from musicvae.data.augment import AugmentSettings
 from musicvae.training.cli import cli_main
 from musicvae.data.datamodule import MelDataModule
@@ -127,7 +126,8 @@ def test_training_with_and_without_device_cache_gives_the_same_weights(tmp_path)
 @pytest.mark.slow
 def test_train_script_with_device_cache_exits_0(tmp_path):
     # Two workers: the crop plans are made in worker processes, as a GPU run would.
-    done = run_script(*tiny_fit_args(tmp_path, "--data.device_cache", "true", "--data.num_workers", "2", *AUGMENT_FLAGS))
+    done = train(tiny_fit_args(tmp_path, "--data.device_cache", "true", "--data.num_workers", "2", *AUGMENT_FLAGS,
+                               "--trainer.max_epochs", "1"))
     assert done.returncode == 0, done.stderr[-3000:]
     checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
     assert checkpoint["datamodule_hyper_parameters"]["device_cache"] is True
@@ -137,11 +137,11 @@ def test_train_script_with_device_cache_exits_0(tmp_path):
 def test_device_path_killed_and_resumed_matches_the_uninterrupted_loader_run(tmp_path, straight):
     """test_reliability's exact-resume run (dropout, 2 workers, step checkpoints), killed mid-epoch
     on the device path and resumed: the weights of the loader path's uninterrupted run."""
-    result = run_train(fit_args(tmp_path, straight["cache"], "--data.device_cache", "true", *signal_probe(7, "SIGKILL")))
+    result = train_in_child(fit_args(tmp_path, straight["cache"], "--data.device_cache", "true", *signal_probe(7, "SIGKILL")))
     assert result.returncode == -signal.SIGKILL
     last = tmp_path / "ckpt" / "last.ckpt"
     assert step_of(last) == 4
-    resumed = run_train(["fit", "--ckpt_path", str(last), "--trainer.callbacks", "[]"])
+    resumed = train(["fit", "--ckpt_path", str(last), "--trainer.callbacks", "[]"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert step_of(last) == 16
     assert_same_weights(last, straight["last"])

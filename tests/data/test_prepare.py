@@ -18,7 +18,7 @@ from conftest import load_script
 from musicvae.audio.mel import MelSettings
 from musicvae.data.cache import MANIFEST, build_audio_cache, cache_folder
 from musicvae.data.segments import load_mel_array
-from helpers import write_tone
+from helpers import run_command, write_tone
 
 ROOT = Path(__file__).resolve().parents[2]
 PREPARE = ROOT / "scripts" / "prepare.py"
@@ -29,7 +29,8 @@ prepare_main = load_script("prepare").main
 
 
 def run_prepare(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(PREPARE), *args], capture_output=True, text=True, timeout=120)
+    """`python scripts/prepare.py ARGS`, in this process (tests/helpers.py)."""
+    return run_command("prepare", args)
 
 
 def write_collection(folder: Path, n: int, seconds: float = 3.0) -> list[Path]:

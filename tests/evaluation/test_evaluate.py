@@ -1,13 +1,11 @@
 """Checkpoint evaluation: verdict thresholds on hand-made metrics, then evaluate end to end on the
-shared tiny run, as a function and as `scripts/evaluate.py` in a subprocess."""
+shared tiny run, as a function and as the `scripts/evaluate.py` command (in-process)."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import matplotlib.image
@@ -15,20 +13,19 @@ import pytest
 import torch
 
 from conftest import load_script, write_mel_folder
+from helpers import run_command
 from musicvae.evaluation import report as evaluation
 from musicvae.inference.loading import datamodule_for, load_module
 from musicvae.evaluation.report import (FEATURELESS_FRAC_THRESHOLD, HF_RATIO_THRESHOLD, RANGE_OUTSIDE_THRESHOLD,
                                  evaluate_checkpoint, json_safe, upper_band_names, verdicts)
 
 REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "scripts" / "evaluate.py"
 PROBLEMS = ("output range", "high frequencies", "featureless outputs")
 
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return run_command("evaluate", args, cwd=REPO)
 
 
 def metrics_128(range_frac=0.0, upper=(1.0, 1.0), lower=(1.0, 1.0, 1.0), featureless=0.0) -> dict:

@@ -3,8 +3,6 @@ messages of scripts/generate.py; all on the session's tiny trained checkpoint.""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +11,7 @@ import soundfile as sf
 import torch
 
 from conftest import load_script
+from helpers import run_command
 from musicvae.audio.mel import MelSettings
 from musicvae.data.segments import Normalizer
 from musicvae.training.checkpoints import DATA_STATE_KEY
@@ -256,9 +255,8 @@ def test_script_refuses_a_checkpoint_without_mel_settings(ckpt, tmp_path, capsys
 @pytest.mark.slow
 def test_generate_script_end_to_end(ckpt, tmp_path):
     sf.write(tmp_path / "in.wav", tone(1.0), 22050)
-    run = subprocess.run([sys.executable, str(REPO / "scripts" / "generate.py"), "reconstruct", "--ckpt_path",
-                          str(ckpt), str(tmp_path / "in.wav"), "--out", str(tmp_path / "out.wav"),
-                          "--griffin_lim_iters", "4"], capture_output=True, text=True, timeout=120)
+    run = run_command("generate", ["reconstruct", "--ckpt_path", str(ckpt), str(tmp_path / "in.wav"),
+                                   "--out", str(tmp_path / "out.wav"), "--griffin_lim_iters", "4"])
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "out.wav").is_file() and (tmp_path / "out.png").is_file()
     assert "reconstructed 1.00 s" in run.stdout

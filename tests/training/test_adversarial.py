@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from helpers import (START, assert_same_weights, run_train, sigint_ignored, signal_probe, stage_args,
-                     start_like_a_terminal, step_of, wait_for, weights)
+                     start_like_a_terminal, step_of, train, train_in_child, wait_for, weights)
 from musicvae.training.checkpoints import RAW_WEIGHTS_KEY
 from musicvae.errors import ConfigError, NonFiniteError
 from musicvae.losses import adaptive_weight, feature_matching_loss, hinge_discriminator_loss, hinge_generator_loss
@@ -94,12 +94,12 @@ def test_lightnings_clipping_is_refused_with_what_to_set_instead(tmp_path):
 
 @pytest.fixture(scope="module")
 def stage(tiny_run, tmp_path_factory) -> dict:
-    """The stage run straight through, with its per-batch metrics recorded (a subprocess, as a user runs it)."""
+    """The stage run straight through, with its per-batch metrics recorded (the command, as a user runs it)."""
     root = tmp_path_factory.mktemp("sharp")
     init = tiny_run["ckpt_dir"] / "best.ckpt"
     record = root / "steps.jsonl"
     probe = [{"class_path": "probes.RecordStepMetrics", "init_args": {"out": str(record), "keys": LOGGED}}]
-    result = run_train(stage_args(root, init, tiny_run["cache_dir"], "--trainer.callbacks", json.dumps(probe)))
+    result = train(stage_args(root, init, tiny_run["cache_dir"], "--trainer.callbacks", json.dumps(probe)))
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in record.read_text().splitlines()]
     return {"root": root, "init": init, "rows": rows, "stderr": result.stderr, "cache": tiny_run["cache_dir"]}
@@ -153,11 +153,11 @@ def test_every_loss_part_and_the_discriminator_scores_reach_tensorboard(stage):
 @pytest.mark.slow
 def test_the_stage_resumes_exactly_after_a_kill(stage, tmp_path):
     # Killed as batch 7 starts (optimizer step 14); last.ckpt is from step 12, past the start step.
-    killed = run_train(stage_args(tmp_path, stage["init"], stage["cache"], *signal_probe(14, "SIGKILL")))
+    killed = train_in_child(stage_args(tmp_path, stage["init"], stage["cache"], *signal_probe(14, "SIGKILL")))
     assert killed.returncode == -signal.SIGKILL
     last = tmp_path / "ckpt" / "last.ckpt"
     assert step_of(last) == 12
-    resumed = run_train(["fit", "--ckpt_path", str(last), "--trainer.callbacks", "[]"])
+    resumed = train(["fit", "--ckpt_path", str(last), "--trainer.callbacks", "[]"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "starting from the weights" not in resumed.stderr  # a resume, not a new start from init_from
     assert_same_weights(last, stage["root"] / "ckpt" / "last.ckpt")
@@ -197,7 +197,7 @@ def test_the_stage_runs_under_ddp_with_ema_and_ctrl_c_stops_every_rank(tiny_run,
     ckpt = torch.load(last, map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 8 and RAW_WEIGHTS_KEY in ckpt and len(ckpt["optimizer_states"]) == 2
     command = err.split("Continue with:\n")[1].splitlines()[0].strip()
-    resumed = run_train(shlex.split(command)[2:])
+    resumed = run_train(shlex.split(command)[2:])  # DDP again: Lightning starts rank 1 from sys.argv
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert step_of(last) == 16
 

@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 
-from conftest import tiny_fit_args
+from conftest import global_state_kept, tiny_fit_args
+from helpers import run_command, train
 from musicvae.training.checkpoints import list_checkpoints, load_checkpoint
 from musicvae.training.cli import cli_main
 from musicvae.training.run_callbacks import checkpoint_callbacks
@@ -64,7 +63,8 @@ def test_last_checkpoint_advances_while_validation_gets_worse(tmp_path):
 def trained(tmp_path_factory) -> Path:
     """A tiny 2-epoch run with a probe-free config, copied per test that resumes it."""
     root = tmp_path_factory.mktemp("resumable")
-    cli_main(tiny_fit_args(root, "--model.latent_dim", "6"))
+    with global_state_kept():
+        cli_main(tiny_fit_args(root, "--model.latent_dim", "6"))
     return root
 
 
@@ -107,27 +107,19 @@ def test_resume_uses_new_lr_and_beta_and_keeps_adam_state(trained, tmp_path):
     assert torch.load(last, weights_only=True)["epoch"] == 2
 
 
-def run_train(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "train.py"), *args],
-        cwd=cwd, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "PYTHONPATH": str(REPO / "tests")},
-    )
-
-
 @pytest.mark.slow
 def test_relative_checkpoint_dir_resumes_from_another_directory(tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     first.mkdir(), second.mkdir()
-    result = run_train(*tiny_fit_args(Path("."), "--checkpoint_dir", "ckpt")[1:], cwd=first)
+    result = train(tiny_fit_args(Path("."), "--checkpoint_dir", "ckpt")[1:], cwd=first)
     assert result.returncode == 0, result.stderr[-3000:]
     ckpt_dir = first / "ckpt"
     best_before = load_checkpoint(ckpt_dir / "best.ckpt")["musicvae_monitor"]["value"]
     history = tmp_path / "history.json"
     callbacks = [{"class_path": "probes.ValHistory", "init_args": {"out": str(history), "checkpoint_dir": str(ckpt_dir)}}]
-    result = run_train("--ckpt_path", str(ckpt_dir / "last.ckpt"), "--model.lr", "0.3", "--trainer.max_epochs", "3",
-                       "--trainer.callbacks", json.dumps(callbacks), "--trainer.logger.init_args.save_dir", "../first/logs",
-                       cwd=second)
+    result = train(["--ckpt_path", str(ckpt_dir / "last.ckpt"), "--model.lr", "0.3", "--trainer.max_epochs", "3",
+                    "--trainer.callbacks", json.dumps(callbacks), "--trainer.logger.init_args.save_dir", "../first/logs"],
+                   cwd=second)
     assert result.returncode == 0, result.stderr[-3000:]
     # Checkpoints beside the resumed file, not relative to the new cwd; the log folder the command names
     # is the stored one, so the TensorBoard curves continue in its version.
@@ -151,9 +143,9 @@ def test_moved_run_folder_keeps_the_best_score(trained, tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     # A learning rate this large makes the resumed epochs worse than the stored best.
-    result = run_train("--ckpt_path", str(ckpt_dir / "last.ckpt"), "--checkpoint_dir", str(ckpt_dir),
-                       "--model.lr", "0.3", "--trainer.max_epochs", "4", "--trainer.callbacks", json.dumps(callbacks),
-                       cwd=elsewhere)
+    result = train(["--ckpt_path", str(ckpt_dir / "last.ckpt"), "--checkpoint_dir", str(ckpt_dir),
+                    "--model.lr", "0.3", "--trainer.max_epochs", "4", "--trainer.callbacks", json.dumps(callbacks)],
+                   cwd=elsewhere)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(history.read_text())
     assert [r["epoch"] for r in rows] == [2, 3]  # continues at the checkpoint's epoch + 1
@@ -251,10 +243,12 @@ def test_monitor_is_configurable_and_checked(tmp_path):
 
 @pytest.mark.slow
 def test_checkpoint_listing_script(tiny_run):
-    script = [sys.executable, str(REPO / "scripts" / "checkpoints.py"), str(tiny_run["ckpt_dir"])]
-    table = subprocess.run(script, capture_output=True, text=True, check=True).stdout
-    assert "best.ckpt" in table and "last.ckpt" in table and "val/loss" in table
-    rows = json.loads(subprocess.run([*script, "--json"], capture_output=True, text=True, check=True).stdout)
+    table = run_command("checkpoints", [str(tiny_run["ckpt_dir"])])
+    assert table.returncode == 0, table.stderr
+    assert "best.ckpt" in table.stdout and "last.ckpt" in table.stdout and "val/loss" in table.stdout
+    listed = run_command("checkpoints", [str(tiny_run["ckpt_dir"]), "--json"])
+    assert listed.returncode == 0, listed.stderr
+    rows = json.loads(listed.stdout)
     by_name = {row["file"]: row for row in rows}
     assert by_name["last.ckpt"]["last"] and by_name["best.ckpt"]["best"]
     assert by_name["last.ckpt"]["epoch"] == 1 and by_name["last.ckpt"]["global_step"] > 0

@@ -1,4 +1,5 @@
-"""The training command line end to end: cli_main in-process and scripts/train.py as a subprocess."""
+"""The training command line end to end: cli_main, and the command as scripts/train.py runs it
+(exit status and output), both in-process. Two-process training: tests/training/test_ddp.py."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from helpers import run_script
+from helpers import train
 from conftest import tiny_fit_args
 from musicvae.training.cli import cli_main
 
@@ -110,25 +111,22 @@ def test_seed_everything_seeds_the_split():
     assert cli.model.hparams.n_mels == cli.datamodule.n_mels == 128  # shapes linked from the data
 
 
-@pytest.mark.slow
 def test_script_reports_bad_data_dir_without_a_traceback(tmp_path):
-    result = run_script("--data.data_dir", str(tmp_path / "missing"), "--trainer.max_epochs", "1")
+    result = train(["--data.data_dir", str(tmp_path / "missing"), "--trainer.max_epochs", "1"], cwd=tmp_path)
     assert result.returncode == 2
     assert "musicvae: error:" in result.stderr and "missing" in result.stderr
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.slow
 def test_script_rejects_a_mistyped_flag(tmp_path):
-    result = run_script("--trainer.max_epoch", "1")
+    result = train(["--trainer.max_epoch", "1"], cwd=tmp_path)
     assert result.returncode != 0
     assert "max_epoch" in result.stderr
     assert not (tmp_path / "ckpt").exists()
 
 
-@pytest.mark.slow
 def test_script_help_lists_the_groups():
-    result = run_script("--help")
+    result = train(["--help"])
     assert result.returncode == 0
     for flag in ("--model.beta", "--data.data_dir", "--trainer.max_epochs", "--checkpoint_dir", "--ckpt_path"):
         assert flag in result.stdout
@@ -137,7 +135,7 @@ def test_script_help_lists_the_groups():
 @pytest.mark.slow
 def test_script_trains_from_another_directory(tmp_path):
     # Relative paths in flags resolve against the caller's directory, not the repository.
-    result = run_script(*tiny_fit_args(Path("run"), "--trainer.max_epochs", "1")[1:], cwd=tmp_path)
+    result = train(tiny_fit_args(Path("run"), "--trainer.max_epochs", "1")[1:], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "run" / "ckpt" / "last.ckpt").is_file()
     assert "last.ckpt" in result.stdout + result.stderr
@@ -147,15 +145,3 @@ def test_script_trains_from_another_directory(tmp_path):
 def test_bf16_mixed_precision_trains(tmp_path):
     cli = cli_main(tiny_fit_args(tmp_path, "--trainer.precision", "bf16-mixed", "--trainer.max_epochs", "1"))
     assert torch.isfinite(cli.trainer.callback_metrics["val/loss"])
-
-
-@pytest.mark.slow
-def test_two_process_ddp_on_cpu(tmp_path):
-    result = run_script(
-        *tiny_fit_args(tmp_path, "--trainer.accelerator", "cpu", "--trainer.devices", "2",
-                       "--trainer.strategy", "ddp", "--trainer.max_epochs", "1")[1:],
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "GLOBAL_RANK: 1" in result.stderr + result.stdout
-    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["epoch"] == 0

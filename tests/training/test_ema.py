@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import tiny_fit_args
-from helpers import EXACT_FLAGS, run_train, signal_probe, step_of
+from helpers import EXACT_FLAGS, signal_probe, step_of, train, train_in_child
 from musicvae.errors import CheckpointError, ConfigError
 from musicvae.training.cli import cli_main
 
@@ -76,14 +76,14 @@ def test_lightnings_own_weight_averaging_callback_is_refused_with_the_flag_to_us
 def test_resume_with_ema_and_a_cosine_schedule_is_bitwise_exact(tmp_path):
     extra = [*EMA_FLAGS, "--model.lr_schedule", "cosine", "--model.warmup_steps", "3"]
     straight = tmp_path / "straight"
-    assert run_train(tiny_fit_args(straight, *EXACT_FLAGS, *extra)).returncode == 0
+    assert train(tiny_fit_args(straight, *EXACT_FLAGS, *extra)).returncode == 0
     killed = tmp_path / "killed"
     args = [a if a != str(killed / "cache") else str(straight / "cache") for a in tiny_fit_args(killed, *EXACT_FLAGS, *extra)]
-    result = run_train([*args, *signal_probe(14, "SIGKILL")])  # mid-epoch 1, after a validation with the swap
+    result = train_in_child([*args, *signal_probe(14, "SIGKILL")])  # mid-epoch 1, after a validation with the swap
     assert result.returncode == -signal.SIGKILL
     last = killed / "ckpt" / "last.ckpt"
     assert step_of(last) == 12
-    resumed = run_train(["fit", "--ckpt_path", str(last), "--trainer.callbacks", "[]"])
+    resumed = train(["fit", "--ckpt_path", str(last), "--trainer.callbacks", "[]"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a = torch.load(last, weights_only=True)
     b = torch.load(straight / "ckpt" / "last.ckpt", weights_only=True)

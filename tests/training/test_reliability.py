@@ -1,8 +1,10 @@
 """Training that survives: kills (injected and random), exact resume, SIGTERM, NaN/Inf.
 
-The end-to-end tests run scripts/train.py in subprocesses, kill or signal them at chosen steps
-(tests/probes.py), resume with --ckpt_path, and compare the final weights bit for bit with an
-uninterrupted run. The many-kill loop lives in scripts/reliability.py; here it runs once per kind.
+The end-to-end tests run the training command in a forked child (tests/helpers.py, Child), kill or
+signal it at chosen steps (tests/probes.py), resume with --ckpt_path in the test's process, and
+compare the final weights bit for bit with an uninterrupted run. Ctrl-C comes from outside, to a
+`python scripts/train.py` of its own process group, as a terminal sends it. The many-kill loop
+lives in scripts/reliability.py; here it runs once per kind.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from musicvae.training.guards import all_finite, nonfinite_gradients, nonfinite_
 from musicvae.training.random_state import capture, restore
 from musicvae.data.sampling import CropSampler
 from conftest import load_script, tiny_fit_args
-from helpers import (assert_same_weights, fit_args, run_train, sigint_ignored, signal_probe, start_like_a_terminal,  # noqa: F401
-                     step_of, straight, wait_for, weights)
+from helpers import (assert_same_weights, fit_args, sigint_ignored, signal_probe, start_like_a_terminal, step_of,
+                     train, train_in_child, wait_for, weights)
 
 # ---- exact resume -------------------------------------------------------------------------------
 
@@ -40,11 +42,11 @@ from helpers import (assert_same_weights, fit_args, run_train, sigint_ignored, s
     (14, 12),  # mid-epoch 1
 ])
 def test_resume_after_kill_is_bitwise_exact(tmp_path, straight, kill_at, saved_at):
-    result = run_train(fit_args(tmp_path, straight["cache"], *signal_probe(kill_at, "SIGKILL")))
+    result = train_in_child(fit_args(tmp_path, straight["cache"], *signal_probe(kill_at, "SIGKILL")))
     assert result.returncode == -signal.SIGKILL
     last = tmp_path / "ckpt" / "last.ckpt"
     assert step_of(last) == saved_at
-    resumed = run_train(["fit", "--ckpt_path", str(last), "--trainer.callbacks", "[]"])
+    resumed = train(["fit", "--ckpt_path", str(last), "--trainer.callbacks", "[]"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert step_of(last) == step_of(straight["last"]) == 16
     assert_same_weights(last, straight["last"])
@@ -52,12 +54,12 @@ def test_resume_after_kill_is_bitwise_exact(tmp_path, straight, kill_at, saved_a
 
 @pytest.mark.slow
 def test_sigterm_finishes_the_step_saves_exits_143_and_resumes_exactly(tmp_path, straight):
-    result = run_train(fit_args(tmp_path, straight["cache"], *signal_probe(10, "SIGTERM")))
+    result = train_in_child(fit_args(tmp_path, straight["cache"], *signal_probe(10, "SIGTERM")))
     assert result.returncode == 143, result.stderr[-2000:]
     last = tmp_path / "ckpt" / "last.ckpt"
     assert step_of(last) == 11  # the step running when the signal came was finished, then saved
     assert "SIGTERM: saved" in result.stderr and "--ckpt_path" in result.stderr
-    resumed = run_train(["fit", "--ckpt_path", str(last), "--trainer.callbacks", "[]"])
+    resumed = train(["fit", "--ckpt_path", str(last), "--trainer.callbacks", "[]"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same_weights(last, straight["last"])
 
@@ -82,7 +84,7 @@ def test_ctrl_c_finishes_the_step_saves_exits_130_and_resumes_exactly(tmp_path, 
     # The printed command is the user's own, with --ckpt_path: run as printed, it resumes exactly.
     command = err.split("Continue with:\n")[1].splitlines()[0].strip()
     assert command.startswith("python scripts/train.py fit ") and command.endswith(f"--ckpt_path {last}")
-    resumed = run_train(shlex.split(command)[2:])
+    resumed = train(shlex.split(command)[2:])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same_weights(last, straight["last"])
 
@@ -107,7 +109,7 @@ def test_sigterm_with_nan_weights_writes_nothing(tmp_path, straight):
     # SIGTERM arrives as step 6 starts; a NaN lands in the weights as that step ends (global step 7).
     poison = ["--trainer.callbacks+=probes.PoisonAtStep", "--trainer.callbacks.step", "7",
               "--trainer.callbacks.what", "weights"]
-    result = run_train(fit_args(tmp_path, straight["cache"], *poison, *signal_probe(6, "SIGTERM")))
+    result = train_in_child(fit_args(tmp_path, straight["cache"], *poison, *signal_probe(6, "SIGTERM")))
     assert result.returncode == 143, result.stderr[-2000:]
     assert "no checkpoint written" in result.stderr
     last = tmp_path / "ckpt" / "last.ckpt"
@@ -119,13 +121,13 @@ def test_sigterm_with_nan_weights_writes_nothing(tmp_path, straight):
 @pytest.mark.slow
 def test_kill_inside_a_checkpoint_write_keeps_the_previous_one(tmp_path, straight):
     # Writes: step 4 (1), step 8 (2), then best and last after validation (3, 4): die in the 3rd.
-    result = run_train([*fit_args(tmp_path, straight["cache"]), *kill_in_write_flags(3)])
+    result = train_in_child([*fit_args(tmp_path, straight["cache"]), *kill_in_write_flags(3)])
     assert result.returncode == -signal.SIGKILL
     ckpt_dir = tmp_path / "ckpt"
     leftovers = [p for p in ckpt_dir.iterdir() if p.name.endswith(".tmp")]
     assert len(leftovers) == 1 and leftovers[0].stat().st_size > 0  # the half-written file
     assert step_of(ckpt_dir / "last.ckpt") == 8
-    resumed = run_train(["fit", "--ckpt_path", str(ckpt_dir / "last.ckpt")])
+    resumed = train(["fit", "--ckpt_path", str(ckpt_dir / "last.ckpt")])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"removed {leftovers[0].name}" in resumed.stderr
     assert not leftovers[0].exists()
@@ -133,8 +135,13 @@ def test_kill_inside_a_checkpoint_write_keeps_the_previous_one(tmp_path, straigh
 
 
 @pytest.mark.slow
-def test_reliability_script_survives_an_injected_and_a_random_kill(tmp_path, capsys):
-    assert load_script("reliability").main(["--kills", "1", "--workdir", str(tmp_path)]) == 0
+def test_reliability_script_survives_an_injected_and_a_random_kill(tmp_path, capsys, monkeypatch):
+    reliability = load_script("reliability")
+    # Its tiny run with 2 epochs instead of 5 (16 steps, a checkpoint after each): room enough for
+    # a kill at a random moment; each trial is a `musicvae fit` process the script starts and kills.
+    epochs = reliability.TINY.index("--trainer.max_epochs") + 1
+    monkeypatch.setattr(reliability, "TINY", [*reliability.TINY[:epochs], "2", *reliability.TINY[epochs + 1:]])
+    assert reliability.main(["--kills", "1", "--workdir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "injected: 1/1 survived" in out and "random: 1/1 survived" in out
 

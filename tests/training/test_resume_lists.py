@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from conftest import tiny_fit_args
-from helpers import run_train
+from helpers import train
 from musicvae.training.checkpoints import RUN_CONFIG_KEY
 from musicvae.training.resume import appended_keys
 
@@ -34,10 +34,10 @@ def test_same_command_with_ckpt_path_resumes_with_every_list_unchanged(tmp_path)
         "--model.freq_bands", "[[0.0, 0.5, 1.0]]", "--model.freq_bands+=[[0.5, 1.0, 2.0]]",
     ]
     command = tiny_fit_args(tmp_path, *appended)
-    first = run_train([*command, "--trainer.max_epochs", "1"])
+    first = train([*command, "--trainer.max_epochs", "1"])
     assert first.returncode == 0, first.stderr[-3000:]
     last = tmp_path / "ckpt" / "last.ckpt"
-    again = run_train([*command, "--trainer.max_epochs", "2", "--ckpt_path", str(last)])
+    again = train([*command, "--trainer.max_epochs", "2", "--ckpt_path", str(last)])
     assert again.returncode == 0, again.stderr[-3000:]
     changed = [line for line in again.stderr.splitlines() if "resuming with changed settings" in line]
     assert changed == ["musicvae: resuming with changed settings: trainer.max_epochs 1 -> 2"], changed
@@ -62,8 +62,8 @@ def test_same_command_with_ckpt_path_resumes_with_every_list_unchanged(tmp_path)
 def test_appending_on_resume_adds_to_the_commands_own_list(tmp_path):
     """A resume that appends something new changes the list by exactly that, and says so."""
     command = tiny_fit_args(tmp_path, "--trainer.max_epochs", "1", "--trainer.callbacks+=probes.CountingProbe")
-    assert run_train(command).returncode == 0
-    more = run_train([*command, "--trainer.max_epochs", "2", "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt"),
+    assert train(command).returncode == 0
+    more = train([*command, "--trainer.max_epochs", "2", "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt"),
                       "--trainer.callbacks+=probes.LossRecorder", "--trainer.callbacks.out", str(tmp_path / "l.json")])
     assert more.returncode == 0, more.stderr[-3000:]
     config = yaml.safe_load(torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)[RUN_CONFIG_KEY])

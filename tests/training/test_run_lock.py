@@ -1,36 +1,28 @@
-"""One training run per checkpoint folder (musicvae/training/run_lock.py): two runs started for real
-on one folder, a killed holder, and the staleness rule."""
+"""One training run per checkpoint folder (musicvae/training/run_lock.py): two runs on one folder (the
+first in a forked child, paused at a step; the second in the test's process), a killed holder, and
+the staleness rule."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO
-from helpers import fit_args, run_train, step_of, straight  # noqa: F401
+from helpers import Child, fit_args, step_of, train
 from musicvae.io.atomic import HOST
 from musicvae.training.run_lock import LOCK_NAME, STALE_S, holder_alive, process_started
 
 
-def start(args: list[str]) -> subprocess.Popen:
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
-    return subprocess.Popen([sys.executable, "scripts/train.py", *args], cwd=REPO, env=environment, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
-def paused_at(tmp_path: Path, cache: Path, step: int) -> tuple[subprocess.Popen, Path, list[str]]:
-    """A run that waits at `step` until tmp_path/at_step.go exists."""
+def paused_at(tmp_path: Path, cache: Path, step: int) -> tuple[Child, Path, list[str]]:
+    """A run in a child process that waits at `step` until tmp_path/at_step.go exists."""
     marker = tmp_path / "at_step"
     args = fit_args(tmp_path, cache)
-    proc = start([*args, "--trainer.callbacks+=probes.WaitAtStep", "--trainer.callbacks.step", str(step),
-                  "--trainer.callbacks.marker", str(marker)])
+    proc = Child("train", [*args, "--trainer.callbacks+=probes.WaitAtStep", "--trainer.callbacks.step", str(step),
+                           "--trainer.callbacks.marker", str(marker)])
     while not marker.exists():
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         time.sleep(0.1)
@@ -43,10 +35,10 @@ def test_a_second_run_on_a_live_runs_folder_is_refused_and_readers_are_not(tmp_p
     try:
         lock = json.loads((tmp_path / "ckpt" / LOCK_NAME).read_text())
         assert (lock["host"], lock["pid"]) == (HOST, first.pid)
-        second = run_train([*args, "--overwrite", "true"])
+        second = train([*args, "--overwrite", "true"])
         assert second.returncode == 2, second.stderr[-2000:]
         assert f"is in use by another training run: pid {first.pid} on host {HOST}" in second.stderr
-        reader = run_train(["validate", "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt"), "--trainer.callbacks", "[]"])
+        reader = train(["validate", "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt"), "--trainer.callbacks", "[]"])
         assert reader.returncode == 0, reader.stderr[-2000:]
     finally:
         marker.with_suffix(".go").touch()
@@ -63,8 +55,8 @@ def test_a_killed_holders_lock_is_taken_over_on_resume(tmp_path, straight):
     marker.with_suffix(".go").touch()  # the resumed run passes step 9 again, with the same probe
     assert (tmp_path / "ckpt" / LOCK_NAME).exists()
     # The probe given again: a checkpoint's stored callbacks are never taken beyond Lightning's plain ones.
-    resumed = run_train(["fit", "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt"), "--trainer.callbacks+=probes.WaitAtStep",
-                         "--trainer.callbacks.step", "9", "--trainer.callbacks.marker", str(marker)])
+    resumed = train(["fit", "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt"), "--trainer.callbacks+=probes.WaitAtStep",
+                     "--trainer.callbacks.step", "9", "--trainer.callbacks.marker", str(marker)])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"took over the lock of {tmp_path / 'ckpt'} from a run that is gone (pid {first.pid}" in resumed.stderr
 

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import torch
 
-from helpers import fit_args, run_train, stage_args, straight  # noqa: F401
+from helpers import fit_args, stage_args, train
 from musicvae.training.checkpoints import RAW_WEIGHTS_KEY
 from musicvae.io.storage import payload_bytes, size_text, write_fault
 
@@ -45,9 +45,9 @@ def test_a_refused_checkpoint_write_stops_with_one_line_and_status_4(tmp_path, s
     else:
         args = fit_args(tmp_path, straight["cache"])
     args = [a if a != str(tmp_path / "ckpt") else str(ckpt_dir) for a in args]
-    result = run_train([*args, "--model.ema_decay", "0.9", "--trainer.callbacks+=probes.DiskFaultAtStep",
-                        "--trainer.callbacks.step", "10", "--trainer.callbacks.action", action, "--trainer.callbacks.folder",
-                        str(ckpt_dir if action == "delete" else small_disk), "--trainer.callbacks.mount", str(small_disk)])
+    result = train([*args, "--model.ema_decay", "0.9", "--trainer.callbacks+=probes.DiskFaultAtStep",
+                    "--trainer.callbacks.step", "10", "--trainer.callbacks.action", action, "--trainer.callbacks.folder",
+                    str(ckpt_dir if action == "delete" else small_disk), "--trainer.callbacks.mount", str(small_disk)])
     assert result.returncode == 4, result.stderr[-3000:]
     [line] = [line for line in result.stderr.splitlines() if line.startswith("musicvae: error:")]
     assert says in line and f"Training stopped at step 12 (epoch {0 if stage else 1})" in line, line

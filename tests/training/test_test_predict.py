@@ -1,4 +1,5 @@
-"""`musicvae test` and `musicvae predict` through the real command, in subprocesses."""
+"""`musicvae test` and `musicvae predict` through the real command: in-process, and under DDP in a
+real `python -m musicvae` (Lightning starts the second rank from the command line)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import REPO, write_mel_folder
+from helpers import run_command
 
 pytestmark = pytest.mark.slow
 
@@ -26,6 +28,11 @@ def musicvae(*args: str, cwd: Path, timeout: int = 300, **env: str) -> subproces
                            capture_output=True, text=True, timeout=timeout)
 
 
+def command(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`musicvae ARGS` run in this process from `cwd`."""
+    return run_command("musicvae", args, cwd=cwd)
+
+
 def scalars(log_dir: Path) -> dict[str, float]:
     events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0})
     events.Reload()
@@ -35,7 +42,7 @@ def scalars(log_dir: Path) -> dict[str, float]:
 def test_test_scores_the_validation_split_under_test(tiny_run, tmp_path):
     ckpt = tiny_run["ckpt_dir"] / "best.ckpt"
     logs = tmp_path / "logs"
-    run = musicvae("test", "--ckpt_path", str(ckpt), "--trainer.logger.init_args.save_dir", str(logs), cwd=tmp_path)
+    run = command("test", "--ckpt_path", str(ckpt), "--trainer.logger.init_args.save_dir", str(logs), cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     found, images = scalars(next(logs.rglob("events.out.tfevents.*")).parent)
     for key in ("test/loss", "test/mse", "test/kl", "test/featureless_frac", "test/range_frac_outside",
@@ -44,7 +51,7 @@ def test_test_scores_the_validation_split_under_test(tiny_run, tmp_path):
     assert not any(key.startswith("val/") for key in found)
     assert "test/reconstructions" in images and "test/band_variance_ratio" in images
     # The same numbers as validation of the same checkpoint on the same split.
-    run = musicvae("validate", "--ckpt_path", str(ckpt), "--trainer.logger.init_args.save_dir",
+    run = command("validate", "--ckpt_path", str(ckpt), "--trainer.logger.init_args.save_dir",
                    str(tmp_path / "vlogs"), cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     validated, _ = scalars(next((tmp_path / "vlogs").rglob("events.out.tfevents.*")).parent)
@@ -55,7 +62,7 @@ def test_test_on_another_folder_scores_every_recording(tiny_run, tmp_path):
     folder = tmp_path / "other"
     write_mel_folder(folder, n_files=3, frames=80, n_mels=32, seed=5)
     logs = tmp_path / "logs"
-    run = musicvae("test", "--ckpt_path", str(tiny_run["ckpt_dir"] / "best.ckpt"), "--data.data_dir", str(folder),
+    run = command("test", "--ckpt_path", str(tiny_run["ckpt_dir"] / "best.ckpt"), "--data.data_dir", str(folder),
                    "--trainer.logger.init_args.save_dir", str(logs), cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     found, _ = scalars(next(logs.rglob("events.out.tfevents.*")).parent)
@@ -67,8 +74,8 @@ def test_test_on_another_folder_scores_every_recording(tiny_run, tmp_path):
     assert found["test/mse"] == pytest.approx(every["metrics"]["mse"], rel=1e-4)
 
 
-def _predict(tiny_run, cwd: Path, out: Path, folder: Path, *extra: str) -> subprocess.CompletedProcess:
-    return musicvae("predict", "--ckpt_path", str(tiny_run["ckpt_dir"] / "best.ckpt"), "--data.data_dir", str(folder),
+def _predict(tiny_run, cwd: Path, out: Path, folder: Path, *extra: str, run=command) -> subprocess.CompletedProcess:
+    return run("predict", "--ckpt_path", str(tiny_run["ckpt_dir"] / "best.ckpt"), "--data.data_dir", str(folder),
                     "--predict_dir", str(out), "--trainer.logger", "false", *extra, cwd=cwd)
 
 
@@ -120,7 +127,7 @@ def test_predict_under_two_processes_matches_one(predicted, tiny_run):
     two = _predict(tiny_run, tmp, tmp / "two", predicted["folder"], "--predict_reconstructions", "true",
                    "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
                    "--trainer.callbacks+=probes.PredictedSources", f"--trainer.callbacks.out={ranks}",
-                   "--data.num_workers", "1")
+                   "--data.num_workers", "1", run=musicvae)
     assert two.returncode == 0, two.stderr[-3000:]
     # Each recording encoded by exactly one of the two ranks, every recording by one.
     seen = [json.loads((ranks / f"rank{r}.json").read_text()) for r in range(2)]
@@ -143,7 +150,7 @@ def test_predict_under_two_processes_matches_one(predicted, tiny_run):
 
 @pytest.mark.parametrize("stage", ["predict", "test"])
 def test_predict_and_test_need_a_checkpoint(stage, tmp_path):
-    run = musicvae(stage, "--data.synthetic_pieces", "4", "--trainer.logger", "false", cwd=tmp_path)
+    run = command(stage, "--data.synthetic_pieces", "4", "--trainer.logger", "false", cwd=tmp_path)
     assert run.returncode == 2
     assert "give --ckpt_path" in run.stderr
     assert "Traceback" not in run.stderr
