@@ -9,7 +9,7 @@ final word; these catch the mistakes that would otherwise surface only after min
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -316,12 +316,6 @@ def check_linear_path(model: Any, bound: Optional[int]) -> None:
         f"model.linear_path needs at least model.latent_dim={hp['latent_dim']} training segments for its PCA, "
         f"and the training set has at most {bound}: lower model.latent_dim, add data, or set model.linear_path false"
     )
-
-
-def check_dirs(dirs: Iterable[tuple[str, str]]) -> None:
-    """`check_creatable_dir` on each (setting, folder)."""
-    for setting, folder in dirs:
-        check_creatable_dir(folder, setting)
 
 
 def check_mel_settings(mel: Any) -> None:

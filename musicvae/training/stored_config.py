@@ -23,6 +23,7 @@ flags; filtering the stored dict keeps the user's command line fully trusted.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -64,19 +65,21 @@ _ALLOWED = {
     "lightning.pytorch.callbacks.Timer": ("duration", "interval", "verbose"),
     "lightning.pytorch.callbacks.GradientAccumulationScheduler": ("scheduling",),
 }
-#: The same classes under the module that defines them (jsonargparse may store either spelling).
-_DEFINED_IN = {
-    "TensorBoardLogger": "tensorboard", "CSVLogger": "csv_logs", "EarlyStopping": "early_stopping",
-    "LearningRateMonitor": "lr_monitor", "TQDMProgressBar": "progress.tqdm_progress", "ModelSummary": "model_summary",
-    "DeviceStatsMonitor": "device_stats_monitor", "Timer": "timer",
-    "GradientAccumulationScheduler": "gradient_accumulation_scheduler",
-}
+
+
+def _with_defining_modules(allowed: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+    """`allowed` plus each class under the module that defines it (jsonargparse may store either spelling).
+    Only Lightning's own modules, named above, are imported here."""
+    spelled = dict(allowed)
+    for path, args in allowed.items():
+        module, name = path.rsplit(".", 1)
+        cls = getattr(importlib.import_module(module), name)
+        spelled[f"{cls.__module__}.{cls.__qualname__}"] = args
+    return spelled
+
+
 #: Every class path a stored config may name, with the init arguments it may set.
-ALLOWED_CLASSES: dict[str, tuple[str, ...]] = {
-    **_ALLOWED,
-    **{f"{path.rsplit('.', 1)[0]}.{_DEFINED_IN[path.rsplit('.', 1)[1]]}.{path.rsplit('.', 1)[1]}": args
-       for path, args in _ALLOWED.items()},
-}
+ALLOWED_CLASSES: dict[str, tuple[str, ...]] = _with_defining_modules(_ALLOWED)
 #: The list settings that hold objects, with the flag that adds one explicitly.
 _OBJECT_LISTS = {"trainer.callbacks": "--trainer.callbacks+=", "trainer.logger": "--trainer.logger+="}
 
