@@ -16,6 +16,7 @@ from musicvae.audio.mel import MelSettings, read_mel_sidecar
 from musicvae.training.checkpoints import DATA_STATE_KEY, RAW_WEIGHTS_KEY, load_checkpoint, run_config
 from musicvae.data.datamodule import MelDataModule
 from musicvae.errors import CheckpointError, ConfigError
+from musicvae.training.hparams import model_spec
 from musicvae.training.module import MusicVAEModule, with_compensation_defaults
 from musicvae.training.stored_config import check_mel_bounds, check_model_shapes, is_plain
 
@@ -38,7 +39,7 @@ def load_module(ckpt_path: str | os.PathLike, device: str = "cpu",
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: no CUDA device is available here; use --device cpu")
     ckpt = load_checkpoint(ckpt_path)
-    hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
+    model_class, hparams = model_spec(ckpt["hyper_parameters"], str(ckpt_path))  # any version's layout
     hparams["compile"] = False  # a training speed setting; evaluation and export run eagerly
     if weights not in ("average", "raw"):
         raise ConfigError(f"--weights {weights!r}: use 'average' (the checkpoint's state_dict) or 'raw'")
@@ -49,9 +50,9 @@ def load_module(ckpt_path: str | os.PathLike, device: str = "cpu",
     mel = (ckpt.get(DATA_STATE_KEY) or {}).get("mel")
     if mel is not None:
         check_mel_bounds(mel, ckpt_path)
-    check_model_shapes(MusicVAEModule, hparams, state, ckpt_path)  # before any real allocation
+    check_model_shapes(model_class, hparams, state, ckpt_path)  # before any real allocation
     try:
-        module = MusicVAEModule(**hparams)
+        module = model_class(**hparams)
         module.load_state_dict(with_compensation_defaults(dict(state), int(module.hparams.n_mels)))
     except (TypeError, RuntimeError) as err:
         raise CheckpointError(f"{ckpt_path}: the weights do not fit a MusicVAEModule ({err})") from None

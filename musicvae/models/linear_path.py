@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from musicvae.models.conv2d import LatentVAE
-from musicvae.models.linear_codes import LinearCode
+from musicvae.models.linear_codes import LinearCode, fit_pca, fit_separable_code, stack_segments
 
 
 class LinearPathVAE(LatentVAE):
@@ -131,3 +132,22 @@ def init_from_code(vae: LinearPathVAE, pca: LinearCode, beta: float, min_varianc
     vae.inner.to_latent.weight[first:first + k].zero_()
     vae.inner.to_latent.bias[first:first + k].copy_(logvar)
     vae.pca_initialised.fill_(True)
+
+
+def fit_linear_code(windows: Dataset, k: int, basis: str = "pca") -> LinearCode:
+    """The linear code a linear path starts from, fitted to `windows` (a dataset of (1, n_mels, frames)
+    normalised windows, fixed crops).
+
+    Args:
+        windows: the training windows the code is fitted on.
+        k: components (the linear path's codes).
+        basis: "pca" (PCA of the windows), "separable" (mel-covariance eigenvectors x time DCT) or
+            "dct" (2-D DCT; only the kept coefficients are chosen from the data); see
+            musicvae/models/linear_codes.py: the fewer parameters estimated, the better the start on music
+            not trained on.
+    """
+    stack = stack_segments(windows)  # (N, 1, M, T) -> (N, M*T)
+    if basis == "pca":
+        return fit_pca(stack, k)
+    shape = tuple(windows[0].shape[-2:])
+    return fit_separable_code(stack, shape, k, mel_basis="eigen" if basis == "separable" else "dct")

@@ -6,11 +6,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
+from musicvae.errors import ConfigError
 from musicvae.io.atomic import write_atomic
 from musicvae.training.lightning_private import CHECKPOINT_DIR_WARNING
 from musicvae.training.checkpoints import MONITOR_KEY, RUN_CONFIG_KEY, RUN_ID_KEY, dump_yaml
@@ -194,3 +196,37 @@ def _no_dir_warning(self: ModelCheckpoint, dirpath: str) -> None:
 
 
 setattr(FixedNameCheckpoint, CHECKPOINT_DIR_WARNING, _no_dir_warning)
+
+
+class DataHandOver(Callback):
+    """Hands the module what it takes from the data module, so the module never reads it: the z-score
+    scale its scores report in (before each validation and test), and the training windows its linear
+    path starts from (when training starts, so the fit counts against `max_time`)."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if getattr(pl_module, "needs_linear_start", False):
+            examples = pl_module.hparams.linear_path_examples
+            pl_module.start_linear_path(linear_start_windows(trainer, examples) if trainer.is_global_zero else None)
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._hand_scale(trainer, pl_module)
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._hand_scale(trainer, pl_module)
+
+    @staticmethod
+    def _hand_scale(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        normalizer = getattr(getattr(trainer, "datamodule", None), "normalizer", None)
+        if normalizer is not None and hasattr(pl_module, "scores"):
+            pl_module.scores.std = normalizer.std
+
+
+def linear_start_windows(trainer: L.Trainer, examples: int) -> Any:
+    """At most `examples` training windows, evenly spaced, with fixed crops and no augmentation: the same
+    on every run (a dataset of (1, n_mels, frames) windows)."""
+    train_set = getattr(getattr(trainer, "datamodule", None), "train_set", None)
+    if train_set is None:
+        raise ConfigError("model.linear_path needs the training data module (MelDataModule) to fit its PCA")
+    count = min(len(train_set), examples)
+    rows = np.unique(np.linspace(0, len(train_set) - 1, count).round().astype(np.int64))
+    return train_set.fixed_windows(rows)

@@ -15,6 +15,7 @@ import yaml
 
 from musicvae.errors import CheckpointError
 from musicvae.io.safe_load import load_weights_only, safe_yaml_load
+from musicvae.training.hparams import SHARPEN_CLASS, current_config, current_layout
 
 #: Key of the run's full config (a YAML string) inside every checkpoint the CLI writes.
 RUN_CONFIG_KEY = "musicvae_run_config"
@@ -61,7 +62,8 @@ def run_config(ckpt: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(text, str):
         raise CheckpointError(f"its stored run config ({RUN_CONFIG_KEY}) is not YAML text")
     config = safe_yaml_load(text, "the run config stored in the checkpoint")
-    return config if isinstance(config, dict) else {}
+    # Every earlier layout read as today's (musicvae/training/hparams.py holds the table).
+    return current_config(config, "its stored run config") if isinstance(config, dict) else {}
 
 
 def config_from_hyperparameters(ckpt: dict[str, Any]) -> dict[str, Any]:
@@ -70,18 +72,23 @@ def config_from_hyperparameters(ckpt: dict[str, Any]) -> dict[str, Any]:
     Only what the weights need: the model's hyper-parameters and the data's shape settings.
     """
     linked = {"n_mels", "frames"}  # the CLI links these from the data settings
-    model = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if k not in linked and not k.startswith("_")}
+    class_path, args, media = current_layout(ckpt.get("hyper_parameters") or {}, "its hyper-parameters")
+    args = {k: v for k, v in args.items() if k not in linked and not k.startswith("_")}
     data_state = ckpt.get(DATA_STATE_KEY) or {}
     data = {k: data_state[k] for k in ("frames", "mel") if k in data_state}
-    return {"model": model, "data": data}
+    return {"model": {"class_path": class_path, "init_args": args}, "data": data, **({"media": media} if media else {})}
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"model": {"lr": 1}} -> {"model.lr": 1}; lists stay values."""
+    """{"model": {"lr": 1}} -> {"model.lr": 1}; lists stay values. The model's class path and init
+    arguments read as `model.class_path` and `model.lr`, the names the command line takes."""
     flat: dict[str, Any] = {}
     for key, value in config.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict) and value and "class_path" not in value:
+        if name == "model" and isinstance(value, dict) and "class_path" in value:
+            flat[f"{name}.class_path"] = value["class_path"]
+            flat.update(flatten(dict(value.get("init_args") or {}), f"{name}."))
+        elif isinstance(value, dict) and value and "class_path" not in value:
             flat.update(flatten(value, f"{name}."))
         else:
             flat[name] = value
@@ -115,20 +122,27 @@ def _normal(value: Any) -> Any:
 
 
 def unresumable_changes(ckpt: dict[str, Any], model_hparams: dict[str, Any], mel: dict[str, Any]) -> list[str]:
-    """Why the checkpoint's weights cannot continue under the new settings ([] if they can)."""
-    old_hp = ckpt.get("hyper_parameters", {})
+    """Why the checkpoint's weights cannot continue under the new settings ([] if they can).
+
+    Args:
+        ckpt: the checkpoint (its hyper-parameters of any version).
+        model_hparams: the new model's settings, with its class path under `_class_path`.
+        mel: the new mel settings.
+    """
+    old_class, old_hp, _ = current_layout(ckpt.get("hyper_parameters", {}))
+    new_class, model_hparams, _ = current_layout(model_hparams, "the command")
     problems = []
     for name in ARCHITECTURE_FIELDS:
         old, new = old_hp.get(name), model_hparams.get(name)
         if _normal(old) != _normal(new):
             problems.append(f"model.{name}: checkpoint {old!r}, now {new!r}")
     # The adversarial stage adds a network and an optimizer: it starts from weights (init_from), it is
-    # not switched on or off in a resumed run. A checkpoint from before the stage existed was not in it.
-    was, now = bool(old_hp.get("adversarial", False)), bool(model_hparams.get("adversarial", False))
-    if was != now:
-        problems.append(f"model.adversarial: checkpoint {was}, now {now} (start the stage as a new run with "
-                        "--model.init_from CHECKPOINT instead of --ckpt_path)")
-    elif now and _normal(old_hp.get("disc_channels")) != _normal(model_hparams.get("disc_channels")):
+    # not switched on or off in a resumed run.
+    if old_class != new_class:
+        problems.append(f"model.class_path: checkpoint {old_class.rsplit('.', 1)[-1]}, now {new_class.rsplit('.', 1)[-1]} "
+                        "(start the adversarial stage as a new run with --model.init_from CHECKPOINT instead of "
+                        "--ckpt_path)")
+    elif new_class == SHARPEN_CLASS and _normal(old_hp.get("disc_channels")) != _normal(model_hparams.get("disc_channels")):
         problems.append(f"model.disc_channels: checkpoint {old_hp.get('disc_channels')!r}, "
                         f"now {model_hparams.get('disc_channels')!r}")
     # With EMA, a checkpoint's state_dict is the average and the raw training weights are beside it: resumed

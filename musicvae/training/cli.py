@@ -46,6 +46,7 @@ from musicvae.training.resume import (check_before_build, check_monitor, flag_va
                                       restart_appended_lists, resume_command)
 from musicvae.training.run_callbacks import SaveConfigToLogDir, refuse_weight_averaging, run_callbacks, trainer_settings
 from musicvae.training.run_lock import RunLock
+from musicvae.training.sharpen import SharpenModule
 from musicvae.training.run_options import TRAINER_DEFAULTS, add_run_options
 from musicvae.training.stored_config import TakenConfig
 
@@ -106,7 +107,6 @@ class MusicVAECLI(LightningCLI):
         refuse_weight_averaging(self._setting("trainer.callbacks", self.config_init) or [])
         parser = getattr(self, CLI_PARSER)(self.subcommand)
         user_callbacks = [self._setting(key, self.config_init) for key in parser.callback_keys]
-        self.model.lr_monitor = monitor  # what --model.lr_schedule plateau watches
         callbacks = run_callbacks(
             subcommand=self.subcommand, checkpoint_dir=self.checkpoint_dir, monitor=monitor,
             every_n_steps=self._setting("checkpoint_every_n_steps"), skip_nonfinite=self._setting("skip_nonfinite"),
@@ -116,7 +116,7 @@ class MusicVAECLI(LightningCLI):
             logging=self._setting("trainer.logger", self.config_init) not in (None, False, []),
             ema_decay=self.model.hparams.get("ema_decay"), predict_dir=self._setting("predict_dir"))
         trainer_config = trainer_settings({**self._setting("trainer", self.config_init), **kwargs},
-                                          bool(self.model.hparams.get("adversarial")))
+                                          not self.model.automatic_optimization)
         trainer = getattr(self, CLI_INSTANTIATE_TRAINER)(trainer_config, [*user_callbacks, *callbacks])
         apply_collective_timeout(trainer, self._setting("collective_timeout"))
         return trainer
@@ -134,7 +134,7 @@ class MusicVAECLI(LightningCLI):
             check_before_build(self.resume, self.ckpt_path, self.subcommand, self.config[self.subcommand], self.taken,
                                self._setting)
         self.init_ckpt = None
-        init_from = self._setting("model.init_from") if self.subcommand == "fit" else None
+        init_from = self._setting("model.init_args.init_from") if self.subcommand == "fit" else None
         if init_from and self.resume is None:
             # Read (safely) before anything is built or written: a bad file is refused with nothing done.
             pre = self.preloaded_init
@@ -192,12 +192,14 @@ class MusicVAECLI(LightningCLI):
 
     def _start_fresh(self, bound: int) -> None:
         """A new run: the adversarial stage's start, `--model.init_from`, and a used folder refused."""
-        if self.model.hparams.get("adversarial") and self.init_ckpt is None:
+        if isinstance(self.model, SharpenModule) and self.init_ckpt is None:
             raise ConfigError(
-                "--model.adversarial true fine-tunes a trained VAE's decoder with its encoder frozen: give "
-                "--model.init_from CHECKPOINT (the VAE's best.ckpt); from random weights it would freeze a random encoder")
+                "--model SharpenModule (the adversarial stage) fine-tunes a trained VAE's decoder with its encoder "
+                "frozen: give --model.init_from CHECKPOINT (the VAE's best.ckpt); from random weights it would "
+                "freeze a random encoder")
         if self.init_ckpt is not None:
-            rank_zero_info(initialise_run(self.model, self.datamodule, self.init_ckpt, self._setting("model.init_from"),
+            rank_zero_info(initialise_run(self.model, self.datamodule, self.init_ckpt,
+                                          self._setting("model.init_args.init_from"),
                                           self.init_mel, self._setting("init_normalization")))
         check_linear_path(self.model, bound)  # a resumed run's linear path is already set
         existing = sorted(p.name for p in self.checkpoint_dir.glob("*.ckpt")) if self.checkpoint_dir.is_dir() else []
@@ -285,7 +287,7 @@ def cli_main(args: Optional[list[str]] = None, run: bool = True, program: str = 
     os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     return MusicVAECLI(
-        MusicVAEModule, MelDataModule, args=args, run=run, resume=resume, init=init, taken=taken, command=command,
+        MusicVAEModule, MelDataModule, subclass_mode_model=True, args=args, run=run, resume=resume, init=init, taken=taken, command=command,
         handle_interrupt=handle_interrupt, seed_everything_default=0, trainer_defaults=TRAINER_DEFAULTS,
         save_config_callback=SaveConfigToLogDir, save_config_kwargs={"overwrite": True},
         # No prefix matching: a mistyped `--trainer.max_epoch` must fail, not silently mean max_epochs.

@@ -99,6 +99,8 @@ class NonFiniteGuard(Callback):
             raise ValueError(f"skip_nonfinite must be >= 0, got {skip}")
         self.skip = skip
         self.skipped = 0
+        self._batch: Any = None
+        self._loss: Optional[torch.Tensor] = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"skipped": self.skipped}
@@ -106,17 +108,24 @@ class NonFiniteGuard(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.skipped = int(state_dict.get("skipped", 0))
 
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._batch, self._loss = batch, None
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+        self._loss = loss.detach()  # the loss about to be differentiated (one per optimizer under manual optimization)
+
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
-        loss_parts = getattr(pl_module, "last_loss_parts", {})
+        loss = {} if self._loss is None else {"loss": self._loss}
         # With fp16 mixed precision the GradScaler expects Inf gradients and skips those steps itself.
         scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
-        bad = not all_finite(loss_parts, None if scaled else pl_module)
+        bad = not all_finite(loss, None if scaled else pl_module)
         if trainer.world_size > 1 and scaled:
-            # Gradients are identical on every rank after DDP's all-reduce, loss parts are not:
+            # Gradients are identical on every rank after DDP's all-reduce, losses are not:
             # every rank must take the same decision or the next collective hangs.
             bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
         if not bad:
             return
+        loss_parts = {**loss, **self._recomputed_parts(trainer, pl_module)} if nonfinite_parts(loss) else {}
         parts = nonfinite_parts(loss_parts)
         grads = [] if scaled else nonfinite_gradients(pl_module)
         what = _describe(parts, grads)
@@ -133,6 +142,16 @@ class NonFiniteGuard(Callback):
             "check the data (bad values are reported when it is read), or allow a few bad batches with "
             "--skip_nonfinite N"
         )
+
+    def _recomputed_parts(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
+        """The module's loss parts of this batch, recomputed to name the one that is not finite (only on
+        the way to a message; the random state is left as it was)."""
+        loss_parts = getattr(pl_module, "loss_parts", None)
+        if loss_parts is None or self._batch is None:
+            return {}
+        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), trainer.precision_plugin.forward_context():
+            return {k: v.detach() for k, v in loss_parts(self._batch).items() if k != "loss"}
 
 
 def _describe(parts: list[str], grads: list[str]) -> str:

@@ -77,7 +77,7 @@ def adopt_mel_settings(config: Any, ckpt: dict) -> str:
     stored = (ckpt.get(DATA_STATE_KEY) or {}).get("mel")
     if stored is None:
         return "this run's (the checkpoint stores none)"
-    check_mel_bounds(stored, config.model.init_from)
+    check_mel_bounds(stored, config.model.init_args.init_from)
     if config.data.mel is None:
         config.data.mel = Namespace(**stored)
         return "the checkpoint's (" + ", ".join(f"{k} {v}" for k, v in stored.items()) + ")"

@@ -2,10 +2,14 @@
 
 The module computes and logs the numbers (`val/*`, `test/*`); this callback draws what a person
 looks at and listens to: the band-ratio and KL-per-dimension figures, inputs above their
-reconstructions, and a few clips of both inverted to audio the same way (Griffin-Lim, or the
-Vocos download a run names in `model.media_vocoder`: musicvae/audio/neural_vocoder.py). It runs at
-`on_validation_end`, after the module's `on_validation_epoch_end` has computed the epoch's
-diagnostics (Lightning calls callbacks' epoch-end hooks before the module's).
+reconstructions, and a few clips of both inverted to audio the same way (Griffin-Lim, or a Vocos
+download, `--media.vocoder`: musicvae/audio/neural_vocoder.py). It takes what it draws from
+Lightning's hooks: the first batch's reconstructions from `validation_step`'s output, the band
+ratios from the logged metrics, and the latent statistics from its own metric over the steps'
+posteriors. It draws at `on_validation_end`, inside the module's validation scope (with EMA, the
+averaged weights: musicvae/training/ema.py).
+
+Its options are its own command-line group (`--media.audio_every_n_epochs 0` turns audio off).
 """
 
 from __future__ import annotations
@@ -19,85 +23,128 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from musicvae.audio.mel import MelSettings
 from musicvae.audio.neural_vocoder import make_vocoder
+from musicvae.errors import ConfigError
+from musicvae.metrics import LatentDiagnostics
 from musicvae.plots import band_ratio_figure, kl_per_dim_figure, mel_comparison_figure
 
 
 class MediaLogger(Callback):
-    """Figures every validation/test epoch; audio every `model.audio_every_n_epochs` validations.
+    """Figures every validation/test epoch; audio every `audio_every_n_epochs` validations.
 
-    What is drawn is set by the module's hyper-parameters (`n_figure_examples`,
-    `audio_every_n_epochs`, `n_audio_clips`, `griffin_lim_iters`, and `media_vocoder`: a Vocos
-    download that plays the clips instead of Griffin-Lim), so a run's config keeps them. A
-    module without `media_vocoder` (a run from before it existed) uses Griffin-Lim.
+    Args:
+        n_figure_examples: validation examples drawn in the reconstructions figure.
+        audio_every_n_epochs: every this many validation epochs, a few validation clips go to
+            TensorBoard as audio, input and reconstruction inverted alike (0 turns audio off).
+        n_audio_clips: clips per time (taken from the figure's examples).
+        griffin_lim_iters: Griffin-Lim iterations for those clips (32: ~0.006 worse spectral
+            convergence than 64 at half the cost; they are for listening, not for scoring).
+        alpha: variance-compensation strength of the media's second set of reconstructions
+            (musicvae/compensation.py); None: the perceptual point fitted on the validation recordings, 0: none.
+        vocoder: a Vocos download (folder of config.yaml and pytorch_model.bin) that plays the clips
+            instead of Griffin-Lim (docs/vocoder.md); its features must be the run's mel settings
+            (configs/vocos.yaml), which is checked before training starts.
     """
 
-    def __init__(self) -> None:
-        self._vocoders: dict[tuple[MelSettings, int, Optional[str]], torch.nn.Module] = {}
+    def __init__(self, n_figure_examples: int = 4, audio_every_n_epochs: int = 5, n_audio_clips: int = 2,
+                 griffin_lim_iters: int = 32, alpha: Optional[float] = None, vocoder: Optional[str] = None) -> None:
+        if min(n_figure_examples, audio_every_n_epochs, n_audio_clips) < 0 or griffin_lim_iters < 1:
+            raise ConfigError(f"media.n_figure_examples={n_figure_examples}, media.audio_every_n_epochs="
+                              f"{audio_every_n_epochs} and media.n_audio_clips={n_audio_clips} must be 0 or more, "
+                              f"media.griffin_lim_iters={griffin_lim_iters} at least 1")
+        if alpha is not None and not 0.0 <= alpha <= 1.0:
+            raise ConfigError(f"media.alpha={alpha} must lie in [0, 1] (or be null: the fitted perceptual point)")
+        self.n_figure_examples, self.audio_every_n_epochs = n_figure_examples, audio_every_n_epochs
+        self.n_audio_clips, self.griffin_lim_iters = n_audio_clips, griffin_lim_iters
+        self.alpha, self.vocoder = alpha, vocoder
+        self._vocoders: dict[MelSettings, torch.nn.Module] = {}
+        self._kept: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # the epoch's first (inputs, outputs)
+        self._latent: Optional[LatentDiagnostics] = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # A vocoder that cannot play this run's features is refused before the first epoch, not
         # after it, when the first clips are due.
-        hp = pl_module.hparams
-        if (hp.get("media_vocoder") and hp.get("audio_every_n_epochs", 0) > 0 and stage != "predict"
-                and getattr(trainer, "datamodule", None) is not None):
-            self._vocoder(pl_module, trainer.datamodule.mel)
+        if self.vocoder and self.audio_every_n_epochs > 0 and stage != "predict" \
+                and getattr(trainer, "datamodule", None) is not None:
+            self._make_vocoder(trainer.datamodule.mel)
+
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._keep(pl_module, outputs, batch, batch_idx)
+
+    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._keep(pl_module, outputs, batch, batch_idx)
+
+    def _keep(self, pl_module: L.LightningModule, outputs: Any, batch: torch.Tensor, batch_idx: int) -> None:
+        if not isinstance(outputs, dict) or "reconstruction" not in outputs:
+            return
+        if self._latent is None:
+            self._latent = LatentDiagnostics(pl_module.hparams.latent_dim)
+        self._latent = self._latent.to(outputs["mu"].device)
+        self._latent.update(outputs["mu"].detach(), outputs["logvar"].detach())
+        if batch_idx == 0:
+            n = self.n_figure_examples
+            self._kept = (batch[:n].detach().cpu(), outputs["reconstruction"][:n].detach().float().cpu())
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        audio = self._audio_due(trainer, pl_module)
+        every = self.audio_every_n_epochs
+        audio = every > 0 and pl_module.current_epoch % every == 0
         self._log(trainer, pl_module, "val", audio)
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        audio = pl_module.hparams.get("audio_every_n_epochs", 0) > 0  # 0 turns audio off, as in validation
-        self._log(trainer, pl_module, "test", audio=audio and getattr(trainer, "datamodule", None) is not None)
-
-    @staticmethod
-    def _audio_due(trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
-        every = pl_module.hparams.get("audio_every_n_epochs", 0)
-        return (every > 0 and pl_module.current_epoch % every == 0
-                and getattr(trainer, "datamodule", None) is not None)
+        self._log(trainer, pl_module, "test", audio=self.audio_every_n_epochs > 0)  # 0 turns audio off, as in validation
 
     def _log(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str, audio: bool) -> None:
-        batch, pl_module.figure_batch = pl_module.figure_batch, None
-        found, pl_module.epoch_diagnostics = pl_module.epoch_diagnostics, None
+        batch, self._kept = self._kept, None
+        latent = None
+        if self._latent is not None and self._latent.update_count > 0:
+            latent = self._latent.compute()  # on every process: it reduces across them
+            self._latent.reset()
         loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-        if trainer.sanity_checking or not trainer.is_global_zero or found is None or not loggers:
+        if trainer.sanity_checking or not trainer.is_global_zero or latent is None or not loggers:
             return
-        diagnostics, latent = found
-        figures = media_figures(pl_module.val_diagnostics.band_names, diagnostics, latent, batch, stage,
-                                f"epoch {pl_module.current_epoch}, step {pl_module.global_step}")
-        alpha = media_alpha(pl_module)
+        names = pl_module.scores.band_names
+        ratios = [float(trainer.callback_metrics.get(f"{stage}/band_ratio/{name}", float("nan"))) for name in names]
+        title = f"epoch {pl_module.current_epoch}, step {pl_module.global_step}"
+        figures = media_figures(names, ratios, latent, batch, stage, title)
+        alpha = self.strength(pl_module)
         if batch is not None and alpha > 0:
             # The same examples with variance compensation (musicvae/compensation.py) at the media strength.
             inputs, outputs = batch
             batch = (inputs, outputs, pl_module.compensated(outputs, alpha).cpu())
             figures[f"{stage}/reconstructions_compensated"] = mel_comparison_figure(
-                inputs, batch[2], f"epoch {pl_module.current_epoch}, step {pl_module.global_step}, "
-                f"variance compensation alpha {alpha:.2f}")
-        clips = ({} if not audio or batch is None else
-                 self._clips(trainer, pl_module, batch[0], batch[1], stage, batch[2] if len(batch) > 2 else None))
+                inputs, batch[2], f"{title}, variance compensation alpha {alpha:.2f}")
+        datamodule = getattr(trainer, "datamodule", None)
+        clips = ({} if not audio or batch is None or datamodule is None else
+                 self._clips(datamodule, batch[0], batch[1], stage, batch[2] if len(batch) > 2 else None))
         for logger in loggers:
             for tag, figure in figures.items():
                 logger.experiment.add_figure(tag, figure, pl_module.global_step)
             for tag, (wave, rate) in clips.items():
                 logger.experiment.add_audio(tag, wave.unsqueeze(0), pl_module.global_step, sample_rate=rate)
 
-    def _clips(self, trainer: L.Trainer, pl_module: L.LightningModule, inputs: torch.Tensor,
-               outputs: torch.Tensor, stage: str, compensated: Optional[torch.Tensor] = None,
-               ) -> dict[str, tuple[torch.Tensor, int]]:
+    def strength(self, pl_module: L.LightningModule) -> float:
+        """The compensation strength of the media: `alpha`, or the fitted perceptual point when it is null;
+        0 until a curve has been fitted (the first validation epoch's media show the plain output)."""
+        if not bool(getattr(pl_module, "gain_fitted", False)):
+            return 0.0
+        return float(pl_module.output_alpha) if self.alpha is None else float(self.alpha)
+
+    def _clips(self, datamodule: Any, inputs: torch.Tensor, outputs: torch.Tensor, stage: str,
+               compensated: Optional[torch.Tensor] = None) -> dict[str, tuple[torch.Tensor, int]]:
         """Input and reconstruction of a few examples, inverted to audio the same way.
 
         Both go through the same vocoder, so what differs between them is the model.
         """
-        hp = pl_module.hparams
-        mel, norm = trainer.datamodule.mel, trainer.datamodule.normalizer
-        vocoder = self._vocoder(pl_module, mel)
+        mel, norm = datamodule.mel, datamodule.normalizer
+        vocoder = self._make_vocoder(mel)
         clips = {}
         # One thread: on a busy machine two OpenMP threads wait on each other over these tiny FFTs,
         # many times slower than one.
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            for i in range(min(hp.n_audio_clips, len(inputs))):
+            for i in range(min(self.n_audio_clips, len(inputs))):
                 versions = [("input", inputs[i]), ("reconstruction", outputs[i])]
                 if compensated is not None:
                     versions.append(("reconstruction_compensated", compensated[i]))
@@ -109,31 +156,19 @@ class MediaLogger(Callback):
             torch.set_num_threads(threads)
         return clips
 
-    def _vocoder(self, pl_module: L.LightningModule, mel: MelSettings) -> torch.nn.Module:
+    def _make_vocoder(self, mel: MelSettings) -> torch.nn.Module:
         """The clips' vocoder, built once per setting (a Vocos is 13.5M parameters to load); on the CPU,
         like the clips."""
-        hp = pl_module.hparams
-        key = (mel, hp.griffin_lim_iters, hp.get("media_vocoder"))
-        if key not in self._vocoders:
-            self._vocoders[key] = make_vocoder(mel, hp.griffin_lim_iters, key[2], source="this run")
-        return self._vocoders[key]
+        if mel not in self._vocoders:
+            self._vocoders[mel] = make_vocoder(mel, self.griffin_lim_iters, self.vocoder, source="this run")
+        return self._vocoders[mel]
 
 
-def media_alpha(pl_module: L.LightningModule) -> float:
-    """The compensation strength of the media: `model.media_alpha`, or the fitted perceptual point when it
-    is null; 0 until a curve has been fitted (the first validation epoch's media show the plain output)."""
-    if not bool(getattr(pl_module, "gain_fitted", False)):
-        return 0.0
-    alpha = pl_module.hparams.get("media_alpha")
-    return float(pl_module.output_alpha) if alpha is None else float(alpha)
-
-
-def media_figures(band_names: list[str], diagnostics: dict[str, Any], latent: dict[str, Any],
-                  batch: Any, stage: str, title: str) -> dict[str, Any]:
+def media_figures(band_names: list[str], ratios: list[float], latent: dict[str, Any], batch: Any, stage: str,
+                  title: str) -> dict[str, Any]:
     """The figures of one scored epoch, by TensorBoard tag."""
     figures = {
-        f"{stage}/band_variance_ratio": band_ratio_figure(
-            band_names, [float(diagnostics[f"band_ratio/{name}"]) for name in band_names], title),
+        f"{stage}/band_variance_ratio": band_ratio_figure(band_names, ratios, title),
         f"{stage}/kl_per_dim": kl_per_dim_figure(latent["kl_per_dim"].cpu(), latent["mu_var"].cpu(), title=title),
     }
     if batch is not None:

@@ -31,7 +31,7 @@ from musicvae.errors import CheckpointError, ConfigError, MusicVAEError
 from musicvae.io.safe_load import safe_yaml_load
 from musicvae.training.checkpoints import (DATA_STATE_KEY, config_changes, config_from_hyperparameters, dump_yaml,
                                            foreign_checkpoints, load_checkpoint, run_config, unresumable_changes)
-from musicvae.training.module import MusicVAEModule
+from musicvae.training.hparams import model_class
 from musicvae.training.stored_config import (NOT_COMPARED, TakenConfig, check_mel_bounds, check_model_shapes,
                                              config_as_data, pinned_version)
 
@@ -254,11 +254,11 @@ def check_before_build(ckpt: dict[str, Any], path: str, subcommand: str, config:
     if stored_mel is not None:
         check_mel_bounds(stored_mel, path)
     mel = config.data.mel.as_dict() if isinstance(config.data.mel, Namespace) else config.data.mel
-    hparams = {**config.model.as_dict(), "compile": False}
+    hparams = {**config.model.init_args.as_dict(), "compile": False}
     hparams["n_mels"] = int((mel or stored_mel or {}).get("n_mels", 128))
     # Named changes first (the clearest message), then the shapes the settings give, still on no memory.
-    refuse_unresumable(ckpt, hparams, mel or stored_mel or {}, subcommand)
-    check_model_shapes(MusicVAEModule, hparams, ckpt["state_dict"], path)
+    refuse_unresumable(ckpt, {"_class_path": config.model.class_path, **hparams}, mel or stored_mel or {}, subcommand)
+    check_model_shapes(model_class(config.model.class_path), hparams, ckpt["state_dict"], path)
 
 
 def refuse_another_runs_folder(folder: Path, ckpt: dict[str, Any], path: str, overwrite: bool) -> None:

@@ -11,11 +11,10 @@ from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 
 from musicvae.errors import ConfigError
-from musicvae.training.callbacks import ApplyResumedLearningRate, FixedNameCheckpoint, RunMetadata
+from musicvae.training.callbacks import ApplyResumedLearningRate, DataHandOver, FixedNameCheckpoint, RunMetadata
 from musicvae.training.checkpoint_io import AtomicCheckpointIO
 from musicvae.training.ema import EMA
 from musicvae.training.guards import NonFiniteGuard, Preemption
-from musicvae.training.media import MediaLogger
 from musicvae.training.predictions import LatentWriter
 from musicvae.training.random_state import ResumableRandomState
 
@@ -50,7 +49,7 @@ def refuse_weight_averaging(configured: Any) -> None:
         raise ConfigError(
             "--trainer.callbacks: a weight-averaging callback (such as Lightning's EMAWeightAveraging) "
             "was given; use --model.ema_decay D instead (e.g. 0.999). musicvae's EMA keeps the "
-            "averaged weights in place through the module's validation-end hooks, so the fitted compensation "
+            "averaged weights in place through the module's whole validation, so the fitted compensation "
             "curve, the figures and best.ckpt all describe the same weights (musicvae/training/ema.py)")
 
 
@@ -71,11 +70,10 @@ def run_callbacks(*, subcommand: Optional[str], checkpoint_dir: Path, monitor: s
                   skip_nonfinite: int, run_config: dict[str, Any], run_id: str, resumed_hparams: Optional[dict],
                   interrupt: bool, resume_hint: str, logging: bool, ema_decay: Optional[float],
                   predict_dir: str) -> list[Callback]:
-    """The callbacks musicvae adds after the user's, as one list in the order Lightning must call them.
+    """The callbacks musicvae adds after the user's (and after the media callback, `--media.*`), as one list.
 
-    Order matters twice: `MediaLogger` draws before `EMA` swaps the raw weights back (so the media,
-    the fitted curve and best.ckpt describe the averaged weights), and Lightning runs checkpoint
-    callbacks last whatever their place here.
+    Their order does not matter: EMA's average is entered and left by the module around its whole
+    validation (musicvae/training/ema.py), and Lightning runs checkpoint callbacks last.
     """
     if every_n_steps < 0 or skip_nonfinite < 0:
         raise ConfigError(f"--checkpoint_every_n_steps ({every_n_steps}) and --skip_nonfinite ({skip_nonfinite}) "
@@ -87,20 +85,21 @@ def run_callbacks(*, subcommand: Optional[str], checkpoint_dir: Path, monitor: s
         ResumableRandomState(),
         NonFiniteGuard(skip_nonfinite),
         Preemption(checkpoint_dir, interrupt=interrupt, resume_command=resume_hint),
-        MediaLogger(),
+        DataHandOver(),
     ]
     if logging:
         callbacks.append(LearningRateMonitor())  # train/lr (musicvae/training/schedules.py names it)
     if ema_decay and subcommand in (None, "fit"):
-        callbacks.append(EMA(ema_decay))  # after MediaLogger: the average stays in place until it has drawn
+        callbacks.append(EMA(ema_decay))
     if subcommand == "predict":
         callbacks.append(LatentWriter(predict_dir))
     return callbacks
 
 
-def trainer_settings(trainer_config: dict[str, Any], adversarial: bool) -> dict[str, Any]:
-    """The Trainer's settings with musicvae's plugins, and the adversarial stage's requirements."""
-    if adversarial:
+def trainer_settings(trainer_config: dict[str, Any], manual_optimization: bool) -> dict[str, Any]:
+    """The Trainer's settings with musicvae's plugins, and the requirements of a module that steps its
+    optimizers itself (the adversarial stage)."""
+    if manual_optimization:
         check_manual_optimization(trainer_config)
         if trainer_config.get("strategy") == "ddp":
             # DDP wraps the whole module, and each of the stage's two backward passes leaves the other

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any, Literal, Optional, Union
 
 from musicvae.io.outputs import add_force_flag
+from musicvae.training.hparams import VAE_CLASS
+from musicvae.training.media import MediaLogger
 from musicvae.training.resume import MONITOR_DEPENDS
 
 #: The logger a run gets unless the command names another (`--trainer.logger`).
@@ -70,7 +72,12 @@ def add_run_options(parser: Any) -> None:
         help="Batches with a NaN/Inf loss or gradient to skip (update dropped, warning logged) before "
         "training stops; 0 stops at the first.",
     )
+    # The model is chosen by class path (subclass mode): the VAE unless a recipe names the adversarial
+    # stage (configs/sharp.yaml); `--model.lr` and a config's `model: {lr: ...}` still reach its arguments.
+    parser.set_defaults({"model": {"class_path": VAE_CLASS}})
+    # The media callback's options are its own group (`--media.audio_every_n_epochs 0`).
+    parser.add_lightning_class_args(MediaLogger, "media")
     # One source of truth for shapes: the model takes them from the data.
-    parser.link_arguments("data.frames", "model.frames")
-    parser.link_arguments("data.n_mels", "model.n_mels", apply_on="instantiate")
+    parser.link_arguments("data.frames", "model.init_args.frames")
+    parser.link_arguments("data.n_mels", "model.init_args.n_mels", apply_on="instantiate")
     parser.link_arguments("seed_everything", "data.seed", compute_fn=split_seed)

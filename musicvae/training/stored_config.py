@@ -29,17 +29,18 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from musicvae.errors import CheckpointError
+from musicvae.training.hparams import current_layout
 
 #: Top-level settings a stored config may give. Everything else (checkpoint_dir, overwrite, predict_dir,
 #: ckpt_path, weights_only, unknown keys) is a place, a loading policy or not a setting of this version.
-TAKEN_SETTINGS = ("seed_everything", "trainer", "model", "data", "monitor", "checkpoint_every_n_steps",
+TAKEN_SETTINGS = ("seed_everything", "trainer", "model", "data", "media", "monitor", "checkpoint_every_n_steps",
                   "predict_reconstructions", "init_normalization", "collective_timeout", "skip_nonfinite")
 #: Trainer settings never taken: objects that run code or choose processes, and places to write.
 NEVER_TRAINER = ("strategy", "plugins", "profiler", "default_root_dir", "model_registry")
 #: Data settings that are places to write.
 NEVER_DATA = ("cache_dir",)
 #: Input paths a stored config may give; each one taken is printed.
-INPUT_PATHS = ("data.data_dir", "model.media_vocoder")
+INPUT_PATHS = ("data.data_dir", "media.vocoder")
 #: Stored settings never taken, so not reported as changed on resume either (the "not taken" line names them).
 NOT_COMPARED = ("weights_only", "predict_dir", "data.cache_dir", "trainer.logger",
                 *(f"trainer.{key}" for key in NEVER_TRAINER))
@@ -170,6 +171,17 @@ def _plain_group(group: Any, name: str, source: Path, never: Iterable[str], drop
     return kept
 
 
+def _model_group(group: Any, source: Path) -> dict[str, Any]:
+    """The model's class (one of `MODEL_CLASSES`, in any layout: `hparams.current_layout`) and its plain settings."""
+    if not isinstance(group, dict):
+        raise CheckpointError(f"{source}: its stored config's model is not a group of settings")
+    class_path, args, _ = current_layout(group, f"{source}: its stored config")
+    for key, value in args.items():
+        if not is_plain(value):
+            raise _refuse(source, f"model.{key}", "a class or an object", f"--model.{key} VALUE")
+    return {"class_path": class_path, "init_args": args}
+
+
 def config_as_data(stored: Mapping[str, Any], source: str | Path, subcommand: str,
                    user_keys: Iterable[str] = ()) -> TakenConfig:
     """Filter a checkpoint's stored run config down to what a command may take from it.
@@ -198,7 +210,9 @@ def config_as_data(stored: Mapping[str, Any], source: str | Path, subcommand: st
             if key not in ("checkpoint_dir", "overwrite", "ckpt_path", "weights_only") and value not in (None, False):
                 dropped.append((key, value))
             continue
-        if key in ("model", "data"):
+        if key == "model":
+            config[key] = _model_group(value, source)
+        elif key in ("data", "media"):
             config[key] = _plain_group(value, key, source, NEVER_DATA if key == "data" else (), dropped)
         elif key == "trainer":
             objects = {k: value.get(k) for k in ("callbacks", "logger")} if isinstance(value, dict) else {}
