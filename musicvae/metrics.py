@@ -196,6 +196,19 @@ def log_spectral_distance(x_hat: Tensor, x: Tensor, std: float) -> Tensor:
     return diff_db.pow(2).mean(dim=1).sqrt().mean(dim=1)  # (B, n_mels, T) -> (B, T) -> (B,)
 
 
+def band_ratio_error(ratios: Tensor) -> Tensor:
+    """The worst band's distance from 1 on a log scale, ``max |log ratio|``: a ratio of 0.5 and one of 2
+    are equally wrong. A NaN ratio (a band without input variance) counts as 1, a ratio of 0 as 1e-12.
+
+    Args:
+        ratios: ``(n_bands,)`` band variance ratios (:func:`band_variance_ratio`).
+
+    Returns:
+        0-dim, in the dtype of `ratios`.
+    """
+    return ratios.nan_to_num(nan=1.0).clamp_min(1e-12).log().abs().max()
+
+
 def posterior_mean_variance(mu_sum: Tensor, mu_sq_sum: Tensor, count: Tensor | float) -> Tensor:
     """Variance over the data of each posterior mean, ``E[mu^2] - E[mu]^2``: float64 ``(D,)``."""
     mean = mu_sum.double() / count

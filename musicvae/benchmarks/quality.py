@@ -3,7 +3,7 @@
 A VAE with a `latent_dim`-dimensional code should at least beat the best *linear* code of the same
 size: LinearCode with `latent_dim` components, fitted on the very training segments the VAE saw. This
 file fits that PCA (:func:`fit_pca`), scores any reconstruction function on held-out segments with
-the diagnostics of `musicvae.metrics` (:func:`score_reconstructions`), judges prior samples against
+musicvae.training.scoring's ReconstructionScores (:func:`score_reconstructions`), judges prior samples against
 the held-out data's statistics (:func:`prior_diagnostics`), and turns the numbers into the goal
 table of `results.md` (:func:`goal_rows`, :func:`markdown_report`). `scripts/benchmark_quality.py`
 chains them.
@@ -24,8 +24,8 @@ from musicvae.compensation import PERCEPTUAL_TARGET, CompensationStats, compensa
 from musicvae.evaluation.realism import PLANE_ALPHAS, trade_off
 from musicvae.losses import RANGE_MARGIN, Band, range_band
 from musicvae.models.linear_codes import LinearCode, fit_pca, fit_separable_code
-from musicvae.metrics import (FEATURELESS_THRESHOLD, SILENT_VARIANCE, LatentDiagnostics, ReconstructionDiagnostics,
-                              band_edges, band_variances)
+from musicvae.metrics import FEATURELESS_THRESHOLD, SILENT_VARIANCE, band_edges, band_variances
+from musicvae.training.scoring import LATENT_KEYS, ReconstructionScores, plain_values
 
 
 # The quality goals (docs/quality.md).
@@ -116,7 +116,7 @@ Reconstruct = Callable[[Tensor], tuple[Tensor, Optional[tuple[Tensor, Tensor]]]]
 def score_reconstructions(reconstruct: Reconstruct, dataset: Dataset, std: float, n_mels: int,
                           bands: Sequence[Band], ssim_range: float, batch_size: int = 32,
                           latent_dim: Optional[int] = None) -> dict[str, Any]:
-    """ReconstructionDiagnostics (and LatentDiagnostics when a posterior is given) over `dataset`.
+    """ReconstructionScores over `dataset`, without paired realism (the plane measures realism unpaired).
 
     Args:
         reconstruct: ``x -> (x_hat, (mu, logvar) or None)`` for ``(B, 1, n_mels, T)`` batches.
@@ -124,25 +124,25 @@ def score_reconstructions(reconstruct: Reconstruct, dataset: Dataset, std: float
         std: the normalisation standard deviation (spectral convergence, LSD).
         n_mels, bands: the frequency bands of the module's weights.
         ssim_range: SSIM and PSNR data range (the held-out data's max - min).
-        latent_dim: D of the posterior, when `reconstruct` returns one.
+        latent_dim: D of the posterior; `reconstruct` returns one exactly when it is given.
 
     Returns:
         Plain floats: every key of ReconstructionDiagnostics, and with a posterior ``kl_nats``,
         ``active_units`` (int) and ``active_frac``.
     """
-    recon = ReconstructionDiagnostics(std=std, n_mels=n_mels, bands=bands, data_range=ssim_range)
-    latent = LatentDiagnostics(latent_dim) if latent_dim else None
+    scores = ReconstructionScores(n_mels, bands, latent_dim=latent_dim, std=std, data_range=ssim_range,
+                                  realism=False)
     for x in DataLoader(dataset, batch_size=batch_size, shuffle=False):
         x_hat, posterior = reconstruct(x)
-        recon.update(x_hat, x)
-        if latent is not None and posterior is not None:
-            latent.update(*posterior)
-    out: dict[str, Any] = {k: float(v) for k, v in recon.compute().items()}
-    if latent is not None:
-        stats = latent.compute()
-        out.update(kl_nats=float(stats["kl_nats"]), active_units=int(stats["active_units"]),
-                   active_frac=float(stats["active_frac"]))
-    return out
+        scores.update(x_hat, x, *(posterior or ()))
+    return _table_scores(scores)
+
+
+def _table_scores(scores: ReconstructionScores) -> dict[str, Any]:
+    """The benchmark's selection of `scores`: the reconstruction diagnostics and three latent numbers
+    (not band_ratio_error, validation's checkpoint score; not the per-dimension vectors)."""
+    return {key: value for key, value in plain_values(scores.compute()).items()
+            if key not in ("band_ratio_error", "kl_per_dim", "mu_var")}
 
 
 @torch.no_grad()
@@ -174,29 +174,27 @@ def score_decoder(reconstruct: Reconstruct, dataset: Dataset, std: float, n_mels
         with ``alpha``; and ``plane``: ``floor`` and ``rows`` of the trade-off.
     """
     edges = band_edges(n_mels, bands)
-    plain, sharp = (ReconstructionDiagnostics(std=std, n_mels=n_mels, bands=bands, data_range=ssim_range)
-                    for _ in range(2))
-    latent = LatentDiagnostics(latent_dim) if latent_dim else None
+    plain = ReconstructionScores(n_mels, bands, latent_dim=latent_dim, std=std, data_range=ssim_range,
+                                 realism=False)
+    sharp = ReconstructionScores(n_mels, bands, std=std, data_range=ssim_range, realism=False)
+    posterior: list[Tensor] = []  # the batch's (mu, logvar), from decode() to both(), which trade_off calls next
 
     def decode(x: Tensor) -> Tensor:
-        x_hat, posterior = reconstruct(x)
-        if latent is not None and posterior is not None:
-            latent.update(*posterior)
+        x_hat, found = reconstruct(x)
+        posterior[:] = found or ()
         return x_hat
 
     def both(x_hat: Tensor, x: Tensor) -> None:
-        plain.update(x_hat, x)
+        plain.update(x_hat, x, *posterior)
         sharp.update(compensate(x_hat, gain, alpha, edges), x)
 
     alphas = sorted({*PLANE_ALPHAS, round(alpha, 6)})
     plane = trade_off(decode, dataset, n_mels, edges, gain, alphas, batch_size, extra=both)
-    out: dict[str, Any] = {k: float(v) for k, v in plain.compute().items()}
-    out["perceptual"] = {"alpha": alpha, **{k: float(v) for k, v in sharp.compute().items()}}
+    scores = _table_scores(plain)
+    out: dict[str, Any] = {key: value for key, value in scores.items() if key not in LATENT_KEYS}
+    out["perceptual"] = {"alpha": alpha, **_table_scores(sharp)}
     out["plane"] = plane
-    if latent is not None:
-        stats = latent.compute()
-        out.update(kl_nats=float(stats["kl_nats"]), active_units=int(stats["active_units"]),
-                   active_frac=float(stats["active_frac"]))
+    out.update({key: value for key, value in scores.items() if key in LATENT_KEYS})
     return out
 
 

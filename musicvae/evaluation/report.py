@@ -22,11 +22,11 @@ from torch.utils.data import DataLoader, Dataset
 from musicvae.io.outputs import check_output_folder, write_output, write_output_to
 from musicvae.evaluation.realism import TradeOff, half_labels
 from musicvae.inference.loading import datamodule_for, load_module, resolve_alpha
-from musicvae.metrics import (ACTIVE_UNIT_THRESHOLD, FEATURELESS_THRESHOLD, LatentDiagnostics,
-                              ReconstructionDiagnostics)
+from musicvae.metrics import ACTIVE_UNIT_THRESHOLD, FEATURELESS_THRESHOLD
 from musicvae.io.tables import markdown_table
 from musicvae.training.checkpoints import RAW_WEIGHTS_KEY
 from musicvae.training.module import MusicVAEModule
+from musicvae.training.scoring import LATENT_KEYS, ReconstructionScores, plain_values
 from musicvae.plots import band_ratio_figure, kl_per_dim_figure, mel_comparison_figure
 
 # Verdict thresholds, fixed from what each problem means before any recipe was compared.
@@ -103,8 +103,8 @@ def evaluate(module: MusicVAEModule, dataset: Dataset, std: float, batch_size: i
         device: "cpu" or "cuda[:i]".
 
     Returns:
-        Plain values: ``n_examples``, ``n_mels``, ``latent_dim``; every scalar of
-        ReconstructionDiagnostics and LatentDiagnostics as float (``active_units`` as int);
+        Plain values: ``n_examples``, ``n_mels``, ``latent_dim``; the scores of
+        musicvae.training.scoring.ReconstructionScores but ``band_ratio_error``, as float (``active_units`` as int);
         ``kl_per_dim`` and ``mu_var`` as lists; ``upper_band_ratio_min`` (the lowest variance
         ratio among :func:`upper_band_names`, ignoring NaN); and ``examples``: the ``best``, ``median`` and
         ``worst`` example by per-example MSE, each ``{"index", "mse"}`` plus ``file`` and
@@ -117,11 +117,11 @@ def evaluate(module: MusicVAEModule, dataset: Dataset, std: float, batch_size: i
         raise ValueError("evaluate: the dataset is empty")
     hp = module.hparams
     bands = [tuple(float(v) for v in band) for band in hp.freq_bands]
-    recon = ReconstructionDiagnostics(std=std, n_mels=hp.n_mels, bands=bands).to(device)
-    latent = LatentDiagnostics(hp.latent_dim).to(device)
+    # Realism is measured unpaired here (TradeOff, below), so the scorer's paired realism is left out.
+    scores = ReconstructionScores(hp.n_mels, bands, latent_dim=hp.latent_dim, std=std, realism=False).to(device)
     strength = resolve_alpha(module, alpha)
     # At strength 0 the compensated output is the plain one: scored once.
-    sharp = ReconstructionDiagnostics(std=std, n_mels=hp.n_mels, bands=bands).to(device) if strength > 0 else recon
+    sharp = ReconstructionScores(hp.n_mels, bands, std=std, realism=False).to(device) if strength > 0 else None
     halves = half_labels(dataset)
     plane = None if halves is None else TradeOff(hp.n_mels, module.band_edges, module.output_gain, sorted({0.0, strength}))
     was_training = module.training
@@ -133,10 +133,9 @@ def evaluate(module: MusicVAEModule, dataset: Dataset, std: float, batch_size: i
             x = x.to(device)
             mu, logvar = module.vae.encode(x)
             x_hat = module.vae.decode(mu)  # the posterior mean: no sampling noise in the scores
-            recon.update(x_hat, x)
-            if sharp is not recon:
+            scores.update(x_hat, x, mu, logvar)
+            if sharp is not None:
                 sharp.update(module.compensated(x_hat, strength), x)
-            latent.update(mu, logvar)
             if plane is not None:
                 plane.update(x_hat, x, halves[seen:seen + len(x)])
             seen += len(x)
@@ -144,15 +143,16 @@ def evaluate(module: MusicVAEModule, dataset: Dataset, std: float, batch_size: i
     finally:
         module.train(was_training)
     metrics: dict[str, Any] = {"n_examples": len(dataset), "n_mels": int(hp.n_mels), "latent_dim": int(hp.latent_dim)}
-    metrics.update({k: float(v) for k, v in recon.compute().items()})
+    plain = _reconstruction_part(plain_values(scores.compute()))
+    latent = {key: plain.pop(key) for key in LATENT_KEYS}
+    metrics.update(plain)
     upper = [metrics[f"band_ratio/{name}"] for name in upper_band_names(metrics)]
     upper = [r for r in upper if math.isfinite(r)]  # NaN: a band without input variance says nothing
     metrics["upper_band_ratio_min"] = min(upper) if upper else math.nan
-    for key, value in latent.compute().items():
-        metrics[key] = value.tolist() if value.dim() else (int(value) if key == "active_units" else float(value))
+    metrics.update(latent)
     metrics["compensation"] = {"alpha": strength, "fitted": bool(module.gain_fitted),
                                "perceptual_alpha": round(float(module.output_alpha), 6),
-                               **{k: float(v) for k, v in sharp.compute().items()}}
+                               **(plain if sharp is None else _reconstruction_part(plain_values(sharp.compute())))}
     if plane is not None:
         found = plane.compute()
         rows = {row["alpha"]: row["realism"] for row in found["rows"]}
@@ -161,6 +161,12 @@ def evaluate(module: MusicVAEModule, dataset: Dataset, std: float, batch_size: i
         metrics["realism"] = None
     metrics["examples"] = _pick_examples(torch.cat(example_mse), dataset)
     return metrics
+
+
+def _reconstruction_part(values: dict[str, Any]) -> dict[str, Any]:
+    # band_ratio_error is validation's one-number summary for picking checkpoints; the report judges
+    # the bands through its verdicts instead, so metrics.json keeps the per-band ratios alone.
+    return {key: value for key, value in values.items() if key != "band_ratio_error"}
 
 
 def _pick_examples(mse: torch.Tensor, dataset: Dataset) -> dict[str, dict[str, Any]]:
