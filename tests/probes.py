@@ -233,17 +233,24 @@ class CountingProbe(Callback):
 
 
 class MediaWeights(Callback):
-    """At each validation's end, before MediaLogger draws (user callbacks run first): the module's
-    state (weights and buffers) and the figure batch with its compensated outputs, by global step."""
+    """At each validation's end, where MediaLogger draws: the module's state (weights and buffers) and
+    the first batch's reconstructions (from validation_step's output, as MediaLogger takes them) with
+    their compensated outputs, by global step."""
 
     def __init__(self, out: str) -> None:
         self.out = Path(out)
         self.records: dict[int, dict] = {}
+        self.kept = None
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if batch_idx == 0:
+            self.kept = (batch[:4].detach().cpu(), outputs["reconstruction"][:4].detach().float().cpu())
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or pl_module.figure_batch is None:
+        kept, self.kept = self.kept, None
+        if trainer.sanity_checking or kept is None:
             return
-        inputs, outputs = pl_module.figure_batch
+        inputs, outputs = kept
         self.records[trainer.global_step] = {
             "state": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
             "inputs": inputs.clone(), "outputs": outputs.clone(),

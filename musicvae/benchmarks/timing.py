@@ -128,7 +128,7 @@ def plain_epoch(
 
     The work of Lightning's automatic optimization with `gradient_clip_val=clip`: a fresh
     optimizer from `module.build_optimizers()` (Lightning makes one per fit; no schedule), and per batch
-    the forward pass, `compute_loss`, the loss parts kept for NonFiniteGuard, zero_grad,
+    the forward pass, `compute_loss`, the loss NonFiniteGuard keeps, zero_grad,
     backward, `clip_grad_norm_` over the optimizer's parameters and the step. With `log`, the
     logged values' batch-weighted epoch means are accumulated as `self.log(on_epoch=True)` does.
     With a `phases` dict, seconds per phase are added to it (timing each phase syncs the GPU).
@@ -148,7 +148,7 @@ def plain_epoch(
         clock.lap("data")
         x_hat, mu, logvar = module(batch)  # as training_step: forward() applies channels_last
         parts = module.compute_loss(x_hat, batch, mu, logvar)
-        module.last_loss_parts = {k: v.detach() for k, v in parts.items()}
+        guarded = parts["loss"].detach()  # noqa: F841 - NonFiniteGuard's per-step copy of the loss
         clock.lap("forward+loss")
         if log:
             for key, value in parts.items():

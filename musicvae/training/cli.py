@@ -47,7 +47,7 @@ from musicvae.training.resume import (check_before_build, check_monitor, flag_va
 from musicvae.training.run_callbacks import SaveConfigToLogDir, refuse_weight_averaging, run_callbacks, trainer_settings
 from musicvae.training.run_lock import RunLock
 from musicvae.training.sharpen import SharpenModule
-from musicvae.training.run_options import TRAINER_DEFAULTS, add_run_options
+from musicvae.training.run_options import TRAINER_DEFAULTS, MusicVAEParser, add_run_options
 from musicvae.training.stored_config import TakenConfig
 
 DEFAULT_CONFIG = recipe_path("quickstart.yaml")
@@ -287,7 +287,7 @@ def cli_main(args: Optional[list[str]] = None, run: bool = True, program: str = 
     os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     return MusicVAECLI(
-        MusicVAEModule, MelDataModule, subclass_mode_model=True, args=args, run=run, resume=resume, init=init, taken=taken, command=command,
+        MusicVAEModule, MelDataModule, subclass_mode_model=True, parser_class=MusicVAEParser, args=args, run=run, resume=resume, init=init, taken=taken, command=command,
         handle_interrupt=handle_interrupt, seed_everything_default=0, trainer_defaults=TRAINER_DEFAULTS,
         save_config_callback=SaveConfigToLogDir, save_config_kwargs={"overwrite": True},
         # No prefix matching: a mistyped `--trainer.max_epoch` must fail, not silently mean max_epochs.

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+import re
+from typing import Any, Literal, NoReturn, Optional, Union
+
+from lightning.pytorch.cli import LightningArgumentParser
 
 from musicvae.io.outputs import add_force_flag
 from musicvae.training.hparams import VAE_CLASS
@@ -16,6 +19,23 @@ TRAINER_DEFAULTS: dict[str, Any] = {
         "init_args": {"save_dir": "logs", "name": "musicvae"},
     },
 }
+
+
+#: jsonargparse's report of a bad model setting in subclass mode: the model class, then the setting.
+_MODEL_SETTING_ERROR = re.compile(r'Parser key "model":.*?Problem with given class_path \'([^\']+)\':\s*'
+                                  r'Parser key "([^"]+)":\s*(.+?)(?=\n\s*- |\Z)', re.S)
+
+
+class MusicVAEParser(LightningArgumentParser):
+    """LightningCLI's parser, with a bad model setting reported as `--model.NAME` and the reason, not as
+    jsonargparse's account of every class the model group could have been."""
+
+    def error(self, message: str, ex: Optional[Exception] = None) -> NoReturn:
+        found = _MODEL_SETTING_ERROR.search(message)
+        if found:
+            cls, key, reason = found.groups()
+            message = f'Parser key "model.{key}" ({cls.rsplit(".", 1)[-1]}): {" ".join(reason.split())}'
+        super().error(message, ex)
 
 
 def split_seed(seed_everything: Union[bool, int, None]) -> int:

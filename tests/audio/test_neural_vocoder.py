@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from lightning.fabric.utilities.data import AttributeDict
 
 from conftest import REPO, VOCOS_CONFIG, write_vocos_download
 from musicvae.audio.mel import LogMel, MelSettings, mono_to_log_mel
@@ -170,30 +169,30 @@ def test_configs_other_than_a_mel_vocos_are_refused_before_anything_is_built(tmp
 
 # --- TensorBoard clips --------------------------------------------------------------------------
 
-def _media_run(mel: MelSettings, vocoder_path) -> tuple[SimpleNamespace, SimpleNamespace]:
-    hparams = AttributeDict(griffin_lim_iters=2, n_audio_clips=1, audio_every_n_epochs=1, media_vocoder=vocoder_path)
-    datamodule = SimpleNamespace(mel=mel, normalizer=Normalizer(-4.0, 2.0))
-    return SimpleNamespace(datamodule=datamodule), SimpleNamespace(hparams=hparams)
+def _media_run(mel: MelSettings) -> SimpleNamespace:
+    return SimpleNamespace(datamodule=SimpleNamespace(mel=mel, normalizer=Normalizer(-4.0, 2.0)))
+
+
+def _media_logger(vocoder_path) -> MediaLogger:
+    return MediaLogger(griffin_lim_iters=2, n_audio_clips=1, audio_every_n_epochs=1, vocoder=vocoder_path)
 
 
 def test_media_clips_play_through_the_run_s_vocoder(vocos_download):
-    trainer, module = _media_run(VOCOS_MEL_24KHZ, str(vocos_download))
-    logger = MediaLogger()
-    logger.setup(trainer, module, "fit")
+    trainer = _media_run(VOCOS_MEL_24KHZ)
+    logger = _media_logger(str(vocos_download))
+    logger.setup(trainer, None, "fit")
     inputs = torch.randn(2, 1, 100, 32)
-    clips = logger._clips(trainer, module, inputs, inputs + 0.1, "val")
+    clips = logger._clips(trainer.datamodule, inputs, inputs + 0.1, "val")
     assert set(clips) == {"val/audio/0_input", "val/audio/0_reconstruction"}
     for wave, rate in clips.values():
         assert rate == 24000 and wave.shape == (31 * 256,) and torch.isfinite(wave).all()
     assert [type(v) for v in logger._vocoders.values()] == [VocosVocoder]  # loaded once, at setup
-    # Without the setting (every run from before it existed): Griffin-Lim.
-    trainer, module = _media_run(VOCOS_MEL_24KHZ, None)
-    del module.hparams["media_vocoder"]
-    logger._clips(trainer, module, inputs, inputs, "val")
-    assert GriffinLimVocoder in [type(v) for v in logger._vocoders.values()]
+    # Without the setting: Griffin-Lim.
+    logger = _media_logger(None)
+    logger._clips(trainer.datamodule, inputs, inputs, "val")
+    assert [type(v) for v in logger._vocoders.values()] == [GriffinLimVocoder]
 
 
 def test_a_run_whose_features_the_media_vocoder_cannot_play_stops_before_training(vocos_download):
-    trainer, module = _media_run(MelSettings(n_mels=32), str(vocos_download))
     with pytest.raises(ConfigError, match="this run was trained on other mel settings"):
-        MediaLogger().setup(trainer, module, "fit")
+        _media_logger(str(vocos_download)).setup(_media_run(MelSettings(n_mels=32)), None, "fit")

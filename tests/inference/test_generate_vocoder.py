@@ -28,7 +28,7 @@ def vocos_run(tmp_path_factory, vocos_download) -> Path:
     flags = TINY_FLAGS[:at] + TINY_FLAGS[at + 2 :]  # the preset's 100 mels, not the tiny 32
     cli_main(["fit", "--config", str(REPO / "configs" / "vocos.yaml"), *flags, "--data.cache_dir", str(root / "cache"),
               "--checkpoint_dir", str(root / "ckpt"), "--trainer.logger.init_args.save_dir", str(root / "logs"),
-              "--model.media_vocoder", str(vocos_download), "--model.audio_every_n_epochs", "1", "--model.n_audio_clips", "1"])
+              "--media.vocoder", str(vocos_download), "--media.audio_every_n_epochs", "1", "--media.n_audio_clips", "1"])
     return root / "ckpt" / "best.ckpt"
 
 

@@ -114,7 +114,7 @@ def test_free_bits_floor_each_dimension_and_keep_the_true_kl():
 
 
 def test_kl_warmup_scales_beta_with_the_step():
-    module = MusicVAEModule(n_mels=16, frames=16, latent_dim=4, channels=[4, 8], beta=0.2, kl_warmup_steps=100)
+    module = MusicVAEModule(n_mels=16, frames=16, latent_dim=4, channels=[4, 8], beta=0.2, kl={"warmup_steps": 100})
     assert module.current_beta() == 0.2  # outside a trainer: the configured value
     module._trainer = type("T", (), {"global_step": 25})()
     assert module.current_beta() == pytest.approx(0.05)
@@ -124,8 +124,8 @@ def test_kl_warmup_scales_beta_with_the_step():
 
 @pytest.mark.parametrize("kwargs, needle", [
     ({"architecture": "conv3d"}, "model.architecture='conv3d'"),
-    ({"free_bits": -1.0}, "model.free_bits=-1.0"),
-    ({"kl_warmup_steps": -5}, "model.kl_warmup_steps=-5"),
+    ({"kl": {"free_bits": -1.0}}, "model.kl.free_bits=-1.0"),
+    ({"kl": {"warmup_steps": -5}}, "model.kl.warmup_steps=-5"),
 ])
 def test_bad_settings_name_themselves(kwargs, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
@@ -133,7 +133,7 @@ def test_bad_settings_name_themselves(kwargs, needle):
 
 
 LINEAR_FLAGS = ("--model.architecture", "conv1d", "--model.linear_path", "true", "--model.channels", "[16, 16]",
-                "--model.free_bits", "0.1", "--model.kl_warmup_steps", "5")
+                "--model.kl.free_bits", "0.1", "--model.kl.warmup_steps", "5")
 
 
 @pytest.mark.slow

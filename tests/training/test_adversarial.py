@@ -1,4 +1,4 @@
-"""The adversarial stage (configs/sharp.yaml, musicvae/training/adversarial.py): its parts as units, and
+"""The adversarial stage (configs/sharp.yaml, musicvae/training/sharpen.py: SharpenModule): its parts as units, and
 the stage end to end through scripts/train.py: started with --model.init_from from a tiny trained VAE,
 past its start step, killed and resumed exactly, stopped by a NaN with the part named.
 
@@ -22,7 +22,8 @@ from musicvae.training.checkpoints import RAW_WEIGHTS_KEY
 from musicvae.errors import ConfigError, NonFiniteError
 from musicvae.losses import adaptive_weight, feature_matching_loss, hinge_discriminator_loss, hinge_generator_loss
 from musicvae.models.discriminator import PatchDiscriminator, augment_pair
-from musicvae.training.adversarial import STEPS_PER_BATCH, decoder_parameters, freeze_encoder, last_decoder_weight
+from musicvae.training.sharpen import (STEPS_PER_BATCH, SharpenModule, decoder_parameters, freeze_encoder,
+                                       last_decoder_weight)
 from musicvae.training.cli import cli_main
 from musicvae.training.module import MusicVAEModule
 
@@ -63,8 +64,8 @@ def test_adaptive_weight_balances_the_gradients_at_the_last_layer():
 
 
 def test_the_stage_freezes_the_encoder_and_optimises_decoder_and_discriminator():
-    module = MusicVAEModule(n_mels=32, frames=32, latent_dim=8, channels=[8, 16], adversarial=True,
-                            disc_channels=[8, 16], linear_path=True, linear_path_lr_scale=0.0)
+    module = SharpenModule(n_mels=32, frames=32, latent_dim=8, channels=[8, 16],
+                           disc_channels=[8, 16], linear_path=True, linear_path_lr_scale=0.0)
     decoder = {id(p) for p in decoder_parameters(module.vae)}
     assert all(p.requires_grad == (id(p) in decoder) for p in module.vae.parameters())
     assert last_decoder_weight(module.vae) is module.vae.inner.output_layer.weight
@@ -79,7 +80,7 @@ def test_the_stage_without_a_trained_vae_is_refused(tmp_path):
     from conftest import tiny_fit_args
 
     with pytest.raises(ConfigError, match="--model.init_from CHECKPOINT"):
-        cli_main(tiny_fit_args(tmp_path, "--model.adversarial", "true"))
+        cli_main(tiny_fit_args(tmp_path, "--model", "SharpenModule"))
     assert not (tmp_path / "ckpt").exists()
 
 
@@ -87,7 +88,7 @@ def test_lightnings_clipping_is_refused_with_what_to_set_instead(tmp_path):
     from conftest import tiny_fit_args
 
     with pytest.raises(ConfigError, match="gradient_clip_val null.*adv_grad_clip"):
-        cli_main(tiny_fit_args(tmp_path, "--model.adversarial", "true", "--trainer.gradient_clip_val", "1.0")[1:], run=False)
+        cli_main(tiny_fit_args(tmp_path, "--model", "SharpenModule", "--trainer.gradient_clip_val", "1.0")[1:], run=False)
 
 
 # ---- end to end ----------------------------------------------------------------------------------
@@ -208,7 +209,7 @@ def test_switching_the_stage_on_in_a_resumed_run_is_refused(tiny_run, tmp_path):
     from musicvae.errors import CheckpointError
 
     ckpt = shutil.copy(tiny_run["ckpt_dir"] / "last.ckpt", tmp_path / "last.ckpt")
-    with pytest.raises(CheckpointError, match=r"model\.adversarial: checkpoint False, now True.*--model\.init_from"):
-        cli_main(["fit", "--ckpt_path", str(ckpt), "--checkpoint_dir", str(tmp_path / "ckpt"), "--model.adversarial",
-                  "true", "--trainer.gradient_clip_val", "null", "--trainer.max_epochs", "3"])
+    with pytest.raises(CheckpointError, match=r"model\.class_path: checkpoint MusicVAEModule, now SharpenModule.*--model\.init_from"):
+        cli_main(["fit", "--ckpt_path", str(ckpt), "--checkpoint_dir", str(tmp_path / "ckpt"), "--model",
+                  "SharpenModule", "--trainer.gradient_clip_val", "null", "--trainer.max_epochs", "3"])
     assert not (tmp_path / "ckpt").exists()

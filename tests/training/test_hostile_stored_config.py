@@ -287,7 +287,7 @@ def test_config_as_data_keeps_plain_settings_and_allowlisted_classes(tmp_path):
                                    "init_args": {"monitor": "val/loss", "patience": 2}}],
                     "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                                "init_args": {"save_dir": "/elsewhere", "name": "../up", "version": 3}}},
-        "model": {"lr": 0.1, "media_vocoder": "/voc"},
+        "model": {"lr": 0.1, "media_vocoder": "/voc"},  # the earlier layout: read as media.vocoder
         "data": {"data_dir": "/music", "cache_dir": "/elsewhere/cache"},
     }
     taken = config_as_data(stored, tmp_path / "run" / "last.ckpt", "fit")
@@ -299,7 +299,7 @@ def test_config_as_data_keeps_plain_settings_and_allowlisted_classes(tmp_path):
                        "init_args": {"monitor": "val/loss", "patience": 2}}],
         "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {}},
     }
-    assert taken.inputs == ["data.data_dir /music", "model.media_vocoder /voc"]
+    assert taken.inputs == ["data.data_dir /music", "media.vocoder /voc"]
     assert dict(taken.not_taken)["trainer.strategy"] == "ddp"
     # A list the user's own command sets is not read, so its stored entries are not checked either.
     crafted = {"trainer": {"callbacks": [{"class_path": "os.system"}]}}

@@ -62,15 +62,17 @@ def test_plateau_warms_up_then_reduces_after_patience_down_to_its_floor():
 
 def test_bad_schedule_settings_are_refused_with_the_setting():
     from musicvae.training.module import MusicVAEModule
+    from musicvae.training.sharpen import SharpenModule
 
     with pytest.raises(ConfigError, match="set --trainer.max_epochs or --trainer.max_steps"):
         build_schedulers(_groups(), {"lr_schedule": "cosine"}, True, "val/loss")
 
     for kwargs, needle in [({"lr_schedule": "cosin"}, "lr_schedule='cosin'"), ({"warmup_steps": -1}, "warmup_steps"),
                            ({"plateau_factor": 1.5}, "plateau_factor"), ({"ema_decay": 1.0}, "ema_decay=1.0"),
-                           ({"adversarial": True, "lr_schedule": "cosine"}, "adversarial stage")]:
+                           ({"sharpen": True, "lr_schedule": "cosine"}, "adversarial stage")]:
+        module_class = SharpenModule if kwargs.pop("sharpen", False) else MusicVAEModule
         with pytest.raises(ConfigError, match=needle):
-            MusicVAEModule(n_mels=32, frames=32, channels=[8, 16], latent_dim=8, **kwargs)
+            module_class(n_mels=32, frames=32, channels=[8, 16], latent_dim=8, **kwargs)
 
 
 def _rates(path) -> list[float]:
