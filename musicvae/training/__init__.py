@@ -7,6 +7,7 @@ _EXPORTS = {
     "cli_main": "cli",
     "load_checkpoint": "checkpoints",
     "list_checkpoints": "checkpoints",
+    "ReconstructionScores": "scoring",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, ['checkpoints', 'cli', 'module'])
