@@ -30,6 +30,9 @@ VAE_CLASS = "musicvae.training.module.MusicVAEModule"
 SHARPEN_CLASS = "musicvae.training.sharpen.SharpenModule"
 #: The model classes a checkpoint or a stored config may name.
 MODEL_CLASSES = (VAE_CLASS, SHARPEN_CLASS)
+#: Other spellings of them: jsonargparse stores a class under the shortest package that exports it.
+_ALIASES = {f"{package}.{path.rsplit('.', 1)[1]}": path for path in MODEL_CLASSES
+            for package in ("musicvae", "musicvae.training")}
 #: SharpenModule's arguments beyond MusicVAEModule's.
 SHARPEN_ARGS = ("adv_weight", "adv_start_step", "disc_lr", "disc_channels", "disc_augment", "adv_grad_clip")
 #: Earlier flat model settings and where they live now: (group, key); group "kl" is `model.kl`.
@@ -137,6 +140,7 @@ def current_layout(model: Mapping[str, Any], source: str = "the checkpoint") -> 
     """
     class_path, args = _flat_model(model)
     class_path = args.pop("_class_path", class_path)
+    class_path = _ALIASES.get(class_path, class_path) if isinstance(class_path, str) else class_path
     args.pop("_instantiator", None)  # LightningCLI's loader name: never called
     adversarial = bool(args.pop("adversarial", False))
     if class_path is None:

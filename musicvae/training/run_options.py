@@ -23,7 +23,8 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 
 #: jsonargparse's report of a bad model setting in subclass mode: the model class, then the setting.
 _MODEL_SETTING_ERROR = re.compile(r'Parser key "model":.*?Problem with given class_path \'([^\']+)\':\s*'
-                                  r'Parser key "([^"]+)":\s*(.+?)(?=\n\s*- |\Z)', re.S)
+                                  r'(?:Parser key "([^"]+)":\s*(.+?)|Option \'([^\']+)\' is not accepted)'
+                                  r'(?=\n\s*- |\Z)', re.S)
 
 
 class MusicVAEParser(LightningArgumentParser):
@@ -33,8 +34,10 @@ class MusicVAEParser(LightningArgumentParser):
     def error(self, message: str, ex: Optional[Exception] = None) -> NoReturn:
         found = _MODEL_SETTING_ERROR.search(message)
         if found:
-            cls, key, reason = found.groups()
-            message = f'Parser key "model.{key}" ({cls.rsplit(".", 1)[-1]}): {" ".join(reason.split())}'
+            cls, key, reason, unknown = found.groups()
+            cls = cls.rsplit(".", 1)[-1]
+            message = (f'Parser key "model.{key}" ({cls}): {" ".join(reason.split())}' if key else
+                       f'--model.{unknown}: {cls} has no such setting (musicvae fit --model.help {cls} lists them)')
         super().error(message, ex)
 
 
