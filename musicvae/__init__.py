@@ -16,7 +16,7 @@ except PackageNotFoundError:  # a source tree on sys.path without an install
     __version__ = "0+unknown"
 
 _EXPORTS = {
-    "AudioError": "audio.mel", "LogMel": "audio.mel", "MelSettings": "audio.mel",
+    "AudioError": "audio.decode", "LogMel": "audio.mel", "MelSettings": "audio.mel_settings",
     "audio_to_log_mel": "audio.mel", "load_audio": "audio.mel", "log_mel": "audio.mel",
     "GriffinLimVocoder": "audio.vocoder",
     "AugmentSettings": "data.augment", "MelDataModule": "data.datamodule", "build_audio_cache": "data.cache",

@@ -3,18 +3,18 @@
 from musicvae._lazy import lazy_exports
 
 _EXPORTS = {
-    "AUDIO_SUFFIXES": "mel",
-    "AudioError": "mel",
+    "AUDIO_SUFFIXES": "decode",
+    "AudioError": "decode",
+    "decode_audio": "decode",
+    "MelSettings": "mel_settings",
+    "read_mel_sidecar": "mel_settings",
+    "write_mel_sidecar": "mel_settings",
     "LogMel": "mel",
-    "MelSettings": "mel",
     "audio_to_log_mel": "mel",
-    "decode_audio": "mel",
     "load_audio": "mel",
     "log_mel": "mel",
     "mono_to_log_mel": "mel",
-    "read_mel_sidecar": "mel",
     "resample": "mel",
-    "write_mel_sidecar": "mel",
     "GriffinLimVocoder": "vocoder",
     "VOCOS_MEL_24KHZ": "neural_vocoder",
     "VocosVocoder": "neural_vocoder",
@@ -23,4 +23,4 @@ _EXPORTS = {
     "render_piece": "synth",
 }
 __all__ = sorted(_EXPORTS)
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, ['mel', 'neural_vocoder', 'synth', 'vocoder'])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, ['decode', 'mel', 'mel_settings', 'neural_vocoder', 'synth', 'vocoder'])

@@ -21,7 +21,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from musicvae.audio.mel import MelSettings
+from musicvae.audio.mel_settings import MelSettings
 from musicvae.audio.vocoder import GriffinLimVocoder
 from musicvae.errors import CheckpointError, ConfigError
 from musicvae.io.safe_load import load_weights_only, safe_yaml_load

@@ -18,7 +18,9 @@ import torch
 import torchaudio
 from torch import Tensor, nn
 
-from musicvae.audio.mel import LogMel, MelSettings, decode_blocks, resample
+from musicvae.audio.decode import decode_blocks
+from musicvae.audio.mel import LogMel, resample
+from musicvae.audio.mel_settings import MelSettings
 from musicvae.errors import ConfigError, DataError
 
 

@@ -25,7 +25,7 @@ from musicvae.benchmarks.speed_setup import Sizes, make_datamodule, make_module,
 
 def collection_folders(args: argparse.Namespace, sizes: Sizes, scratch: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Folders of links to the first 25/50/100% of the collection's log-mel arrays (the cache)."""
-    from musicvae.audio.mel import write_mel_sidecar
+    from musicvae.audio.mel_settings import write_mel_sidecar
 
     dm = make_datamodule(args, sizes)
     start = time.perf_counter()

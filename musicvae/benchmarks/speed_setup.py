@@ -106,7 +106,7 @@ def make_module(sizes: Sizes) -> Any:
 
 def make_datamodule(args: argparse.Namespace, sizes: Sizes, num_workers: int = 0, data_dir: Optional[str] = None,
                     device_cache: bool = False) -> Any:
-    from musicvae.audio.mel import MelSettings
+    from musicvae.audio.mel_settings import MelSettings
     from musicvae.data.datamodule import MelDataModule
 
     folder = data_dir or args.data_dir

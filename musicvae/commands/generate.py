@@ -19,7 +19,7 @@ from jsonargparse.typing import PositiveInt
 
 from jsonargparse import ArgumentParser
 
-from musicvae.audio.mel import MelSettings
+from musicvae.audio.mel_settings import MelSettings
 from musicvae.commands.parsing import command_parser, parse_command, report_error
 from musicvae.errors import MusicVAEError
 from musicvae.io.outputs import add_force_flag

@@ -17,7 +17,7 @@ import argparse
 
 from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter
 
-from musicvae.audio.mel import MelSettings
+from musicvae.audio.mel_settings import MelSettings
 from musicvae.errors import ConfigError, MusicVAEError, OversizedYAMLError
 from musicvae.io.safe_load import limit_config_yaml, safe_yaml_load
 from musicvae.io.storage import STORAGE_EXIT, StorageError

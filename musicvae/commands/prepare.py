@@ -14,7 +14,7 @@ from typing import Optional
 
 from jsonargparse import ArgumentParser
 
-from musicvae.audio.mel import AUDIO_SUFFIXES
+from musicvae.audio.decode import AUDIO_SUFFIXES
 from musicvae.commands.parsing import (RawDescription, add_mel_arguments, command_parser, mel_renames, mel_settings,
                                        parse_command)
 from musicvae.data.cache import build_audio_cache, cache_folder

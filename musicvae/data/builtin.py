@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from musicvae.io.atomic import write_atomic
-from musicvae.audio.mel import LogMel, MelSettings, write_mel_sidecar
+from musicvae.audio.mel import LogMel
+from musicvae.audio.mel_settings import MelSettings, write_mel_sidecar
 from musicvae.audio.synth import render_piece
 
 #: Bump when the generator's output changes, so stale caches are not reused.

@@ -17,43 +17,39 @@ Arrays, the manifest and mel.json are written to a temporary file in their own f
 `os.replace`d: a kill leaves each of them either whole or absent, never half-written. The
 manifest is saved every few seconds during a build, so a killed build keeps most of its work;
 an array written after the last save is simply recomputed next time.
+
+Each file to compute is one job (musicvae/data/cache_job.py), run in worker processes
+(musicvae/data/cache_workers.py); this module decides which files need one and keeps the manifest.
 """
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
-import multiprocessing
-import multiprocessing.connection
 import os
 import re
-import signal
 import stat
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Optional
 
-import numpy as np
-import torch
-
-from musicvae.audio.mel import AUDIO_SUFFIXES, AudioError, LogMelStream, MelSettings, decode_blocks
-from musicvae.io.atomic import atomic_path, remove_abandoned, temporary_path, write_atomic
-from musicvae.io.storage import StorageError, write_fault
+from musicvae.audio.decode import AUDIO_SUFFIXES
+from musicvae.audio.mel_settings import MelSettings
+from musicvae.data.cache_job import VANISHED
+from musicvae.data.cache_workers import init_worker_process, run_jobs, run_jobs_in_processes
+from musicvae.io.atomic import remove_abandoned, write_atomic
+from musicvae.io.storage import StorageError
 from musicvae.data.listing import link_problem, list_folder
 from musicvae.errors import DataError, printable
+
+# init_worker_process is not used here: it was defined here before the jobs became modules of
+# their own (musicvae/data/cache_job.py, cache_workers.py), and still imports from here.
 
 #: Bump when the arrays or the manifest change meaning, so older caches are not reused.
 CACHE_VERSION = 1
 MANIFEST = "manifest.json"
 _SAVE_EVERY_S = 5.0  # manifest saves during a build: at most this much work is lost to a kill
-VANISHED = "vanished after it was listed: file not found"
-#: A log-mel up to this size (95 s of 128 mels at 86 frames/s) is saved from memory; a longer one is
-#: written in pieces (see _store_log_mel), so that memory does not grow with a recording's length.
-_IN_MEMORY_BYTES = 4 << 20
 #: Builds that may fail on a file for reasons not its own (memory ran out, its process was
 #: killed) before the file is recorded as unusable: a file that exhausts memory by itself each
 #: time must not be retried forever.
@@ -143,261 +139,6 @@ def _load_manifest(folder: Path, data_dir: Path, mel: MelSettings) -> dict[str, 
 def _save_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     write_atomic(folder / MANIFEST, lambda h: json.dump(manifest, h, separators=(",", ":")), mode="w")
 
-
-class _WriteFailed(Exception):
-    """Writing an array failed (`__cause__` says how) after `nbytes` were computed: the machine's
-    fault, told apart from what reading the recording raises."""
-
-    def __init__(self, nbytes: int) -> None:
-        super().__init__(nbytes)
-        self.nbytes = nbytes
-
-
-def _store_log_mel(array: Path, stream: Iterable[np.ndarray], n_mels: int) -> int:
-    """Write the (n_mels, frames) blocks of `stream` to the `.npy` file `array`, whole or not at all.
-
-    Up to _IN_MEMORY_BYTES of blocks are joined in memory and saved at once. A longer log-mel
-    (a three-hour recording's is 0.5 GB) goes frame-major to a scratch file as it is computed,
-    and is then turned into the (n_mels, frames) array in pieces, so memory stays bounded.
-
-    Returns:
-        The array's frames.
-
-    Raises:
-        AudioError: from the stream; nothing is left behind.
-        _WriteFailed: a write failed.
-    """
-    held: list[np.ndarray] = []
-    frames = 0
-    scratch = None
-    scratch_path = temporary_path(array.with_name(array.name + ".frames"))
-    try:
-        for spec in stream:  # (n_mels, F)
-            frames += spec.shape[1]
-            try:
-                if scratch is None:
-                    held.append(spec)
-                    if frames * n_mels * 4 <= _IN_MEMORY_BYTES:
-                        continue
-                    array.parent.mkdir(parents=True, exist_ok=True)
-                    scratch = open(scratch_path, "w+b")
-                    for block in held:
-                        scratch.write(np.ascontiguousarray(block.T))  # (n_mels, F) -> (F, n_mels)
-                    held = []
-                else:
-                    scratch.write(np.ascontiguousarray(spec.T))
-            except OSError as err:
-                raise _WriteFailed(frames * n_mels * 4) from err
-        try:
-            array.parent.mkdir(parents=True, exist_ok=True)
-            if scratch is None:
-                spec = held[0] if len(held) == 1 else np.concatenate(held, axis=1)
-                write_atomic(array, lambda h: np.save(h, spec, allow_pickle=False))
-            else:
-                _transpose_into(array, scratch, n_mels, frames)
-        except OSError as err:
-            raise _WriteFailed(frames * n_mels * 4) from err
-    finally:
-        if scratch is not None:
-            scratch.close()
-            scratch_path.unlink(missing_ok=True)
-    return frames
-
-
-def _transpose_into(array: Path, scratch: Any, n_mels: int, frames: int) -> None:
-    """A frame-major (frames, n_mels) float32 scratch file -> the (n_mels, frames) `.npy` file `array`."""
-    with atomic_path(array) as tmp:
-        np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n_mels, frames))  # header, sparse body
-        with open(tmp, "r+b") as handle:
-            if hasattr(os, "posix_fallocate"):
-                # Reserve the blocks now: a full disk is then an OSError here, not a SIGBUS when a
-                # page of the memory map is written back.
-                os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
-        scratch.flush()
-        scratch.seek(0)
-        step = max(1, _IN_MEMORY_BYTES // (4 * 4 * n_mels))
-        for start in range(0, frames, step):
-            count = min(step, frames - start)
-            block = np.frombuffer(scratch.read(count * n_mels * 4), np.float32).reshape(count, n_mels)
-            # A fresh map per piece: unmapped, its written pages leave this process's resident set.
-            out = np.lib.format.open_memmap(tmp, mode="r+")
-            out[:, start : start + count] = block.T
-            out.flush()
-            del out
-
-
-def _out_of_memory(err: BaseException) -> bool:
-    """Whether `err` is an allocation that failed (numpy's and Python's MemoryError, torch's CPU allocator)."""
-    if isinstance(err, MemoryError) or isinstance(err, getattr(torch, "OutOfMemoryError", ())):
-        return True
-    # torch's CPU allocator raises a plain RuntimeError: "DefaultCPUAllocator: can't allocate memory".
-    return isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
-
-
-def _prepare_one(job: tuple[str, str, str, MelSettings, int, int]) -> dict[str, Any]:
-    """Compute and store one log-mel array; never raises, but KeyboardInterrupt.
-
-    Returns:
-        The job's `rel`, with either the entry's fields, or "error" (the file cannot be used: a
-        failure, remembered until the file changes), or "fault" (the cache's disk refused the
-        write: stops the build), or "transient" (not the file's fault, such as memory running out:
-        the next build retries the file).
-    """
-    source, rel, array, mel, size, mtime_ns = job
-    record: dict[str, Any] = {"rel": rel, "size": size, "mtime_ns": mtime_ns}
-    try:
-        rate, blocks = decode_blocks(source)
-        stream = LogMelStream(blocks, rate, mel, source=source)
-        n_frames = _store_log_mel(Path(array), stream, mel.n_mels)
-        record.update(n_frames=n_frames, duration=stream.samples / rate, sample_rate=rate)
-    except AudioError as err:
-        record["error"] = str(err).removeprefix(f"{printable(source)}: ")  # str() of our errors is printable
-    except _WriteFailed as failed:
-        fault = write_fault(failed.__cause__, Path(array).parent, failed.nbytes, existed=False)
-        if fault is not None:
-            return {"rel": rel, "fault": fault}  # stops the build (see on_result)
-        return {**record, "transient": f"its array could not be written ({_one_line(failed.__cause__)})"}
-    except Exception as err:  # a worker reports, it never raises: one bad file must not stop a build
-        if _out_of_memory(err):
-            return {**record, "transient": f"out of memory ({_one_line(err)})"}
-        record["error"] = _one_line(err)
-    if "error" in record and not os.path.lexists(source):
-        record.update(error=VANISHED, vanished=True)  # deleted or moved while it was being read
-    return record
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"
-
-
-def init_worker_process() -> None:
-    """Settings of a preparation worker process (the benchmark applies them to time stages alike)."""
-    # One thread per process: the pool already uses every core, and torch's OpenMP pool inherited
-    # through fork is not safe to use in the child (PyTorch's DataLoader workers do the same).
-    torch.set_num_threads(1)
-    # glibc serves blocks above its mmap threshold (128 KB at first, adapting) with fresh pages
-    # from the kernel, so each file's multi-MB decode and STFT buffers page-faulted anew. Keeping
-    # them on the heap made preparation faster. Workers only: the caller's process is not ours
-    # to tune. A no-op where the C library is not glibc.
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD: blocks up to 64 MB come from the heap
-        libc.mallopt(-1, 128 << 20)  # M_TRIM_THRESHOLD: keep up to 128 MB of freed heap
-    except (OSError, AttributeError):
-        pass
-
-
-def _pool(workers: int) -> ProcessPoolExecutor:
-    # fork starts a worker in milliseconds; spawn would re-import torch in each (seconds).
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("fork" if "fork" in methods else None)
-    return ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker_process)
-
-
-def _run_jobs(jobs: list, workers: int, on_result: Callable[[dict[str, Any]], None]) -> None:
-    """Run `_prepare_one` over `jobs` in `workers` processes (0: in this one)."""
-    if workers <= 0 or len(jobs) <= 1:
-        # One file at a time gains little from torch's intra-op threads, and when another process
-        # holds a core their OpenMP spinning made preparation several times slower.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            for job in jobs:
-                on_result(_prepare_one(job))
-        finally:
-            torch.set_num_threads(threads)
-        return
-    lost = []
-    pool = _pool(min(workers, len(jobs)))
-    try:
-        futures = {pool.submit(_prepare_one, job): job for job in jobs}
-        for future in as_completed(futures):
-            try:
-                on_result(future.result())
-            except BrokenProcessPool:
-                lost.append(futures[future])
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-    # A worker died outright (a crash in a codec, or killed for memory) and took every pending
-    # job with it: retry those one by one, each in a process of its own, so that only the
-    # culprit is reported, and how its process ended decides whose fault it was.
-    _run_jobs_in_processes(sorted(lost, key=lambda j: j[1]), 1, on_result, timeout=None)
-
-
-def _job_process(job: tuple, send: Any) -> None:
-    """A decoding process's whole life: one file, its record sent back, then exit."""
-    init_worker_process()
-    try:
-        record = _prepare_one(job)
-    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: not the file's fault
-        record = {"rel": job[1], "interrupted": True}
-    send.send(record)
-    send.close()
-
-
-def _ended_without_record(job: tuple, exitcode: Optional[int]) -> dict[str, Any]:
-    """The record of a decoding process that died before it could send one.
-
-    SIGKILL comes from outside the process: the kernel's OOM killer, or a person. The file is
-    then retried by the next build (up to MAX_RETRIES times). Any other death (SIGSEGV,
-    SIGABRT, an exit) is the codec's crash on this file, and the file is recorded as unusable.
-    """
-    record = {"rel": job[1], "size": job[4], "mtime_ns": job[5]}
-    if exitcode == -signal.SIGKILL:
-        return {**record, "transient": "its decoding process was killed (SIGKILL: out of memory?)"}
-    how = f"exit status {exitcode}"
-    if exitcode is not None and exitcode < 0:
-        try:
-            how = f"signal {signal.Signals(-exitcode).name}"
-        except ValueError:  # a real-time signal has no name
-            how = f"signal {-exitcode}"
-    return {**record, "error": f"the decoder crashed its process ({how}): a codec fault on this file"}
-
-
-def _run_jobs_in_processes(jobs: list, workers: int, on_result: Callable[[dict[str, Any]], None],
-                           timeout: Optional[float]) -> None:
-    """Run `_prepare_one` over `jobs`, each in a process of its own, up to `workers` at once (at
-    least one). With a `timeout`, a process still running after `timeout` seconds is killed
-    (SIGKILL): a decoder stuck on a malformed file, even one that blocks every signal, cannot
-    hold the build. A fork costs milliseconds against the seconds a file takes to decode."""
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("fork" if "fork" in methods else None)
-    pending, running = list(jobs), {}
-    try:
-        while pending or running:
-            while pending and len(running) < max(1, workers):
-                job = pending.pop(0)
-                receive, send = context.Pipe(duplex=False)
-                process = context.Process(target=_job_process, args=(job, send), daemon=True)
-                process.start()
-                send.close()
-                running[receive] = (process, job, time.monotonic())
-            for conn in multiprocessing.connection.wait(list(running), timeout=0.2):
-                process, job, _ = running.pop(conn)
-                try:
-                    record = conn.recv()
-                except (EOFError, OSError):
-                    record = None
-                conn.close()
-                process.join()
-                on_result(record if record is not None else _ended_without_record(job, process.exitcode))
-            now = time.monotonic()
-            for conn, (process, job, started) in list(running.items()):
-                if timeout is not None and now - started > timeout:
-                    process.kill()
-                    process.join()
-                    conn.close()
-                    del running[conn]
-                    # A decoder that hangs hangs on the file: recorded like a bad file (docs/reliability.md).
-                    on_result({"rel": job[1], "size": job[4], "mtime_ns": job[5],
-                               "error": f"decoding took longer than {timeout:g} s (--data.decode_timeout); "
-                                        "its process was stopped"})
-    finally:
-        for conn, (process, _, _) in running.items():
-            process.kill()
-            process.join()
-            conn.close()
 
 
 def build_audio_cache(
@@ -510,9 +251,9 @@ def build_audio_cache(
 
     try:
         if decode_timeout is None:
-            _run_jobs(jobs, workers, on_result)
+            run_jobs(jobs, workers, on_result)
         else:
-            _run_jobs_in_processes(jobs, workers, on_result, decode_timeout)
+            run_jobs_in_processes(jobs, workers, on_result, decode_timeout)
     finally:
         if bar is not None:
             bar.close()

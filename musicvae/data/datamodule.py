@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import atexit
-import math
-import multiprocessing
-import multiprocessing.util  # its exit handler is registered first, so the one below runs before it
 import os
-import signal
 import warnings
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -21,73 +16,20 @@ import torch
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from musicvae.audio.mel import AUDIO_SUFFIXES, MelSettings, read_mel_sidecar
+from musicvae.audio.mel_settings import MelSettings, read_mel_sidecar
 from musicvae.data.augment import AugmentSettings
-from musicvae.data.cache import CacheReport, build_audio_cache, find_audio_files
-from musicvae.data.listing import list_folder, no_recordings
 from musicvae.data.device_crops import CropPlan, DeviceCrops, cache_bytes, check_fits
 from musicvae.data.builtin import build_synthetic_collection, default_cache_dir, synthetic_folder
-from musicvae.errors import ConfigError, DataError, printable
+from musicvae.data.loader_workers import ignore_stop_signals, whole_item
+from musicvae.data.mel_arrays import MelSource, window_starts
+from musicvae.data.recordings import find_array_files, scan_recordings, update_audio_cache
+from musicvae.errors import ConfigError, DataError
 from musicvae.data.sampling import CropSampler
-from musicvae.data.segments import (
-    ARRAY_SUFFIXES,
-    MelSource,
-    Normalizer,
-    RecordingWindows,
-    SegmentDataset,
-    scan_mel_file,
-    segment_statistics,
-    window_starts,
-)
+from musicvae.data.segments import Normalizer, RecordingWindows, SegmentDataset, segment_statistics
 from musicvae.data.split import MIN_FILES_FOR_FILE_SPLIT, segment_split_point, split_files
 
-
-def _ignore_stop_signals(worker_id: int) -> None:
-    # Schedulers send SIGTERM to every process of a job, and a terminal's Ctrl-C sends SIGINT to
-    # every process of the foreground group; a worker dying of either would crash the main process
-    # before it can save. The main process handles both and ends the workers.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _kill_loader_workers() -> None:
-    """End the loader workers still alive when the process exits, with SIGKILL.
-
-    Workers ignore SIGTERM (above), and multiprocessing ends daemonic children at exit with SIGTERM
-    (`Process.terminate`), then waits for them: a run stopped mid-epoch (Ctrl-C, SIGTERM, an error)
-    whose loader iterator was still alive at exit waited forever (1 of 16 Ctrl-C trials of
-    scripts/reliability.py). Lightning shuts down the workers of torch's own multi-process iterator
-    at teardown, not those of torchdata's StatefulDataLoader (combined_loader.py's
-    `_shutdown_workers_and_reset_iterator` checks for torch's class), so they are left to garbage
-    collection, which may come after this. Registered after multiprocessing's exit handler, so it
-    runs before it (atexit runs last-in, first-out); workers hold nothing that needs a clean end."""
-    workers = [child for child in multiprocessing.active_children() if child.daemon]
-    if not workers:
-        return
-    # torch's loader raises from its SIGCHLD handler when a worker dies: that would stop this loop.
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    for child in workers:
-        child.kill()
-    for child in workers:
-        try:
-            child.join(timeout=5)
-        except Exception:  # noqa: BLE001 - exiting anyway; the next worker must still be ended
-            pass
-
-
-atexit.register(_kill_loader_workers)
-
-
-def _whole_item(item: dict) -> dict:
-    """A prediction batch as the dataset made it (tensors, strings, numbers). A module-level
-    function, not a lambda: spawn and forkserver workers (macOS, Python 3.14) pickle it."""
-    return item
-
-
-def find_array_files(folder: Path) -> list[Path]:
-    """Mel array files under `folder`, recursively, through links to folders (musicvae.data.listing),
-    in a stable order (dangling and looping links included, for the reader to report)."""
-    return [Path(folder) / rel for rel in list_folder(folder).files if os.path.splitext(rel)[1] in ARRAY_SUFFIXES]
+# find_array_files is not used here: it was defined here before the scan of a data folder became a
+# module of its own (musicvae/data/recordings.py), and still imports from here.
 
 
 class MelDataModule(L.LightningDataModule):
@@ -219,7 +161,8 @@ class MelDataModule(L.LightningDataModule):
             build_synthetic_collection(self.cache_dir, self.synthetic_pieces, self.synthetic_seconds, self.mel)
         else:
             workers = self.prepare_workers if self.prepare_workers is not None else (os.cpu_count() or 1)
-            self._audio_cache(workers=workers, progress=True)
+            update_audio_cache(self.data_dir, self.cache_dir, self.mel, workers, progress=True,
+                               decode_timeout=self.decode_timeout)
 
     def setup(self, stage: Optional[str] = None) -> None:
         if stage in ("test", "predict"):
@@ -252,7 +195,8 @@ class MelDataModule(L.LightningDataModule):
             return
         if self.data_dir is None:
             self.prepare_data()  # a no-op once built; builds on demand outside a Trainer (notebooks)
-        self.sources = self._scan()
+        self.sources, self.problems = scan_recordings(self.folder, self.data_dir, self.cache_dir, self.mel, self.frames,
+                                                      self.silence_margin, self.on_bad_file, self.decode_timeout)
 
     def evaluation_set(self, split: Literal["val", "all"] = "val") -> SegmentDataset:
         """Deterministic windows for evaluation: the validation split, or every recording whole.
@@ -278,103 +222,6 @@ class MelDataModule(L.LightningDataModule):
 
     def _raw(self, dataset: SegmentDataset) -> SegmentDataset:
         return SegmentDataset(dataset.paths, dataset.items, self.frames, self.n_mels, Normalizer(), False)
-
-    def _audio_cache(self, workers: int, progress: bool = False) -> Optional[CacheReport]:
-        """Bring the log-mel cache of the folder's audio files up to date (None: no audio there).
-
-        With workers=0 on a warm cache this only compares sizes and modification times.
-        """
-        if self.data_dir is None:
-            return None
-        rels, odd_dirs = find_audio_files(self.data_dir)
-        if not rels and not odd_dirs:
-            return None
-        return build_audio_cache(self.data_dir, self.cache_dir, self.mel, workers=workers, progress=progress,
-                                 decode_timeout=self.decode_timeout)
-
-    def _candidates(self) -> tuple[list[tuple[str, Path]], list[str]]:
-        """(relative path, array file) of every recording, and messages about unusable files.
-
-        Arrays are read where they are; audio files through their cached log-mels, keyed by the
-        audio file's own relative path so the split by recording sees the music folder.
-        """
-        # A cache_dir placed inside data_dir holds derived arrays, not more recordings.
-        cache_inside = self.data_dir is not None and self.data_dir in self.cache_dir.parents
-        arrays = [
-            (path.relative_to(self.folder).as_posix(), path)
-            for path in find_array_files(self.folder)
-            if not (cache_inside and self.cache_dir in path.parents)
-        ]
-        listing = list_folder(self.folder)
-        # Folders named like array files (`take_3.npy/`): reported, since find_array_files skips them.
-        named = [self.folder / rel for rel in listing.dirs if os.path.splitext(rel)[1] in ARRAY_SUFFIXES]
-        messages = [f"{path}: is a directory, not an array file" for path in named
-                    if not (cache_inside and (path == self.cache_dir or self.cache_dir in path.parents))]
-        report = self._audio_cache(workers=0)
-        if report is not None:
-            arrays += [(entry.rel, Path(entry.array)) for entry in report.entries]
-            messages += [f"{path}: {reason}" for path, reason in report.problems]
-        messages += [m for m in (f"{printable(path)}: {reason}" for path, reason in listing.loops) if m not in messages]
-        return sorted(arrays), messages
-
-    def _scan(self) -> list[MelSource]:
-        candidates, problems = self._candidates()
-        problems.sort()  # "path: reason", so by path
-        if problems and self.on_bad_file == "error":
-            raise DataError(problems[0])
-        if not candidates and not problems:
-            raise no_recordings(self.folder, ARRAY_SUFFIXES + AUDIO_SUFFIXES)
-        sources, too_short = [], []
-        for rel, path in candidates:
-            try:
-                source = scan_mel_file(path, rel, self.n_mels, self.mel.log_floor_value)
-                if source.n_frames >= self.frames:
-                    self._check_not_silent(source)
-            except DataError as err:
-                if self.on_bad_file == "error":
-                    raise
-                problems.append(str(err))
-                continue
-            if source.n_frames < self.frames:
-                too_short.append(rel)
-                continue
-            sources.append(source)
-        problems.sort()  # "path: reason", so by path: one list whatever stage found each problem
-        if too_short:
-            # Every name, however many: a file left out of a run is one its owner must be able to find.
-            warnings.warn(
-                f"skipped {len(too_short)} file(s) shorter than one segment ({self.frames} frames): "
-                + ", ".join(printable(rel) for rel in too_short),
-                stacklevel=2,
-            )
-        if problems:
-            warnings.warn(
-                f"skipped {len(problems)} unusable file(s):\n" + "\n".join(f"  {printable(msg)}" for msg in problems),
-                stacklevel=2,
-            )
-        self.problems = problems + [f"{rel}: shorter than one segment" for rel in too_short]
-        if not sources:
-            silent = sum(": silent" in msg for msg in problems)
-            if silent and silent == len(problems) and not too_short:
-                raise DataError(f"{self.folder}: every recording is silent ({silent} file(s); see the warnings "
-                                "above): there is nothing to train on")
-            raise DataError(f"{self.folder}: none of the files is usable (see the warnings above)")
-        return sources
-
-    def _check_not_silent(self, source: MelSource) -> None:
-        """Refuse a recording none of whose windows would be trained on (all are silent), naming
-        the file in the data folder (an audio file, not its cached array).
-
-        Raises:
-            DataError: the file is silent at `silence_margin`.
-        """
-        if window_starts(source, 0, source.n_frames, self.frames, self.silence_margin):
-            return
-        db = 10 * self.silence_margin / math.log(10)
-        raise DataError(
-            f"{self.folder / source.rel}: silent: no segment of {self.frames} frames rises more than "
-            f"{db:.0f} dB above the file's floor (lower data.silence_margin to train on quiet material)"
-        )
 
     def _split(self, sources: list[MelSource]) -> tuple[np.ndarray, np.ndarray]:
         is_val = split_files([s.rel for s in sources], self.val_split, self.seed)
@@ -434,7 +281,7 @@ class MelDataModule(L.LightningDataModule):
             # Worker seeds come from this generator, not the global one, so creating a loader
             # never shifts the random stream of the training steps (dropout, reparameterisation).
             generator=torch.Generator().manual_seed(self.seed),
-            worker_init_fn=_ignore_stop_signals,
+            worker_init_fn=ignore_stop_signals,
         )
 
     def train_dataloader(self) -> StatefulDataLoader:
@@ -481,7 +328,7 @@ class MelDataModule(L.LightningDataModule):
         # write its file twice, from two processes).
         sampler = UnrepeatedDistributedSampler(dataset, shuffle=False, **kwargs) if kwargs else None
         return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=self.num_workers,
-                          collate_fn=_whole_item, worker_init_fn=_ignore_stop_signals)
+                          collate_fn=whole_item, worker_init_fn=ignore_stop_signals)
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs to rebuild the data exactly: features, split rule, statistics."""

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import torch
 
-from musicvae.audio.mel import MelSettings, read_mel_sidecar
+from musicvae.audio.mel_settings import MelSettings, read_mel_sidecar
 from musicvae.training.checkpoints import DATA_STATE_KEY, RAW_WEIGHTS_KEY, load_checkpoint, run_config
 from musicvae.data.datamodule import MelDataModule
 from musicvae.errors import CheckpointError, ConfigError

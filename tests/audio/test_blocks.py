@@ -10,8 +10,10 @@ import pytest
 import soundfile as sf
 import torch
 
-from musicvae.audio import mel as mel_module
-from musicvae.audio.mel import LogMel, LogMelStream, MelSettings, audio_to_log_mel, decode_audio, decode_blocks, resample
+from musicvae.audio import decode
+from musicvae.audio.decode import decode_audio, decode_blocks
+from musicvae.audio.mel import LogMel, LogMelStream, audio_to_log_mel, resample
+from musicvae.audio.mel_settings import MelSettings
 
 MEL = MelSettings()  # the default features: 128 mels at 22050 Hz
 #: Piece sizes that fall nowhere near one another or the rates' periods: decoded blocks of 4999 frames,
@@ -44,7 +46,7 @@ def whole_file_log_mel(path: Path, mel: MelSettings) -> np.ndarray:
 def test_block_wise_log_mel_equals_the_whole_file(tmp_path, monkeypatch, rate, channels, extra):
     samples = 5 * RESAMPLE_BLOCK + extra  # several pieces of every stage, the last ones partial
     path = recording(tmp_path / "x.wav", rate, channels, samples)
-    monkeypatch.setattr(mel_module, "_DECODE_BLOCK_BYTES", 4 * channels * DECODE_FRAMES)
+    monkeypatch.setattr(decode, "_DECODE_BLOCK_BYTES", 4 * channels * DECODE_FRAMES)
     native, blocks = decode_blocks(path)
     stream = LogMelStream(blocks, native, MEL, str(path), resample_block=RESAMPLE_BLOCK, frame_block=FRAME_BLOCK)
     pieces = list(stream)

@@ -11,16 +11,10 @@ import soundfile as sf
 import torch
 import torchaudio
 
-from musicvae.audio import mel as audio
-from musicvae.audio.mel import (
-    AUDIO_SUFFIXES,
-    AudioError,
-    MelSettings,
-    audio_to_log_mel,
-    decode_audio,
-    load_audio,
-    log_mel,
-)
+from musicvae.audio import decode
+from musicvae.audio.decode import AUDIO_SUFFIXES, AudioError, decode_audio
+from musicvae.audio.mel import audio_to_log_mel, load_audio, log_mel
+from musicvae.audio.mel_settings import MelSettings
 from musicvae.errors import DataError
 
 MEL = MelSettings(n_mels=64)
@@ -114,7 +108,7 @@ def test_decode_mixes_channels_to_their_mean(tmp_path: Path) -> None:
 def test_decode_in_blocks_equals_one_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = _write(tmp_path / "long.flac", tone(8000, 1.3, channels=3), 8000, subtype="PCM_16")
     whole, _ = decode_audio(path)
-    monkeypatch.setattr(audio, "_DECODE_BLOCK_BYTES", 12 * 1000)  # 1000 frames: 11 blocks, the last partial
+    monkeypatch.setattr(decode, "_DECODE_BLOCK_BYTES", 12 * 1000)  # 1000 frames: 11 blocks, the last partial
     blocks, _ = decode_audio(path)
     np.testing.assert_array_equal(whole, blocks)
 

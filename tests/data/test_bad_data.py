@@ -22,9 +22,9 @@ import torch
 
 from conftest import tiny_fit_args, write_mel_folder
 from helpers import train
-from musicvae.data import cache
-from musicvae.data import datamodule as data
-from musicvae.audio.mel import AudioError, MelSettings, decode_audio
+from musicvae.data import cache, cache_job, recordings
+from musicvae.audio.decode import AudioError, decode_audio
+from musicvae.audio.mel_settings import MelSettings
 from musicvae.data.cache import build_audio_cache
 from musicvae.training.cli import cli_main
 from musicvae.data.datamodule import MelDataModule
@@ -190,7 +190,7 @@ def mixed(tmp_path: Path) -> Mixed:
 @pytest.fixture
 def vanish_while_reading(monkeypatch, mixed: Mixed) -> None:
     """Delete one audio file right after it is listed and one array right before it is read."""
-    list_audio, scan_array = cache.find_audio_files, data.scan_mel_file
+    list_audio, scan_array = cache.find_audio_files, recordings.scan_mel_file
     audio, array = mixed.folder / "album_c/vanishing.flac", mixed.folder / "arrays/vanishing_array.npy"
 
     def listing_then_delete(folder):
@@ -204,7 +204,7 @@ def vanish_while_reading(monkeypatch, mixed: Mixed) -> None:
         return scan_array(path, *args, **kwargs)
 
     monkeypatch.setattr(cache, "find_audio_files", listing_then_delete)
-    monkeypatch.setattr(data, "scan_mel_file", delete_then_scan)
+    monkeypatch.setattr(recordings, "scan_mel_file", delete_then_scan)
 
 
 def spoil_flags(mixed: Mixed) -> list[str]:
@@ -292,14 +292,14 @@ def test_cache_reports_a_file_deleted_while_the_pool_decodes_it(tmp_path, monkey
     folder = tmp_path / "music"
     for i in range(4):
         write_audio(folder / f"t{i}.wav", tone(1.0, 22050, seed=i), 22050)
-    decode = cache.decode_blocks
+    decode = cache_job.decode_blocks
 
     def delete_then_decode(path):
         if Path(path).name == "t2.wav":
             Path(path).unlink()
         return decode(path)
 
-    monkeypatch.setattr(cache, "decode_blocks", delete_then_decode)  # forked workers inherit the patch
+    monkeypatch.setattr(cache_job, "decode_blocks", delete_then_decode)  # forked workers inherit the patch
     first = build_audio_cache(folder, tmp_path / "cache", MEL, workers=2)
     assert first.problems == [(str(folder / "t2.wav"), "vanished after it was listed: file not found")]
     second = build_audio_cache(folder, tmp_path / "cache", MEL)
@@ -424,7 +424,7 @@ class _Payload:
 
 
 def test_a_mel_array_holding_python_objects_is_refused_and_never_unpickled(tmp_path):
-    from musicvae.data.segments import scan_mel_file
+    from musicvae.data.mel_arrays import scan_mel_file
     from musicvae.errors import DataError
 
     marker = tmp_path / "PWNED"

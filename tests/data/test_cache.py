@@ -16,10 +16,10 @@ import torch
 
 from musicvae.io import atomic
 
-from musicvae.data import cache
-from musicvae.audio.mel import MelSettings
+from musicvae.data import cache, cache_job, cache_workers
+from musicvae.audio.mel_settings import MelSettings
 from musicvae.data.cache import MANIFEST, CacheReport, build_audio_cache, cache_folder
-from musicvae.data.segments import load_mel_array
+from musicvae.data.mel_arrays import load_mel_array
 from helpers import write_tone
 
 MEL = MelSettings(n_mels=32)
@@ -63,7 +63,7 @@ def test_first_build_caches_every_file(audio_dir: Path, tmp_path: Path) -> None:
 
 def test_second_build_reuses_everything(audio_dir: Path, tmp_path: Path, monkeypatch) -> None:
     first = build(audio_dir, tmp_path)
-    monkeypatch.setattr(cache, "decode_blocks", lambda *a: pytest.fail("a warm build decoded a file"))
+    monkeypatch.setattr(cache_job, "decode_blocks", lambda *a: pytest.fail("a warm build decoded a file"))
     second = build(audio_dir, tmp_path)
     assert second.computed == 0 and second.reused == len(GOOD)
     assert second.entries == first.entries
@@ -124,7 +124,7 @@ def test_bad_files_are_reported_once_and_good_ones_cached(audio_dir: Path, tmp_p
     for path, reason in report.problems:
         assert bad[Path(path).name] in reason, (path, reason)
     # A warm run reports the same problems from the manifest, without decoding anything again.
-    monkeypatch.setattr(cache, "decode_blocks", lambda *a: pytest.fail("a warm build decoded a file"))
+    monkeypatch.setattr(cache_job, "decode_blocks", lambda *a: pytest.fail("a warm build decoded a file"))
     again = build(audio_dir, tmp_path)
     assert again.computed == 0 and again.problems == report.problems
     failures = json.loads((cache_folder(tmp_path / "cache", audio_dir, MEL) / MANIFEST).read_text())["failures"]
@@ -139,7 +139,7 @@ def test_fixed_file_is_retried(audio_dir: Path, tmp_path: Path) -> None:
     assert report.problems == [] and report.computed == 1 and len(report.entries) == len(GOOD) + 1
 
 
-_prepare_one = cache._prepare_one
+_prepare_one = cache_job.prepare_one
 
 
 def _crash_on_c(job):
@@ -151,7 +151,7 @@ def _crash_on_c(job):
 
 def test_crashing_worker_loses_only_its_file(audio_dir: Path, tmp_path: Path, monkeypatch) -> None:
     """A codec that kills its process (segfault, out of memory) costs one file, not the build."""
-    monkeypatch.setattr(cache, "_prepare_one", _crash_on_c)  # forked workers inherit the patch
+    monkeypatch.setattr(cache_workers, "prepare_one", _crash_on_c)  # forked workers inherit the patch
     report = build(audio_dir, tmp_path, workers=2)
     assert [e.rel for e in report.entries] == sorted(set(GOOD) - {"c.ogg"})
     assert [path for path, _ in report.problems] == [str(audio_dir / "c.ogg")]
@@ -210,8 +210,7 @@ def test_a_decoder_that_hangs_is_killed_after_the_timeout_and_reported(tmp_path,
 
     import soundfile as sf
 
-    from musicvae.audio.mel import MelSettings, decode_blocks
-    from musicvae.data import cache
+    from musicvae.audio.decode import decode_blocks
 
     music = tmp_path / "music"
     music.mkdir()
@@ -226,7 +225,7 @@ def test_a_decoder_that_hangs_is_killed_after_the_timeout_and_reported(tmp_path,
                 time.sleep(1)
         return decode_blocks(path, *args, **kwargs)
 
-    monkeypatch.setattr(cache, "decode_blocks", hanging_decode)  # forked decoding processes inherit it
+    monkeypatch.setattr(cache_job, "decode_blocks", hanging_decode)  # forked decoding processes inherit it
     started = time.monotonic()
     report = cache.build_audio_cache(music, tmp_path / "cache", MelSettings(n_mels=32), workers=2, decode_timeout=3)
     assert time.monotonic() - started < 60
@@ -241,8 +240,8 @@ def test_a_decoder_that_hangs_is_killed_after_the_timeout_and_reported(tmp_path,
 # --- failures that are not the file's fault ------------------------------------------------------
 
 def _decoder_failing_on(name: str, failure):
-    """cache.decode_blocks, calling `failure()` instead for the file `name`."""
-    decode = cache.decode_blocks
+    """cache_job.decode_blocks, calling `failure()` instead for the file `name`."""
+    decode = cache_job.decode_blocks
 
     def patched(path):
         if Path(path).name == name:
@@ -262,7 +261,7 @@ def _torch_out_of_memory():
 
 @pytest.mark.parametrize("failure", [_numpy_out_of_memory, _torch_out_of_memory], ids=["numpy", "torch"])
 def test_running_out_of_memory_is_retried_and_recorded_after_three_builds(audio_dir, tmp_path, monkeypatch, failure):
-    monkeypatch.setattr(cache, "decode_blocks", _decoder_failing_on("b.flac", failure))
+    monkeypatch.setattr(cache_job, "decode_blocks", _decoder_failing_on("b.flac", failure))
     folder = cache_folder(tmp_path / "cache", audio_dir, MEL)
     for attempt in range(1, cache.MAX_RETRIES):
         report = build(audio_dir, tmp_path)
@@ -275,7 +274,7 @@ def test_running_out_of_memory_is_retried_and_recorded_after_three_builds(audio_
     report = build(audio_dir, tmp_path)  # the third build in a row: this file exhausts memory by itself
     [(_, reason)] = report.problems
     assert reason.startswith("out of memory") and "in 3 builds in a row; not tried again until the file changes" in reason
-    monkeypatch.setattr(cache, "decode_blocks", lambda *a: pytest.fail("a recorded failure was decoded again"))
+    monkeypatch.setattr(cache_job, "decode_blocks", lambda *a: pytest.fail("a recorded failure was decoded again"))
     assert build(audio_dir, tmp_path).problems == report.problems
     monkeypatch.undo()
     write_tone(audio_dir / "b.flac", seconds=1.0)  # a new version of the file is tried again
@@ -293,7 +292,7 @@ def _killed_on_b(job):
 def test_a_decoder_killed_from_outside_is_retried_not_recorded(audio_dir, tmp_path, monkeypatch, timeout):
     """SIGKILL comes from outside the process (the OOM killer): not the file's fault. Any other
     death is the codec's on this file (test_crashing_worker_loses_only_its_file)."""
-    monkeypatch.setattr(cache, "_prepare_one", _killed_on_b)  # forked processes inherit the patch
+    monkeypatch.setattr(cache_workers, "prepare_one", _killed_on_b)  # forked processes inherit the patch
     report = build_audio_cache(audio_dir, tmp_path / "cache", MEL, workers=2, decode_timeout=timeout)
     assert [e.rel for e in report.entries] == sorted(set(GOOD) - {"b.flac"})
     [(path, reason)] = report.problems
@@ -310,7 +309,7 @@ def _interrupted_on_b(job):
 
 
 def test_ctrl_c_in_a_decoding_process_is_not_recorded(audio_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(cache, "_prepare_one", _interrupted_on_b)
+    monkeypatch.setattr(cache_workers, "prepare_one", _interrupted_on_b)
     report = build_audio_cache(audio_dir, tmp_path / "cache", MEL, workers=2, decode_timeout=60.0)
     assert report.problems == [(str(audio_dir / "b.flac"), "its decoding was interrupted (Ctrl-C); the next run "
                                                            "tries it again")]
@@ -320,7 +319,7 @@ def test_ctrl_c_in_a_decoding_process_is_not_recorded(audio_dir, tmp_path, monke
 
 
 def test_ctrl_c_in_process_stops_the_build_and_records_nothing(audio_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(cache, "decode_blocks", _decoder_failing_on("b.flac", lambda: (_ for _ in ()).throw(KeyboardInterrupt)))
+    monkeypatch.setattr(cache_job, "decode_blocks", _decoder_failing_on("b.flac", lambda: (_ for _ in ()).throw(KeyboardInterrupt)))
     with pytest.raises(KeyboardInterrupt):
         build(audio_dir, tmp_path)
     manifest = json.loads((cache_folder(tmp_path / "cache", audio_dir, MEL) / MANIFEST).read_text())
@@ -337,7 +336,7 @@ def test_a_long_log_mel_is_written_in_pieces_equal_to_the_whole(audio_dir, tmp_p
     opened = []
     open_memmap = np.lib.format.open_memmap
     monkeypatch.setattr(np.lib.format, "open_memmap", lambda *a, **k: opened.append(a[0]) or open_memmap(*a, **k))
-    monkeypatch.setattr(cache, "_IN_MEMORY_BYTES", 4096)  # every array here is "long": 32 frames in memory
+    monkeypatch.setattr(cache_job, "_IN_MEMORY_BYTES", 4096)  # every array here is "long": 32 frames in memory
     report = build_audio_cache(audio_dir, tmp_path / "pieces", MEL)
     for entry in report.entries:
         array = np.load(entry.array)
@@ -354,7 +353,7 @@ def test_a_full_disk_while_a_long_array_is_written_stops_the_build_and_records_n
     def full(fd, offset, length):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(cache, "_IN_MEMORY_BYTES", 4096)
+    monkeypatch.setattr(cache_job, "_IN_MEMORY_BYTES", 4096)
     monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
     with pytest.raises(StorageError, match="no space left on the device of"):
         build(audio_dir, tmp_path)

@@ -216,15 +216,15 @@ def test_sidecar_declares_the_mel_settings(mel_folder):
 def test_a_process_left_with_a_live_loader_iterator_still_exits():
     """Loader workers ignore SIGTERM (so a preempted run can save); multiprocessing ends daemonic
     children at exit with SIGTERM and then waits for them, so a process stopped mid-epoch with its
-    iterator alive waited forever (found by scripts/reliability.py --mode ctrl-c). The datamodule's
-    exit handler kills them first."""
+    iterator alive waited forever (found by scripts/reliability.py --mode ctrl-c). The exit handler
+    of musicvae/data/loader_workers.py kills them first."""
     import subprocess
     import sys
 
     script = """
 from torchdata.stateful_dataloader import StatefulDataLoader
-from musicvae.data.datamodule import _ignore_stop_signals
-loader = StatefulDataLoader(list(range(100)), batch_size=2, num_workers=2, worker_init_fn=_ignore_stop_signals)
+from musicvae.data.loader_workers import ignore_stop_signals
+loader = StatefulDataLoader(list(range(100)), batch_size=2, num_workers=2, worker_init_fn=ignore_stop_signals)
 iterator = iter(loader)  # a global: alive until after the exit handlers, as when a run stops mid-epoch
 next(iterator)
 """

@@ -17,7 +17,7 @@ import soundfile as sf
 from conftest import load_script
 from musicvae.audio.mel import MelSettings
 from musicvae.data.cache import MANIFEST, build_audio_cache, cache_folder
-from musicvae.data.segments import load_mel_array
+from musicvae.data.mel_arrays import load_mel_array
 from helpers import run_command, write_tone
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -111,17 +111,17 @@ def test_sigkill_during_prepare_leaves_a_usable_cache(tmp_path: Path) -> None:
 
 KILL_AT_FOURTH = """
 import os, signal, sys
-from musicvae.data import cache
-from musicvae.audio.mel import MelSettings
+from musicvae.data import cache, cache_workers
+from musicvae.audio.mel_settings import MelSettings
 cache._SAVE_EVERY_S = 0.0  # save the manifest after every file
 done = []
-real = cache._prepare_one
+real = cache_workers.prepare_one
 def prepare_then_die(job):
     if len(done) == 3:
         os.kill(os.getpid(), signal.SIGKILL)
     done.append(job)
     return real(job)
-cache._prepare_one = prepare_then_die
+cache_workers.prepare_one = prepare_then_die
 cache.build_audio_cache(sys.argv[1], sys.argv[2], MelSettings(n_mels=32))
 """
 

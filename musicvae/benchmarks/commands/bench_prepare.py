@@ -34,8 +34,11 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from musicvae.audio.mel import LogMel, MelSettings, decode_audio, resample
-from musicvae.data.cache import init_worker_process, build_audio_cache
+from musicvae.audio.decode import decode_audio
+from musicvae.audio.mel import LogMel, resample
+from musicvae.audio.mel_settings import MelSettings
+from musicvae.data.cache import build_audio_cache
+from musicvae.data.cache_workers import init_worker_process
 from musicvae.audio.synth import render_piece
 from musicvae.commands.parsing import RawDescription, command_parser, parse_command
 
