@@ -74,7 +74,7 @@ def test_installed_package_prints_the_quickstart_config_from_anywhere(installed,
     explicit = yaml.safe_load(found["printed"])
     quickstart = yaml.safe_load(default.read_text())
     assert {"model", "data", "trainer", "checkpoint_dir"} <= set(explicit)
-    assert explicit["model"]["latent_dim"] == quickstart["model"]["latent_dim"]
+    assert explicit["model"]["init_args"]["latent_dim"] == quickstart["model"]["latent_dim"]
     assert explicit["checkpoint_dir"] == quickstart["checkpoint_dir"]
     # `python -m musicvae`, as the console entry point runs it from the installed package.
     run = subprocess.run([sys.executable, "-m", "musicvae", "fit", "--print_config"], cwd=tmp_path, env=env,

@@ -54,8 +54,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> dict[
     return ckpt
 
 
-def run_config(ckpt: dict[str, Any]) -> dict[str, Any]:
-    """The run's config stored in a checkpoint ({} for checkpoints written outside the CLI)."""
+def run_config(ckpt: dict[str, Any], source: Optional[str | os.PathLike] = None) -> dict[str, Any]:
+    """The run's config stored in a checkpoint ({} for checkpoints written outside the CLI), in today's
+    layout; `source` (the file) is named in a refusal."""
     text = ckpt.get(RUN_CONFIG_KEY)
     if not text:
         return {}
@@ -63,7 +64,8 @@ def run_config(ckpt: dict[str, Any]) -> dict[str, Any]:
         raise CheckpointError(f"its stored run config ({RUN_CONFIG_KEY}) is not YAML text")
     config = safe_yaml_load(text, "the run config stored in the checkpoint")
     # Every earlier layout read as today's (musicvae/training/hparams.py holds the table).
-    return current_config(config, "its stored run config") if isinstance(config, dict) else {}
+    label = f"{source}: its stored run config" if source else "its stored run config"
+    return current_config(config, label) if isinstance(config, dict) else {}
 
 
 def config_from_hyperparameters(ckpt: dict[str, Any]) -> dict[str, Any]:

@@ -122,9 +122,12 @@ def check_decay(decay: float) -> None:
 
 
 def _flat_model(settings: Mapping[str, Any]) -> tuple[Optional[str], dict[str, Any]]:
-    """(class path or None, init args) of a model group in either layout."""
+    """(class path or None, init args) of a model group in either layout (settings beside `class_path`
+    count as init args, as jsonargparse reads them)."""
     if "class_path" in settings:
-        return settings.get("class_path"), dict(settings.get("init_args") or {})
+        beside = {k: v for k, v in settings.items() if k not in ("class_path", "init_args")}
+        init_args = settings.get("init_args") or {}
+        return settings.get("class_path"), {**beside, **(init_args if isinstance(init_args, Mapping) else {})}
     return None, dict(settings)
 
 
@@ -146,8 +149,9 @@ def current_layout(model: Mapping[str, Any], source: str = "the checkpoint") -> 
     if class_path is None:
         class_path = SHARPEN_CLASS if adversarial else VAE_CLASS
     if class_path not in MODEL_CLASSES:
-        raise CheckpointError(f"{source} names the model class {str(class_path)[:200]!r}; musicvae builds only "
-                              f"{' or '.join(MODEL_CLASSES)} from a file")
+        raise CheckpointError(f"{source} names the model class {str(class_path)[:200]!r}, which musicvae does not "
+                              f"take from a checkpoint (it builds only {' or '.join(MODEL_CLASSES)} from a file). "
+                              "If you trust it, give it yourself: --model CLASS_PATH")
     if class_path != SHARPEN_CLASS:
         for key in SHARPEN_ARGS:
             args.pop(key, None)
@@ -164,6 +168,7 @@ def current_layout(model: Mapping[str, Any], source: str = "the checkpoint") -> 
 
 def model_class(class_path: str) -> type:
     """The class of an allowed class path (imported here, never from a file's say)."""
+    class_path = _ALIASES.get(class_path, class_path)
     if class_path == SHARPEN_CLASS:
         from musicvae.training.sharpen import SharpenModule
 

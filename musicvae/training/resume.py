@@ -125,7 +125,7 @@ def load_resume(args: list[str]) -> tuple[dict[str, Any], TakenConfig, list[str]
     """
     path = flag_value(args, "--ckpt_path")
     ckpt = load_checkpoint(path)
-    stored = run_config(ckpt) or config_from_hyperparameters(ckpt)
+    stored = run_config(ckpt, path) or config_from_hyperparameters(ckpt)
     taken = config_as_data(stored, path, args[0], user_set_keys(args[1:]))
     return ckpt, taken, [args[0], "--config", dump_yaml(taken.config), *args[1:]]
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from musicvae.errors import CheckpointError
-from musicvae.training.hparams import current_layout
+from musicvae.training.hparams import current_config, current_layout
 
 #: Top-level settings a stored config may give. Everything else (checkpoint_dir, overwrite, predict_dir,
 #: ckpt_path, weights_only, unknown keys) is a place, a loading policy or not a setting of this version.
@@ -203,6 +203,8 @@ def config_as_data(stored: Mapping[str, Any], source: str | Path, subcommand: st
     source, user_keys = Path(source), set(user_keys)
     if not isinstance(stored, Mapping):
         raise CheckpointError(f"{source}: its stored config is not a mapping of settings")
+    if isinstance(stored.get("model"), Mapping):
+        stored = current_config(stored, f"{source}: its stored config")  # any earlier layout, as today's
     dropped: list[tuple[str, Any]] = []
     config: dict[str, Any] = {}
     for key, value in stored.items():

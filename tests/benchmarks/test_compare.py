@@ -127,6 +127,7 @@ def test_compare_script_end_to_end(tmp_path):
     # The recipes kept their own loss, lr and beta.
     for recipe, loss, lr in (("standard", "standard", 1e-4), ("improved", "spectral", 5e-5)):
         config = yaml.safe_load((out / "runs" / recipe / "seed_0" / "ckpt" / "config.yaml").read_text())
+        config["model"] = config["model"]["init_args"]
         assert config["model"]["loss"] == loss and config["model"]["lr"] == pytest.approx(lr)
         assert config["model"]["latent_dim"] == 8  # the shared flags applied to both
 

@@ -88,7 +88,10 @@ def test_recipes_match_the_notebook(capsys):
     def printed(name: str) -> dict:
         with pytest.raises(SystemExit):
             cli_main(["--config", str(REPO / "configs" / f"{name}.yaml"), "--print_config"])
-        return yaml.safe_load(capsys.readouterr().out)
+        config = yaml.safe_load(capsys.readouterr().out)
+        assert config["model"]["class_path"] == "musicvae.MusicVAEModule"
+        config["model"] = config["model"]["init_args"]
+        return config
 
     standard, improved = printed("standard"), printed("improved")
     assert standard["model"]["loss"] == "standard"
@@ -128,8 +131,13 @@ def test_script_rejects_a_mistyped_flag(tmp_path):
 def test_script_help_lists_the_groups():
     result = train(["--help"])
     assert result.returncode == 0
-    for flag in ("--model.beta", "--data.data_dir", "--trainer.max_epochs", "--checkpoint_dir", "--ckpt_path"):
+    for flag in ("--model.help", "--media.audio_every_n_epochs", "--data.data_dir", "--trainer.max_epochs",
+                 "--checkpoint_dir", "--ckpt_path"):
         assert flag in result.stdout
+    for model in ("MusicVAEModule", "SharpenModule"):  # each model class's settings, by name
+        result = train(["--model.help", model])
+        assert result.returncode == 0 and "--model.beta" in result.stdout
+        assert ("--model.adv_weight" in result.stdout) == (model == "SharpenModule")
 
 
 @pytest.mark.slow

@@ -91,7 +91,9 @@ REFUSED_CLASSES = {
     "ModelCheckpoint elsewhere": set_callbacks([{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                                                  "init_args": {"dirpath": "/tmp/elsewhere"}}]),
     "logger class": lambda stored: stored["trainer"].__setitem__("logger", {"class_path": f"{EVIL}.Foo"}),
-    "class in model": lambda stored: stored["model"].__setitem__("channels", {"class_path": f"{EVIL}.Foo"}),
+    "class in model": lambda stored: stored["model"]["init_args"].__setitem__("channels", {"class_path": f"{EVIL}.Foo"}),
+    "model class": lambda stored: stored["model"].__setitem__("class_path", f"{EVIL}.Foo"),
+    "old-layout model class": lambda stored: stored.__setitem__("model", {"_class_path": f"{EVIL}.Foo", "lr": 0.1}),
     "nested class": set_callbacks([{"class_path": "lightning.pytorch.callbacks.EarlyStopping",
                                     "init_args": {"monitor": {"class_path": f"{EVIL}.Foo"}}}]),
 }
@@ -235,7 +237,7 @@ def test_crafted_sizes_are_refused_before_any_allocation(tiny_run, tmp_path, cap
     def edit(data):
         data["hyper_parameters"][field] = value
         stored = yaml.safe_load(data[RUN_CONFIG_KEY])
-        stored["model"][field] = value
+        stored["model"]["init_args"][field] = value
         data[RUN_CONFIG_KEY] = yaml.safe_dump(stored)
 
     crafted = craft(tiny_run["ckpt_dir"] / "last.ckpt", tmp_path / "handed" / "last.ckpt", ckpt=edit)

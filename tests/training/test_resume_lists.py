@@ -49,8 +49,8 @@ def test_same_command_with_ckpt_path_resumes_with_every_list_unchanged(tmp_path)
     assert [p["class_path"] for p in config["trainer"]["plugins"]] == [
         "lightning.fabric.plugins.environments.LightningEnvironment"]
     assert [lg["class_path"].rsplit(".", 1)[1] for lg in config["trainer"]["logger"]] == ["TensorBoardLogger", "CSVLogger"]
-    assert config["model"]["channels"] == [8, 16, 16]
-    assert config["model"]["freq_bands"] == [[0.0, 0.5, 1.0], [0.5, 1.0, 2.0]]
+    assert config["model"]["init_args"]["channels"] == [8, 16, 16]
+    assert config["model"]["init_args"]["freq_bands"] == [[0.0, 0.5, 1.0], [0.5, 1.0, 2.0]]
     # The stateful probe counted both epochs' batches once, and each logger kept writing its own version.
     counts = [state for key, state in ckpt["callbacks"].items() if key.startswith("CountingProbe")]
     assert len(counts) == 1 and counts[0]["batches"] == ckpt["global_step"]
