@@ -222,3 +222,15 @@ class CompensationStats(Metric):
     def compute(self) -> dict[str, Tensor]:
         return {name: getattr(self, name) for name in
                 ("recon_energy", "input_energy", "cross", "gram", "sse", "n_examples", "n_values")}
+
+
+def compensation_defaults(n_mels: int) -> dict[str, torch.Tensor]:
+    """The compensation buffers of a model that has not been validated yet: no gain, strength 0."""
+    return {"output_gain": torch.ones(n_mels), "output_alpha": torch.tensor(0.0), "gain_fitted": torch.tensor(False)}
+
+
+def with_compensation_defaults(state_dict: dict, n_mels: int) -> dict:
+    """`state_dict` with the compensation buffers added where a checkpoint predates them (in place)."""
+    for name, value in compensation_defaults(n_mels).items():
+        state_dict.setdefault(name, value)
+    return state_dict

@@ -16,8 +16,9 @@ from musicvae.audio.mel_settings import MelSettings, read_mel_sidecar
 from musicvae.training.checkpoints import DATA_STATE_KEY, RAW_WEIGHTS_KEY, load_checkpoint, run_config
 from musicvae.data.datamodule import MelDataModule
 from musicvae.errors import CheckpointError, ConfigError
-from musicvae.training.hparams import model_spec
-from musicvae.training.module import MusicVAEModule, with_compensation_defaults
+from musicvae.training.model_classes import model_spec
+from musicvae.compensation import with_compensation_defaults
+from musicvae.training.module import MusicVAEModule
 from musicvae.training.stored_config import check_mel_bounds, check_model_shapes, is_plain
 
 #: Data settings that evaluation may take from the stored run (the rest come from the checkpoint). Never

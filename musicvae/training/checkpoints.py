@@ -15,7 +15,7 @@ import yaml
 
 from musicvae.errors import CheckpointError
 from musicvae.io.safe_load import load_weights_only, safe_yaml_load
-from musicvae.training.hparams import SHARPEN_CLASS, current_config, current_layout
+from musicvae.training.hparams import SHARPEN_CLASS, canonical, current_config, current_layout
 
 #: Key of the run's full config (a YAML string) inside every checkpoint the CLI writes.
 RUN_CONFIG_KEY = "musicvae_run_config"
@@ -88,7 +88,7 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     for key, value in config.items():
         name = f"{prefix}{key}"
         if name == "model" and isinstance(value, dict) and "class_path" in value:
-            flat[f"{name}.class_path"] = value["class_path"]
+            flat[f"{name}.class_path"] = canonical(value["class_path"])
             flat.update(flatten(dict(value.get("init_args") or {}), f"{name}."))
         elif isinstance(value, dict) and value and "class_path" not in value:
             flat.update(flatten(value, f"{name}."))

@@ -198,9 +198,8 @@ class MusicVAECLI(LightningCLI):
                 "frozen: give --model.init_from CHECKPOINT (the VAE's best.ckpt); from random weights it would "
                 "freeze a random encoder")
         if self.init_ckpt is not None:
-            rank_zero_info(initialise_run(self.model, self.datamodule, self.init_ckpt,
-                                          self._setting("model.init_args.init_from"),
-                                          self.init_mel, self._setting("init_normalization")))
+            rank_zero_info(initialise_run(self.model, self.datamodule, self.init_ckpt, self._setting(
+                "model.init_args.init_from"), self.init_mel, self._setting("init_normalization")))
         check_linear_path(self.model, bound)  # a resumed run's linear path is already set
         existing = sorted(p.name for p in self.checkpoint_dir.glob("*.ckpt")) if self.checkpoint_dir.is_dir() else []
         if existing and not self._setting("overwrite"):
@@ -208,8 +207,7 @@ class MusicVAECLI(LightningCLI):
                 f"{self.checkpoint_dir} already holds {', '.join(existing)} from an earlier run. Resume it with "
                 f"--ckpt_path {self.checkpoint_dir / 'last.ckpt'}, choose another --checkpoint_dir, or pass "
                 "--overwrite true to start afresh (the old checkpoints are replaced as the new run saves).")
-        # Nothing is created here: RunMetadata and the checkpoint callbacks make the folder when they
-        # first write into it, and before_instantiate_classes has checked that they can.
+        # Nothing is created here: the callbacks make the folder (before_instantiate_classes checked they can).
 
     def before_test(self) -> None:
         if self.resume is None:

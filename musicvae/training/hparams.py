@@ -16,7 +16,8 @@ earlier layout's own code).
 | `media_alpha`, `media_vocoder`       | `media.alpha`, `media.vocoder`                           |
 
 The class a checkpoint names is data too: only the two classes above are built, whatever a file says
-(`MODEL_CLASSES`), and LightningCLI's `_instantiator` entry is never called.
+(`MODEL_CLASSES`, built by musicvae/training/model_classes.py), and LightningCLI's `_instantiator`
+entry is never called.
 """
 
 from __future__ import annotations
@@ -121,6 +122,11 @@ def check_decay(decay: float) -> None:
                           "or be null for no averaging")
 
 
+def canonical(class_path: Any) -> Any:
+    """The class path of `MODEL_CLASSES` that `class_path` spells (another value unchanged)."""
+    return _ALIASES.get(class_path, class_path) if isinstance(class_path, str) else class_path
+
+
 def _flat_model(settings: Mapping[str, Any]) -> tuple[Optional[str], dict[str, Any]]:
     """(class path or None, init args) of a model group in either layout (settings beside `class_path`
     count as init args, as jsonargparse reads them)."""
@@ -143,7 +149,7 @@ def current_layout(model: Mapping[str, Any], source: str = "the checkpoint") -> 
     """
     class_path, args = _flat_model(model)
     class_path = args.pop("_class_path", class_path)
-    class_path = _ALIASES.get(class_path, class_path) if isinstance(class_path, str) else class_path
+    class_path = canonical(class_path)
     args.pop("_instantiator", None)  # LightningCLI's loader name: never called
     adversarial = bool(args.pop("adversarial", False))
     if class_path is None:
@@ -164,26 +170,6 @@ def current_layout(model: Mapping[str, Any], source: str = "the checkpoint") -> 
     if kl:
         args["kl"] = kl
     return class_path, args, media
-
-
-def model_class(class_path: str) -> type:
-    """The class of an allowed class path (imported here, never from a file's say)."""
-    class_path = _ALIASES.get(class_path, class_path)
-    if class_path == SHARPEN_CLASS:
-        from musicvae.training.sharpen import SharpenModule
-
-        return SharpenModule
-    if class_path == VAE_CLASS:
-        from musicvae.training.module import MusicVAEModule
-
-        return MusicVAEModule
-    raise CheckpointError(f"model class {class_path!r} is not one of {MODEL_CLASSES}")
-
-
-def model_spec(hparams: Mapping[str, Any], source: str = "the checkpoint") -> tuple[type, dict[str, Any]]:
-    """The class and init arguments that rebuild a checkpoint's module, from its hyper-parameters of any version."""
-    class_path, args, _ = current_layout(hparams, source)
-    return model_class(class_path), args
 
 
 def current_config(config: Mapping[str, Any], source: str = "the checkpoint") -> dict[str, Any]:

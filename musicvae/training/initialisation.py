@@ -17,7 +17,8 @@ from jsonargparse import Namespace
 from musicvae.errors import CheckpointError
 from musicvae.training.checkpoints import DATA_STATE_KEY, RAW_WEIGHTS_KEY
 from musicvae.training.stored_config import check_mel_bounds
-from musicvae.training.module import MusicVAEModule, with_compensation_defaults
+from musicvae.compensation import with_compensation_defaults
+from musicvae.training.module import MusicVAEModule
 
 #: The configured frequency bands win over the stored ones (a hyper-parameter, as on resume).
 _CONFIGURED = ("freq_weight",)

@@ -21,8 +21,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from musicvae.compensation import PERCEPTUAL_TARGET, CompensationStats, compensate, fit_compensation_curve
-from musicvae.data.segments import Normalizer
+from musicvae.compensation import (PERCEPTUAL_TARGET, CompensationStats, compensate, compensation_defaults,
+                                   fit_compensation_curve, with_compensation_defaults)
 from musicvae.errors import ConfigError
 from musicvae.losses import DEFAULT_BANDS, create_frequency_weights, vae_loss, vae_loss_spectral
 from musicvae.metrics import band_edges
@@ -32,7 +32,8 @@ from musicvae.models.linear_path import LinearPathVAE, fit_linear_code, init_fro
 from musicvae.training.ema import averaged_weights, modes_kept
 from musicvae.training.hparams import ARCHITECTURES, KL_DEFAULTS, KLSchedule, check_model_settings, kl_schedule
 from musicvae.training.lightning_private import MODULE_TRAINER
-from musicvae.training.schedules import build_schedulers, continue_schedules
+from musicvae.training.predictions import encode_recording
+from musicvae.training.schedules import build_schedulers, continue_schedules, rate_groups
 from musicvae.training.scoring import ReconstructionScores, scalars
 
 NETWORKS = dict(zip(ARCHITECTURES, (ConvVAE, TemporalConvVAE)))
@@ -118,9 +119,8 @@ class MusicVAEModule(L.LightningModule):
             # A buffer, so the weights travel in checkpoints and follow the module to the GPU.
             self.register_buffer("freq_weight", create_frequency_weights(n_mels, bands))
             self.band_edges = band_edges(n_mels, bands)
-        except ValueError as err:
-            raise ConfigError(f"model: {err} (the CLI takes n_mels from data.mel.n_mels and frames from data.frames)"
-                              ) from None
+        except ValueError as err:  # n_mels and frames come from --data.mel.n_mels and --data.frames
+            raise ConfigError(f"model: {err} (n_mels is data.mel.n_mels, frames data.frames)") from None
         if channels_last:
             self.vae.to(memory_format=torch.channels_last)
         if compile:
@@ -128,10 +128,8 @@ class MusicVAEModule(L.LightningModule):
         # The scores of each validation/test epoch (musicvae/training/scoring.py; exact under DDP). Their
         # `std`, the data's z-score scale, is handed over by the DataHandOver callback before each epoch.
         self.scores = ReconstructionScores(n_mels, bands, latent_dim)
-        # Variance compensation (musicvae/compensation.py): the gain curve and the perceptual strength,
-        # refitted on the validation recordings after every validation epoch and kept in the checkpoint
-        # (buffers), so every checkpoint decodes sharp with the curve of its own weights. Test and
-        # prediction never refit: the curve never sees music being scored.
+        # Variance compensation (musicvae/compensation.py): gain curve and perceptual strength, refitted at each
+        # validation and kept as buffers, so each checkpoint has its own weights' curve; test never refits.
         self.val_compensation = CompensationStats(n_mels, self.band_edges)
         for name, value in compensation_defaults(n_mels).items():
             self.register_buffer(name, value)
@@ -140,8 +138,6 @@ class MusicVAEModule(L.LightningModule):
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.vae(x)
-
-    # --- The loss ---------------------------------------------------------------------------------
 
     def compute_loss(self, x_hat: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor
                      ) -> dict[str, torch.Tensor]:
@@ -174,8 +170,6 @@ class MusicVAEModule(L.LightningModule):
                       batch_size=len(batch))
         return parts["loss"]
 
-    # --- Training start: the linear path and resumed schedules -------------------------------------
-
     def on_train_start(self) -> None:
         for note in continue_schedules(self.trainer, self.hparams):
             rank_zero_info(f"musicvae: {note}")
@@ -199,8 +193,6 @@ class MusicVAEModule(L.LightningModule):
         for param in (*self.vae.lin_encoder.parameters(), *self.vae.lin_decoder.parameters(),
                       *self.vae.inner.to_latent.parameters(), self.vae.pca_initialised):
             param.data.copy_(self.trainer.strategy.broadcast(param.data.clone(), src=0))
-
-    # --- Validation and test ------------------------------------------------------------------------
 
     def on_validation_model_eval(self) -> None:
         self._validation_scope = ExitStack()
@@ -280,27 +272,10 @@ class MusicVAEModule(L.LightningModule):
                 "validation of training; checkpoints written before musicvae had it lack one): use alpha 0, or "
                 "resume the run for one more epoch to fit it")
 
-    # --- Prediction and the Python face ----------------------------------------------------------
-
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        """One recording's latent codes: `batch` holds all its windows (see MelDataModule.predict_dataloader).
-
-        Returns the batch's metadata with `mu` and `logvar` (W, latent_dim) and, when the data
-        module asks for them, the reconstructed log-mels (W, n_mels, frames) in log units.
-        """
-        windows = batch["windows"]  # (W, 1, n_mels, frames), normalised
-        mus, logvars, recons = [], [], []
-        for chunk in windows.split(batch["chunk"]):
-            mu, logvar = self.vae.encode(chunk.to(self.device))
-            mus.append(mu.float().cpu())
-            logvars.append(logvar.float().cpu())
-            if batch["reconstructions"]:
-                recons.append(self.vae.decode(mu).float().cpu()[:, 0])
-        out = {k: v for k, v in batch.items() if k not in ("windows", "chunk", "reconstructions")}
-        out["mu"], out["logvar"] = torch.cat(mus), torch.cat(logvars)
-        if recons:
-            out["reconstruction"] = Normalizer(batch["mean"], batch["std"]).inverse(torch.cat(recons))
-        return out
+        """One recording's latent codes: `batch` holds all its windows (MelDataModule.predict_dataloader);
+        see `predictions.encode_recording` for what comes back."""
+        return encode_recording(self.vae, batch, self.device)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
@@ -313,8 +288,6 @@ class MusicVAEModule(L.LightningModule):
         """Decode `n` draws from the prior N(0, temperature^2 I) -> (n, 1, n_mels, frames)."""
         z = torch.randn(n, self.hparams.latent_dim, generator=generator) * temperature
         return self.vae.decode(z.to(self.device))
-
-    # --- Checkpoints and the optimizer ----------------------------------------------------------
 
     #: Parameters a checkpoint without them (a plain VAE) may lack when it starts this model (init_from).
     fresh_prefixes: tuple[str, ...] = ()
@@ -344,30 +317,3 @@ class MusicVAEModule(L.LightningModule):
         if not isinstance(self.vae, LinearPathVAE):
             return set()
         return {id(p) for m in (self.vae.lin_encoder, self.vae.lin_decoder) for p in m.parameters()}
-
-
-def rate_groups(params: list[torch.nn.Parameter], linear: set[int], lr: float, scale: float,
-                keep_frozen: bool = True) -> list[dict]:
-    """Parameter groups: the linear path's (ids in `linear`) at `scale` x lr, the rest at lr; with
-    `keep_frozen` false a linear path at scale 0 is left out of the optimizer.
-
-    Adam moves every weight by ~lr per step whatever its scale, and a linear code's encoder weights are
-    ~1e-4 to 1e-2: at the nonlinear path's rate they would leave the code within a few steps. "lr_scale"
-    stays in the group, so a learning rate changed on resume keeps it.
-    """
-    groups = [{"params": [p for p in params if id(p) not in linear], "lr": lr, "lr_scale": 1.0}]
-    if linear and (scale > 0 or keep_frozen):
-        groups.append({"params": [p for p in params if id(p) in linear], "lr": lr * scale, "lr_scale": scale})
-    return groups
-
-
-def compensation_defaults(n_mels: int) -> dict[str, torch.Tensor]:
-    """The compensation buffers of a model that has not been validated yet: no gain, strength 0."""
-    return {"output_gain": torch.ones(n_mels), "output_alpha": torch.tensor(0.0), "gain_fitted": torch.tensor(False)}
-
-
-def with_compensation_defaults(state_dict: dict, n_mels: int) -> dict:
-    """`state_dict` with the compensation buffers added where a checkpoint predates them (in place)."""
-    for name, value in compensation_defaults(n_mels).items():
-        state_dict.setdefault(name, value)
-    return state_dict

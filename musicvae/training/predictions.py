@@ -25,6 +25,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from musicvae.data.segments import Normalizer
 from musicvae.io.outputs import check_output_folder, write_output
 
 
@@ -67,3 +68,24 @@ class LatentWriter(BasePredictionWriter):
         path = prediction_path(self.predict_dir, prediction["source"])  # recordings in subfolders keep them
         write_output(path, lambda handle: torch.save(prediction, handle))
         self.written.append(path)
+
+
+def encode_recording(vae: torch.nn.Module, batch: dict, device: torch.device) -> dict:
+    """One recording's latent codes: `batch` holds all its windows (see MelDataModule.predict_dataloader).
+
+    Returns the batch's metadata with `mu` and `logvar` (W, latent_dim) and, when the data
+    module asks for them, the reconstructed log-mels (W, n_mels, frames) in log units.
+    """
+    windows = batch["windows"]  # (W, 1, n_mels, frames), normalised
+    mus, logvars, recons = [], [], []
+    for chunk in windows.split(batch["chunk"]):
+        mu, logvar = vae.encode(chunk.to(device))
+        mus.append(mu.float().cpu())
+        logvars.append(logvar.float().cpu())
+        if batch["reconstructions"]:
+            recons.append(vae.decode(mu).float().cpu()[:, 0])
+    out = {k: v for k, v in batch.items() if k not in ("windows", "chunk", "reconstructions")}
+    out["mu"], out["logvar"] = torch.cat(mus), torch.cat(logvars)
+    if recons:
+        out["reconstruction"] = Normalizer(batch["mean"], batch["std"]).inverse(torch.cat(recons))
+    return out

@@ -31,7 +31,7 @@ from musicvae.errors import CheckpointError, ConfigError, MusicVAEError
 from musicvae.io.safe_load import safe_yaml_load
 from musicvae.training.checkpoints import (DATA_STATE_KEY, config_changes, config_from_hyperparameters, dump_yaml,
                                            foreign_checkpoints, load_checkpoint, run_config, unresumable_changes)
-from musicvae.training.hparams import model_class
+from musicvae.training.model_classes import model_class
 from musicvae.training.stored_config import (NOT_COMPARED, TakenConfig, check_mel_bounds, check_model_shapes,
                                              config_as_data, pinned_version)
 

@@ -158,3 +158,18 @@ def continue_schedules(trainer: Any, hparams: Any) -> list[str]:
             scheduler.start_factor = 1.0 / warmup if warmup > 0 else 1.0
             scheduler.total_iters = max(warmup, 1)
     return notes
+
+
+def rate_groups(params: list[torch.nn.Parameter], linear: set[int], lr: float, scale: float,
+                keep_frozen: bool = True) -> list[dict]:
+    """Parameter groups: the linear path's (ids in `linear`) at `scale` x lr, the rest at lr; with
+    `keep_frozen` false a linear path at scale 0 is left out of the optimizer.
+
+    Adam moves every weight by ~lr per step whatever its scale, and a linear code's encoder weights are
+    ~1e-4 to 1e-2: at the nonlinear path's rate they would leave the code within a few steps. "lr_scale"
+    stays in the group, so a learning rate changed on resume keeps it.
+    """
+    groups = [{"params": [p for p in params if id(p) not in linear], "lr": lr, "lr_scale": 1.0}]
+    if linear and (scale > 0 or keep_frozen):
+        groups.append({"params": [p for p in params if id(p) in linear], "lr": lr * scale, "lr_scale": scale})
+    return groups

@@ -35,8 +35,8 @@ from musicvae.losses import (adaptive_weight, feature_matching_loss, hinge_discr
                              hinge_generator_loss)
 from musicvae.models.discriminator import PatchDiscriminator, augment_pair
 from musicvae.models.linear_path import LinearPathVAE
-from musicvae.training.module import MusicVAEModule, rate_groups
-from musicvae.training.schedules import LOG_NAME, StepSchedule
+from musicvae.training.module import MusicVAEModule
+from musicvae.training.schedules import LOG_NAME, StepSchedule, rate_groups
 
 #: Optimizer steps per batch in this stage (the decoder's and the discriminator's).
 STEPS_PER_BATCH = 2
