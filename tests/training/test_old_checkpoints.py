@@ -50,11 +50,11 @@ def checkout(commit: str, tmp: Path) -> Path:
     return old
 
 
-def train_old(old: Path, run: Path, cache: Path, *extra: str) -> None:
+def train_old(old: Path, run: Path, cache: Path, *extra: str, config: tuple[str, ...] = ()) -> None:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     trained = subprocess.run(
-        [sys.executable, str(old / "scripts" / "train.py"), "fit", *TINY_FLAGS, "--data.cache_dir", str(cache),
-         "--checkpoint_dir", str(run / "ckpt"), "--trainer.logger.init_args.save_dir", str(run / "logs"), *extra],
+        [sys.executable, str(old / "scripts" / "train.py"), "fit", *config, *TINY_FLAGS, *extra, "--data.cache_dir",
+         str(cache), "--checkpoint_dir", str(run / "ckpt"), "--trainer.logger.init_args.save_dir", str(run / "logs")],
         cwd=old, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert trained.returncode == 0, trained.stderr[-3000:]
 
@@ -73,8 +73,8 @@ def old_stage(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("old_stage")
     old = checkout(FLAT_SETTINGS, tmp)
     train_old(old, tmp / "vae", tmp / "cache")
-    train_old(old, tmp / "stage", tmp / "cache", "--config", str(old / "configs" / "sharp.yaml"), *TINY_FLAGS,
-              *OLD_STAGE_FLAGS, "--model.init_from", str(tmp / "vae" / "ckpt" / "best.ckpt"))
+    train_old(old, tmp / "stage", tmp / "cache", *OLD_STAGE_FLAGS, "--model.init_from",
+              str(tmp / "vae" / "ckpt" / "best.ckpt"), config=("--config", str(old / "configs" / "sharp.yaml")))
     return tmp / "stage"
 
 
