@@ -271,9 +271,13 @@ class MusicVAE:
         """
         from musicvae.inference.card import scalar_metrics
         from musicvae.inference.pretrained import FILES
-        from musicvae.io.outputs import check_output_folder
+        from musicvae.io.outputs import check_creatable_dir
 
-        out = check_output_folder(folder, FILES, "save_pretrained", [], force)
+        out = check_creatable_dir(folder, "save_pretrained")
+        existing = [name for name in FILES if os.path.lexists(out / name)]
+        if existing and not force:
+            raise ConfigError(f"save_pretrained {out}: already holds {', '.join(existing)}; pass force=True to "
+                              "replace them, or choose another folder")
         wrapper = self._pretrained()
         if metrics is not None:
             wrapper.config["training"]["metrics"] = scalar_metrics(metrics)

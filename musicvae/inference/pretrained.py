@@ -40,6 +40,8 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "README.md"
 FILES = (CONFIG_FILE, WEIGHTS_FILE, CARD_FILE)
+#: A config.json is a few kilobytes; a larger one is not read (it would be parsed whole into memory).
+MAX_CONFIG_BYTES = 1 << 20
 #: MusicVAEModule's settings that decide its weights' shapes and what they compute; the rest are training options.
 NETWORK_KEYS = ("n_mels", "frames", "latent_dim", "channels", "blocks_per_stage", "dropout", "architecture",
                 "linear_path", "nonlinear_init_scale", "linear_path_components", "freq_bands")
@@ -180,12 +182,14 @@ class PretrainedVAE(nn.Module, PyTorchModelHubMixin, library_name="musicvae", mo
         """
         path = Path(folder) / CONFIG_FILE
         try:
-            text = path.read_text(encoding="utf-8")
-            checked_config(json.loads(text), path)
+            if path.stat().st_size > MAX_CONFIG_BYTES:
+                raise CheckpointError(f"{path}: {path.stat().st_size:,} bytes, more than a model's settings take "
+                                      f"({MAX_CONFIG_BYTES:,}); refused unread")
+            checked_config(json.loads(path.read_text(encoding="utf-8")), path)
         except FileNotFoundError:
             raise CheckpointError(f"{folder}: no {CONFIG_FILE}; load a checkpoint file, or a folder written by "
                                   "save_pretrained") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
             raise CheckpointError(f"{path}: not readable JSON ({str(err).splitlines()[0][:200]})") from None
         return cls.from_pretrained(folder, map_location=map_location)
 

@@ -23,6 +23,7 @@ round trip (`PT2_ATOL`, `ONNX_ATOL`, the latter through onnxruntime).
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import os
@@ -106,12 +107,25 @@ def _pt2(module: nn.Module, example: Tensor) -> tuple[bytes, Callable[[Tensor], 
     return buffer.getvalue(), loaded
 
 
-def _onnx(module: nn.Module, example: Tensor) -> tuple[bytes, Callable[[Tensor], Tensor]]:
+def require_onnx() -> None:
+    """Raises ConfigError, with the install command, unless the onnx extra's three packages import."""
+    missing = [name for name in ("onnx", "onnxscript", "onnxruntime") if not _importable(name)]
+    if missing:
+        raise ConfigError(f"--format onnx needs the onnx extra ({', '.join(missing)} missing): "
+                          "pip install 'musicvae[onnx]'")
+
+
+def _importable(name: str) -> bool:
     try:
-        import onnxruntime
+        importlib.import_module(name)
     except ImportError:
-        raise ConfigError("--format onnx needs the onnx extra: pip install 'musicvae[onnx]' "
-                          "(onnx, onnxscript, onnxruntime)") from None
+        return False
+    return True
+
+
+def _onnx(module: nn.Module, example: Tensor) -> tuple[bytes, Callable[[Tensor], Tensor]]:
+    import onnxruntime
+
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     program = torch.onnx.export(module, (example[:2],), dynamo=True, dynamic_shapes=({0: batch},),
                                 input_names=["x"], output_names=["y"], verbose=False)
@@ -141,6 +155,8 @@ def export_programs(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, fm
     """
     if fmt not in FORMATS or encode_input not in ENCODE_INPUTS:
         raise ConfigError(f"--format {fmt!r} / --encode_input {encode_input!r}: use one of {FORMATS} / {ENCODE_INPUTS}")
+    if fmt == "onnx":
+        require_onnx()
     names = {"encode": f"encode.{fmt}", "decode": f"decode.{fmt}"}
     out = check_output_folder(out_dir, [*names.values(), MEL_SETTINGS_FILE, METADATA_FILE], "--out", [ckpt_path], force)
     model = load_generation_model(ckpt_path, "cpu", alpha)
