@@ -248,16 +248,20 @@ class MusicVAE:
         with torch.inference_mode():
             return self._vocoder(vocoder, griffin_lim_iters)(mels.to(self.device), length=samples).float().cpu()
 
-    def _pretrained(self):
+    def _pretrained(self, metrics: Any = None) -> Any:
+        """This model as a PretrainedVAE (shared tensors), its card facts read now if not yet."""
+        from musicvae.inference.card import scalar_metrics
         from musicvae.inference.pretrained import PretrainedVAE
 
-        training = self._training() if callable(self._training) else (self._training or {})
+        training = self._training() if callable(self._training) else dict(self._training or {})
         self._training = training
+        if metrics is not None:
+            training = {**training, "metrics": scalar_metrics(metrics)}
         return PretrainedVAE.from_generation_model(self.model, training)
 
     def save_pretrained(self, folder: str | os.PathLike, metrics: Any = None, license: str = "unknown",
                         repo_id: Optional[str] = None, force: bool = False) -> Path:
-        """Write `model.safetensors`, `config.json` and a model card `README.md` into `folder`.
+        """Write `model.safetensors`, `config.json` and a model card `README.md` into `folder` (docs/api.md).
 
         Args:
             metrics: `musicvae evaluate`'s result (its metrics.json, or the dict) for the card.
@@ -269,7 +273,6 @@ class MusicVAE:
         Raises:
             ConfigError: `folder` cannot be written, or holds them and `force` is off.
         """
-        from musicvae.inference.card import scalar_metrics
         from musicvae.inference.pretrained import FILES
         from musicvae.io.outputs import check_creatable_dir
 
@@ -278,20 +281,17 @@ class MusicVAE:
         if existing and not force:
             raise ConfigError(f"save_pretrained {out}: already holds {', '.join(existing)}; pass force=True to "
                               "replace them, or choose another folder")
-        wrapper = self._pretrained()
-        if metrics is not None:
-            wrapper.config["training"]["metrics"] = scalar_metrics(metrics)
-            wrapper._hub_mixin_config = wrapper.config
-        for name in FILES:  # the mixin keeps an existing card; `force` means replace
-            (out / name).unlink(missing_ok=True)
+        wrapper = self._pretrained(metrics)
+        for name in existing:  # the mixin keeps an existing card; `force` means replace
+            (out / name).unlink()
         wrapper.save_pretrained(out, config=wrapper.config,
                                 model_card_kwargs={"license": license, "repo_id": repo_id or out.name})
         return out
 
-    def push_to_hub(self, repo_id: str, license: str = "unknown", **kwargs: Any) -> Any:
-        """Upload the saved model to the Hugging Face Hub as `repo_id` (huggingface_hub's push_to_hub;
-        needs a login, `hf auth login`)."""
-        wrapper = self._pretrained()
+    def push_to_hub(self, repo_id: str, metrics: Any = None, license: str = "unknown", **kwargs: Any) -> Any:
+        """Upload what `save_pretrained` writes to the Hugging Face Hub as `repo_id` (the mixin's push_to_hub:
+        `private`, `token`, `branch`, `commit_message`, ... pass through; needs `hf auth login`)."""
+        wrapper = self._pretrained(metrics)
         return wrapper.push_to_hub(repo_id, config=wrapper.config,
                                    model_card_kwargs={"license": license, "repo_id": repo_id}, **kwargs)
 

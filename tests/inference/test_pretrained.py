@@ -130,3 +130,29 @@ def test_an_unreadable_config_json_is_refused_in_one_line(saved, tmp_path, text,
     with pytest.raises(CheckpointError, match=message) as refused:
         musicvae.load(copy)
     assert "\n" not in str(refused.value)
+
+
+def test_push_to_hub_uploads_the_saved_files(saved, monkeypatch):
+    """The mixin's push_to_hub, with huggingface_hub's HfApi replaced (the network is closed here)."""
+    from huggingface_hub import hub_mixin
+
+    uploaded = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            return type("Repo", (), {"repo_id": repo_id})()
+
+        def upload_folder(self, repo_id, folder_path, **kwargs):
+            uploaded.update({p.name: p.read_bytes() for p in Path(folder_path).iterdir()}, repo=repo_id)
+            return "https://huggingface.co/someone/tiny-model/commit/0"
+
+    monkeypatch.setattr(hub_mixin, "HfApi", FakeApi)
+    model, folder = saved
+    assert model.push_to_hub("someone/tiny-model", license="cc-by-4.0").endswith("/commit/0")
+    assert uploaded.pop("repo") == "someone/tiny-model"
+    assert sorted(uploaded) == ["README.md", "config.json", "model.safetensors"]
+    assert b'musicvae.load("someone/tiny-model")' in uploaded["README.md"]
+    assert uploaded["model.safetensors"] == (folder / "model.safetensors").read_bytes()
