@@ -97,7 +97,7 @@ class MusicVAE:
         return self.frames * self.model.mel.hop_length / self.sample_rate
 
     def to(self, device: str | torch.device) -> MusicVAE:
-        """Move the network to `device` (the front end and Griffin-Lim follow it); returns self."""
+        """Move the network to `device` (Griffin-Lim follows it; the front end stays on the CPU); returns self."""
         self.model.module.to(device)
         self._vocoders.clear()
         return self
@@ -133,6 +133,8 @@ class MusicVAE:
             ConfigError: a waveform of another shape, or no sample rate.
             AudioError: silent, shorter than one STFT window, or with NaN/Inf samples.
         """
+        if batch_size < 1:
+            raise ConfigError(f"batch_size {batch_size}: encode at least one window per pass")
         model = self.model
         starts, codes, batch = [], [], []
 
