@@ -27,6 +27,8 @@ _EXPORTS = {
     "MusicVAEModule": "training.module", "cli_main": "training.cli",
     "datamodule_for": "inference.loading", "load_module": "inference.loading",
     "load_generation_model": "inference.generation", "export_checkpoint": "inference.export",
+    "load": "inference.api", "MusicVAE": "inference.api", "PretrainedVAE": "inference.pretrained",
+    "export_programs": "inference.programs",
     "evaluate": "evaluation.report", "evaluate_checkpoint": "evaluation.report",
     "CheckpointError": "errors", "ConfigError": "errors", "DataError": "errors", "MusicVAEError": "errors",
     "NonFiniteError": "errors",

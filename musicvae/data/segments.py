@@ -259,13 +259,31 @@ def _unreadable_flags(paths: list[str]) -> torch.Tensor:
 _FLAGS: "weakref.WeakValueDictionary[tuple[str, ...], torch.Tensor]" = weakref.WeakValueDictionary()
 
 
+def segment_starts(total: int, frames: int, hop: int) -> list[int]:
+    """Starts of `frames`-long windows every `hop` frames covering [0, total), the last one ending at `total`.
+
+    The one tiling of a whole recording: `musicvae predict` and `musicvae.load(...).encode` use it
+    with hop = frames, `generate reconstruct` with half a window. The last window is aligned to the
+    end instead of padded past it, so every window the model sees is real music and the tail is
+    encoded too; it overlaps its neighbour by more than `frames - hop` (a normalised overlap-add
+    absorbs that). `total <= frames` gives [0] (the caller pads).
+    """
+    if total <= frames:
+        return [0]
+    starts = list(range(0, total - frames + 1, hop))
+    if starts[-1] != total - frames:
+        starts.append(total - frames)
+    return starts
+
+
 class RecordingWindows(Dataset):
     """One item per recording: all its windows, for `musicvae predict` (latent codes per recording).
 
-    Windows tile the recording from its first frame, one every `frames` frames, silent ones
-    included, so that window i starts at frame i * frames; the tail shorter than a window is left
-    out (`n_frames` says how long the recording is). With DataLoader(batch_size=None) each batch
-    is one whole recording, so under DDP a recording goes to exactly one process.
+    Windows tile the recording as `segment_starts(n_frames, frames, frames)` does: one every
+    `frames` frames from the first, silent ones included, so that window i < W - 1 starts at frame
+    i * frames, and a last one that ends at the recording's end when a tail shorter than a window
+    is left (it overlaps the window before). With DataLoader(batch_size=None) each batch is one
+    whole recording, so under DDP a recording goes to exactly one process.
     """
 
     def __init__(self, sources: list[MelSource], frames: int, n_mels: int, normalizer: Normalizer,
@@ -284,7 +302,7 @@ class RecordingWindows(Dataset):
     def __getitem__(self, index: int) -> dict:
         source = self.sources[index]
         array = self._files.array(index)  # (n_mels, T), memory-mapped
-        starts = np.arange(0, source.n_frames - self.frames + 1, self.frames)
+        starts = np.array(segment_starts(source.n_frames, self.frames, self.frames), dtype=np.int64)
         windows = np.stack([np.asarray(array[:, s:s + self.frames], dtype=np.float32) for s in starts])
         return {
             "windows": self.normalizer(torch.from_numpy(windows)).unsqueeze(1),  # (W, n_mels, F) -> (W, 1, n_mels, F)

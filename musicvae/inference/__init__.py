@@ -1,4 +1,5 @@
-"""A trained run back from its checkpoint: loading, generation (reconstruct, sample, interpolate), export."""
+"""A trained run back from its checkpoint: loading, the Python API on audio (`load`), saved folders,
+generation (reconstruct, sample, interpolate), export."""
 
 from musicvae._lazy import lazy_exports
 
@@ -8,6 +9,10 @@ _EXPORTS = {
     "load_generation_model": "generation",
     "GenerationModel": "generation",
     "export_checkpoint": "export",
+    "load": "api",
+    "MusicVAE": "api",
+    "PretrainedVAE": "pretrained",
+    "export_programs": "programs",
 }
 __all__ = sorted(_EXPORTS)
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, ['export', 'generation', 'loading'])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, ['api', 'card', 'export', 'generation', 'loading', 'pretrained', 'programs'])

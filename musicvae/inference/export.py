@@ -1,4 +1,4 @@
-"""A trained checkpoint as one TorchScript file that runs with torch alone (`scripts/export.py`).
+"""A trained checkpoint as one TorchScript file that runs with torch alone (`musicvae export`).
 
 The program maps natural-log mels to latents and back, with the training normalisation inside,
 and carries the mel settings that made its inputs; without musicvae installed:
@@ -8,19 +8,17 @@ and carries the mel settings that made its inputs; without musicvae installed:
     mu = model.encode(log_mel)        # (B, 1, n_mels, frames) natural-log mel power -> (B, latent_dim)
     log_mel_hat = model.decode(mu)    # (B, latent_dim) -> (B, 1, n_mels, frames), denormalised
 
-TorchScript rather than torch.export: one file holds several methods (`encode`, `decode`,
-`posterior`, `forward`), attributes and metadata, and loads with `torch.jit.load` in Python or
-C++; torch.export captures one entry point per program. torch 2.11 marks torch.jit.script
-deprecated but still supports it fully; the test in tests/test_export.py will say when not.
+TorchScript is still the default format, for one release, for users' `torch.jit.load` scripts: one
+file holds several methods (`encode`, `decode`, `posterior`, `forward`), attributes and metadata.
+torch 2.15 deprecates torch.jit, so the default moves to `--format pt2` (torch.export programs,
+musicvae/inference/programs.py, docs/api.md); the test in tests/inference/test_export.py will say
+when TorchScript stops working.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
@@ -65,8 +63,9 @@ class PortableVAE(nn.Module):
         self.compensated = gain is not None
         self.register_buffer("gain", torch.ones(self.n_mels) if gain is None else gain.detach().float().cpu().clone())
         edges = edges or [(0, self.n_mels)]
-        self.band_starts: list[int] = [int(a) for a, _ in edges]
-        self.band_stops: list[int] = [int(b) for _, b in edges]
+        # Not annotated: TorchScript warns on an annotated list built in __init__, and infers List[int].
+        self.band_starts = [int(a) for a, _ in edges]
+        self.band_stops = [int(b) for _, b in edges]
 
     def _compensate(self, x: Tensor) -> Tensor:
         """(B, 1, n_mels, frames) normalised -> the same with each band's deviations scaled by `gain`."""
@@ -104,22 +103,18 @@ class PortableVAE(nn.Module):
         return self.decode(self.encode(log_mel))
 
 
-@contextlib.contextmanager
-def _jit_quietly() -> Iterator[None]:
-    # torch 2.11 warns on every torch.jit call that it is deprecated; see the module docstring for why it is still used.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        yield
+def portable(model: GenerationModel) -> PortableVAE:
+    """The checkpoint's network and normalisation as a PortableVAE, on the CPU, in eval mode (shared weights)."""
+    vae = model.module.vae.cpu().eval()
+    gain = strength_gain(model.module.output_gain.cpu(), model.alpha) if model.alpha > 0 else None
+    return PortableVAE(vae, model.mean, model.std, json.dumps(model.mel.to_dict(), sort_keys=True),
+                       gain, model.module.band_edges).eval()
 
 
 def script(model: GenerationModel) -> torch.jit.ScriptModule:
-    """The checkpoint's network and normalisation as a scripted PortableVAE, on the CPU, in eval mode."""
-    vae = model.module.vae.cpu().eval()
-    gain = strength_gain(model.module.output_gain.cpu(), model.alpha) if model.alpha > 0 else None
-    portable = PortableVAE(vae, model.mean, model.std, json.dumps(model.mel.to_dict(), sort_keys=True),
-                           gain, model.module.band_edges).eval()
-    with _jit_quietly():
-        return torch.jit.script(portable)
+    """`portable(model)` scripted. torch 2.15 warns (FutureWarning) that torch.jit.script and torch.jit.save
+    are deprecated; `musicvae export` silences exactly those two messages, a library caller sees them."""
+    return torch.jit.script(portable(model))
 
 
 @torch.no_grad()
@@ -177,6 +172,5 @@ def export_checkpoint(ckpt_path: str | os.PathLike, out_path: str | os.PathLike,
                     "decode": "latent -> log-mel", "forward": "log-mel -> reconstructed log-mel"},
     }
     extra = {MEL_SETTINGS_FILE: program.mel_settings, METADATA_FILE: json.dumps(metadata, indent=2)}
-    with _jit_quietly():
-        write_output(out, lambda handle: torch.jit.save(program, handle, _extra_files=extra))
+    write_output(out, lambda handle: torch.jit.save(program, handle, _extra_files=extra))
     return {**metadata, "path": str(Path(out_path)), "max_difference": difference}

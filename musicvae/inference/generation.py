@@ -28,7 +28,7 @@ from musicvae.io.outputs import check_output_file, check_output_folder, write_ou
 from musicvae.inference.loading import load_module, resolve_alpha
 from musicvae.training.module import MusicVAEModule
 from musicvae.plots import mel_comparison_figure, mel_grid_figure
-from musicvae.data.segments import ARRAY_SUFFIXES, Normalizer, load_mel_array
+from musicvae.data.segments import ARRAY_SUFFIXES, Normalizer, load_mel_array, segment_starts
 from musicvae.audio.neural_vocoder import make_vocoder
 
 METHODS = ("slerp", "linear")
@@ -40,21 +40,6 @@ MAX_PEAK = 0.99
 
 # --- segments of a whole piece ------------------------------------------------------------------
 
-def segment_starts(total: int, frames: int, hop: int) -> list[int]:
-    """Starts of `frames`-long windows every `hop` frames covering [0, total), the last one ending at `total`.
-
-    The last window is aligned to the end instead of padded past it, so every window the model
-    sees is real music; it overlaps its neighbour by more than `frames - hop`, which the
-    normalised overlap-add absorbs. `total < frames` gives [0] (the caller pads).
-    """
-    if total <= frames:
-        return [0]
-    starts = list(range(0, total - frames + 1, hop))
-    if starts[-1] != total - frames:
-        starts.append(total - frames)
-    return starts
-
-
 def overlap_add(segments: Tensor, starts: list[int], total: int) -> Tensor:
     """Blend overlapping segments (N, n_mels, frames) into one (n_mels, total) by a normalised Hann window.
 
@@ -62,11 +47,11 @@ def overlap_add(segments: Tensor, starts: list[int], total: int) -> Tensor:
     from one segment to the next by a smooth crossfade, with no seam where a segment ends.
     """
     out, weight = segments.new_zeros(segments.shape[-2], total), segments.new_zeros(total)
-    _add_segments(out, weight, segments, starts)
+    add_segments(out, weight, segments, starts)
     return out / weight
 
 
-def _add_segments(out: Tensor, weight: Tensor, segments: Tensor, starts: list[int]) -> None:
+def add_segments(out: Tensor, weight: Tensor, segments: Tensor, starts: list[int]) -> None:
     """Add (N, n_mels, frames) segments, windowed, into the sums `out` (n_mels, T) and `weight` (T,)."""
     frames = segments.shape[-1]
     # Hann of frames + 2 without its zero ends: every frame keeps a positive weight, so the first
@@ -248,7 +233,7 @@ def reconstruct_mel(model: GenerationModel, log_mel: Tensor, hop: Optional[int] 
     for i in range(0, len(starts), batch_size):
         batch = starts[i : i + batch_size]
         x = torch.stack([model.normalize(padded[:, s : s + model.frames]) for s in batch])[:, None]  # -> (B, 1, n_mels, frames)
-        _add_segments(joined, weight, model.decode(model.encode(x)).cpu()[:, 0], batch)
+        add_segments(joined, weight, model.decode(model.encode(x)).to(joined.device)[:, 0], batch)
     return model.denormalize((joined / weight)[:, :total])  # (n_mels, T') -> (n_mels, T)
 
 

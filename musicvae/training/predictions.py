@@ -4,9 +4,11 @@ Each file `<predict_dir>/<recording's path in the data folder>.pt` holds plain t
 and strings (readable with `torch.load(path, weights_only=True)`):
 
 - `mu`, `logvar`: (W, latent_dim) posterior of each window, float32;
-- `start_frames` (W,) int64 and `start_seconds` (W,) float64: where window i starts;
-- `frames`: window length; `n_frames`: the recording's length (a tail shorter than a window
-  has no code); `source`: the recording's path relative to the data folder;
+- `start_frames` (W,) int64 and `start_seconds` (W,) float64: where window i starts (one every
+  `frames` frames, and a last one ending at the recording's end when a shorter tail is left:
+  musicvae.data.segments.segment_starts);
+- `frames`: window length; `n_frames`: the recording's length; `source`: the recording's path
+  relative to the data folder;
 - `mel`: the mel settings (MelSettings.to_dict()); `mean`, `std`: the normalisation;
 - `reconstruction` (W, n_mels, frames), in natural-log mel units, with
   `--predict_reconstructions true`.

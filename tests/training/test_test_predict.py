@@ -96,14 +96,14 @@ def test_predict_writes_one_latent_file_per_recording(predicted):
     assert files == ["album/deep.npy.pt"] + [f"track_{i:02d}.npy.pt" for i in range(5)]
     item = torch.load(predicted["out"] / "track_01.npy.pt", weights_only=True)
     assert item["source"] == "track_01.npy" and item["n_frames"] == 100 and item["frames"] == 32
-    assert item["mu"].shape == (3, 8) and item["logvar"].shape == (3, 8)  # windows at 0, 32, 64
-    assert item["start_frames"].tolist() == [0, 32, 64]
+    assert item["mu"].shape == (4, 8) and item["logvar"].shape == (4, 8)  # windows at 0, 32, 64 and the tail's
+    assert item["start_frames"].tolist() == [0, 32, 64, 68]  # the last window ends at the end: no frame dropped
     hop_s = item["mel"]["hop_length"] / item["mel"]["sample_rate"]
-    assert item["start_seconds"].tolist() == pytest.approx([0.0, 32 * hop_s, 64 * hop_s])
-    assert item["reconstruction"].shape == (3, 32, 32)
+    assert item["start_seconds"].tolist() == pytest.approx([0.0, 32 * hop_s, 64 * hop_s, 68 * hop_s])
+    assert item["reconstruction"].shape == (4, 32, 32)
     assert item["mel"]["n_mels"] == 32
     deep = torch.load(predicted["out"] / "album" / "deep.npy.pt", weights_only=True)
-    assert deep["mu"].shape == (2, 8)
+    assert deep["start_frames"].tolist() == [0, 32, 38]
 
 
 def test_predicted_codes_are_the_models_encoding(predicted, tiny_run):
