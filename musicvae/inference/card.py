@@ -21,6 +21,7 @@ from musicvae.data.augment import AugmentSettings
 from musicvae.data.datamodule import MelDataModule
 from musicvae.errors import ConfigError
 from musicvae.training.checkpoints import flatten, load_checkpoint, run_config
+from musicvae.training.hparams import SHARPEN_CLASS, canonical
 from musicvae.training.module import MusicVAEModule
 from musicvae.training.stored_config import INPUT_PATHS, NEVER_DATA
 
@@ -94,6 +95,8 @@ def training_command(stored: Mapping[str, Any]) -> str:
     never = {f"data.{key}" for key in NEVER_DATA} | {"data.mel", "data.augment"}  # groups: their keys are flags
     flags = [f"--{key} {_shown(key, value)}" for key, value in settings.items()
              if key not in never and key in defaults and _normal(value) != _normal(defaults[key])]
+    if canonical(settings.get("model.class_path")) == SHARPEN_CLASS:  # the adversarial stage
+        flags.insert(0, "--model SharpenModule")
     return " ".join(["musicvae fit", *flags])
 
 
