@@ -30,6 +30,7 @@ from lightning.pytorch.callbacks import EMAWeightAveraging
 
 from musicvae.training.checkpoints import RAW_WEIGHTS_KEY
 from musicvae.training.hparams import check_decay
+from musicvae.training.lightning_private import EMA_AVERAGE
 
 
 def swap_parameters(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -56,16 +57,21 @@ class EMA(EMAWeightAveraging):
         self.decay = decay
         self.entered = False
 
+    @property
+    def average(self) -> Any:
+        """Lightning's averaged copy (an AveragedModel; None until fit sets it up)."""
+        return getattr(self, EMA_AVERAGE)
+
     def enter(self, pl_module: L.LightningModule) -> None:
         """Put the averaged parameters in the module (the raw ones wait in the copy)."""
-        if self._average_model is not None and not self.entered:
-            swap_parameters(self._average_model.module, pl_module)
+        if self.average is not None and not self.entered:
+            swap_parameters(self.average.module, pl_module)
             self.entered = True
 
     def leave(self, pl_module: L.LightningModule) -> None:
         """Put the raw parameters back."""
         if self.entered:
-            swap_parameters(self._average_model.module, pl_module)
+            swap_parameters(self.average.module, pl_module)
             self.entered = False
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -76,9 +82,9 @@ class EMA(EMAWeightAveraging):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # The module keeps the average after fit, as a loaded checkpoint would; parameters only.
-        if self._average_model is not None:
+        if self.average is not None:
             self.leave(pl_module)
-            for average, current in zip(self._average_model.module.parameters(), pl_module.parameters()):
+            for average, current in zip(self.average.module.parameters(), pl_module.parameters()):
                 current.data.copy_(average.data)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:

@@ -35,6 +35,10 @@ CLI_RUN_SUBCOMMAND = "_run_subcommand"
 #: A LightningModule's trainer or None; its public `trainer` property raises when none is attached.
 MODULE_TRAINER = "_trainer"
 
+#: WeightAveraging's averaged copy of the module (a torch AveragedModel, None outside fit): musicvae's EMA
+#: swaps its parameters in and out of the module itself, around the module's whole validation.
+EMA_AVERAGE = "_average_model"
+
 #: ModelCheckpoint's name-mangled warning about a non-empty folder, which fires on every resume;
 #: the CLI refuses a fresh run into a used folder itself, so the warning is only noise here.
 CHECKPOINT_DIR_WARNING = "_ModelCheckpoint__warn_if_dir_not_empty"

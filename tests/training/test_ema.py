@@ -116,3 +116,53 @@ def test_raw_weights_of_a_checkpoint_without_ema_are_refused(tiny_run, tmp_path)
 
     with pytest.raises(CheckpointError, match="trained without --model.ema_decay"):
         load_module(tiny_run["ckpt_dir"] / "best.ckpt", weights="raw")
+
+
+
+@pytest.mark.parametrize("ema_first", [True, False], ids=["ema-before-the-callback", "ema-after-the-callback"])
+def test_every_validation_hook_sees_the_average_whatever_the_callback_order(ema_first):
+    """The average is entered at the module's on_validation_model_eval and left at on_validation_model_train,
+    so a callback sees it at every validation hook (and a checkpoint written there holds it), placed before or
+    after the EMA callback; a submodule in eval mode stays in eval after validation."""
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+    from torch.utils.data import DataLoader
+
+    from musicvae.training.ema import EMA
+    from musicvae.training.module import MusicVAEModule
+
+    class Seen(Callback):
+        def __init__(self):
+            self.validation, self.training = [], []
+
+        def _record(self, trainer, where):
+            self.validation.append((where, ema.entered))
+
+        def on_validation_epoch_start(self, trainer, pl_module):
+            self._record(trainer, "epoch_start")
+
+        def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+            self._record(trainer, "batch_end")
+
+        def on_validation_epoch_end(self, trainer, pl_module):
+            self._record(trainer, "epoch_end")
+
+        def on_validation_end(self, trainer, pl_module):
+            self._record(trainer, "end")
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.training.append(ema.entered)
+
+    torch.manual_seed(0)
+    module = MusicVAEModule(n_mels=16, frames=16, latent_dim=4, channels=[4, 8], lr=1e-2, ema_decay=0.5)
+    frozen = module.vae.to_latent.eval()
+    ema, seen = EMA(0.5), Seen()
+    data = DataLoader(torch.randn(16, 1, 16, 16), batch_size=8)
+    trainer = L.Trainer(max_epochs=2, callbacks=[ema, seen] if ema_first else [seen, ema], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu", num_sanity_val_steps=0)
+    trainer.fit(module, data, data)
+    assert seen.validation and all(entered for _, entered in seen.validation), seen.validation
+    assert {where for where, _ in seen.validation} == {"epoch_start", "batch_end", "epoch_end", "end"}
+    assert seen.training and not any(seen.training)  # training continues from the raw weights
+    assert not frozen.training and module.vae.training

@@ -29,6 +29,17 @@ def test_model_checkpoint_still_has_the_dir_warning_we_silence():
         ModelCheckpoint, private.CHECKPOINT_DIR_WARNING)
 
 
+def test_weight_averaging_still_keeps_its_average_where_our_ema_swaps_it():
+    from torch.optim.swa_utils import AveragedModel
+
+    from musicvae.training.ema import EMA
+
+    ema = EMA(0.9)
+    assert hasattr(ema, private.EMA_AVERAGE) and ema.average is None
+    ema.setup(L.Trainer(logger=False, accelerator="cpu", enable_progress_bar=False), BoringModel(), "fit")
+    assert isinstance(ema.average, AveragedModel)
+
+
 class _StopAtStep(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == 2:
