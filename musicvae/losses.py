@@ -304,7 +304,7 @@ def vae_loss_spectral(
     }
 
 
-# --- The adversarial stage (musicvae/training/adversarial.py) -------------------------------------
+# --- The adversarial stage (musicvae/training/sharpen.py) ----------------------------------------
 
 
 def hinge_discriminator_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:

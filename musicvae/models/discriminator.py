@@ -1,6 +1,6 @@
 """A PatchGAN discriminator on normalised log-mel segments, and the augmentation of what it sees.
 
-The adversarial stage (configs/sharp.yaml, musicvae/training/adversarial.py) fine-tunes a trained
+The adversarial stage (configs/sharp.yaml, musicvae/training/sharpen.py) fine-tunes a trained
 VAE's decoder against this network, as the latent-diffusion autoencoders do (Esser et al. 2021,
 arXiv:2012.09841; Rombach et al. 2022; AudioLDM's mel VAE): a stack of strided 2-D convolutions
 over (mel, time) whose output is a grid of logits, one per receptive-field patch (Isola et al.

@@ -1,8 +1,9 @@
 """Stopping cleanly: on a NaN/Inf before it reaches the weights, and on SIGTERM (preemption).
 
-- NonFiniteGuard looks at the loss parts and gradients after each backward pass, before the
-  optimizer uses them. A non-finite one stops training with the step and the part named (or
-  skips the batch, up to `--skip_nonfinite N` times). Nothing is saved on the way out, and
+- NonFiniteGuard looks at the loss and the gradients after each backward pass, before the
+  optimizer uses them. A non-finite one stops training with the step and the part named (the
+  module's `loss_parts` of the batch, recomputed only then), or skips the batch, up to
+  `--skip_nonfinite N` times. Nothing is saved on the way out, and
   AtomicCheckpointIO refuses non-finite weights anyway, so `last.ckpt` and `best.ckpt` stay
   the last finite ones.
 - Preemption: on SIGTERM the current step finishes on every rank, then Lightning raises

@@ -16,7 +16,7 @@ Two optimizers under Lightning's manual optimization, one step each per batch, d
   it has learnt the blur by the time the decoder starts to answer it.
 
 Steps: Lightning's ``global_step`` counts optimizer steps, so here it advances by 2 per batch:
-``trainer.max_steps``, ``adv_start_step``, ``checkpoint_every_n_steps`` and ``kl_warmup_steps`` are
+``trainer.max_steps``, ``adv_start_step``, ``checkpoint_every_n_steps`` and ``kl.warmup_steps`` are
 all in those units (1000 = 500 batches). Lightning refuses ``gradient_clip_val`` under manual
 optimization; the stage clips each optimizer's gradients itself (``adv_grad_clip``).
 """

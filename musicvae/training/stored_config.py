@@ -13,7 +13,7 @@ functions to call and places to write. So it is filtered here, before the parser
   `data.cache_dir`, a logger's `save_dir` and `version`, `default_root_dir`, ...) is taken. `fit`
   writes its checkpoints beside the checkpoint it resumes unless the user says otherwise; a
   logger's version is continued only where the user's (or the default) folder is the stored one
-  (`resume.repin_loggers`). Input paths (`data.data_dir`, `model.media_vocoder`) are taken and printed.
+  (`resume.repin_loggers`). Input paths (`data.data_dir`, `media.vocoder`) are taken and printed.
 - **Sizes.** The model a config describes is built on the meta device and compared with the
   checkpoint's weights before any memory is allocated (`check_model_shapes`).
 
