@@ -8,7 +8,7 @@ from typing import Any, Literal, NoReturn, Optional, Union
 from lightning.pytorch.cli import LightningArgumentParser
 
 from musicvae.io.outputs import add_force_flag
-from musicvae.training.hparams import VAE_CLASS
+from musicvae.training.hparams import MOVED, VAE_CLASS
 from musicvae.training.media import MediaLogger
 from musicvae.training.resume import MONITOR_DEPENDS
 
@@ -37,8 +37,19 @@ class MusicVAEParser(LightningArgumentParser):
             cls, key, reason, unknown = found.groups()
             cls = cls.rsplit(".", 1)[-1]
             message = (f'Parser key "model.{key}" ({cls}): {" ".join(reason.split())}' if key else
-                       f'--model.{unknown}: {cls} has no such setting (musicvae fit --model.help {cls} lists them)')
+                       f'--model.{unknown}: {cls} has no such setting{renamed(unknown)} (musicvae fit --model.help '
+                       f'{cls} lists them)')
         super().error(message, ex)
+
+
+def renamed(setting: str) -> str:
+    """Where an earlier version's model setting lives now, as a clause of the error ('' for other names)."""
+    if setting in MOVED:
+        group, key = MOVED[setting]
+        return f"; it is now --{'model.kl' if group == 'kl' else group}.{key}"
+    if setting == "adversarial":
+        return "; the adversarial stage is now --model SharpenModule (configs/sharp.yaml)"
+    return ""
 
 
 def split_seed(seed_everything: Union[bool, int, None]) -> int:

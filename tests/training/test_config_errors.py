@@ -300,6 +300,26 @@ CASES = {
         ["model.linear_path needs at least model.latent_dim=100 training segments for its PCA, and the training "
          "set has at most 64"],
     ),
+    "model-setting-typo": (
+        lambda root: ["--model.lrr", "3"],
+        ["--model.lrr: MusicVAEModule has no such setting (musicvae fit --model.help MusicVAEModule lists them)"],
+    ),
+    "model-setting-of-an-earlier-version": (
+        lambda root: ["--model.kl_warmup_steps", "3"],
+        ["--model.kl_warmup_steps: MusicVAEModule has no such setting; it is now --model.kl.warmup_steps"],
+    ),
+    "media-setting-under-model": (
+        lambda root: ["--model.audio_every_n_epochs", "0"],
+        ["it is now --media.audio_every_n_epochs"],
+    ),
+    "adversarial-flag-of-an-earlier-version": (
+        lambda root: ["--model.adversarial", "true"],
+        ["the adversarial stage is now --model SharpenModule"],
+    ),
+    "media-alpha-out-of-range": (
+        lambda root: ["--media.alpha", "1.5"],
+        ["media.alpha=1.5 must lie in [0, 1]"],
+    ),
     "checkpoint-dir-under-file": (
         lambda root: ["--checkpoint_dir", str(file_at(root) / "ckpt")],
         ["--checkpoint_dir", "is a regular file, not a folder", "choose another --checkpoint_dir"],
