@@ -132,10 +132,13 @@ def take_batches(loader: Any, count: int) -> list[torch.Tensor]:
 
 
 def project_callbacks(checkpoint_dir: Path) -> list[Any]:
-    """The per-run callbacks scripts/train.py adds (musicvae/training/cli.py), minus the checkpoint ones."""
-    from musicvae.training.callbacks import ApplyResumedLearningRate
-    from musicvae.training.guards import NonFiniteGuard, Preemption
-    from musicvae.training.random_state import ResumableRandomState
+    """The callbacks the command line adds to every fit (musicvae/training/run_callbacks.py), minus the
+    checkpoint ones: the same list, so the benchmark times what a run pays."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
 
-    return [ApplyResumedLearningRate(None), ResumableRandomState(), NonFiniteGuard(0), Preemption(checkpoint_dir)]
+    from musicvae.training.run_callbacks import run_callbacks
 
+    every = run_callbacks(subcommand="fit", checkpoint_dir=checkpoint_dir, monitor="val/loss", every_n_steps=0,
+                          skip_nonfinite=0, run_config={}, run_id="benchmark", resumed_hparams=None, interrupt=False,
+                          resume_hint="", logging=False, ema_decay=None, predict_dir=str(checkpoint_dir))
+    return [cb for cb in every if not isinstance(cb, ModelCheckpoint)]
