@@ -16,7 +16,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -95,17 +95,29 @@ def two_sample_results(module: Any, test: Dataset, validation: Dataset, train_wi
 
     points = {f"alpha_{alpha:g}": lambda y: compensate(y, gain, alpha, edges)} if alpha > 0 else {}
     for key, data in (("two_sample", test), ("two_sample_training_music", validation)):
-        out[key] = two_sample_scores(data, decode, points, decoded, seeds)
-        log(f"{key}: " + ", ".join(f"{name} {found['accuracy']:.3f}" for name, found in
-                                   {"floor": out[key]["floor"], "control": out[key]["control"],
-                                    **out[key]["reconstructions"], **out[key]["samples"]}.items()))
-    alone = {key: prior_alone(module, validation, z, seeds) for key, z in decoded.items()}
+        out[key] = found = _or_none(lambda: two_sample_scores(data, decode, points, decoded, seeds), key, log)
+        if found is not None:
+            log(f"{key}: " + ", ".join(f"{name} {r['accuracy']:.3f}" for name, r in
+                                       {"floor": found["floor"], "control": found["control"],
+                                        **found["reconstructions"], **found["samples"]}.items()))
+    alone = {key: _or_none(lambda: prior_alone(module, validation, z, seeds), "prior alone", log)
+             for key, z in decoded.items()}
     out["prior_c2st_vs_reconstructions"] = alone["standard"]
     if fit:
         out["learned_prior"]["c2st_vs_reconstructions"] = alone["learned"]
-    log("prior alone (samples against decoded validation codes): "
-        + ", ".join(f"{key} {found['accuracy']:.3f} ± {found['spread']:.3f}" for key, found in alone.items()))
+    if alone["standard"] is not None:
+        log("prior alone (samples against decoded validation codes): " + ", ".join(
+            f"{key} {found['accuracy']:.3f} ± {found['spread']:.3f}" for key, found in alone.items()))
     return out
+
+
+def _or_none(run: Callable[[], dict[str, Any]], what: str, log: Callable[[str], Any]) -> Optional[dict[str, Any]]:
+    """`run()`, or None (logged) when its windows come from fewer than two recordings."""
+    try:
+        return run()
+    except ValueError as err:
+        log(f"{what}: not measured ({err})")
+        return None
 
 
 def markdown_lines(result: dict[str, Any]) -> list[str]:
@@ -119,7 +131,7 @@ def markdown_lines(result: dict[str, Any]) -> list[str]:
         lines += ["## The prior alone", "", "Decoded prior samples against decoded posterior means of the training "
                   "folder's validation windows (same decoder on both sides; goal <= 0.60):", "",
                   f"- N(0, I): {alone['accuracy']:.3f} ± {alone['spread']:.3f}"]
-        if learned and "c2st_vs_reconstructions" in learned:
+        if learned and learned.get("c2st_vs_reconstructions"):
             found = learned["c2st_vs_reconstructions"]
             lines.append(f"- learned ({learned['best']['name']}): {found['accuracy']:.3f} ± {found['spread']:.3f}")
         lines.append("")

@@ -3,9 +3,13 @@ its noise control, the split by recording, determinism, and the report over a da
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
+
+from conftest import load_script, write_mel_folder
 
 from musicvae.evaluation.two_sample import (held_out, moment_matched_noise, noise_control, residual_covariance,
                                             two_sample_test)
@@ -112,3 +116,24 @@ def test_scores_over_a_dataset_compare_windows_of_the_same_recordings():
     assert found["samples"]["noise"]["accuracy"] > 0.9 and found["samples"]["noise"]["windows"] == [100, 100]
     text = "\n".join(two_sample_lines(found))
     assert "The control passed" in text and "reconstructions, alpha_0" in text and "prior samples, noise" in text
+
+
+@pytest.mark.slow
+def test_evaluate_writes_the_two_sample_test_when_asked(tiny_run, tmp_path, capsys):
+    main = load_script("evaluate").main
+    folder = tmp_path / "music"
+    write_mel_folder(folder, n_files=4, frames=64, n_mels=32)  # 4 recordings of 2 windows (the tiny run's shape)
+    ckpt = str(tiny_run["ckpt_dir"] / "best.ckpt")
+    assert main(["--ckpt_path", ckpt, "--data.data_dir", str(folder), "--out", str(tmp_path / "off")]) == 0
+    assert "two_sample" not in json.loads((tmp_path / "off" / "metrics.json").read_text())["metrics"]
+    assert main(["--ckpt_path", ckpt, "--data.data_dir", str(folder), "--out", str(tmp_path / "on"),
+                 "--two_sample_seeds", "2"]) == 0
+    assert "two-sample accuracy" in capsys.readouterr().out
+    found = json.loads((tmp_path / "on" / "metrics.json").read_text())["metrics"]["two_sample"]
+    assert found["windows"] == 4 and found["seeds"] == [0, 1] and len(found["control"]["accuracies"]) == 2
+    assert "alpha_0" in found["reconstructions"] and set(found["samples"]) == {"standard"}
+    assert "## Classifier two-sample test" in (tmp_path / "on" / "report.md").read_text()
+    with pytest.raises(SystemExit) as refused:
+        main(["--ckpt_path", ckpt, "--out", str(tmp_path / "bad"), "--two_sample_seeds", "-1"])
+    assert refused.value.code == 2
+    assert "--two_sample_seeds -1" in capsys.readouterr().err
