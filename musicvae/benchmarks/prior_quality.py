@@ -64,8 +64,8 @@ def two_sample_results(module: Any, test: Dataset, validation: Dataset, train_wi
     Returns:
         ``two_sample``, ``two_sample_training_music``, ``prior_c2st_vs_reconstructions`` (when `seeds`), and
         ``learned_prior`` (when `fit`): ``best`` (kind, components, covariance), ``table`` (fit_prior's rows),
-        ``nearest_neighbour`` for the learned prior's and N(0, I)'s codes, ``realism`` (Fréchet, against the
-        held-out music) and, with `seeds`, ``c2st_vs_reconstructions``.
+        ``nearest_neighbour`` and ``realism`` (Fréchet, against the held-out music, musicvae.evaluation.realism.
+        prior_realism) for the learned prior's and N(0, I)'s samples, and, with `seeds`, ``c2st_vs_reconstructions``.
     """
     dim = int(module.hparams.latent_dim)
     count = max(len(interleaved_windows(data, DEFAULT_WINDOWS)[0]) for data in (test, validation))
@@ -83,10 +83,8 @@ def two_sample_results(module: Any, test: Dataset, validation: Dataset, train_wi
             "best": {"name": name, "components": best.components, "covariance": best.covariance}, "table": table,
             "nearest_neighbour": {key: nearest_neighbour_check(z, train_codes, val_codes) for key, z in codes.items()}}
     decoded = {key: decode_codes(module, z) for key, z in codes.items()}
-    if fit:
-        found = prior_realism(decoded["learned"], test)
-        out["learned_prior"]["realism"] = {"realism": found["realism"], "realism_floor": found["floor"],
-                                           "realism_windows": found["windows"]}
+    if fit:  # both priors at the same window count, so their floors are the same
+        out["learned_prior"]["realism"] = {key: prior_realism(drawn, test) for key, drawn in decoded.items()}
     if not seeds:
         return out
 
@@ -144,5 +142,10 @@ def markdown_lines(result: dict[str, Any]) -> list[str]:
                                    for r in learned["table"]]), "",
                   "Nearest training code (Euclidean): median distance of samples over held-out codes' median "
                   "(copying shows as far below 1): " + ", ".join(
-                      f"{key} {nn['median_ratio']:.3f}" for key, nn in learned["nearest_neighbour"].items()), ""]
+                      f"{key} {nn['median_ratio']:.3f}" for key, nn in learned["nearest_neighbour"].items()), "",
+                  "Realism of the samples against the held-out music (Fréchet, frames / differences; floor in "
+                  "brackets): " + ", ".join(
+                      f"{key} {r['realism']['frames']:.4g} / {r['realism']['differences']:.4g} "
+                      f"({r['floor']['frames']:.4g} / {r['floor']['differences']:.4g})"
+                      for key, r in learned["realism"].items()), ""]
     return lines
