@@ -41,9 +41,9 @@ TEST_FRACTION = 0.5
 
 class WindowClassifier(nn.Module):
     """Four strided 3x3 convolutions (8-16-32-32 channels), global mean and standard-deviation pooling,
-    one logit: ~15 k parameters, ~4 M multiply-adds per 128x128 window, so a seed trains in seconds on
-    a CPU. The first layer keeps full resolution, because what a blurred decoder loses (onsets,
-    harmonic lines) is one or two bins wide; the std pooling sees how textured a window is overall.
+    one logit: 15 k parameters, ~3 M multiply-adds per 128x128 window, so a seed trains in seconds on
+    a CPU. The first layer reads the window at full resolution, because what a blurred decoder loses
+    (onsets, harmonic lines) is one or two bins wide; the std pooling sees how textured a window is.
 
     ``(B, 1, n_mels, T)`` -> ``(B,)`` logits (positive: generated).
     """
@@ -146,9 +146,7 @@ def run_seed(real: Tensor, fake: Tensor, real_groups: Optional[Tensor], fake_gro
         model = WindowClassifier()
     optimiser = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
     labels = torch.cat([torch.zeros(batch), torch.ones(batch)])
-    was_grad = torch.is_grad_enabled()
-    torch.set_grad_enabled(True)
-    try:
+    with torch.enable_grad():  # callers (evaluate, the benchmark) score under no_grad
         model.train()
         for _ in range(steps):
             picks = [x[torch.randint(len(x), (batch,), generator=generator)] for x in train]  # balanced classes
@@ -156,8 +154,6 @@ def run_seed(real: Tensor, fake: Tensor, real_groups: Optional[Tensor], fake_gro
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
-    finally:
-        torch.set_grad_enabled(was_grad)
     model.eval()
 
     def score(parts: list[Tensor]) -> float:
@@ -184,7 +180,7 @@ def two_sample_test(real: Tensor, fake: Tensor, real_groups: Optional[Tensor] = 
     Returns:
         ``accuracy`` (mean balanced accuracy on held-out recordings), ``spread`` (standard deviation over
         the seeds, 0 for one seed), ``accuracies`` (per seed), ``train_accuracy`` (mean), ``windows``
-        ([N, K]), ``seeds``.
+        ([N, K]), ``test_windows`` (held out by the first seed: [real, generated]), ``seeds``.
 
     Raises:
         ValueError: fewer than two recordings (or windows) on a side, or mismatched shapes.

@@ -127,10 +127,10 @@ def test_evaluate_writes_the_two_sample_test_when_asked(tiny_run, tmp_path, caps
     assert main(["--ckpt_path", ckpt, "--data.data_dir", str(folder), "--out", str(tmp_path / "off")]) == 0
     assert "two_sample" not in json.loads((tmp_path / "off" / "metrics.json").read_text())["metrics"]
     assert main(["--ckpt_path", ckpt, "--data.data_dir", str(folder), "--out", str(tmp_path / "on"),
-                 "--two_sample_seeds", "2"]) == 0
+                 "--two_sample_seeds", "1"]) == 0
     assert "two-sample accuracy" in capsys.readouterr().out
     found = json.loads((tmp_path / "on" / "metrics.json").read_text())["metrics"]["two_sample"]
-    assert found["windows"] == 4 and found["seeds"] == [0, 1] and len(found["control"]["accuracies"]) == 2
+    assert found["windows"] == 4 and found["seeds"] == [0] and len(found["control"]["accuracies"]) == 1
     assert "alpha_0" in found["reconstructions"] and set(found["samples"]) == {"standard"}
     assert "## Classifier two-sample test" in (tmp_path / "on" / "report.md").read_text()
     with pytest.raises(SystemExit) as refused:
