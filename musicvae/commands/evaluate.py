@@ -35,13 +35,19 @@ def main(argv=None) -> int:
     parser.add_argument("--weights", type=str, default="average",
                         help="'average': the checkpoint's state_dict (with --model.ema_decay the EMA average); 'raw': "
                              "the training weights an EMA checkpoint keeps beside it, to see what the average changes")
+    parser.add_argument("--two_sample_seeds", type=int, default=0,
+                        help="also run the classifier two-sample test with this many seeds (e.g. 3; about 15 s per "
+                             "comparison on a CPU core; 0: off)")
     try:
         args = parse_command(parser, argv, RENAMES)
         batch_size = args.data.batch_size
         if batch_size is not None and batch_size < 1:
             parser.error(f"--data.batch_size {batch_size}: must be positive")
+        if args.two_sample_seeds < 0:
+            parser.error(f"--two_sample_seeds {args.two_sample_seeds}: must be 0 (off) or positive")
         result = evaluate_checkpoint(args.ckpt_path, args.out, args.data.data_dir, args.device, batch_size,
-                                     alpha=args.alpha, weights=args.weights, force=args.force)
+                                     alpha=args.alpha, weights=args.weights, force=args.force,
+                                     two_sample_seeds=args.two_sample_seeds)
     except MusicVAEError as err:
         return report_error(parser.prog, err)
     print(f"evaluated {result['metrics']['n_examples']} examples ({result['data']['split']}) from {result['data']['folder']}")
@@ -57,6 +63,11 @@ def main(argv=None) -> int:
         print("  realism (Fréchet, lower is more real): " + ", ".join(
             f"{view} {realism['alpha_0'][view]:.4g} at alpha 0, {realism['alpha'][view]:.4g} at alpha {comp['alpha']:g} "
             f"(floor {realism['floor'][view]:.4g})" for view in realism["floor"]))
+    two = result["metrics"].get("two_sample")
+    if two:
+        print(f"  two-sample accuracy (0.5: indistinguishable): alpha 0 {two['reconstructions']['alpha_0']['accuracy']:.3f}, "
+              f"floor {two['floor']['accuracy']:.3f}, control {two['control']['accuracy']:.3f}"
+              + (" (too weak: the control failed)" if two["too_weak"] else ""))
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
 

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from musicvae.io.outputs import check_output_folder, write_output, write_output_to
 from musicvae.evaluation.realism import TradeOff, half_labels
+from musicvae.evaluation.two_sample_report import checkpoint_two_sample, two_sample_lines
 from musicvae.inference.loading import datamodule_for, load_module, resolve_alpha
 from musicvae.metrics import ACTIVE_UNIT_THRESHOLD, FEATURELESS_THRESHOLD
 from musicvae.io.tables import markdown_table
@@ -314,7 +315,7 @@ def write_report(out_dir: Path, metrics: dict[str, Any], found: list[Verdict], i
               "", "## Latent usage", "",
               f"KL {metrics['kl_nats']:.3f} nats per example; {metrics['active_units']} of {metrics['latent_dim']} "
               f"latent units active (variance of the posterior mean over the data > {ACTIVE_UNIT_THRESHOLD:g}).", "",
-              *compensation_lines(metrics),
+              *compensation_lines(metrics), *two_sample_lines(metrics.get("two_sample")),
               *(["## Figures", ""] if figures else [])]
     lines += [f"![{name}]({name})" for name in figures]
     text = "\n".join(lines) + "\n"
@@ -348,6 +349,14 @@ def compensation_lines(metrics: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _two_sample_or_none(module: MusicVAEModule, dataset: Dataset, alpha: float, seeds: int,
+                        batch_size: int) -> Optional[dict[str, Any]]:
+    try:
+        return checkpoint_two_sample(module, dataset, alpha, range(seeds), batch_size=batch_size)
+    except ValueError:  # fewer than two recordings: nothing to split by
+        return None
+
+
 def windows_digest(dataset: Dataset) -> Optional[str]:
     """A short hash of which windows of which files a SegmentDataset holds (same files -> same hash)."""
     items = getattr(dataset, "items", None)
@@ -360,12 +369,14 @@ def windows_digest(dataset: Dataset) -> Optional[str]:
 def evaluate_checkpoint(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, data_dir: Optional[str] = None,
                         device: str = "cpu", batch_size: Optional[int] = None, figures: bool = True,
                         alpha: Optional[float | str] = None, weights: str = "average",
-                        force: bool = False) -> dict[str, Any]:
+                        force: bool = False, two_sample_seeds: int = 0) -> dict[str, Any]:
     """Evaluate a checkpoint and write `metrics.json`, `report.md` and the figures into `out_dir`.
 
     Without `data_dir` the run's own validation split is rebuilt from the rule stored in the
     checkpoint; with it, every recording of that folder is used. Mel settings and normalisation
-    always come from the checkpoint.
+    always come from the checkpoint. With `two_sample_seeds` > 0, ``metrics["two_sample"]`` holds the
+    classifier two-sample test (musicvae.evaluation.two_sample_report.checkpoint_two_sample) with seeds
+    0 .. two_sample_seeds - 1; None when the set has fewer than two recordings.
 
     Returns:
         What `metrics.json` holds: ``checkpoint``, ``data``, ``metrics``, ``examples``,
@@ -384,6 +395,9 @@ def evaluate_checkpoint(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike
     dataset = datamodule.evaluation_set(split)
     metrics = evaluate(module, dataset, datamodule.normalizer.std, datamodule.batch_size, device, alpha)
     examples = metrics.pop("examples")
+    if two_sample_seeds > 0:
+        metrics["two_sample"] = _two_sample_or_none(module, dataset, metrics["compensation"]["alpha"], two_sample_seeds,
+                                                    datamodule.batch_size)
     found = verdicts(metrics)
     info = {
         "checkpoint": {"path": str(Path(ckpt_path).resolve()), "epoch": ckpt.get("epoch"),

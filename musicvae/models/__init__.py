@@ -1,4 +1,4 @@
-"""Plain nn.Module networks (no Lightning) and the linear codes they can start from."""
+"""Plain nn.Module networks (no Lightning), the linear codes they can start from, and priors over their codes."""
 
 from musicvae._lazy import lazy_exports
 
@@ -13,6 +13,11 @@ _EXPORTS = {
     "augment_pair": "discriminator",
     "fit_pca": "linear_codes",
     "fit_separable_code": "linear_codes",
+    "StandardPrior": "prior",
+    "GaussianPrior": "prior",
+    "MixturePrior": "prior",
+    "fit_prior": "prior",
+    "nearest_neighbour_check": "prior",
 }
 __all__ = sorted(_EXPORTS)
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, ['conv1d', 'conv2d', 'discriminator', 'linear_codes', 'linear_path'])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, ['conv1d', 'conv2d', 'discriminator', 'linear_codes', 'linear_path', 'prior'])

@@ -218,10 +218,22 @@ def test_benchmark_end_to_end(tmp_path):
     again = run_script("--train_dir", str(tmp_path / "train"), "--test_dir", str(tmp_path / "test"),
                        "--ckpt_path", str(out / "ckpt" / "last.ckpt"), "--out", str(tmp_path / "again"),
                        "--cache_dir", str(tmp_path / "cache"), "--prior_samples", "16", "--references",
-                       "--also", str(out / "ckpt" / "last.ckpt"))
+                       "--also", str(out / "ckpt" / "last.ckpt"), "--two_sample_seeds", "1", "--fit_prior")
     assert again.returncode == 0, again.stderr[-3000:]
     again_data = json.loads((tmp_path / "again" / "results.json").read_text())
     assert again_data["vae"] == data["vae"]
+    # --two_sample_seeds / --fit_prior: the two-sample tests on the test album, a learned prior chosen on validation.
+    two = again_data["two_sample"]
+    assert len(two["floor"]["accuracies"]) == 1 and 0 <= two["control"]["accuracy"] <= 1
+    assert "alpha_0" in two["reconstructions"] and set(two["samples"]) == {"standard", "learned"}
+    learned = again_data["learned_prior"]
+    assert learned["table"][0]["kind"] == "standard" and learned["best"]["components"] >= 1
+    assert max(r["val_log_likelihood"] for r in learned["table"]) >= learned["table"][0]["val_log_likelihood"]
+    assert set(learned["nearest_neighbour"]) == {"standard", "learned"}
+    # The training folder's validation split is one recording here: nothing to split by, so not measured.
+    assert again_data["two_sample_training_music"] is None and again_data["prior"]["c2st_vs_reconstructions"] is None
+    text = (tmp_path / "again" / "results.md").read_text()
+    assert "## Classifier two-sample test: held-out music" in text and "## Learned prior" in text
     # --also with the same checkpoint puts the same curve on the plane, beside it in the figure.
     (point,) = again_data["extra_points"]
     assert point["rows"] == data["vae"]["plane"]["rows"] and point["mark"] == data["vae"]["perceptual"]["alpha"]

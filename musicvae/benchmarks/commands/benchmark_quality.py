@@ -22,6 +22,7 @@ from musicvae.evaluation.report import write_json
 from musicvae.benchmarks.quality import (PathShares, data_range, fit_compensation, fit_pca, goal_rows,
                                          linear_references, markdown_report, markdown_table, prior_diagnostics,
                                          reference_statistics, score_decoder)
+from musicvae.benchmarks.prior_quality import markdown_lines, two_sample_results
 from musicvae.compensation import compensate
 from musicvae.evaluation.realism import prior_realism
 from musicvae.metrics import band_edges
@@ -117,7 +118,8 @@ def other_decoder(path: str, test_dm, validation, common: dict, log=print) -> di
 
 
 def benchmark(ckpt_path: Path, train_dir, test_dir: str, out: Path, cache_dir, n_prior: int,
-              log=print, references: bool = False, also: tuple[str, ...] = ()) -> dict:
+              log=print, references: bool = False, also: tuple[str, ...] = (), two_sample_seeds: int = 0,
+              fit_prior: bool = False) -> dict:
     from musicvae.inference.loading import datamodule_for, load_module, resolve_alpha
 
     module, ckpt = load_module(ckpt_path)
@@ -197,6 +199,12 @@ def benchmark(ckpt_path: Path, train_dir, test_dir: str, out: Path, cache_dir, n
         "goals": goal_rows(vae, pca_scores, prior, int(hp.latent_dim), prior_sharp),
     }
     result["extra_points"] = [other_decoder(path, test_dm, validation, common, log) for path in also]
+    if two_sample_seeds or fit_prior:
+        found = two_sample_results(module, test, validation, windows, vae_fit["gain"], vae_fit["alpha"], edges,
+                                   range(two_sample_seeds), fit_prior, log)
+        if "prior_c2st_vs_reconstructions" in found:
+            result["prior"]["c2st_vs_reconstructions"] = found.pop("prior_c2st_vs_reconstructions")
+        result.update(found)
     write_figures(out, result, test, samples, sharp_samples, module, edges)
     if split is not None:
         result["linear_path"] = split.compute()
@@ -205,7 +213,7 @@ def benchmark(ckpt_path: Path, train_dir, test_dir: str, out: Path, cache_dir, n
         result["linear_references"] = linear_references(train_x, stack_segments(test), int(hp.latent_dim),
                                                         shape=(int(hp.n_mels), int(hp.frames)))
         log(f"linear references in {time.monotonic() - started:.0f} s")
-    (out / "results.md").write_text(markdown_report(result))
+    (out / "results.md").write_text("\n".join([markdown_report(result), *markdown_lines(result)]))
     write_json(out / "results.json", result)  # last: its presence means the benchmark finished
     return result
 
@@ -273,6 +281,12 @@ def main(argv=None) -> int:
                         help="further checkpoints of the same data and shape (e.g. the adversarial stage's best.ckpt) "
                              "placed on the distortion-perception plane beside the benchmarked one")
     parser.add_argument("--prior_samples", type=int, default=DEFAULT_PRIOR_SAMPLES, help="prior draws (default: %(default)s)")
+    parser.add_argument("--two_sample_seeds", type=int, default=0,
+                        help="also run the classifier two-sample tests with this many seeds (e.g. 3; a few minutes "
+                             "on a CPU; 0: off): held-out and training music, the prior alone")
+    parser.add_argument("--fit_prior", action="store_true",
+                        help="also fit a learned prior (Gaussian or mixture, chosen on validation likelihood) to the "
+                             "training windows' codes and score its samples beside N(0, I)'s")
     args = parse_command(parser, argv)
     if args.ckpt_path is None:
         if args.train_dir is None or args.config is None:
@@ -285,6 +299,8 @@ def main(argv=None) -> int:
         parser.error("--ckpt_path skips training: drop --minutes/--steps and the training flags after --")
     if args.prior_samples < 1:
         parser.error("--prior_samples must be positive")
+    if args.two_sample_seeds < 0:
+        parser.error("--two_sample_seeds must be 0 (off) or positive")
     torch.set_grad_enabled(False)
     try:
         check_folders(args.train_dir, args.test_dir)
@@ -299,7 +315,8 @@ def main(argv=None) -> int:
         else:
             ckpt_path = Path(args.ckpt_path)
         result = benchmark(ckpt_path, args.train_dir, args.test_dir, out, args.cache_dir, args.prior_samples,
-                           references=args.references, also=tuple(args.also))
+                           references=args.references, also=tuple(args.also),
+                           two_sample_seeds=args.two_sample_seeds, fit_prior=args.fit_prior)
     except MusicVAEError as err:
         sys.stderr.write(f"benchmark_quality: error: {err}\n")
         return 2
