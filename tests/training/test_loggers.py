@@ -122,9 +122,11 @@ def fake_wandb_and_mlflow(monkeypatch) -> dict:
 
 
 @pytest.mark.slow
-def test_media_go_to_every_logger_that_takes_them(tmp_path, fake_wandb_and_mlflow):
-    loggers = (f"[{{class_path: CSVLogger, init_args: {{save_dir: {tmp_path / 'csv'}, name: run}}}}, "
-               f"{{class_path: WandbLogger, init_args: {{save_dir: {tmp_path / 'wandb'}}}}}, "
+def test_media_go_to_every_logger_that_takes_them(tmp_path, monkeypatch, fake_wandb_and_mlflow):
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # W&B's default save_dir, ".": where Lightning's log_dir is when it comes first
+    loggers = ("[{class_path: WandbLogger}, "
+               f"{{class_path: CSVLogger, init_args: {{save_dir: {tmp_path / 'csv'}, name: run}}}}, "
                f"{{class_path: MLFlowLogger, init_args: {{save_dir: {tmp_path / 'mlruns'}}}}}, "
                "{class_path: test_loggers.Recorder}]")
     args = ["fit", *TINY_FLAGS, "--trainer.max_epochs", "1", "--data.cache_dir", str(tmp_path / "cache"),
@@ -168,6 +170,8 @@ def test_media_go_to_every_logger_that_takes_them(tmp_path, fake_wandb_and_mlflo
     assert "Recorder: metrics only" in out and "TensorBoard logs" not in out  # no TensorBoard in this run
     # Started as `musicvae fit`, the run says how to resume it with the same command.
     assert f"resume: musicvae fit --ckpt_path {tmp_path / 'ckpt' / 'last.ckpt'}" in out
+    # The run's config.yaml goes to the first logger's folder only where it has one (TensorBoard, CSV).
+    assert list((tmp_path / "cwd").iterdir()) == []
 
 
 @pytest.mark.parametrize(("logger", "package"), [("WandbLogger", "wandb"), ("MLFlowLogger", "mlflow")])
