@@ -4,4 +4,4 @@ import sys
 
 from musicvae.commands import main
 
-sys.exit(main())
+sys.exit(main(program="python -m musicvae"))

@@ -56,16 +56,17 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def run(name: str, argv: Sequence[str]) -> int:
-    """Import and run one subcommand with its own flags; returns its exit status."""
+def run(name: str, argv: Sequence[str], program: str = "musicvae") -> int:
+    """Import and run one subcommand with its own flags; returns its exit status. `program` is how the
+    user started it, for the commands the training subcommands print (`musicvae fit --ckpt_path ...`)."""
     module_name, function = COMMANDS[name].target.split(":")
     entry = getattr(importlib.import_module(module_name), function)
-    status = entry([name, *argv]) if COMMANDS[name].target == _TRAIN else entry(list(argv))
+    status = entry([name, *argv], program=program) if COMMANDS[name].target == _TRAIN else entry(list(argv))
     return status if isinstance(status, int) else 0  # bench-prepare returns its results
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """`musicvae` console entry point."""
+def main(argv: Optional[Sequence[str]] = None, program: str = "musicvae") -> int:
+    """`musicvae` console entry point (`program`: how it was started, `python -m musicvae` by __main__)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
@@ -81,4 +82,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         hint = f"; did you mean '{close[0]}'?" if close else ""
         sys.stderr.write(f"musicvae: unknown command '{name}'{hint} (musicvae --help lists them)\n")
         return 2
-    return run(name, rest)
+    return run(name, rest, program)

@@ -34,6 +34,7 @@ from musicvae.training.checkpoints import RAW_WEIGHTS_KEY, RUN_ID_KEY, load_chec
 from musicvae.training.guards import INTERRUPTED_EXIT, NONFINITE_EXIT, PREEMPTED_EXIT
 from musicvae.training.initialisation import adopt_mel_settings, initialise_run
 from musicvae.training.lightning_private import CLI_GET, CLI_INSTANTIATE_TRAINER, CLI_PARSER
+from musicvae.training.logger_kinds import check_logger_packages, run_summary
 from musicvae.training.module import MusicVAEModule
 from musicvae.training.peers import (PEER_LOST_EXIT, PeerLostError, apply_collective_timeout, peer_lost_message,
                                      peers_watched, report)
@@ -127,6 +128,7 @@ class MusicVAECLI(LightningCLI):
                 "ckpt_path is set in a config file; give it on the command line (--ckpt_path FILE) so the "
                 "stored run settings and the checkpoint are checked before anything is built"
             )
+        check_logger_packages(self._setting("trainer.logger"))
         if self.subcommand:
             check_run_folders(self.subcommand, self.config[self.subcommand])
         check_mel_settings(self._setting("data.mel"))
@@ -227,16 +229,9 @@ class MusicVAECLI(LightningCLI):
         return None
 
     def after_fit(self) -> None:
-        if not (trainer := self.trainer).is_global_zero:
-            return
-        lines = [f"  checkpoints: {self.checkpoint_dir}/{{best,last}}.ckpt (and config.yaml)"]
-        # logger.log_dir, not trainer.log_dir: the trainer's broadcasts, and other ranks have left.
-        log_dir = getattr(trainer.logger, "log_dir", None)
-        if log_dir:
-            lines.append(f"  TensorBoard logs: {log_dir}  (view: tensorboard --logdir {trainer.logger.save_dir})")
-        lines.append(f"  resume: {(self.command or ['musicvae'])[0]} fit --ckpt_path {self.checkpoint_dir / 'last.ckpt'} "
-                     "[--trainer.max_epochs N]")
-        rank_zero_info("musicvae: training finished.\n" + "\n".join(lines))
+        # Each logger's own folder, not trainer.log_dir: the trainer's broadcasts, and other ranks have left.
+        if self.trainer.is_global_zero:
+            rank_zero_info(run_summary(self.checkpoint_dir, self.trainer.loggers, (self.command or ["musicvae"])[0]))
 
 
 def with_default_subcommand(args: list[str]) -> list[str]:
@@ -248,7 +243,7 @@ def with_default_subcommand(args: list[str]) -> list[str]:
     return ["fit", *args]
 
 
-def cli_main(args: Optional[list[str]] = None, run: bool = True, program: str = "python scripts/train.py",
+def cli_main(args: Optional[list[str]] = None, run: bool = True, program: str = "musicvae",
              handle_interrupt: bool = False) -> MusicVAECLI:
     """Run the training command line with `args` (default: `sys.argv[1:]`); tests call this.
 

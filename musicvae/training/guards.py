@@ -181,7 +181,7 @@ class Preemption(Callback):
     def __init__(self, checkpoint_dir: Path, interrupt: bool = False, resume_command: Optional[str] = None) -> None:
         self.path = Path(checkpoint_dir) / "last.ckpt"
         self.interrupt = interrupt
-        self.resume_command = resume_command or f"python scripts/train.py --ckpt_path {self.path}"
+        self.resume_command = resume_command or f"musicvae fit --ckpt_path {self.path}"
         self.saved = False
         self.requested = False
         self.stopped_by: Optional[int] = None  # the signal that asked for the stop

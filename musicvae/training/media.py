@@ -1,4 +1,4 @@
-"""MediaLogger: the figures and audio clips of each validation (and test) epoch, in TensorBoard.
+"""MediaLogger: the figures and audio clips of each validation (and test) epoch, for every logger that takes them.
 
 The module computes and logs the numbers (`val/*`, `test/*`); this callback draws what a person
 looks at and listens to: the band-ratio and KL-per-dimension figures, inputs above their
@@ -7,7 +7,9 @@ download, `--media.vocoder`: musicvae/audio/neural_vocoder.py). It takes what it
 Lightning's hooks: the first batch's reconstructions from `validation_step`'s output, the band
 ratios from the logged metrics, and the latent statistics from its own metric over the steps'
 posteriors. It draws at `on_validation_end`, inside the module's validation scope (with EMA, the
-averaged weights: musicvae/training/ema.py).
+averaged weights: musicvae/training/ema.py), once per epoch, and hands the same figures and clips
+to each logger through its kind's adapter (musicvae/training/logger_kinds.py: TensorBoard, a CSV
+logger's folder, W&B, MLflow).
 
 Its options are its own command-line group (`--media.audio_every_n_epochs 0` turns audio off).
 """
@@ -19,13 +21,14 @@ from typing import Any, Optional
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
 
 from musicvae.audio.mel import MelSettings
 from musicvae.audio.neural_vocoder import make_vocoder
 from musicvae.errors import ConfigError
 from musicvae.metrics import LatentDiagnostics
 from musicvae.plots import band_ratio_figure, kl_per_dim_figure, mel_comparison_figure
+from musicvae.training.logger_kinds import Media, kind_of, no_media
 
 
 class MediaLogger(Callback):
@@ -34,7 +37,7 @@ class MediaLogger(Callback):
     Args:
         n_figure_examples: validation examples drawn in the reconstructions figure.
         audio_every_n_epochs: every this many validation epochs, a few validation clips go to
-            TensorBoard as audio, input and reconstruction inverted alike (0 turns audio off).
+            the loggers as audio, input and reconstruction inverted alike (0 turns audio off).
         n_audio_clips: clips per time (taken from the figure's examples).
         griffin_lim_iters: Griffin-Lim iterations for those clips (32: ~0.006 worse spectral
             convergence than 64 at half the cost; they are for listening, not for scoring).
@@ -59,8 +62,13 @@ class MediaLogger(Callback):
         self._vocoders: dict[MelSettings, torch.nn.Module] = {}
         self._kept: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # the epoch's first (inputs, outputs)
         self._latent: Optional[LatentDiagnostics] = None
+        self._told = False  # the loggers that take no media, named once
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "predict" and not self._told and (others := no_media(trainer.loggers)):
+            self._told = True
+            rank_zero_info(f"musicvae: no figures or audio for {', '.join(others)}: they go to TensorBoard, CSV, "
+                           "W&B and MLflow loggers")
         # A vocoder that cannot play this run's features is refused before the first epoch, not
         # after it, when the first clips are due.
         if self.vocoder and self.audio_every_n_epochs > 0 and stage != "predict" \
@@ -100,7 +108,7 @@ class MediaLogger(Callback):
         if self._latent is not None and self._latent.update_count > 0:
             latent = self._latent.compute()  # on every process: it reduces across them
             self._latent.reset()
-        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        loggers = [(logger, kind) for logger in trainer.loggers if (kind := kind_of(logger)) is not None]
         if trainer.sanity_checking or not trainer.is_global_zero or latent is None or not loggers:
             return
         names = pl_module.scores.band_names
@@ -117,11 +125,9 @@ class MediaLogger(Callback):
         datamodule = getattr(trainer, "datamodule", None)
         clips = ({} if not audio or batch is None or datamodule is None else
                  self._clips(datamodule, batch[0], batch[1], stage, batch[2] if len(batch) > 2 else None))
-        for logger in loggers:
-            for tag, figure in figures.items():
-                logger.experiment.add_figure(tag, figure, pl_module.global_step)
-            for tag, (wave, rate) in clips.items():
-                logger.experiment.add_audio(tag, wave.unsqueeze(0), pl_module.global_step, sample_rate=rate)
+        media = Media(stage, pl_module.current_epoch, pl_module.global_step, figures, clips)
+        for logger, kind in loggers:
+            kind.send(logger, media)
 
     def strength(self, pl_module: L.LightningModule) -> float:
         """The compensation strength of the media: `alpha`, or the fitted perceptual point when it is null;
@@ -166,7 +172,7 @@ class MediaLogger(Callback):
 
 def media_figures(band_names: list[str], ratios: list[float], latent: dict[str, Any], batch: Any, stage: str,
                   title: str) -> dict[str, Any]:
-    """The figures of one scored epoch, by TensorBoard tag."""
+    """The figures of one scored epoch, by tag (`{stage}/{name}`)."""
     figures = {
         f"{stage}/band_variance_ratio": band_ratio_figure(band_names, ratios, title),
         f"{stage}/kl_per_dim": kl_per_dim_figure(latent["kl_per_dim"].cpu(), latent["mu_var"].cpu(), title=title),

@@ -211,7 +211,9 @@ def resume_command(command: list[str], last: Path) -> str:
             skip = True
         elif not arg.startswith("--ckpt_path="):
             args.append(arg)
-    program = command[0] if command else "python scripts/train.py"
+    if not args or args[0].startswith("-"):  # `python scripts/train.py --config X` means fit; `musicvae` needs it said
+        args.insert(0, "fit")
+    program = command[0] if command else "musicvae"
     return f"{program} {shlex.join([*args, '--ckpt_path', str(last)])}"
 
 

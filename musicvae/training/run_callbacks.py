@@ -112,13 +112,14 @@ def trainer_settings(trainer_config: dict[str, Any], manual_optimization: bool) 
 
 
 class SaveConfigToLogDir(SaveConfigCallback):
-    """LightningCLI's config.yaml in the TensorBoard run folder, skipped when there is no logger.
+    """LightningCLI's config.yaml in the first logger's run folder (TensorBoard, CSV), skipped otherwise.
 
-    Without a logger Lightning's log_dir is the working directory, which must not collect files;
-    the run's config is beside the checkpoints anyway.
+    Without a logger Lightning's log_dir is the working directory, and for W&B or MLflow the logger's
+    save_dir (`.` and `./mlruns` by default), which must not collect files; the run's config is beside
+    the checkpoints anyway.
     """
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if trainer.logger is None:
+        if getattr(trainer.logger, "log_dir", None) is None:
             return
         super().setup(trainer, pl_module, stage)
