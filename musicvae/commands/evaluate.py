@@ -13,6 +13,7 @@ from musicvae.commands.parsing import command_parser, parse_command, report_erro
 from musicvae.errors import MusicVAEError
 from musicvae.io.outputs import add_force_flag
 from musicvae.evaluation.report import evaluate_checkpoint
+from musicvae.evaluation.waveform import DEFAULT_CLIPS, waveform_summary
 
 
 #: The former scripts/evaluate.py flags, spelled as training spells them now.
@@ -35,13 +36,20 @@ def main(argv=None) -> int:
     parser.add_argument("--weights", type=str, default="average",
                         help="'average': the checkpoint's state_dict (with --model.ema_decay the EMA average); 'raw': "
                              "the training weights an EMA checkpoint keeps beside it, to see what the average changes")
+    parser.add_argument("--waveform_clips", type=int, default=DEFAULT_CLIPS,
+                        help="windows vocoded by Griffin-Lim and scored against the original audio (SI-SDR, "
+                             "multi-resolution STFT) beside the vocoder alone on their own log-mels; needs a folder "
+                             "of audio files; 0 turns it off")
     try:
         args = parse_command(parser, argv, RENAMES)
         batch_size = args.data.batch_size
         if batch_size is not None and batch_size < 1:
             parser.error(f"--data.batch_size {batch_size}: must be positive")
+        if args.waveform_clips < 0:
+            parser.error(f"--waveform_clips {args.waveform_clips}: must be 0 (off) or more")
         result = evaluate_checkpoint(args.ckpt_path, args.out, args.data.data_dir, args.device, batch_size,
-                                     alpha=args.alpha, weights=args.weights, force=args.force)
+                                     alpha=args.alpha, weights=args.weights, force=args.force,
+                                     waveform_clips=args.waveform_clips)
     except MusicVAEError as err:
         return report_error(parser.prog, err)
     print(f"evaluated {result['metrics']['n_examples']} examples ({result['data']['split']}) from {result['data']['folder']}")
@@ -57,6 +65,7 @@ def main(argv=None) -> int:
         print("  realism (Fréchet, lower is more real): " + ", ".join(
             f"{view} {realism['alpha_0'][view]:.4g} at alpha 0, {realism['alpha'][view]:.4g} at alpha {comp['alpha']:g} "
             f"(floor {realism['floor'][view]:.4g})" for view in realism["floor"]))
+    print(f"  {waveform_summary(result['metrics']['waveform'])}")
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
 
