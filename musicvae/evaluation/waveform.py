@@ -172,7 +172,7 @@ def waveform_metrics(module: MusicVAEModule, dataset: Dataset, datamodule: MelDa
         and ``windows`` (file and start frame of each); without: ``not_available``, the reason.
     """
     if clips <= 0:
-        return {"clips": 0, "not_available": "turned off (--waveform_clips 0)"}
+        return {"clips": 0, "not_available": "turned off by --waveform_clips 0"}
     files = {int(f): audio_file(datamodule, int(f)) for f in np.unique(dataset.items[:, 0])}
     candidates = np.flatnonzero([files[int(f)] is not None for f in dataset.items[:, 0]])
     rows = pick_windows(candidates, clips)

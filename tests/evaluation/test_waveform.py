@@ -58,7 +58,7 @@ def test_noise_scores_far_from_the_signal():
 
 
 def test_no_clips_turns_the_waveform_metrics_off():
-    assert waveform_metrics(None, None, None, clips=0) == {"clips": 0, "not_available": "turned off (--waveform_clips 0)"}
+    assert waveform_metrics(None, None, None, clips=0) == {"clips": 0, "not_available": "turned off by --waveform_clips 0"}
 
 
 def test_windows_are_spread_evenly_and_bounded():
