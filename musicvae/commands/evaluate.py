@@ -13,6 +13,7 @@ from musicvae.commands.parsing import command_parser, parse_command, report_erro
 from musicvae.errors import MusicVAEError
 from musicvae.io.outputs import add_force_flag
 from musicvae.evaluation.report import evaluate_checkpoint
+from musicvae.evaluation.waveform import DEFAULT_CLIPS, waveform_summary
 
 
 #: The former scripts/evaluate.py flags, spelled as training spells them now.
@@ -38,6 +39,10 @@ def main(argv=None) -> int:
     parser.add_argument("--two_sample_seeds", type=int, default=0,
                         help="also run the classifier two-sample test with this many seeds (e.g. 3; about 15 s per "
                              "comparison on a CPU core; 0: off)")
+    parser.add_argument("--waveform_clips", type=int, default=DEFAULT_CLIPS,
+                        help="windows vocoded by Griffin-Lim and scored against the original audio (SI-SDR, "
+                             "multi-resolution STFT) beside the vocoder alone on their own log-mels; needs a folder "
+                             "of audio files; 0 turns it off")
     try:
         args = parse_command(parser, argv, RENAMES)
         batch_size = args.data.batch_size
@@ -45,9 +50,11 @@ def main(argv=None) -> int:
             parser.error(f"--data.batch_size {batch_size}: must be positive")
         if args.two_sample_seeds < 0:
             parser.error(f"--two_sample_seeds {args.two_sample_seeds}: must be 0 (off) or positive")
+        if args.waveform_clips < 0:
+            parser.error(f"--waveform_clips {args.waveform_clips}: must be 0 (off) or more")
         result = evaluate_checkpoint(args.ckpt_path, args.out, args.data.data_dir, args.device, batch_size,
                                      alpha=args.alpha, weights=args.weights, force=args.force,
-                                     two_sample_seeds=args.two_sample_seeds)
+                                     two_sample_seeds=args.two_sample_seeds, waveform_clips=args.waveform_clips)
     except MusicVAEError as err:
         return report_error(parser.prog, err)
     print(f"evaluated {result['metrics']['n_examples']} examples ({result['data']['split']}) from {result['data']['folder']}")
@@ -68,6 +75,7 @@ def main(argv=None) -> int:
         print(f"  two-sample accuracy (0.5: indistinguishable): alpha 0 {two['reconstructions']['alpha_0']['accuracy']:.3f}, "
               f"floor {two['floor']['accuracy']:.3f}, control {two['control']['accuracy']:.3f}"
               + (" (too weak: the control failed)" if two["too_weak"] else ""))
+    print(f"  {waveform_summary(result['metrics']['waveform'])}")
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
 

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from musicvae.io.outputs import check_output_folder, write_output, write_output_to
 from musicvae.evaluation.realism import TradeOff, half_labels
 from musicvae.evaluation.two_sample_report import checkpoint_two_sample, two_sample_lines
+from musicvae.evaluation.waveform import DEFAULT_CLIPS, waveform_lines, waveform_metrics
 from musicvae.inference.loading import datamodule_for, load_module, resolve_alpha
 from musicvae.metrics import ACTIVE_UNIT_THRESHOLD, FEATURELESS_THRESHOLD
 from musicvae.io.tables import markdown_table
@@ -315,7 +316,7 @@ def write_report(out_dir: Path, metrics: dict[str, Any], found: list[Verdict], i
               "", "## Latent usage", "",
               f"KL {metrics['kl_nats']:.3f} nats per example; {metrics['active_units']} of {metrics['latent_dim']} "
               f"latent units active (variance of the posterior mean over the data > {ACTIVE_UNIT_THRESHOLD:g}).", "",
-              *compensation_lines(metrics), *two_sample_lines(metrics.get("two_sample")),
+              *compensation_lines(metrics), *two_sample_lines(metrics.get("two_sample")), *waveform_lines(metrics),
               *(["## Figures", ""] if figures else [])]
     lines += [f"![{name}]({name})" for name in figures]
     text = "\n".join(lines) + "\n"
@@ -369,7 +370,8 @@ def windows_digest(dataset: Dataset) -> Optional[str]:
 def evaluate_checkpoint(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, data_dir: Optional[str] = None,
                         device: str = "cpu", batch_size: Optional[int] = None, figures: bool = True,
                         alpha: Optional[float | str] = None, weights: str = "average",
-                        force: bool = False, two_sample_seeds: int = 0) -> dict[str, Any]:
+                        force: bool = False, two_sample_seeds: int = 0,
+                        waveform_clips: int = DEFAULT_CLIPS) -> dict[str, Any]:
     """Evaluate a checkpoint and write `metrics.json`, `report.md` and the figures into `out_dir`.
 
     Without `data_dir` the run's own validation split is rebuilt from the rule stored in the
@@ -394,6 +396,8 @@ def evaluate_checkpoint(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike
     split = "all" if data_dir is not None else "val"
     dataset = datamodule.evaluation_set(split)
     metrics = evaluate(module, dataset, datamodule.normalizer.std, datamodule.batch_size, device, alpha)
+    # Vocoded windows against the original audio (musicvae/evaluation/waveform.py), `waveform_clips` of them.
+    metrics["waveform"] = waveform_metrics(module, dataset, datamodule, waveform_clips, metrics["compensation"]["alpha"], device)
     examples = metrics.pop("examples")
     if two_sample_seeds > 0:
         metrics["two_sample"] = _two_sample_or_none(module, dataset, metrics["compensation"]["alpha"], two_sample_seeds,

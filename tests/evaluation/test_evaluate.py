@@ -15,6 +15,7 @@ import torch
 from conftest import load_script, write_mel_folder
 from helpers import run_command
 from musicvae.evaluation import report as evaluation
+from musicvae.evaluation.waveform import NOT_AUDIO
 from musicvae.inference.loading import datamodule_for, load_module
 from musicvae.evaluation.report import (FEATURELESS_FRAC_THRESHOLD, HF_RATIO_THRESHOLD, RANGE_OUTSIDE_THRESHOLD,
                                  evaluate_checkpoint, json_safe, upper_band_names, verdicts)
@@ -130,6 +131,8 @@ def test_evaluate_script_on_a_folder_and_on_mismatched_data(tiny_run, tmp_path):
     saved = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert saved["data"]["folder"] == str(good.resolve()) and saved["data"]["split"] == "every recording"
     assert saved["metrics"]["n_examples"] == 4 * 2 and saved["data"]["n_files"] == 4  # 2 windows of 32 frames each
+    assert saved["metrics"]["waveform"] == {"clips": 0, "not_available": NOT_AUDIO}  # arrays: no audio to compare
+    assert "Not available (the data folder holds mel arrays, not audio)" in (tmp_path / "r" / "report.md").read_text()
     for problem in PROBLEMS:
         assert problem in done.stdout
 
