@@ -140,7 +140,7 @@ class MusicVAE:
 
         def flush() -> None:
             x = model.normalize(torch.from_numpy(np.stack(batch)))[:, None]  # (B, n_mels, F) -> (B, 1, n_mels, F)
-            codes.append(model.encode(x).float().cpu())
+            codes.append(model.encode_windows(x).float().cpu())
             batch.clear()
 
         for start, window in _windows(self._log_mel_blocks(waveform, sample_rate), self.frames,
@@ -191,7 +191,7 @@ class MusicVAE:
         total = max(first) + frames
         joined, weight = torch.zeros(model.mel.n_mels, total), torch.zeros(total)
         for i in range(0, len(codes), batch_size):
-            decoded = model.decode(codes[i : i + batch_size]).float().cpu()[:, 0]  # (B, L) -> (B, n_mels, F)
+            decoded = model.decode_windows(codes[i : i + batch_size]).float().cpu()[:, 0]  # (B, L) -> (B, n_mels, F)
             add_segments(joined, weight, decoded, first[i : i + batch_size])
         covered = weight > 0  # starts further apart than a window leave gaps: silence there
         joined[:, covered] /= weight[covered]

@@ -127,12 +127,13 @@ class GenerationModel:
         return self.normalizer.inverse(x)
 
     @torch.no_grad()
-    def encode(self, x: Tensor) -> Tensor:
-        """Posterior means of normalised segments: (B, 1, n_mels, frames) -> (B, latent_dim)."""
+    def encode_windows(self, x: Tensor) -> Tensor:
+        """Posterior means of normalised windows (the window-level step under `musicvae.load(...).encode`, which
+        takes audio): (B, 1, n_mels, frames) -> (B, latent_dim)."""
         return self.module.vae.encode(x.to(self.device))[0]
 
     @torch.no_grad()
-    def decode(self, z: Tensor) -> Tensor:
+    def decode_windows(self, z: Tensor) -> Tensor:
         """(B, latent_dim) -> (B, 1, n_mels, frames) normalised log-mels, compensated at `alpha`."""
         decoded = self.module.vae.decode(z.to(self.device))
         return self.module.compensated(decoded, self.alpha) if self.alpha > 0 else decoded
@@ -233,7 +234,7 @@ def reconstruct_mel(model: GenerationModel, log_mel: Tensor, hop: Optional[int] 
     for i in range(0, len(starts), batch_size):
         batch = starts[i : i + batch_size]
         x = torch.stack([model.normalize(padded[:, s : s + model.frames]) for s in batch])[:, None]  # -> (B, 1, n_mels, frames)
-        add_segments(joined, weight, model.decode(model.encode(x)).to(joined.device)[:, 0], batch)
+        add_segments(joined, weight, model.decode_windows(model.encode_windows(x)).to(joined.device)[:, 0], batch)
     return model.denormalize((joined / weight)[:, :total])  # (n_mels, T') -> (n_mels, T)
 
 
@@ -401,8 +402,8 @@ def interpolation_mels(model: GenerationModel, segment_a: Tensor, segment_b: Ten
     the segments alone.
     """
     x = model.normalize(torch.stack([segment_a, segment_b]).float())[:, None]  # -> (2, 1, n_mels, frames)
-    mu = model.encode(x)
-    return model.denormalize(model.decode(latent_path(mu[0], mu[1], steps, method))[:, 0])
+    mu = model.encode_windows(x)
+    return model.denormalize(model.decode_windows(latent_path(mu[0], mu[1], steps, method))[:, 0])
 
 
 def interpolate_files(ckpt_path: str | os.PathLike, path_a: str | os.PathLike, path_b: str | os.PathLike,

@@ -94,8 +94,8 @@ def _cases(model: GenerationModel, encode_input: str, n: int = 3, seed: int = 0)
     else:
         x = log_mel = model.denormalize(torch.randn(n, 1, model.mel.n_mels, model.frames, generator=generator))
     z = torch.randn(n, int(model.module.hparams.latent_dim), generator=generator)
-    return {"encode": (x, model.encode(model.normalize(log_mel)).cpu()),
-            "decode": (z, model.denormalize(model.decode(z)).cpu())}
+    return {"encode": (x, model.encode_windows(model.normalize(log_mel)).cpu()),
+            "decode": (z, model.denormalize(model.decode_windows(z)).cpu())}
 
 
 def _pt2(module: nn.Module, example: Tensor) -> tuple[bytes, Callable[[Tensor], Tensor]]:

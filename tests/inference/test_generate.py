@@ -132,7 +132,7 @@ def test_seam_measure_detects_hard_cuts(tmp_path):
     log_mel, samples = load_log_mel(tmp_path / "rise.wav", model.mel)
     starts = segment_starts(log_mel.shape[-1], 32, 32)
     x = model.normalize(log_mel)
-    decoded = model.decode(model.encode(torch.stack([x[:, s : s + 32] for s in starts])[:, None]))[:, 0]
+    decoded = model.decode_windows(model.encode_windows(torch.stack([x[:, s : s + 32] for s in starts])[:, None]))[:, 0]
     cut = x.clone()
     for start, segment in zip(starts, decoded):
         cut[:, start : start + 32] = segment
