@@ -170,7 +170,7 @@ def test_configs_other_than_a_mel_vocos_are_refused_before_anything_is_built(tmp
 # --- TensorBoard clips --------------------------------------------------------------------------
 
 def _media_run(mel: MelSettings) -> SimpleNamespace:
-    return SimpleNamespace(datamodule=SimpleNamespace(mel=mel, normalizer=Normalizer(-4.0, 2.0)))
+    return SimpleNamespace(datamodule=SimpleNamespace(mel=mel, normalizer=Normalizer(-4.0, 2.0)), loggers=[])
 
 
 def _media_logger(vocoder_path) -> MediaLogger:
