@@ -22,6 +22,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ckpt_path", type=str, required=True, help="checkpoint whose codes to fit (best.ckpt)")
     parser.add_argument("--data.data_dir", type=Optional[str], default=None,
                         help="folder to take the windows from, split by the run's rule (default: the run's own)")
+    parser.add_argument("--data.cache_dir", type=Optional[str], default=None,
+                        help="where its log-mel cache is (default: ~/.cache/musicvae; never taken from the checkpoint)")
     parser.add_argument("--out", type=Optional[str], default=None,
                         help="checkpoint to write (default: NAME.prior.ckpt beside NAME.ckpt; never the input)")
     add_force_flag(parser, "replace --out if it exists (never the input checkpoint)")
@@ -36,7 +38,7 @@ def main(argv=None) -> int:
         from musicvae.inference.prior_fitting import fit_checkpoint_prior
 
         result = fit_checkpoint_prior(args.ckpt_path, args.out, args.data.data_dir, args.seed, args.components,
-                                      args.covariances, args.device, force=args.force)
+                                      args.covariances, args.device, force=args.force, cache_dir=args.data.cache_dir)
     except MusicVAEError as err:
         return report_error(parser.prog, err)
     best = max(result["table"], key=lambda row: row["val_log_likelihood"])

@@ -56,7 +56,8 @@ def check_candidates(components: Sequence[int], covariances: Sequence[str]) -> N
 def fit_checkpoint_prior(ckpt_path: str | os.PathLike, out: Optional[str | os.PathLike] = None,
                          data_dir: Optional[str] = None, seed: int = 0,
                          components: Sequence[int] = DEFAULT_COMPONENTS, covariances: Sequence[str] = COVARIANCES,
-                         device: str = "cpu", batch_size: int = 64, force: bool = False) -> dict[str, Any]:
+                         device: str = "cpu", batch_size: int = 64, force: bool = False,
+                         cache_dir: Optional[str] = None) -> dict[str, Any]:
     """Fit the prior of highest validation likelihood on a checkpoint's codes; write the checkpoint with it.
 
     Args:
@@ -67,6 +68,7 @@ def fit_checkpoint_prior(ckpt_path: str | os.PathLike, out: Optional[str | os.Pa
         components, covariances: the mixtures tried (fit_prior); a Gaussian and N(0, I) always are.
         batch_size: windows per forward pass.
         force: replace `out` if it exists.
+        cache_dir: the folder's log-mel cache (default: the data module's; a checkpoint never chooses it).
 
     Returns:
         ``path`` (written), ``prior`` (its settings), ``table`` (fit_prior's rows: kind, components,
@@ -80,7 +82,7 @@ def fit_checkpoint_prior(ckpt_path: str | os.PathLike, out: Optional[str | os.Pa
     check_candidates(components, covariances)
     out = check_output_file(out if out is not None else default_output(ckpt_path), "--out", [ckpt_path], force)
     module, ckpt = load_module(ckpt_path, device)
-    datamodule = datamodule_for(ckpt, data_dir=data_dir)
+    datamodule = datamodule_for(ckpt, data_dir=data_dir, **({"cache_dir": cache_dir} if cache_dir else {}))
     datamodule.prepare_data()
     datamodule.setup("validate")
     train, validation = datamodule.train_set.fixed_windows(), datamodule.val_set

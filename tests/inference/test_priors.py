@@ -33,7 +33,8 @@ def fitted(tiny_run, tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("fit_prior")
     ckpt = folder / "best.ckpt"
     shutil.copy(tiny_run["ckpt_dir"] / "best.ckpt", ckpt)
-    run = run_command("fit-prior", ["--ckpt_path", str(ckpt), "--components", "[2, 4]", "--seed", "3"])
+    run = run_command("fit-prior", ["--ckpt_path", str(ckpt), "--components", "[2, 4]", "--seed", "3",
+                                    "--data.cache_dir", str(tiny_run["cache_dir"])])
     return {"plain": ckpt, "prior": folder / "best.prior.ckpt", "run": run}
 
 
