@@ -11,6 +11,8 @@ bounds, and the model it describes built on the meta device and compared with th
 safetensors header before any memory is allocated. The weights themselves are plain tensors
 (safetensors holds no code). Only the network's settings are stored (`NETWORK_KEYS`): training
 options do not change what the weights compute, and a saved model stays loadable when they change.
+A learned prior (musicvae/inference/priors.py) travels as config.json's `prior` section and the
+buffers `prior.*`, checked the same way.
 """
 
 from __future__ import annotations
