@@ -20,25 +20,19 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from musicvae.compensation import compensate
 from musicvae.evaluation.realism import prior_realism
 from musicvae.evaluation.two_sample import two_sample_test
 from musicvae.evaluation.two_sample_report import (DEFAULT_WINDOWS, interleaved_windows, stack_windows,
                                                    two_sample_lines, two_sample_scores)
+from musicvae.inference.prior_fitting import posterior_means
 from musicvae.io.tables import markdown_table
 from musicvae.models.prior import GaussianPrior, StandardPrior, fit_prior, nearest_neighbour_check
 
 #: Seed of every prior draw the benchmark scores.
 SAMPLE_SEED = 0
-
-
-@torch.no_grad()
-def posterior_means(module: Any, dataset: Dataset, batch_size: int = 64) -> Tensor:
-    """``(N, D)`` posterior means of every window of `dataset` (float32, CPU)."""
-    return torch.cat([module.vae.encode(x.to(module.device))[0].float().cpu()
-                      for x in DataLoader(dataset, batch_size=batch_size, shuffle=False)])
 
 
 @torch.no_grad()

@@ -31,6 +31,8 @@ COMMANDS: dict[str, Command] = {
     "generate": Command("musicvae.commands.generate:main", "reconstruct, sample or interpolate: WAVs and PNGs", "use"),
     "export": Command("musicvae.commands.export:main",
                       "a TorchScript, torch.export (pt2) or ONNX program that runs without musicvae", "use"),
+    "fit-prior": Command("musicvae.commands.fit_prior:main",
+                         "fit a prior over a checkpoint's codes; generate samples from it", "use"),
     "checkpoints": Command("musicvae.commands.checkpoints:main", "list a run's checkpoints", "use"),
     "bench": Command("musicvae.benchmarks.commands.bench:main", "training speed and memory", "measure"),
     "bench-prepare": Command("musicvae.benchmarks.commands.bench_prepare:main",

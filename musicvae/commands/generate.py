@@ -1,7 +1,7 @@
 """Hear a trained model: `musicvae generate {reconstruct,sample,interpolate,ceiling} ...`.
 
   reconstruct --ckpt_path C IN --out OUT.wav     a whole recording (audio or .npy log-mel) through the model
-  sample --ckpt_path C -n 8 --out DIR            draws from the prior
+  sample --ckpt_path C -n 8 --out DIR            draws from the prior (--prior auto|standard|learned)
   interpolate --ckpt_path C A B --out DIR        a morph from a segment of A to one of B through the latent space
   ceiling AUDIO                                  how close the vocoder gets to a recording from its own log-mel
 
@@ -23,10 +23,17 @@ from musicvae.audio.mel_settings import MelSettings
 from musicvae.commands.parsing import command_parser, parse_command, report_error
 from musicvae.errors import MusicVAEError
 from musicvae.io.outputs import add_force_flag
-from musicvae.inference.generation import (METHODS, interpolate_files, load_generation_model, reconstruct_file,
-                                 sample_files)
+from musicvae.inference.generation import interpolate_files, load_generation_model, reconstruct_file, sample_files
+from musicvae.inference.latent_paths import METHODS
+from musicvae.inference.priors import CHOICES
 from musicvae.audio.neural_vocoder import load_vocos
 from musicvae.audio.vocoder import measure_ceiling
+
+
+def add_prior_flag(parser: ArgumentParser, what: str) -> None:
+    parser.add_argument("--prior", type=Literal[CHOICES], default="auto",
+                        help=f"{what}: 'learned' (fitted by musicvae fit-prior, stored in the checkpoint), "
+                             "'standard' (N(0, I)), or 'auto': the learned one when the checkpoint has one")
 
 
 def build_parser() -> ArgumentParser:
@@ -63,8 +70,11 @@ def build_parser() -> ArgumentParser:
     sub = command("sample", "decode draws from the prior")
     sub.add_argument("-n", type=PositiveInt, default=8, help="number of samples")
     sub.add_argument("--out", type=str, required=True, help="folder for sample_XX.wav and samples.png")
-    sub.add_argument("--temperature", type=float, default=1.0, help="standard deviation of the prior draws")
+    sub.add_argument("--temperature", type=float, default=1.0,
+                     help="scales each draw's deviation from its component's mean (N(0, I): its standard deviation); "
+                          "0: the component means")
     sub.add_argument("--seed", type=Optional[int], default=None, help="seed of the draws (default: a fresh one)")
+    add_prior_flag(sub, "the prior the codes are drawn from")
 
     sub = command("interpolate", "morph between two recordings through the latent space")
     sub.add_argument("a", type=str, help="first recording (audio or .npy log-mel)")
@@ -74,6 +84,7 @@ def build_parser() -> ArgumentParser:
     sub.add_argument("--method", type=Literal[METHODS], default="slerp", help="path through the latent space")
     sub.add_argument("--offset_a", type=float, default=0.0, help="seconds into A where its segment starts")
     sub.add_argument("--offset_b", type=float, default=0.0, help="seconds into B where its segment starts")
+    add_prior_flag(sub, "the prior each step's log-density is reported under (the path does not depend on it)")
 
     sub = command("ceiling", "spectral convergence of Griffin-Lim (or --vocoder) on a recording's own log-mel",
                   ckpt=False)
@@ -92,13 +103,15 @@ def run(parsed) -> None:
         result = reconstruct_file(args.ckpt_path, args.input, args.out, hop=args.hop, **common)
         print(f"reconstructed {result['seconds']:.2f} s ({result['frames']} frames) -> {result['wav']}, {result['png']}")
     elif command == "sample":
-        result = sample_files(args.ckpt_path, args.out, args.n, args.temperature, args.seed, **common)
-        print(f"wrote {len(result['wavs'])} samples and {result['png']}")
+        result = sample_files(args.ckpt_path, args.out, args.n, args.temperature, args.seed, prior=args.prior, **common)
+        print(f"wrote {len(result['wavs'])} samples of the prior {result['prior']} and {result['png']}")
     elif command == "interpolate":
         result = interpolate_files(args.ckpt_path, args.a, args.b, args.out, args.steps, args.method,
-                                   args.offset_a, args.offset_b, **common)
+                                   args.offset_a, args.offset_b, prior=args.prior, **common)
         print(f"wrote {len(result['wavs'])} steps, {result['morph']} and {result['png']} "
               f"(segments at {result['offsets'][0]:.2f} s and {result['offsets'][1]:.2f} s)")
+        print(f"log-density of each step under the prior {result['prior']} (nats per code): "
+              + ", ".join(f"{v:.1f}" for v in result["log_density"]))
     else:
         mel = load_generation_model(args.ckpt_path).mel if args.ckpt_path else None
         vocoder, name = None, f"Griffin-Lim ({args.griffin_lim_iters} iterations)"

@@ -29,6 +29,7 @@ from musicvae.data.segments import segment_starts
 from musicvae.errors import CheckpointError, ConfigError
 from musicvae.inference.generation import GenerationModel, add_segments, load_generation_model, reconstruct_mel
 from musicvae.inference.loading import resolve_alpha
+from musicvae.inference.priors import choose_prior
 
 #: Samples of an in-memory waveform mixed down and handed to the front end at a time.
 _PIECE = 1 << 16
@@ -90,6 +91,8 @@ class MusicVAE:
     latent_dim = property(lambda self: int(self.model.module.hparams.latent_dim), doc="Numbers per code.")
     frames = property(lambda self: self.model.frames, doc="Log-mel frames per window (one code).")
     device = property(lambda self: self.model.device, doc="Where the network runs.")
+    prior = property(lambda self: self.model.prior,
+                     doc="The learned prior the model carries (musicvae fit-prior), else N(0, I) (StandardPrior).")
 
     @property
     def window_seconds(self) -> float:
@@ -228,23 +231,30 @@ class MusicVAE:
     @torch.no_grad()
     def sample(self, n: int = 1, seconds: Optional[float] = None, temperature: float = 1.0,
                seed: Optional[int] = None, alpha: Optional[float | str] = None,
-               vocoder: Optional[str | os.PathLike] = None, griffin_lim_iters: int = 64) -> Tensor:
-        """`n` waveforms decoded from the prior N(0, temperature^2 I): (n, samples) at `sample_rate`.
+               vocoder: Optional[str | os.PathLike] = None, griffin_lim_iters: int = 64,
+               prior: str = "auto") -> Tensor:
+        """`n` waveforms decoded from draws of a prior over the codes: (n, samples) at `sample_rate`.
 
         Args:
             seconds: length of each; None: one window. Longer than a window, each waveform is a
                 sequence of independent draws, one per window, crossfaded over half a window (the
                 model has no prior over time: it is not a continuation, nor a walk).
+            temperature: scales each draw's deviation from its component's mean (musicvae.models.prior;
+                N(0, temperature^2 I) for the standard prior); 0 gives the component means.
             seed: seeds the draws (and nothing else); None: torch's global generator.
+            prior: "auto" (the learned prior when the model carries one, else N(0, I)), "standard" or
+                "learned" (musicvae.inference.priors.choose_prior).
         """
-        if n < 1 or temperature <= 0 or (seconds is not None and seconds <= 0):
-            raise ConfigError(f"n {n}, temperature {temperature}, seconds {seconds}: must be positive")
+        if n < 1 or temperature < 0 or (seconds is not None and seconds <= 0):
+            raise ConfigError(f"n {n}, temperature {temperature}, seconds {seconds}: n and seconds must be "
+                              "positive, temperature >= 0")
+        chosen = choose_prior(self.model.learned_prior, prior, self.latent_dim, "this model", "prior")
         hop, frames = self.model.mel.hop_length, self.frames
         samples = (frames - 1) * hop if seconds is None else int(round(seconds * self.sample_rate))
         total = 1 + samples // hop  # frames of the centred STFT of `samples` samples
         starts = segment_starts(total, frames, frames if seconds is None else max(1, frames // 2))
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        z = torch.randn(n, len(starts), self.latent_dim, generator=generator) * temperature
+        z = chosen.sample(n * len(starts), temperature, generator).reshape(n, len(starts), self.latent_dim)
         starts_s = torch.tensor(starts, dtype=torch.float64) / self.model.mel.frames_per_second
         mels = torch.stack([self.decode_mel(draws, starts_s, alpha)[:, :total] for draws in z])
         with torch.inference_mode():

@@ -1,10 +1,11 @@
 """Hearing what a trained model does: reconstruct a whole recording, sample from the prior, and
 morph between two recordings through the latent space (`scripts/generate.py`).
 
-Tensor functions first (cutting a piece into segments and overlap-adding them back, latent
-paths), then `GenerationModel`, which carries a checkpoint's module, mel settings and
-normalisation, then the file-level functions the script calls; each writes WAVs and a PNG.
-Everything is decoded from posterior means, so the same inputs always give the same outputs.
+Tensor functions first (cutting a piece into segments and overlap-adding them back; latent paths
+are in latent_paths.py), then `GenerationModel`, which carries a checkpoint's module, mel settings,
+normalisation and learned prior (priors.py), then the file-level functions the script calls; each
+writes WAVs and a PNG. Everything but prior samples is decoded from posterior means, so the same
+inputs always give the same outputs.
 """
 
 from __future__ import annotations
@@ -25,13 +26,15 @@ from musicvae.audio.mel import AUDIO_SUFFIXES, LogMelStream, MelSettings, decode
 from musicvae.training.checkpoints import DATA_STATE_KEY
 from musicvae.errors import CheckpointError, ConfigError, DataError
 from musicvae.io.outputs import check_output_file, check_output_folder, write_output_to
+from musicvae.inference.latent_paths import latent_path
 from musicvae.inference.loading import load_module, resolve_alpha
+from musicvae.inference.priors import check_choice, choose_prior, describe, path_log_density, read_prior
+from musicvae.models.prior import MixturePrior, StandardPrior
 from musicvae.training.module import MusicVAEModule
 from musicvae.plots import mel_comparison_figure, mel_grid_figure
 from musicvae.data.segments import ARRAY_SUFFIXES, Normalizer, load_mel_array, segment_starts
 from musicvae.audio.neural_vocoder import make_vocoder
 
-METHODS = ("slerp", "linear")
 #: Crossfade between the steps of a morph: long enough to hide the cut, short against a segment.
 CROSSFADE_SECONDS = 0.05
 #: Peak a written WAV is scaled down to when it would clip (16-bit PCM stops at 1.0).
@@ -62,31 +65,6 @@ def add_segments(out: Tensor, weight: Tensor, segments: Tensor, starts: list[int
         weight[start : start + frames] += window
 
 
-def slerp(a: Tensor, b: Tensor, t: Tensor) -> Tensor:
-    """Spherical interpolation (D,), (D,), (S,) -> (S, D), with t=0 exactly `a` and t=1 exactly `b`.
-
-    Draws from a Gaussian prior concentrate on a shell; a straight line between two of them
-    passes nearer the origin, where the decoder saw few latents (White 2016, arXiv:1609.04468).
-    """
-    omega = torch.arccos(torch.clamp(torch.dot(a / a.norm(), b / b.norm()), -1.0, 1.0))
-    t = t[:, None]
-    if omega.abs() < 1e-4:  # (anti)parallel: sin(omega) ~ 0, and the arc is the line anyway
-        return (1 - t) * a + t * b
-    return (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
-
-
-def latent_path(a: Tensor, b: Tensor, steps: int, method: str = "slerp") -> Tensor:
-    """`steps` latents from `a` to `b`, both included: (D,), (D,) -> (steps, D)."""
-    if method not in METHODS:
-        raise ConfigError(f"--method {method!r}: use one of {METHODS}")
-    if steps < 2:
-        raise ConfigError(f"--steps {steps}: a path needs at least 2 steps (its two ends)")
-    t = torch.linspace(0.0, 1.0, steps, dtype=a.dtype, device=a.device)
-    path = slerp(a, b, t) if method == "slerp" else (1 - t[:, None]) * a + t[:, None] * b
-    path[0], path[-1] = a, b  # exact ends, whatever the rounding of the formula
-    return path
-
-
 # --- a checkpoint ready to generate -------------------------------------------------------------
 
 @dataclass
@@ -100,6 +78,7 @@ class GenerationModel:
         normalizer: the training split's normalisation (from the checkpoint).
         alpha: variance-compensation strength of every decoded output (musicvae/compensation.py;
             0: the plain decoder output).
+        learned_prior: the learned prior the checkpoint carries (musicvae/inference/priors.py), or None.
     """
 
     module: MusicVAEModule
@@ -107,6 +86,13 @@ class GenerationModel:
     frames: int
     normalizer: Normalizer
     alpha: float = 0.0
+    learned_prior: Optional[MixturePrior] = None
+
+    @property
+    def prior(self) -> MixturePrior:
+        """The learned prior, or N(0, I) (StandardPrior) for a checkpoint without one."""
+        dim = int(self.module.hparams.latent_dim)
+        return self.learned_prior if self.learned_prior is not None else StandardPrior(dim)
 
     @property
     def mean(self) -> float:
@@ -169,7 +155,8 @@ def load_generation_model(ckpt_path: str | os.PathLike, device: str = "cpu",
             f"{ckpt_path}: the data state ({mel.n_mels} mels x {frames} frames) does not match the model "
             f"({module.hparams.n_mels} x {module.hparams.frames})"
         )
-    return GenerationModel(module, mel, frames, Normalizer(state["mean"], state["std"]), resolve_alpha(module, alpha))
+    return GenerationModel(module, mel, frames, Normalizer(state["mean"], state["std"]), resolve_alpha(module, alpha),
+                           read_prior(ckpt, int(module.hparams.latent_dim), ckpt_path))
 
 
 # --- mels in, mels out --------------------------------------------------------------------------
@@ -370,28 +357,29 @@ def reconstruct_file(ckpt_path: str | os.PathLike, input_path: str | os.PathLike
 def sample_files(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, n: int = 8, temperature: float = 1.0,
                  seed: Optional[int] = None, device: str = "cpu", griffin_lim_iters: int = 64,
                  alpha: Optional[float | str] = 0.0, vocoder: Optional[str | os.PathLike] = None,
-                 vocoder_weights: Optional[str | os.PathLike] = None, force: bool = False) -> dict[str, Any]:
-    """Decode `n` draws from the prior N(0, temperature^2 I); write `sample_XX.wav` and `samples.png`
-    (audio by Griffin-Lim, or by the Vocos download `vocoder`: see `reconstruct_file`), refusing
-    before any work a folder that holds them already unless `force`."""
-    if n < 1:
-        raise ConfigError(f"-n {n}: draw at least one sample")
-    if temperature <= 0:
-        raise ConfigError(f"--temperature {temperature}: must be positive")
+                 vocoder_weights: Optional[str | os.PathLike] = None, force: bool = False,
+                 prior: str = "auto") -> dict[str, Any]:
+    """Decode `n` draws of the prior `prior` names (musicvae.inference.priors) at `temperature` (musicvae.models.prior);
+    write `sample_XX.wav` and `samples.png` (audio by Griffin-Lim, or by the Vocos download `vocoder`: see
+    `reconstruct_file`), refusing before any work a folder that holds them already unless `force`."""
+    if n < 1 or temperature < 0:
+        raise ConfigError(f"-n {n} / --temperature {temperature}: draw at least one sample, at a temperature >= 0")
+    check_choice(prior)
     out = check_output_folder(out_dir, sample_names(n), "--out", _inputs(ckpt_path, vocoder, vocoder_weights), force)
     model = load_generation_model(ckpt_path, device, alpha)
     synthesise = model.vocoder(griffin_lim_iters, vocoder, vocoder_weights, str(ckpt_path))
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    chosen = choose_prior(model.learned_prior, prior, int(model.module.hparams.latent_dim), ckpt_path)
     with torch.inference_mode():
-        drawn = model.module.compensated(model.module.sample(n, temperature, generator), model.alpha)
-        mels = model.denormalize(drawn[:, 0])  # (n, 1, n_mels, frames) -> (n, n_mels, frames)
+        mels = model.denormalize(model.decode_windows(chosen.sample(n, temperature, generator))[:, 0])  # -> (n, n_mels, frames)
         waves = synthesise(mels).cpu()  # -> (n, samples)
     *wavs, png = [out / name for name in sample_names(n)]
     for path, wave in zip(wavs, waves):
         write_wav(path, wave, model.mel.sample_rate)
     fig = mel_grid_figure(mels, [f"sample {i}" for i in range(n)], min(n, 4),
-                          f"prior samples, temperature {temperature:g}" + (f", seed {seed}" if seed is not None else ""))
-    return {"wavs": [str(p) for p in wavs], "png": str(save_figure(fig, png))}
+                          f"prior samples ({describe(chosen)}), temperature {temperature:g}"
+                          + (f", seed {seed}" if seed is not None else ""))
+    return {"wavs": [str(p) for p in wavs], "png": str(save_figure(fig, png)), "prior": describe(chosen)}
 
 
 def interpolation_mels(model: GenerationModel, segment_a: Tensor, segment_b: Tensor, steps: int,
@@ -401,29 +389,39 @@ def interpolation_mels(model: GenerationModel, segment_a: Tensor, segment_b: Ten
     Step 0 decodes A's posterior mean and the last step B's: they equal `reconstruct_mel` of
     the segments alone.
     """
+    return model.denormalize(model.decode_windows(interpolation_path(model, segment_a, segment_b, steps, method))[:, 0])
+
+
+def interpolation_path(model: GenerationModel, segment_a: Tensor, segment_b: Tensor, steps: int,
+                       method: str = "slerp") -> Tensor:
+    """The `latent_path` ``(steps, latent_dim)`` from segment A's posterior mean to B's."""
     x = model.normalize(torch.stack([segment_a, segment_b]).float())[:, None]  # -> (2, 1, n_mels, frames)
-    mu = model.encode_windows(x)
-    return model.denormalize(model.decode_windows(latent_path(mu[0], mu[1], steps, method))[:, 0])
+    return latent_path(*model.encode_windows(x), steps, method)
 
 
 def interpolate_files(ckpt_path: str | os.PathLike, path_a: str | os.PathLike, path_b: str | os.PathLike,
                       out_dir: str | os.PathLike, steps: int = 8, method: str = "slerp", offset_a: float = 0.0,
                       offset_b: float = 0.0, device: str = "cpu", griffin_lim_iters: int = 64,
                       alpha: Optional[float | str] = 0.0, vocoder: Optional[str | os.PathLike] = None,
-                      vocoder_weights: Optional[str | os.PathLike] = None, force: bool = False) -> dict[str, Any]:
+                      vocoder_weights: Optional[str | os.PathLike] = None, force: bool = False,
+                      prior: str = "auto") -> dict[str, Any]:
     """Morph from a segment of A to one of B; write `step_XX.wav`, `morph.wav` and `interpolation.png`
     (audio by Griffin-Lim, or by the Vocos download `vocoder`: see `reconstruct_file`), refusing
-    before any work a folder that holds them already unless `force`."""
+    before any work a folder that holds them already unless `force`. The path is the same whatever
+    `prior`; ``log_density`` scores each step under it (musicvae.inference.priors.path_log_density)."""
     latent_path(torch.zeros(1), torch.ones(1), steps, method)  # refuse bad settings before any work
+    check_choice(prior)
     out = check_output_folder(out_dir, interpolation_names(steps), "--out",
                               _inputs(ckpt_path, path_a, path_b, vocoder, vocoder_weights), force)
     model = load_generation_model(ckpt_path, device, alpha)
     synthesise = model.vocoder(griffin_lim_iters, vocoder, vocoder_weights, str(ckpt_path))
     seg_a, used_a = segment_at(load_log_mel(path_a, model.mel)[0], offset_a, model.frames, model.mel, str(path_a))
     seg_b, used_b = segment_at(load_log_mel(path_b, model.mel)[0], offset_b, model.frames, model.mel, str(path_b))
+    chosen = choose_prior(model.learned_prior, prior, int(model.module.hparams.latent_dim), ckpt_path)
     with torch.inference_mode():
-        mels = interpolation_mels(model, seg_a, seg_b, steps, method)
-        waves = synthesise(mels).cpu()  # (steps, n_mels, frames) -> (steps, samples)
+        codes = interpolation_path(model, seg_a, seg_b, steps, method)
+        mels = model.denormalize(model.decode_windows(codes)[:, 0])  # (steps, latent_dim) -> (steps, n_mels, frames)
+        waves = synthesise(mels).cpu()  # -> (steps, samples)
     *wavs, morph_wav, png = [out / name for name in interpolation_names(steps)]
     for path, wave in zip(wavs, waves):
         write_wav(path, wave, model.mel.sample_rate)
@@ -433,4 +431,5 @@ def interpolate_files(ckpt_path: str | os.PathLike, path_a: str | os.PathLike, p
     fig = mel_grid_figure(mels, titles, steps, f"{method} from {Path(path_a).name} @ {used_a:.2f} s "
                           f"to {Path(path_b).name} @ {used_b:.2f} s")
     return {"wavs": [str(p) for p in wavs], "morph": str(morph_wav),
-            "png": str(save_figure(fig, png)), "offsets": [used_a, used_b]}
+            "png": str(save_figure(fig, png)), "offsets": [used_a, used_b], "prior": describe(chosen),
+            "log_density": path_log_density(chosen, codes)}

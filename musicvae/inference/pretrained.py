@@ -11,6 +11,8 @@ bounds, and the model it describes built on the meta device and compared with th
 safetensors header before any memory is allocated. The weights themselves are plain tensors
 (safetensors holds no code). Only the network's settings are stored (`NETWORK_KEYS`): training
 options do not change what the weights compute, and a saved model stays loadable when they change.
+A learned prior (musicvae/inference/priors.py) travels as config.json's `prior` section and the
+buffers `prior.*`, checked the same way.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from musicvae.errors import CheckpointError
 from musicvae.inference.card import CARD_TEMPLATE, card_fields
 from musicvae.inference.generation import GenerationModel
 from musicvae.inference.loading import resolve_alpha
+from musicvae.inference.priors import check_prior_shapes, check_prior_values, checked_section, config_section, \
+    unfitted_prior
 from musicvae.training.module import MusicVAEModule
 from musicvae.training.stored_config import check_mel_bounds, check_model_shapes, is_plain
 
@@ -90,16 +94,12 @@ def checked_config(config: Any, source: str | os.PathLike) -> dict[str, Any]:
                               f"match the network ({model['n_mels']!r} x {model['frames']!r})")
     norm = config.get("normalization") or {}
     compensation = config.get("compensation") or {}
-    prior = config.get("prior") or {}
-    if prior.get("latent_dim", model["latent_dim"]) != model["latent_dim"]:
-        raise CheckpointError(f"{source}: prior.latent_dim {prior.get('latent_dim')!r} is not the network's "
-                              f"{model['latent_dim']!r}")
+    prior = checked_section(config.get("prior"), model["latent_dim"], source)
     return {**dict(config), "model": dict(model), "mel": mel.to_dict(),
             "normalization": {"mean": _number(norm.get("mean"), source, "normalization.mean"),
                               "std": _number(norm.get("std"), source, "normalization.std", 1e-12)},
             "compensation": {"alpha": _number(compensation.get("alpha", 0.0), source, "compensation.alpha", 0, 1)},
-            "prior": {"distribution": "standard normal", "latent_dim": model["latent_dim"]},
-            "training": dict(config.get("training") or {})}
+            "prior": prior, "training": dict(config.get("training") or {})}
 
 
 def check_weight_shapes(config: Mapping[str, Any], weights: str | os.PathLike, source: str) -> None:
@@ -117,6 +117,13 @@ def check_weight_shapes(config: Mapping[str, Any], weights: str | os.PathLike, s
     except (OSError, SafetensorError) as err:
         raise CheckpointError(f"{weights}: not a readable safetensors file ({str(err).splitlines()[0][:200]})") from None
     check_model_shapes(MusicVAEModule, config["model"], shapes, source)
+    prior, buffers = config["prior"], {k.removeprefix("prior."): v for k, v in shapes.items() if k.startswith("prior.")}
+    if "kind" in prior:  # the learned prior's buffers, before any memory is allocated for them
+        check_prior_shapes(prior["kind"], prior["latent_dim"], prior["components"], prior["covariance"], buffers,
+                           source)
+    elif buffers:
+        raise CheckpointError(f"{weights}: holds prior buffers {sorted(buffers)}, but {CONFIG_FILE} describes no "
+                              "learned prior")
 
 
 class PretrainedVAE(nn.Module, PyTorchModelHubMixin, library_name="musicvae", model_card_template=CARD_TEMPLATE,
@@ -134,6 +141,7 @@ class PretrainedVAE(nn.Module, PyTorchModelHubMixin, library_name="musicvae", mo
         self.config = checked_config(config, "config")
         # Not `self.module`: the mixin saves `self.module` in place of `self` (its DataParallel unwrapping).
         self.model = MusicVAEModule(**self.config["model"])
+        self.prior = unfitted_prior(self.config["prior"])  # buffers `prior.*` in the safetensors; None: N(0, I)
 
     @classmethod
     def from_generation_model(cls, model: GenerationModel, training: Optional[Mapping[str, Any]] = None) -> PretrainedVAE:
@@ -145,7 +153,7 @@ class PretrainedVAE(nn.Module, PyTorchModelHubMixin, library_name="musicvae", mo
             "mel": model.mel.to_dict(), "frames": model.frames,
             "normalization": {"mean": model.mean, "std": model.std},
             "compensation": {"alpha": model.alpha},
-            "prior": {"distribution": "standard normal", "latent_dim": int(hparams["latent_dim"])},
+            "prior": config_section(model.learned_prior, int(hparams["latent_dim"])),
             "training": dict(training or {}),
         }))
         with torch.device("meta"):
@@ -154,6 +162,8 @@ class PretrainedVAE(nn.Module, PyTorchModelHubMixin, library_name="musicvae", mo
         # Training-only parts (an adversarial run's discriminator) are not part of the saved model.
         kept = {k: state[k].detach().cpu() for k in wrapper.model.state_dict()}
         wrapper.model.load_state_dict(kept, strict=True, assign=True)
+        if wrapper.prior is not None:
+            wrapper.prior.load_state_dict(model.learned_prior.state_dict(), strict=True, assign=True)
         return wrapper
 
     def generation_model(self, device: str = "cpu", alpha: Optional[float | str] = None) -> GenerationModel:
@@ -162,7 +172,7 @@ class PretrainedVAE(nn.Module, PyTorchModelHubMixin, library_name="musicvae", mo
         module = self.model.eval().to(device)
         alpha = config["compensation"]["alpha"] if alpha is None else alpha
         return GenerationModel(module, MelSettings.from_dict(config["mel"]), int(config["frames"]),
-                               Normalizer(**config["normalization"]), resolve_alpha(module, alpha))
+                               Normalizer(**config["normalization"]), resolve_alpha(module, alpha), self.prior)
 
     def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
         """The card of CARD_TEMPLATE, with this save's license (`model_card_kwargs={"license": ...}`)."""
@@ -218,4 +228,6 @@ class PretrainedVAE(nn.Module, PyTorchModelHubMixin, library_name="musicvae", mo
         except (RuntimeError, ValueError) as err:
             raise CheckpointError(f"{weights}: the weights do not fit the model {CONFIG_FILE} describes "
                                   f"({' '.join(str(err).split())[:300]})") from None
+        if wrapper.prior is not None:
+            check_prior_values(wrapper.prior, weights)
         return wrapper.eval()

@@ -18,7 +18,8 @@ Parameters are buffers (plain tensors in ``state_dict``), so a checkpoint holdin
 hyper-parameters. **Temperature** T scales each sample's deviation from its component's mean: the
 covariance is scaled by T^2, the component weights are not changed (T = 0 gives component means, T = 1
 the fitted density). **Seeding**: every random choice (EM's start, the component, the draw) takes a
-``torch.Generator``; the same generator state gives the same samples.
+``torch.Generator``; the same generator state gives the same samples (a one-component prior draws no
+component, so StandardPrior's samples are those of ``torch.randn``).
 """
 
 from __future__ import annotations
@@ -139,7 +140,10 @@ class MixturePrior(nn.Module):
         if temperature < 0:
             raise ValueError(f"temperature {temperature}: must be >= 0")
         device = self.means.device
-        picks = torch.multinomial(self.weights.cpu(), n, replacement=True, generator=generator)  # (n,)
+        # One component: nothing to choose, so the generator gives only the deviations, and N(0, I)'s draws
+        # are exactly ``temperature * torch.randn(n, D)``, the VAE's own (MusicVAEModule.sample).
+        picks = torch.zeros(n, dtype=torch.long) if self.components == 1 else \
+            torch.multinomial(self.weights.cpu(), n, replacement=True, generator=generator)  # (n,)
         eps = torch.randn(n, self.dim, generator=generator)  # (n, D)
         draws = self.means.cpu()[picks]  # (n, D)
         for k, tril in enumerate(self.scale_tril.cpu()):

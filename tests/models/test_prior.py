@@ -96,3 +96,9 @@ def test_nearest_neighbour_check_tells_copies_from_fresh_draws():
     assert 0.8 < fresh["median_ratio"] < 1.25 and fresh["frac_below_heldout_min"] < 0.05
     copies = nearest_neighbour_check(train[:200] + 1e-4, train, held)
     assert copies["median_ratio"] < 0.01 and copies["frac_below_heldout_min"] == 1.0
+
+
+def test_a_one_component_prior_draws_no_component_so_n01_draws_are_torch_randn():
+    # generate sample --prior standard and MusicVAEModule.sample give the same codes for one seed
+    drawn = StandardPrior(6).sample(5, 0.7, torch.Generator().manual_seed(3))
+    assert torch.equal(drawn, torch.randn(5, 6, generator=torch.Generator().manual_seed(3)) * 0.7)
