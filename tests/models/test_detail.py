@@ -1,0 +1,73 @@
+"""Detail generated to match the code (musicvae.models.detail): strength 0 is the decoder output
+itself, the noise has the fitted per-band energy on average, it follows the code, and a seed fixes it."""
+
+import math
+
+import torch
+
+from musicvae.models.detail import DetailModel, DetailStats, add_detail, band_energy
+
+EDGES = [(0, 4), (4, 10), (10, 16)]
+M, T, D = 16, 32, 6
+
+
+def synthetic(n: int = 400, seed: int = 0):
+    """Codes and residuals whose band energies are exp(linear in the code): the law the model assumes."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randn(n, D, generator=g)
+    log_energy = torch.stack([0.8 * codes[:, 0], -0.5 * codes[:, 1], 0.3 * codes[:, 2] - 1.0], dim=1)  # (n, 3)
+    scale = torch.cat([log_energy[:, b:b + 1].expand(-1, hi - lo) for b, (lo, hi) in enumerate(EDGES)], 1)
+    residual = torch.randn(n, M, T, generator=g) * (0.5 * scale).exp()[:, :, None]
+    residual = residual + 0.6 * residual.roll(1, dims=2)  # some correlation in time
+    return codes, residual[:, None]
+
+
+def fitted(codes, residual) -> DetailModel:
+    stats = DetailStats(M, EDGES)
+    for c, r in zip(codes.split(100), residual.split(100)):
+        stats.update(c, r)
+    return DetailModel(D, M, len(EDGES)).fit(stats)
+
+
+def test_strength_zero_is_the_decoder_output_itself():
+    codes, residual = synthetic(50)
+    x_hat = torch.randn(50, 1, M, T)
+    model = fitted(codes, residual)
+    out = add_detail(x_hat, codes, model, 0.0, torch.Generator().manual_seed(0))
+    assert out is x_hat
+    assert not torch.equal(add_detail(x_hat, codes, model, 0.5, torch.Generator().manual_seed(0)), x_hat)
+
+
+def test_detail_has_the_fitted_band_energy_and_follows_the_code():
+    codes, residual = synthetic()
+    model = fitted(codes, residual)
+    # Calibration: over the training codes, the mean predicted energy is the mean residual energy.
+    assert torch.allclose(model.energy(codes).double().mean(0), band_energy(residual, EDGES).mean(0), rtol=1e-4)
+    # The map recovers the law: predicted log energy correlates with the true one in every band.
+    truth = band_energy(residual, EDGES).log()
+    predicted = model.energy(codes).double().log()
+    for b in range(len(EDGES)):
+        assert torch.corrcoef(torch.stack([truth[:, b], predicted[:, b]]))[0, 1] > 0.8
+    # The generated noise has, on average, the energy predicted for each code. Each band's mean square
+    # over n draws has a relative sd of sqrt(2 / n_eff); n_eff counts windows x frames, shrunk by the
+    # lag-1 correlation ((1 - rho) / (1 + rho)), bins counted once (they are correlated): 4 sd.
+    n = 200
+    noise = add_detail(torch.zeros(n, 1, M, T), codes[:n], model, 1.0, torch.Generator().manual_seed(1))
+    rho = float(model.rho.max())
+    n_eff = n * T * (1 - rho) / (1 + rho)
+    tolerance = 4 * math.sqrt(2 / n_eff)
+    ratio = band_energy(noise, EDGES).mean(0) / model.energy(codes[:n]).double().mean(0)
+    assert ((ratio - 1).abs() < tolerance).all(), (ratio, tolerance)
+    # Strength scales the amplitude: at 0.5 a quarter of the energy.
+    half = add_detail(torch.zeros(n, 1, M, T), codes[:n], model, 0.5, torch.Generator().manual_seed(1))
+    assert torch.allclose(half, 0.5 * noise)
+
+
+def test_seeded_detail_is_deterministic():
+    codes, residual = synthetic(100)
+    model = fitted(codes, residual)
+    x_hat = torch.zeros(4, 1, M, T)
+    a = add_detail(x_hat, codes[:4], model, 1.0, torch.Generator().manual_seed(7))
+    b = add_detail(x_hat, codes[:4], model, 1.0, torch.Generator().manual_seed(7))
+    c = add_detail(x_hat, codes[:4], model, 1.0, torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
