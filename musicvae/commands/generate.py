@@ -24,6 +24,7 @@ from musicvae.commands.parsing import command_parser, parse_command, report_erro
 from musicvae.errors import MusicVAEError
 from musicvae.io.outputs import add_force_flag
 from musicvae.inference.generation import interpolate_files, load_generation_model, reconstruct_file, sample_files
+from musicvae.inference.detail import check_strength
 from musicvae.inference.latent_paths import METHODS
 from musicvae.inference.priors import CHOICES
 from musicvae.audio.neural_vocoder import load_vocos
@@ -34,6 +35,13 @@ def add_prior_flag(parser: ArgumentParser, what: str) -> None:
     parser.add_argument("--prior", type=Literal[CHOICES], default="auto",
                         help=f"{what}: 'learned' (fitted by musicvae fit-prior, stored in the checkpoint), "
                              "'standard' (N(0, I)), or 'auto': the learned one when the checkpoint has one")
+
+
+def add_detail_flag(parser: ArgumentParser) -> None:
+    parser.add_argument("--detail", type=float, default=0.0,
+                        help="generated detail (musicvae/models/detail.py): a strength in [0, 1] of noise shaped to "
+                             "each code's predicted per-band detail energy, fitted on the checkpoint's training "
+                             "music, which must be on this machine (default 0: none, the plain decoder output)")
 
 
 def build_parser() -> ArgumentParser:
@@ -66,6 +74,8 @@ def build_parser() -> ArgumentParser:
     sub.add_argument("--out", type=str, required=True, help="WAV to write; a PNG of input vs output goes beside it")
     sub.add_argument("--hop", type=Optional[PositiveInt], default=None,
                      help="frames between segments (default: half a segment)")
+    sub.add_argument("--seed", type=int, default=0, help="seed of the generated detail (with --detail above 0)")
+    add_detail_flag(sub)
 
     sub = command("sample", "decode draws from the prior")
     sub.add_argument("-n", type=PositiveInt, default=8, help="number of samples")
@@ -75,6 +85,7 @@ def build_parser() -> ArgumentParser:
                           "0: the component means")
     sub.add_argument("--seed", type=Optional[int], default=None, help="seed of the draws (default: a fresh one)")
     add_prior_flag(sub, "the prior the codes are drawn from")
+    add_detail_flag(sub)
 
     sub = command("interpolate", "morph between two recordings through the latent space")
     sub.add_argument("a", type=str, help="first recording (audio or .npy log-mel)")
@@ -99,11 +110,15 @@ def run(parsed) -> None:
     common = {"device": args.device, "griffin_lim_iters": args.griffin_lim_iters}
     if command != "ceiling":
         common.update(alpha=args.alpha, vocoder=args.vocoder, vocoder_weights=args.vocoder_weights, force=args.force)
+    if command in ("reconstruct", "sample"):
+        check_strength(args.detail)  # before any work
     if command == "reconstruct":
-        result = reconstruct_file(args.ckpt_path, args.input, args.out, hop=args.hop, **common)
+        result = reconstruct_file(args.ckpt_path, args.input, args.out, hop=args.hop, detail=args.detail,
+                                  seed=args.seed, **common)
         print(f"reconstructed {result['seconds']:.2f} s ({result['frames']} frames) -> {result['wav']}, {result['png']}")
     elif command == "sample":
-        result = sample_files(args.ckpt_path, args.out, args.n, args.temperature, args.seed, prior=args.prior, **common)
+        result = sample_files(args.ckpt_path, args.out, args.n, args.temperature, args.seed, prior=args.prior,
+                              detail=args.detail, **common)
         print(f"wrote {len(result['wavs'])} samples of the prior {result['prior']} and {result['png']}")
     elif command == "interpolate":
         result = interpolate_files(args.ckpt_path, args.a, args.b, args.out, args.steps, args.method,

@@ -26,9 +26,11 @@ from musicvae.audio.mel import AUDIO_SUFFIXES, LogMelStream, MelSettings, decode
 from musicvae.training.checkpoints import DATA_STATE_KEY
 from musicvae.errors import CheckpointError, ConfigError, DataError
 from musicvae.io.outputs import check_output_file, check_output_folder, write_output_to
+from musicvae.inference.detail import check_strength, checkpoint_detail, piece_detail
 from musicvae.inference.latent_paths import latent_path
 from musicvae.inference.loading import load_module, resolve_alpha
 from musicvae.inference.priors import check_choice, choose_prior, describe, path_log_density, read_prior
+from musicvae.models.detail import DetailModel, add_detail
 from musicvae.models.prior import MixturePrior, StandardPrior
 from musicvae.training.module import MusicVAEModule
 from musicvae.plots import mel_comparison_figure, mel_grid_figure
@@ -79,6 +81,7 @@ class GenerationModel:
         alpha: variance-compensation strength of every decoded output (musicvae/compensation.py;
             0: the plain decoder output).
         learned_prior: the learned prior the checkpoint carries (musicvae/inference/priors.py), or None.
+        detail, detail_strength: generated detail (musicvae/inference/detail.py) and its strength (0: none).
     """
 
     module: MusicVAEModule
@@ -87,6 +90,8 @@ class GenerationModel:
     normalizer: Normalizer
     alpha: float = 0.0
     learned_prior: Optional[MixturePrior] = None
+    detail: Optional[DetailModel] = None
+    detail_strength: float = 0.0
 
     @property
     def prior(self) -> MixturePrior:
@@ -132,9 +137,9 @@ class GenerationModel:
 
 
 def load_generation_model(ckpt_path: str | os.PathLike, device: str = "cpu",
-                          alpha: Optional[float | str] = 0.0) -> GenerationModel:
+                          alpha: Optional[float | str] = 0.0, detail: float = 0.0) -> GenerationModel:
     """Load a checkpoint for generation, decoding at compensation strength `alpha` (a number in [0, 1],
-    or "perceptual": the checkpoint's fitted perceptual point; see musicvae.inference.loading.resolve_alpha).
+    or "perceptual": see musicvae.inference.loading.resolve_alpha), with detail at strength `detail`.
 
     Raises:
         CheckpointError: missing or unreadable, or without the mel settings and statistics
@@ -156,7 +161,8 @@ def load_generation_model(ckpt_path: str | os.PathLike, device: str = "cpu",
             f"({module.hparams.n_mels} x {module.hparams.frames})"
         )
     return GenerationModel(module, mel, frames, Normalizer(state["mean"], state["std"]), resolve_alpha(module, alpha),
-                           read_prior(ckpt, int(module.hparams.latent_dim), ckpt_path))
+                           read_prior(ckpt, int(module.hparams.latent_dim), ckpt_path),
+                           checkpoint_detail(module, ckpt, ckpt_path) if check_strength(detail) else None, detail)
 
 
 # --- mels in, mels out --------------------------------------------------------------------------
@@ -196,7 +202,7 @@ def pad_to(log_mel: Tensor, frames: int, floor: float) -> Tensor:
 
 
 def reconstruct_mel(model: GenerationModel, log_mel: Tensor, hop: Optional[int] = None,
-                    batch_size: int = 32) -> Tensor:
+                    batch_size: int = 32, seed: int = 0) -> Tensor:
     """Reconstruct a piece of any length through the model, segment by segment.
 
     Args:
@@ -207,7 +213,7 @@ def reconstruct_mel(model: GenerationModel, log_mel: Tensor, hop: Optional[int] 
 
     Returns:
         (n_mels, T) natural-log mel power: each segment decoded from its posterior mean, the
-        normalised outputs overlap-added (see `overlap_add`) and denormalised once.
+        normalised outputs overlap-added (see `overlap_add`), detail from `seed` added, denormalised once.
     """
     hop = hop or max(1, model.frames // 2)
     if not 1 <= hop <= model.frames:
@@ -215,14 +221,19 @@ def reconstruct_mel(model: GenerationModel, log_mel: Tensor, hop: Optional[int] 
     total = log_mel.shape[-1]
     padded = pad_to(log_mel.float(), model.frames, model.mel.log_floor_value)
     starts = segment_starts(padded.shape[-1], model.frames, hop)
-    joined, weight = padded.new_zeros(padded.shape), padded.new_zeros(padded.shape[-1])
+    joined, weight, codes = padded.new_zeros(padded.shape), padded.new_zeros(padded.shape[-1]), []
     # Batch by batch into running sums: a three-hour piece's segments at half overlap are twice its
     # log-mel (1 GB at 128 mels), their outputs as much again.
     for i in range(0, len(starts), batch_size):
         batch = starts[i : i + batch_size]
         x = torch.stack([model.normalize(padded[:, s : s + model.frames]) for s in batch])[:, None]  # -> (B, 1, n_mels, frames)
-        add_segments(joined, weight, model.decode_windows(model.encode_windows(x)).to(joined.device)[:, 0], batch)
-    return model.denormalize((joined / weight)[:, :total])  # (n_mels, T') -> (n_mels, T)
+        codes.append(model.encode_windows(x))
+        add_segments(joined, weight, model.decode_windows(codes[-1]).to(joined.device)[:, 0], batch)
+    joined = joined / weight
+    if model.detail_strength > 0:  # one noise over the whole piece (piece_detail), so overlaps keep its energy
+        joined += model.detail_strength * piece_detail(model.detail, torch.cat(codes), starts, model.frames,
+                                                       joined.shape[-1], add_segments, torch.Generator().manual_seed(seed))
+    return model.denormalize(joined[:, :total])  # (n_mels, T') -> (n_mels, T)
 
 
 def segment_at(log_mel: Tensor, offset_s: float, frames: int, mel: MelSettings, source: str) -> tuple[Tensor, float]:
@@ -321,13 +332,14 @@ def _inputs(ckpt_path: Any, *paths: Any) -> list[str | os.PathLike]:
 def reconstruct_file(ckpt_path: str | os.PathLike, input_path: str | os.PathLike, out_wav: str | os.PathLike,
                      device: str = "cpu", griffin_lim_iters: int = 64, hop: Optional[int] = None,
                      alpha: Optional[float | str] = 0.0, vocoder: Optional[str | os.PathLike] = None,
-                     vocoder_weights: Optional[str | os.PathLike] = None, force: bool = False) -> dict[str, Any]:
+                     vocoder_weights: Optional[str | os.PathLike] = None, force: bool = False,
+                     detail: float = 0.0, seed: int = 0) -> dict[str, Any]:
     """Reconstruct a whole recording through a checkpoint; write `out_wav` and a PNG beside it.
 
     The piece's mel is reconstructed by `reconstruct_mel` and inverted once, so the audio has
     no seams between segments; by Griffin-Lim, or by the Vocos download `vocoder` (with its
-    weights file `vocoder_weights` when not beside its config). Returns the paths written and
-    the piece's length.
+    weights file `vocoder_weights` when not beside its config), detail at `detail` from `seed`. Returns the paths
+    written and the piece's length.
 
     Raises:
         ConfigError: before any work, when `out_wav` is not an audio file name, cannot be written,
@@ -338,16 +350,17 @@ def reconstruct_file(ckpt_path: str | os.PathLike, input_path: str | os.PathLike
     inputs = _inputs(ckpt_path, input_path, vocoder, vocoder_weights)
     out_wav = check_output_file(out_wav, "--out", inputs, force)
     check_output_file(out_wav.with_suffix(".png"), "--out", inputs, force)
-    model = load_generation_model(ckpt_path, device, alpha)
+    model = load_generation_model(ckpt_path, device, alpha, detail)
     synthesise = model.vocoder(griffin_lim_iters, vocoder, vocoder_weights, str(ckpt_path))  # refused before any work
     log_mel, samples = load_log_mel(input_path, model.mel)
-    recon = reconstruct_mel(model, log_mel.to(model.device), hop)
+    recon = reconstruct_mel(model, log_mel.to(model.device), hop, seed=seed)
     with torch.inference_mode():
         wave = synthesise(recon.to(model.device), length=samples)
     gain = write_wav(out_wav, wave, model.mel.sample_rate)
     fig = mel_comparison_figure(model.normalize(_for_display(log_mel))[None], model.normalize(_for_display(recon.cpu()))[None],
                                 f"{Path(input_path).name}: input (top) and reconstruction"
-                                + (f", variance compensation alpha {model.alpha:g}" if model.alpha else ""))
+                                + (f", variance compensation alpha {model.alpha:g}" if model.alpha else "")
+                                + (f", detail {detail:g}" if detail else ""))
     fig.set_size_inches(min(24.0, max(6.0, log_mel.shape[-1] / 100)), 5.2)  # long pieces get a wide figure
     png = save_figure(fig, out_wav.with_suffix(".png"))
     return {"wav": str(out_wav), "png": str(png), "frames": int(log_mel.shape[-1]), "samples": int(wave.shape[-1]),
@@ -358,20 +371,22 @@ def sample_files(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, n: in
                  seed: Optional[int] = None, device: str = "cpu", griffin_lim_iters: int = 64,
                  alpha: Optional[float | str] = 0.0, vocoder: Optional[str | os.PathLike] = None,
                  vocoder_weights: Optional[str | os.PathLike] = None, force: bool = False,
-                 prior: str = "auto") -> dict[str, Any]:
-    """Decode `n` draws of the prior `prior` names (musicvae.inference.priors) at `temperature` (musicvae.models.prior);
-    write `sample_XX.wav` and `samples.png` (audio by Griffin-Lim, or by the Vocos download `vocoder`: see
-    `reconstruct_file`), refusing before any work a folder that holds them already unless `force`."""
+                 prior: str = "auto", detail: float = 0.0) -> dict[str, Any]:
+    """Decode `n` draws of the prior `prior` names (musicvae.inference.priors) at `temperature` (musicvae.models.prior),
+    detail at `detail` after them (both from `seed`); write `sample_XX.wav` and `samples.png` (audio by Griffin-Lim, or
+    by the Vocos download `vocoder`: see `reconstruct_file`), refusing before any work a folder holding them unless `force`."""
     if n < 1 or temperature < 0:
         raise ConfigError(f"-n {n} / --temperature {temperature}: draw at least one sample, at a temperature >= 0")
     check_choice(prior)
     out = check_output_folder(out_dir, sample_names(n), "--out", _inputs(ckpt_path, vocoder, vocoder_weights), force)
-    model = load_generation_model(ckpt_path, device, alpha)
+    model = load_generation_model(ckpt_path, device, alpha, detail)
     synthesise = model.vocoder(griffin_lim_iters, vocoder, vocoder_weights, str(ckpt_path))
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     chosen = choose_prior(model.learned_prior, prior, int(model.module.hparams.latent_dim), ckpt_path)
     with torch.inference_mode():
-        mels = model.denormalize(model.decode_windows(chosen.sample(n, temperature, generator))[:, 0])  # -> (n, n_mels, frames)
+        codes = chosen.sample(n, temperature, generator)
+        mels = model.denormalize(add_detail(model.decode_windows(codes), codes, model.detail, model.detail_strength,
+                                            generator)[:, 0])  # -> (n, n_mels, frames)
         waves = synthesise(mels).cpu()  # -> (n, samples)
     *wavs, png = [out / name for name in sample_names(n)]
     for path, wave in zip(wavs, waves):

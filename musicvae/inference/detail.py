@@ -1,0 +1,115 @@
+"""Fitting the detail generator (musicvae.models.detail) to a decoder, and adding it to a whole piece.
+
+**Fitted on the fly, not stored.** The detail model is a closed-form function of a decoder and the
+windows it was trained on (a ridge regression and two sums): one encode-decode pass over at most
+MAX_FIT_WINDOWS training windows, seconds to a minute on a CPU. Fitting it where it is used keeps
+it in step with whatever decoder it serves (the VAE, PCA, a later checkpoint) and adds no second
+record to the checkpoint for a loader to validate as untrusted data; the price is that
+`generate --detail` needs the checkpoint's training folder (or `data_dir`) on this machine. Storing
+it as plain buffers under its own checkpoint key (DetailModel holds nothing else) is the step to
+take when checkpoints travel without their music.
+
+The windows are the training split's at fixed crops without augmentation, evenly thinned, so the
+same checkpoint and folder give the same detail model.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from musicvae.errors import ConfigError, MusicVAEError
+from musicvae.inference.loading import datamodule_for
+from musicvae.metrics import band_edges
+from musicvae.models.detail import DetailModel, DetailStats
+
+#: Training windows a detail model is fitted on at most (evenly spaced): ~16 per ridge feature at 128
+#: latent numbers times the band count, and one decoding pass of a few seconds per hundred on a CPU.
+MAX_FIT_WINDOWS = 2048
+
+
+def check_strength(beta: float, flag: str = "--detail") -> float:
+    """`beta` as a float, refused unless in [0, 1]."""
+    if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not 0.0 <= float(beta) <= 1.0:
+        raise ConfigError(f"{flag} {beta!r}: a detail strength in [0, 1] (0: the plain decoder output)")
+    return float(beta)
+
+
+@torch.no_grad()
+def fit_detail(encode: Callable[[Tensor], Tensor], decode: Callable[[Tensor], Tensor], dataset: Dataset,
+               n_mels: int, edges: Sequence[tuple[int, int]], features: int, batch_size: int = 32,
+               max_windows: int = MAX_FIT_WINDOWS) -> DetailModel:
+    """A DetailModel of the decoder ``decode(encode(x))`` on (at most `max_windows` of) `dataset`.
+
+    Args:
+        encode: normalised windows ``(B, 1, M, T)`` -> codes ``(B, features)`` (a VAE's posterior means,
+            a linear code's coordinates).
+        decode: codes -> decoded windows ``(B, 1, M, T)`` (alpha 0: the residual is what the code lost).
+        dataset: the decoder's training windows.
+        n_mels, edges: mel bins and the bands whose energies are predicted (musicvae.metrics.band_edges).
+        features: the code size.
+    """
+    count = min(len(dataset), max_windows)
+    picked = Subset(dataset, torch.linspace(0, len(dataset) - 1, count).round().long().tolist())  # evenly spaced
+    stats = DetailStats(n_mels, edges)
+    for x in DataLoader(picked, batch_size=batch_size, shuffle=False):
+        codes = encode(x)
+        stats.update(codes, x - decode(codes).to(x))
+    return DetailModel(features, n_mels, len(edges)).fit(stats)
+
+
+def module_edges(module: Any) -> list[tuple[int, int]]:
+    """The band edges of a trained module's frequency bands (the ones its compensation uses)."""
+    bands = [tuple(float(v) for v in band) for band in module.hparams.freq_bands]
+    return band_edges(int(module.hparams.n_mels), bands)
+
+
+def checkpoint_detail(module: Any, ckpt: dict, source: str | os.PathLike, data_dir: Optional[str] = None,
+                      batch_size: int = 32) -> DetailModel:
+    """The detail model of a checkpoint's VAE, fitted on its training split (module docstring).
+
+    Raises:
+        ConfigError: the training folder is not on this machine, or holds no training windows.
+    """
+    try:
+        datamodule = datamodule_for(ckpt, data_dir=data_dir)
+        datamodule.prepare_data()
+        datamodule.setup("validate")
+        windows = datamodule.train_set.fixed_windows()
+    except MusicVAEError as err:
+        raise ConfigError(f"--detail: the detail generator is fitted on {source}'s training music, which could "
+                          f"not be read here ({err}); use --detail 0") from err
+    if len(windows) < 2:
+        raise ConfigError(f"--detail: {datamodule.folder} has {len(windows)} training window(s); fitting detail "
+                          "needs at least 2")
+    device = module.device
+
+    def encode(x: Tensor) -> Tensor:
+        return module.vae.encode(x.to(device))[0]
+
+    return fit_detail(encode, lambda z: module.vae.decode(z).cpu(), windows, int(module.hparams.n_mels),
+                      module_edges(module), int(module.hparams.latent_dim), batch_size)
+
+
+def piece_detail(model: DetailModel, codes: Tensor, starts: list[int], frames: int, total: int,
+                 add_segments: Callable[[Tensor, Tensor, Tensor, list[int]], None],
+                 generator: Optional[torch.Generator] = None) -> Tensor:
+    """Detail for a whole piece decoded window by window: ``(M, total)`` unit-strength noise.
+
+    Noise added per window and then overlap-added would lose energy where windows overlap (the mean
+    of independent draws), so one stationary noise runs over the whole piece, scaled per frame by the
+    windows' predicted variances overlap-added with the piece's own weights (`add_segments`).
+
+    Args:
+        codes: ``(N, D)`` the windows' codes; starts: their first frames; frames: window length.
+        total: frames of the piece (at least the last window's end).
+    """
+    variance = model.bin_scale(codes).float().cpu().pow(2)[:, :, None].expand(-1, -1, frames)  # (N, M) -> (N, M, frames)
+    summed, weight = variance.new_zeros(variance.shape[1], total), variance.new_zeros(total)
+    add_segments(summed, weight, variance, starts)
+    return model.unit_noise(1, total, generator)[0] * (summed / weight).sqrt()
