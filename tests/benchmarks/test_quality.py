@@ -131,6 +131,15 @@ def run_script(*args: str) -> subprocess.CompletedProcess:
     return run_command("benchmark-quality", args, cwd=REPO)
 
 
+def test_detail_strengths_are_checked():
+    from musicvae.benchmarks.detail_plane import parse_strengths
+
+    assert parse_strengths("1,0, 0.5") == (0.0, 0.5, 1.0)
+    for bad in ("", "2", "0,x", "-0.1"):
+        with pytest.raises(ValueError, match="--detail_strengths"):
+            parse_strengths(bad)
+
+
 def test_bad_folders_are_refused_in_one_line(tmp_path):
     (tmp_path / "a" / "b").mkdir(parents=True)
     result = run_script("--train_dir", str(tmp_path / "a"), "--test_dir", str(tmp_path / "a" / "b"),
@@ -218,7 +227,8 @@ def test_benchmark_end_to_end(tmp_path):
     again = run_script("--train_dir", str(tmp_path / "train"), "--test_dir", str(tmp_path / "test"),
                        "--ckpt_path", str(out / "ckpt" / "last.ckpt"), "--out", str(tmp_path / "again"),
                        "--cache_dir", str(tmp_path / "cache"), "--prior_samples", "16", "--references",
-                       "--also", str(out / "ckpt" / "last.ckpt"), "--two_sample_seeds", "1", "--fit_prior")
+                       "--also", str(out / "ckpt" / "last.ckpt"), "--two_sample_seeds", "1", "--fit_prior",
+                       "--detail_strengths", "0,1")
     assert again.returncode == 0, again.stderr[-3000:]
     again_data = json.loads((tmp_path / "again" / "results.json").read_text())
     assert again_data["vae"] == data["vae"]
@@ -243,6 +253,16 @@ def test_benchmark_end_to_end(tmp_path):
     assert refs["train32"] <= refs["train16"] <= data["pca_scores"]["mse"] * (1 + 1e-5)
     assert refs["test8"] <= data["pca_scores"]["mse"] * (1 + 1e-5)
     assert "## Linear references" in (tmp_path / "again" / "results.md").read_text()
+    # --detail_strengths: the same detail generator on both decoders; strength 0 is the plain output (its MSE is
+    # the decoder's own), strength 1 adds the detail's energy to the error, and every point has a two-sample accuracy.
+    detail = {(r["decoder"], r["alpha"], r["beta"]): r for r in again_data["detail"]["rows"]}
+    assert detail[("VAE", 0.0, 0.0)]["mse"] == pytest.approx(data["vae"]["mse"], rel=1e-6)
+    assert detail[("PCA", 0.0, 0.0)]["mse"] == pytest.approx(data["pca_scores"]["mse"], rel=1e-5)
+    for name in ("VAE", "PCA"):
+        assert detail[(name, 0.0, 1.0)]["mse"] > detail[(name, 0.0, 0.0)]["mse"]
+        assert min(detail[(name, 0.0, 1.0)]["band_ratio"]) > min(detail[(name, 0.0, 0.0)]["band_ratio"])
+    assert all(0 <= r["two_sample"]["accuracy"] <= 1 for r in detail.values())
+    assert "## Generated detail" in (tmp_path / "again" / "results.md").read_text()
 
 
 def test_linear_references_bracket_the_training_pca():

@@ -23,6 +23,8 @@ from musicvae.benchmarks.quality import (PathShares, data_range, fit_compensatio
                                          linear_references, markdown_report, markdown_table, prior_diagnostics,
                                          reference_statistics, score_decoder)
 from musicvae.benchmarks.prior_quality import markdown_lines, two_sample_results
+from musicvae.benchmarks.detail_plane import detail_lines, detail_plane, parse_strengths
+from musicvae.inference.detail import fit_detail
 from musicvae.compensation import compensate
 from musicvae.evaluation.realism import prior_realism
 from musicvae.metrics import band_edges
@@ -119,7 +121,7 @@ def other_decoder(path: str, test_dm, validation, common: dict, log=print) -> di
 
 def benchmark(ckpt_path: Path, train_dir, test_dir: str, out: Path, cache_dir, n_prior: int,
               log=print, references: bool = False, also: tuple[str, ...] = (), two_sample_seeds: int = 0,
-              fit_prior: bool = False) -> dict:
+              fit_prior: bool = False, detail_strengths: tuple[float, ...] = ()) -> dict:
     from musicvae.inference.loading import datamodule_for, load_module, resolve_alpha
 
     module, ckpt = load_module(ckpt_path)
@@ -205,6 +207,11 @@ def benchmark(ckpt_path: Path, train_dir, test_dir: str, out: Path, cache_dir, n
         if "prior_c2st_vs_reconstructions" in found:
             result["prior"]["c2st_vs_reconstructions"] = found.pop("prior_c2st_vs_reconstructions")
         result.update(found)
+    if detail_strengths:
+        started = time.monotonic()
+        result["detail"] = detail_results(module, pca, windows, test, vae_fit, pca_fit, edges, detail_strengths,
+                                          range(two_sample_seeds), test_dm.batch_size)
+        log(f"generated detail at strengths {list(detail_strengths)} in {time.monotonic() - started:.0f} s")
     write_figures(out, result, test, samples, sharp_samples, module, edges)
     if split is not None:
         result["linear_path"] = split.compute()
@@ -213,9 +220,25 @@ def benchmark(ckpt_path: Path, train_dir, test_dir: str, out: Path, cache_dir, n
         result["linear_references"] = linear_references(train_x, stack_segments(test), int(hp.latent_dim),
                                                         shape=(int(hp.n_mels), int(hp.frames)))
         log(f"linear references in {time.monotonic() - started:.0f} s")
-    (out / "results.md").write_text("\n".join([markdown_report(result), *markdown_lines(result)]))
+    (out / "results.md").write_text("\n".join([markdown_report(result), *markdown_lines(result),
+                                               *detail_lines(result.get("detail"), pca_scores["mse"])]))
     write_json(out / "results.json", result)  # last: its presence means the benchmark finished
     return result
+
+
+def detail_results(module, pca, windows, test, vae_fit: dict, pca_fit: dict, edges, strengths, seeds,
+                   batch_size: int) -> dict:
+    """musicvae.benchmarks.detail_plane for the VAE and PCA, each with a detail generator fitted on the training
+    windows' own residuals and codes (musicvae.inference.detail.fit_detail)."""
+    n_mels, shape = int(module.hparams.n_mels), (1, int(module.hparams.n_mels), int(module.hparams.frames))
+    codecs = {"VAE": (lambda x: module.vae.encode(x.to(module.device))[0], lambda z: module.vae.decode(z).cpu(),
+                      int(module.hparams.latent_dim), vae_fit),
+              "PCA": (lambda x: pca.encode(x).float(), lambda c: pca.decode(c.to(pca.mean.dtype), shape).float(),
+                      pca.n_components, pca_fit)}
+    decoders = {name: {"encode": encode, "decode": decode, "gain": fit["gain"], "alpha": fit["alpha"],
+                       "detail": fit_detail(encode, decode, windows, n_mels, edges, features, batch_size)}
+                for name, (encode, decode, features, fit) in codecs.items()}
+    return detail_plane(decoders, test, n_mels, edges, strengths, list(seeds), batch_size)
 
 
 def prior_realism_fields(samples: torch.Tensor, test) -> dict:
@@ -287,6 +310,10 @@ def main(argv=None) -> int:
     parser.add_argument("--fit_prior", action="store_true",
                         help="also fit a learned prior (Gaussian or mixture, chosen on validation likelihood) to the "
                              "training windows' codes and score its samples beside N(0, I)'s")
+    parser.add_argument("--detail_strengths", default=None, metavar="B,B,...",
+                        help="also put generated detail (musicvae/models/detail.py, fitted on the training windows) on "
+                             "the VAE's and PCA's outputs at these strengths, e.g. 0,0.5,1, with alpha 0 and each one's "
+                             "perceptual point (two-sample accuracy too with --two_sample_seeds; default: off)")
     args = parse_command(parser, argv)
     if args.ckpt_path is None:
         if args.train_dir is None or args.config is None:
@@ -301,6 +328,10 @@ def main(argv=None) -> int:
         parser.error("--prior_samples must be positive")
     if args.two_sample_seeds < 0:
         parser.error("--two_sample_seeds must be 0 (off) or positive")
+    try:
+        strengths = parse_strengths(args.detail_strengths) if args.detail_strengths is not None else ()
+    except ValueError as err:
+        parser.error(str(err))
     torch.set_grad_enabled(False)
     try:
         check_folders(args.train_dir, args.test_dir)
@@ -316,7 +347,8 @@ def main(argv=None) -> int:
             ckpt_path = Path(args.ckpt_path)
         result = benchmark(ckpt_path, args.train_dir, args.test_dir, out, args.cache_dir, args.prior_samples,
                            references=args.references, also=tuple(args.also),
-                           two_sample_seeds=args.two_sample_seeds, fit_prior=args.fit_prior)
+                           two_sample_seeds=args.two_sample_seeds, fit_prior=args.fit_prior,
+                           detail_strengths=strengths)
     except MusicVAEError as err:
         sys.stderr.write(f"benchmark_quality: error: {err}\n")
         return 2
