@@ -23,7 +23,8 @@ from musicvae.benchmarks.quality import (PathShares, data_range, fit_compensatio
                                          linear_references, markdown_report, markdown_table, prior_diagnostics,
                                          reference_statistics, score_decoder)
 from musicvae.benchmarks.prior_quality import markdown_lines, two_sample_results
-from musicvae.benchmarks.detail_plane import detail_lines, detail_plane, parse_strengths
+from musicvae.benchmarks.detail_plane import DETAIL_SEED, detail_lines, detail_plane, parse_strengths
+from musicvae.models.detail import add_detail
 from musicvae.inference.detail import fit_detail
 from musicvae.compensation import compensate
 from musicvae.evaluation.realism import prior_realism
@@ -209,8 +210,9 @@ def benchmark(ckpt_path: Path, train_dir, test_dir: str, out: Path, cache_dir, n
         result.update(found)
     if detail_strengths:
         started = time.monotonic()
-        result["detail"] = detail_results(module, pca, windows, test, vae_fit, pca_fit, edges, detail_strengths,
-                                          range(two_sample_seeds), test_dm.batch_size)
+        result["detail"], result["_detail_windows"] = detail_results(
+            module, pca, windows, test, vae_fit, pca_fit, edges, detail_strengths, range(two_sample_seeds),
+            test_dm.batch_size)
         log(f"generated detail at strengths {list(detail_strengths)} in {time.monotonic() - started:.0f} s")
     write_figures(out, result, test, samples, sharp_samples, module, edges)
     if split is not None:
@@ -227,9 +229,10 @@ def benchmark(ckpt_path: Path, train_dir, test_dir: str, out: Path, cache_dir, n
 
 
 def detail_results(module, pca, windows, test, vae_fit: dict, pca_fit: dict, edges, strengths, seeds,
-                   batch_size: int) -> dict:
+                   batch_size: int) -> tuple[dict, list]:
     """musicvae.benchmarks.detail_plane for the VAE and PCA, each with a detail generator fitted on the training
-    windows' own residuals and codes (musicvae.inference.detail.fit_detail)."""
+    windows' own residuals and codes (musicvae.inference.detail.fit_detail); and, for mels.png, the VAE's
+    output of the figure's window with detail at the largest strength, at alpha 0 and at its perceptual point."""
     n_mels, shape = int(module.hparams.n_mels), (1, int(module.hparams.n_mels), int(module.hparams.frames))
     codecs = {"VAE": (lambda x: module.vae.encode(x.to(module.device))[0], lambda z: module.vae.decode(z).cpu(),
                       int(module.hparams.latent_dim), vae_fit),
@@ -238,7 +241,14 @@ def detail_results(module, pca, windows, test, vae_fit: dict, pca_fit: dict, edg
     decoders = {name: {"encode": encode, "decode": decode, "gain": fit["gain"], "alpha": fit["alpha"],
                        "detail": fit_detail(encode, decode, windows, n_mels, edges, features, batch_size)}
                 for name, (encode, decode, features, fit) in codecs.items()}
-    return detail_plane(decoders, test, n_mels, edges, strengths, list(seeds), batch_size)
+    found = detail_plane(decoders, test, n_mels, edges, strengths, list(seeds), batch_size)
+    vae, beta = decoders["VAE"], max(strengths)
+    x = test[len(test) // 2][None]  # the window of mels.png
+    codes = vae["encode"](x)
+    windows = [(f"VAE, alpha {alpha:.2f}, detail {beta:g}",
+                add_detail(compensate(vae["decode"](codes), vae["gain"], alpha, edges), codes.cpu(), vae["detail"], beta,
+                           torch.Generator().manual_seed(DETAIL_SEED))) for alpha in (0.0, vae["alpha"])]
+    return found, windows
 
 
 def prior_realism_fields(samples: torch.Tensor, test) -> dict:
@@ -270,6 +280,9 @@ def write_figures(out: Path, result: dict, test, samples: torch.Tensor, sharp_sa
     for extra in result.get("extra_points", []):
         mels.append(extra.pop("_window"))
         titles.append(f"{extra['label'].split('/')[0]}, alpha 0")
+    for title, window in result.pop("_detail_windows", []):
+        mels.append(window)
+        titles.append(title)
     mels += [samples[:1], sharp_samples[:1], samples[1:2], sharp_samples[1:2]]
     titles += ["prior sample 0, alpha 0", f"prior sample 0, alpha {alpha:.2f}", "prior sample 1, alpha 0",
                f"prior sample 1, alpha {alpha:.2f}"]
