@@ -24,7 +24,7 @@ from musicvae.evaluation.realism import TradeOff, recording_halves
 from musicvae.evaluation.two_sample import two_sample_test
 from musicvae.evaluation.two_sample_report import DEFAULT_WINDOWS, interleaved_windows, stack_windows
 from musicvae.io.tables import markdown_table
-from musicvae.models.detail import DetailModel, add_detail
+from musicvae.models.detail import DetailModel, add_detail, window_features
 
 #: Seed of every detail draw the benchmark scores.
 DETAIL_SEED = 0
@@ -47,9 +47,11 @@ def _points(alphas: Sequence[float], betas: Sequence[float]) -> list[tuple[float
     return [(a, b) for a in dict.fromkeys(alphas) for b in betas]
 
 
-def _output(x_hat: Tensor, codes: Tensor, detail: DetailModel, gain: Tensor, alpha: float, beta: float,
+def _output(x_hat: Tensor, features: Tensor, detail: DetailModel, gain: Tensor, alpha: float, beta: float,
             edges: Sequence[tuple[int, int]], generator: torch.Generator) -> Tensor:
-    return add_detail(compensate(x_hat, gain, alpha, edges), codes, detail, beta, generator)
+    """The alpha-0 output `x_hat` compensated at `alpha`, plus detail at `beta` predicted from `features`
+    (window_features of `x_hat`)."""
+    return add_detail(compensate(x_hat, gain, alpha, edges), features, detail, beta, generator)
 
 
 @torch.no_grad()
@@ -81,10 +83,10 @@ def detail_plane(decoders: dict[str, dict[str, Any]], dataset: Dataset, n_mels: 
         for half in (0, 1, None):
             indices = [i for i in range(len(dataset)) if half_of.get(i) == half]
             for x in DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False) if indices else ():
-                codes = dec["encode"](x)
-                x_hat = dec["decode"](codes).float().cpu()
+                x_hat = dec["decode"](dec["encode"](x)).float().cpu()
+                features = window_features(x_hat, edges)
                 for (alpha, beta), fit in fits.items():
-                    out = _output(x_hat, codes.cpu(), dec["detail"], dec["gain"], alpha, beta, edges,
+                    out = _output(x_hat, features, dec["detail"], dec["gain"], alpha, beta, edges,
                                   generators[(alpha, beta)])
                     fit.update(out, x, half)
         for (alpha, beta), fit in fits.items():
@@ -105,11 +107,11 @@ def add_two_sample(rows: list[dict[str, Any]], decoders: dict[str, dict[str, Any
     real, real_groups = stack_windows(dataset, real_idx)
     x, groups = stack_windows(dataset, source_idx)
     for name, dec in decoders.items():
-        codes = torch.cat([dec["encode"](chunk).cpu() for chunk in x.split(batch_size)])
-        x_hat = torch.cat([dec["decode"](chunk).float().cpu() for chunk in codes.split(batch_size)])
+        x_hat = torch.cat([dec["decode"](dec["encode"](chunk)).float().cpu() for chunk in x.split(batch_size)])
+        features = window_features(x_hat, edges)
         for row in (r for r in rows if r["decoder"] == name):
             generator = torch.Generator().manual_seed(DETAIL_SEED)
-            fake = _output(x_hat, codes, dec["detail"], dec["gain"], row["alpha"], row["beta"], edges, generator)
+            fake = _output(x_hat, features, dec["detail"], dec["gain"], row["alpha"], row["beta"], edges, generator)
             row["two_sample"] = two_sample_test(real, fake, real_groups, groups, list(seeds))
 
 
@@ -126,7 +128,8 @@ def detail_lines(found: dict[str, Any] | None, pca_mse: float) -> list[str]:
                       f"{row['realism']['differences']:.4g}", f"{min(row['band_ratio']):.3g}",
                       f"{test['accuracy']:.3f} ± {test['spread']:.3f}" if test else "—"))
     return ["## Generated detail", "",
-            "The same detail generator (per-band energy predicted from the code, noise with the residual's bin "
+            "The same detail generator (per-band energy predicted from the decoded window's band levels and variances, "
+            "noise with the residual's bin "
             "covariance and lag-1 correlation; fitted on the training windows, each decoder on its own residuals) "
             "on each decoder at compensation strength alpha and detail strength beta. Realism floor (music against "
             f"music, {found['windows_per_half']} windows per half): frames {floor['frames']:.4g}, differences "

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -26,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from musicvae.errors import ConfigError, MusicVAEError
 from musicvae.inference.loading import datamodule_for
 from musicvae.metrics import band_edges
-from musicvae.models.detail import DetailModel, DetailStats
+from musicvae.models.detail import DetailModel, DetailStats, add_detail, window_features
 
 #: Training windows a detail model is fitted on at most (evenly spaced): ~16 per ridge feature at 128
 #: latent numbers times the band count, and one decoding pass of a few seconds per hundred on a CPU.
@@ -40,27 +41,48 @@ def check_strength(beta: float, flag: str = "--detail") -> float:
     return float(beta)
 
 
+@dataclass
+class CodeDetail:
+    """A decoder's detail generator: codes -> the alpha-0 decoding's window_features -> shaped noise."""
+
+    model: DetailModel
+    decode: Callable[[Tensor], Tensor]
+    edges: list[tuple[int, int]]
+
+    @torch.no_grad()
+    def features(self, codes: Tensor, batch_size: int = 64) -> Tensor:
+        """``(N, D)`` codes -> ``(N, 2 n_bands)`` features of their decoding at alpha 0, batch by batch."""
+        return torch.cat([window_features(self.decode(chunk), self.edges).cpu() for chunk in codes.split(batch_size)])
+
+
+def with_detail(x: Tensor, codes: Tensor, detail: Optional[CodeDetail], beta: float,
+                generator: Optional[torch.Generator] = None) -> Tensor:
+    """`x` (decoded from `codes`, compensated or not) plus `detail`'s noise at strength `beta`; `x` itself at 0."""
+    if check_strength(beta) == 0 or detail is None:
+        return add_detail(x, codes, None, beta)
+    return add_detail(x, detail.features(codes).to(x.device), detail.model, beta, generator)
+
+
 @torch.no_grad()
 def fit_detail(encode: Callable[[Tensor], Tensor], decode: Callable[[Tensor], Tensor], dataset: Dataset,
-               n_mels: int, edges: Sequence[tuple[int, int]], features: int, batch_size: int = 32,
+               n_mels: int, edges: Sequence[tuple[int, int]], batch_size: int = 32,
                max_windows: int = MAX_FIT_WINDOWS) -> DetailModel:
-    """A DetailModel of the decoder ``decode(encode(x))`` on (at most `max_windows` of) `dataset`.
+    """A DetailModel of the decoder ``decode(encode(x))`` on (at most `max_windows` of) `dataset`, predicting
+    each window's detail energy from the window_features of its decoding.
 
     Args:
-        encode: normalised windows ``(B, 1, M, T)`` -> codes ``(B, features)`` (a VAE's posterior means,
-            a linear code's coordinates).
+        encode: normalised windows ``(B, 1, M, T)`` -> codes (a VAE's posterior means, a linear code's coordinates).
         decode: codes -> decoded windows ``(B, 1, M, T)`` (alpha 0: the residual is what the code lost).
         dataset: the decoder's training windows.
         n_mels, edges: mel bins and the bands whose energies are predicted (musicvae.metrics.band_edges).
-        features: the code size.
     """
     count = min(len(dataset), max_windows)
     picked = Subset(dataset, torch.linspace(0, len(dataset) - 1, count).round().long().tolist())  # evenly spaced
     stats = DetailStats(n_mels, edges)
     for x in DataLoader(picked, batch_size=batch_size, shuffle=False):
-        codes = encode(x)
-        stats.update(codes, x - decode(codes).to(x))
-    return DetailModel(features, n_mels, len(edges)).fit(stats)
+        x_hat = decode(encode(x)).to(x)
+        stats.update(window_features(x_hat, edges), x - x_hat)
+    return DetailModel(2 * len(edges), n_mels, len(edges)).fit(stats)
 
 
 def module_edges(module: Any) -> list[tuple[int, int]]:
@@ -70,7 +92,7 @@ def module_edges(module: Any) -> list[tuple[int, int]]:
 
 
 def checkpoint_detail(module: Any, ckpt: dict, source: str | os.PathLike, data_dir: Optional[str] = None,
-                      batch_size: int = 32) -> DetailModel:
+                      batch_size: int = 32) -> CodeDetail:
     """The detail model of a checkpoint's VAE, fitted on its training split (module docstring).
 
     Raises:
@@ -87,16 +109,18 @@ def checkpoint_detail(module: Any, ckpt: dict, source: str | os.PathLike, data_d
     if len(windows) < 2:
         raise ConfigError(f"--detail: {datamodule.folder} has {len(windows)} training window(s); fitting detail "
                           "needs at least 2")
-    device = module.device
+    device, edges = module.device, module_edges(module)
 
     def encode(x: Tensor) -> Tensor:
         return module.vae.encode(x.to(device))[0]
 
-    return fit_detail(encode, lambda z: module.vae.decode(z).cpu(), windows, int(module.hparams.n_mels),
-                      module_edges(module), int(module.hparams.latent_dim), batch_size)
+    def decode(z: Tensor) -> Tensor:
+        return module.vae.decode(z.to(device)).cpu()
+
+    return CodeDetail(fit_detail(encode, decode, windows, int(module.hparams.n_mels), edges, batch_size), decode, edges)
 
 
-def piece_detail(model: DetailModel, codes: Tensor, starts: list[int], frames: int, total: int,
+def piece_detail(detail: CodeDetail, codes: Tensor, starts: list[int], frames: int, total: int,
                  add_segments: Callable[[Tensor, Tensor, Tensor, list[int]], None],
                  generator: Optional[torch.Generator] = None) -> Tensor:
     """Detail for a whole piece decoded window by window: ``(M, total)`` unit-strength noise.
@@ -109,7 +133,8 @@ def piece_detail(model: DetailModel, codes: Tensor, starts: list[int], frames: i
         codes: ``(N, D)`` the windows' codes; starts: their first frames; frames: window length.
         total: frames of the piece (at least the last window's end).
     """
-    variance = model.bin_scale(codes).float().cpu().pow(2)[:, :, None].expand(-1, -1, frames)  # (N, M) -> (N, M, frames)
+    model = detail.model
+    variance = model.bin_scale(detail.features(codes)).float().cpu().pow(2)[:, :, None].expand(-1, -1, frames)  # (N, M) -> (N, M, frames)
     summed, weight = variance.new_zeros(variance.shape[1], total), variance.new_zeros(total)
     add_segments(summed, weight, variance, starts)
     return model.unit_noise(1, total, generator)[0] * (summed / weight).sqrt()

@@ -26,11 +26,10 @@ from musicvae.audio.mel import AUDIO_SUFFIXES, LogMelStream, MelSettings, decode
 from musicvae.training.checkpoints import DATA_STATE_KEY
 from musicvae.errors import CheckpointError, ConfigError, DataError
 from musicvae.io.outputs import check_output_file, check_output_folder, write_output_to
-from musicvae.inference.detail import check_strength, checkpoint_detail, piece_detail
+from musicvae.inference.detail import CodeDetail, check_strength, checkpoint_detail, piece_detail, with_detail
 from musicvae.inference.latent_paths import latent_path
 from musicvae.inference.loading import load_module, resolve_alpha
 from musicvae.inference.priors import check_choice, choose_prior, describe, path_log_density, read_prior
-from musicvae.models.detail import DetailModel, add_detail
 from musicvae.models.prior import MixturePrior, StandardPrior
 from musicvae.training.module import MusicVAEModule
 from musicvae.plots import mel_comparison_figure, mel_grid_figure
@@ -90,7 +89,7 @@ class GenerationModel:
     normalizer: Normalizer
     alpha: float = 0.0
     learned_prior: Optional[MixturePrior] = None
-    detail: Optional[DetailModel] = None
+    detail: Optional[CodeDetail] = None
     detail_strength: float = 0.0
 
     @property
@@ -385,8 +384,8 @@ def sample_files(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, n: in
     chosen = choose_prior(model.learned_prior, prior, int(model.module.hparams.latent_dim), ckpt_path)
     with torch.inference_mode():
         codes = chosen.sample(n, temperature, generator)
-        mels = model.denormalize(add_detail(model.decode_windows(codes), codes, model.detail, model.detail_strength,
-                                            generator)[:, 0])  # -> (n, n_mels, frames)
+        mels = model.denormalize(with_detail(model.decode_windows(codes), codes, model.detail, model.detail_strength,
+                                             generator)[:, 0])  # -> (n, n_mels, frames)
         waves = synthesise(mels).cpu()  # -> (n, samples)
     *wavs, png = [out / name for name in sample_names(n)]
     for path, wave in zip(wavs, waves):

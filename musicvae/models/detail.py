@@ -7,10 +7,13 @@ Opus/CELT's band energies with spectral folding, AAC's perceptual noise substitu
 generator. Here:
 
 - **Energy, predicted from the code.** Each example's mean square residual in each band of
-  :func:`musicvae.metrics.band_edges` is predicted from its code by a ridge regression on the log
-  energy (closed form, fitted after training on the training windows), then calibrated per band so
-  that the mean predicted energy over the training windows equals the mean residual energy there
-  (the exponential of a mean log is below the mean; Jensen).
+  :func:`musicvae.metrics.band_edges` is predicted by a ridge regression on the log energy (closed
+  form, fitted after training on the training windows), then calibrated per band so that the mean
+  predicted energy over the training windows equals the mean residual energy there (the exponential
+  of a mean log is below the mean; Jensen). The features are any function of the code; musicvae
+  uses :func:`window_features`, each band's level and log variance in the window decoded from it:
+  on music unlike the training albums they track the residual's energy where the code's own numbers
+  do not (docs/quality.md, "Generated detail"), and they are the same few numbers for any decoder.
 - **Shape, estimated from the residuals.** The noise has the residual's mel-bin covariance (each
   example's residual divided by its band's RMS first, so loud windows do not dominate the shape)
   and a first-order autoregression in time per bin with the residual's lag-1 correlation.
@@ -42,6 +45,9 @@ MAX_RHO = 0.95
 ENERGY_FLOOR = 1e-6
 #: Added to the bin covariance's diagonal, relative to its mean diagonal, before its Cholesky factor.
 SHAPE_JITTER = 1e-5
+#: Added to a band's variance before its log in window_features (normalised log-mel units): a flat band
+#: of a decoded window stays finite, far below any band of music (~0.1 and up).
+VARIANCE_FLOOR = 1e-4
 
 
 def _bins(t: Tensor) -> Tensor:
@@ -60,6 +66,14 @@ def band_energy(residual: Tensor, edges: Sequence[tuple[int, int]]) -> Tensor:
     """Each example's mean square in each band: ``(B, [1,] M, T)`` -> ``(B, n_bands)`` float64."""
     r = _bins(residual)
     return torch.stack([r[:, lo:hi].pow(2).mean(dim=(1, 2)) for lo, hi in edges], dim=1)
+
+
+def window_features(x_hat: Tensor, edges: Sequence[tuple[int, int]]) -> Tensor:
+    """Each decoded window's level and log variance in each band: ``(B, [1,] M, T)`` -> ``(B, 2 n_bands)`` float32."""
+    x = _bins(x_hat)
+    parts = [torch.stack([x[:, lo:hi].mean(dim=(1, 2)), (x[:, lo:hi].var(dim=(1, 2), correction=0) + VARIANCE_FLOOR).log()],
+                         dim=1) for lo, hi in edges]
+    return torch.cat(parts, dim=1).float()
 
 
 class DetailStats:
@@ -168,11 +182,12 @@ class DetailModel(nn.Module):
 
 def add_detail(x_hat: Tensor, features: Tensor, model: Optional[DetailModel], beta: float,
                generator: Optional[torch.Generator] = None) -> Tensor:
-    """``x_hat + beta * noise`` for windows ``(B, [1,] M, T)`` decoded from codes ``(B, D)``.
+    """``x_hat + beta * noise`` for windows ``(B, [1,] M, T)`` with features ``(B, D)``.
 
     Args:
         x_hat: decoded windows (normalised log-mels).
-        features: the codes they were decoded from.
+        features: what the model predicts their detail energy from (e.g. window_features of the
+            alpha-0 output, or the codes themselves).
         model: a fitted DetailModel (may be None at ``beta = 0``).
         beta: strength in [0, 1]; 0 returns `x_hat` itself, untouched.
         generator: seeds the noise.

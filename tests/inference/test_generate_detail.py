@@ -53,7 +53,7 @@ def test_detail_is_fitted_from_the_training_windows_and_fixed_by_its_seed(ckpt, 
     # Its energy follows the detail model: 0.25 x the predicted energy of the training codes' scale, within
     # a factor of 3 (the piece is random noise, not training music; the exact law is tested in tests/models).
     codes = detailed.encode_windows(detailed.normalize(piece()[:, :32])[None, None])
-    expected = 0.25 * float(detailed.detail.bin_scale(codes).pow(2).mean())
+    expected = 0.25 * float(detailed.detail.model.bin_scale(detailed.detail.features(codes)).pow(2).mean())
     assert expected / 3 < float(added.pow(2).mean()) < 3 * expected
 
 

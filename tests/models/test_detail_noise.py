@@ -3,9 +3,10 @@ itself, the noise has the fitted per-band energy on average, it follows the code
 
 import math
 
+import pytest
 import torch
 
-from musicvae.models.detail import DetailModel, DetailStats, add_detail, band_energy
+from musicvae.models.detail import DetailModel, DetailStats, add_detail, band_energy, window_features
 
 EDGES = [(0, 4), (4, 10), (10, 16)]
 M, T, D = 16, 32, 6
@@ -71,3 +72,14 @@ def test_seeded_detail_is_deterministic():
     b = add_detail(x_hat, codes[:4], model, 1.0, torch.Generator().manual_seed(7))
     c = add_detail(x_hat, codes[:4], model, 1.0, torch.Generator().manual_seed(8))
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_window_features_are_each_bands_level_and_log_variance():
+    x = torch.zeros(2, 1, M, T)
+    x[0, 0, 4:10] = torch.randn(6, T, generator=torch.Generator().manual_seed(0)) * 2 + 3
+    features = window_features(x, EDGES)  # (2, 2 * 3): level, log variance per band
+    assert features.shape == (2, 6) and torch.isfinite(features).all()  # a flat band stays finite
+    band = x[0, 0, 4:10].double()
+    assert features[0, 2] == pytest.approx(float(band.mean()), rel=1e-5)
+    assert features[0, 3] == pytest.approx(math.log(float(band.var(correction=0)) + 1e-4), rel=1e-5)
+    assert features[1, 1] == pytest.approx(math.log(1e-4))

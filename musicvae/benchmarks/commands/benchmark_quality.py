@@ -24,7 +24,7 @@ from musicvae.benchmarks.quality import (PathShares, data_range, fit_compensatio
                                          reference_statistics, score_decoder)
 from musicvae.benchmarks.prior_quality import markdown_lines, two_sample_results
 from musicvae.benchmarks.detail_plane import DETAIL_SEED, detail_lines, detail_plane, parse_strengths
-from musicvae.models.detail import add_detail
+from musicvae.models.detail import add_detail, window_features
 from musicvae.inference.detail import fit_detail
 from musicvae.compensation import compensate
 from musicvae.evaluation.realism import prior_realism
@@ -234,20 +234,19 @@ def detail_results(module, pca, windows, test, vae_fit: dict, pca_fit: dict, edg
     windows' own residuals and codes (musicvae.inference.detail.fit_detail); and, for mels.png, the VAE's
     output of the figure's window with detail at the largest strength, at alpha 0 and at its perceptual point."""
     n_mels, shape = int(module.hparams.n_mels), (1, int(module.hparams.n_mels), int(module.hparams.frames))
-    codecs = {"VAE": (lambda x: module.vae.encode(x.to(module.device))[0], lambda z: module.vae.decode(z).cpu(),
-                      int(module.hparams.latent_dim), vae_fit),
+    codecs = {"VAE": (lambda x: module.vae.encode(x.to(module.device))[0], lambda z: module.vae.decode(z).cpu(), vae_fit),
               "PCA": (lambda x: pca.encode(x).float(), lambda c: pca.decode(c.to(pca.mean.dtype), shape).float(),
-                      pca.n_components, pca_fit)}
+                      pca_fit)}
     decoders = {name: {"encode": encode, "decode": decode, "gain": fit["gain"], "alpha": fit["alpha"],
-                       "detail": fit_detail(encode, decode, windows, n_mels, edges, features, batch_size)}
-                for name, (encode, decode, features, fit) in codecs.items()}
+                       "detail": fit_detail(encode, decode, windows, n_mels, edges, batch_size)}
+                for name, (encode, decode, fit) in codecs.items()}
     found = detail_plane(decoders, test, n_mels, edges, strengths, list(seeds), batch_size)
     vae, beta = decoders["VAE"], max(strengths)
     x = test[len(test) // 2][None]  # the window of mels.png
-    codes = vae["encode"](x)
+    x_hat = vae["decode"](vae["encode"](x))
     windows = [(f"VAE, alpha {alpha:.2f}, detail {beta:g}",
-                add_detail(compensate(vae["decode"](codes), vae["gain"], alpha, edges), codes.cpu(), vae["detail"], beta,
-                           torch.Generator().manual_seed(DETAIL_SEED))) for alpha in (0.0, vae["alpha"])]
+                add_detail(compensate(x_hat, vae["gain"], alpha, edges), window_features(x_hat, edges), vae["detail"],
+                           beta, torch.Generator().manual_seed(DETAIL_SEED))) for alpha in (0.0, vae["alpha"])]
     return found, windows
 
 
