@@ -69,3 +69,20 @@ def test_generate_sample_with_detail_end_to_end(ckpt, tmp_path, capsys):
     assert not (tmp_path / "bad").exists()
     with pytest.raises(Exception, match="detail strength"):
         sample_files(ckpt, tmp_path / "bad2", n=1, detail=-0.1)
+
+
+def test_detail_without_the_training_music_is_refused_in_one_line(ckpt, tmp_path, capsys):
+    import yaml
+
+    from musicvae.training.checkpoints import RUN_CONFIG_KEY
+
+    state = torch.load(ckpt, weights_only=True)
+    config = yaml.safe_load(state[RUN_CONFIG_KEY])
+    config["data"].update(data_dir=str(tmp_path / "gone"), synthetic_pieces=0)
+    state[RUN_CONFIG_KEY] = yaml.safe_dump(config)
+    torch.save(state, tmp_path / "moved.ckpt")
+    argv = ["sample", "--ckpt_path", str(tmp_path / "moved.ckpt"), "-n", "1", "--griffin_lim_iters", "4"]
+    assert generate.main([*argv, "--out", str(tmp_path / "plain")]) == 0  # no detail: the music is not needed
+    assert generate.main([*argv, "--out", str(tmp_path / "detail"), "--detail", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "--detail" in err and "training music" in err and str(tmp_path / "gone") in err and "Traceback" not in err
