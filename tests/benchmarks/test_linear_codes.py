@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from conftest import load_script, write_mel_folder
 
 
@@ -41,3 +43,25 @@ def test_too_few_training_windows_for_k_are_named(tmp_path, capsys):
     write_mel_folder(tmp_path / "test", n_files=3, frames=48, seed=1)
     assert run(tmp_path, tmp_path / "test", 40) == 2
     assert "training windows of 16 frames cannot give PCA-40; lower --k or --frames" in capsys.readouterr().err
+
+
+def test_knn_probe_reports_the_dct_code_with_and_without_the_predicted_residual(tmp_path, capsys):
+    write_mel_folder(tmp_path / "test", n_files=3, frames=48, seed=1, offset=0.3)
+    out = tmp_path / "codes.json"
+    assert run(tmp_path, tmp_path / "test", 4, "--knn", "1,3", "--out", str(out)) == 0
+    printed = capsys.readouterr().out
+    assert "| dct-4 alone | " in printed and "| + mean residual of 3 nearest | " in printed
+    data = json.loads(out.read_text())
+    dct = next(r["mse"] for r in data["rows"] if r["basis"] == "dct" and r["components"] == 4)
+    assert data["knn"]["code_mse"] == pytest.approx(dct, rel=1e-5)  # the same frozen code as the table's dct-4
+    assert [r["k"] for r in data["knn"]["knn"]] == [1, 3] and data["knn"]["n_test"] == data["n_test"]
+
+
+def test_bad_knn_values_are_named(tmp_path, capsys):
+    write_mel_folder(tmp_path / "test", n_files=3, frames=48, seed=1)
+    with pytest.raises(SystemExit) as exit_info:
+        run(tmp_path, tmp_path / "test", 4, "--knn", "0,5")
+    assert exit_info.value.code == 2
+    assert "--knn '0,5' is not a comma-separated list of positive neighbour counts" in capsys.readouterr().err
+    assert run(tmp_path, tmp_path / "test", 4, "--knn", "99") == 2  # 8 files x 64 frames: 24 training windows at most
+    assert "--knn 99: only" in capsys.readouterr().err

@@ -1,7 +1,7 @@
 """Linear codes (PCA, separable, 2-D DCT) fitted on one folder and scored on a held-out one, without training.
 
 `python scripts/linear_codes.py --train_dir DIR --test_dir DIR [--k 128] [--frames 128] [--seed 0]
-[--cache_dir DIR] [--out FILE.json]`.
+[--cache_dir DIR] [--out FILE.json] [--knn 1,5,20]`.
 
 Prepares both folders as training does (default mel settings, z-scored with the training folder's
 statistics, every window of --frames frames), fits on the training windows PCA with k, 2k and 4k
@@ -9,6 +9,10 @@ components, the separable basis (mel eigenvectors x time DCT) and the 2-D DCT wi
 PCA-k on the test windows themselves (an oracle), and prints each one's test MSE and its ratio to
 PCA-k's: where a linear path can start (`--model.linear_path_basis`), and how far the quality goal
 of 0.8 x PCA-k is in linear components. Seconds to minutes; the log-mel cache is reused.
+
+`--knn K,...` also asks how much a nonlinear decoder from the frozen 2-D DCT code (dct-k) could
+still win: each test window's residual predicted by its K nearest training windows in code space
+(musicvae.benchmarks.knn_residual; at most 8192 training windows, evenly spaced).
 """
 
 import sys
@@ -21,8 +25,13 @@ from musicvae.data.datamodule import MelDataModule
 from musicvae.errors import DataError, MusicVAEError
 from musicvae.evaluation.report import write_json
 from musicvae.benchmarks.quality import linear_references
-from musicvae.models.linear_codes import stack_segments
+from musicvae.benchmarks.knn_residual import knn_residual_mse
+from musicvae.models.linear_codes import fit_separable_code, stack_segments
 from musicvae.commands.parsing import command_parser, parse_command
+
+
+#: Training windows whose residuals the kNN probe holds (8192 x 128 x 128 float32: 512 MiB).
+KNN_MAX_TRAIN = 8192
 
 
 def windows(train_dir: str, test_dir: str, frames: int, seed: int, cache_dir) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -39,6 +48,15 @@ def windows(train_dir: str, test_dir: str, frames: int, seed: int, cache_dir) ->
     return train_x, stack_segments(test_dm.evaluation_set("all")), train_dm.n_mels
 
 
+def neighbour_counts(text: str) -> list[int]:
+    """``"1,5,20"`` -> ``[1, 5, 20]``; ``[]`` where `text` is not a list of positive counts."""
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        return []
+    return counts if min(counts) >= 1 else []
+
+
 def main(argv=None) -> int:
     parser = command_parser("linear-codes", __doc__.splitlines()[0])
     parser.add_argument("--train_dir", required=True, help="folder the codes are fitted on (its training split)")
@@ -50,16 +68,27 @@ def main(argv=None) -> int:
                              "so the training windows are that run's (default: %(default)s)")
     parser.add_argument("--cache_dir", default=None, help="log-mel cache folder for both data folders")
     parser.add_argument("--out", default=None, help="also write the rows as JSON here")
+    parser.add_argument("--knn", default=None, metavar="K,...",
+                        help="also predict the dct-k code's residual from the K nearest training windows' codes, "
+                             "for each K (e.g. 1,5,20; default: off)")
     args = parse_command(parser, argv)
     if args.k < 1 or args.frames < 1:
         parser.error("--k and --frames must be positive")
+    if args.knn is not None:
+        args.knn = neighbour_counts(args.knn) or parser.error(
+            f"--knn {args.knn!r} is not a comma-separated list of positive neighbour counts, e.g. 1,5,20")
     try:
         with torch.no_grad():  # scoped: tests call main() in-process
             train_x, test_x, n_mels = windows(args.train_dir, args.test_dir, args.frames, args.seed, args.cache_dir)
             if len(train_x) < args.k:
                 raise DataError(f"--train_dir {args.train_dir}: {len(train_x)} training windows of {args.frames} frames "
                                 f"cannot give PCA-{args.k}; lower --k or --frames, or add music")
+            if args.knn and max(args.knn) > min(len(train_x), KNN_MAX_TRAIN):
+                raise DataError(f"--knn {max(args.knn)}: only {min(len(train_x), KNN_MAX_TRAIN)} training windows to "
+                                f"take neighbours from; lower --knn")
             rows = linear_references(train_x, test_x, args.k, multiples=(1, 2, 4), shape=(n_mels, args.frames))
+            knn = knn_residual_mse(fit_separable_code(train_x, (n_mels, args.frames), args.k, "dct"), train_x, test_x,
+                                   args.knn, KNN_MAX_TRAIN) if args.knn else None
     except MusicVAEError as err:
         sys.stderr.write(f"linear_codes: error: {err}\n")
         return 2
@@ -68,9 +97,15 @@ def main(argv=None) -> int:
     print(f"| code | test MSE | / PCA-{args.k} |\n|---|---|---|")
     for row in rows:
         print(f"| {row['name']} | {row['mse']:.5f} | {row['mse'] / base:.4f} |")
+    if knn:
+        print(f"\nResidual of dct-{args.k} predicted from the K nearest of {knn['n_train']} training windows in code space\n")
+        print(f"| decoder | test MSE | / dct-{args.k} | / PCA-{args.k} |\n|---|---|---|---|")
+        print(f"| dct-{args.k} alone | {knn['code_mse']:.5f} | 1.0000 | {knn['code_mse'] / base:.4f} |")
+        for row in knn["knn"]:
+            print(f"| + mean residual of {row['k']} nearest | {row['mse']:.5f} | {row['ratio']:.4f} | {row['mse'] / base:.4f} |")
     if args.out:
         write_json(Path(args.out), {"train_dir": args.train_dir, "test_dir": args.test_dir, "k": args.k, "seed": args.seed,
-                                    "n_train": len(train_x), "n_test": len(test_x), "rows": rows})
+                                    "n_train": len(train_x), "n_test": len(test_x), "rows": rows, "knn": knn})
     return 0
 
 
