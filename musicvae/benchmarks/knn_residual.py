@@ -58,9 +58,13 @@ def knn_residual_mse(code: LinearCode, train_x: Tensor, test_x: Tensor, ks: Sequ
         residual = x - code.reconstruct(x)  # (B, D)
         code_sum += float(residual.double().pow(2).sum())
         nearest = torch.cdist(code.encode(x), bank_codes).topk(ks[-1], dim=1, largest=False).indices  # (B, K_max), nearest first
-        for i, k in enumerate(ks):
-            predicted = bank_residuals[nearest[:, :k]].mean(dim=1)  # (B, D)
-            knn_sums[i] += float((residual - predicted).double().pow(2).sum())
+        # Neighbours' residuals summed one rank at a time: (B, D) in memory, not (B, K, D) (8 GB at K = 1000).
+        summed, i = torch.zeros_like(residual), 0
+        for rank in range(ks[-1]):
+            summed += bank_residuals[nearest[:, rank]]
+            if rank + 1 == ks[i]:
+                knn_sums[i] += float((residual - summed / ks[i]).double().pow(2).sum())
+                i += 1
     code_mse = code_sum / test_x.numel()
     rows = [{"k": k, "mse": float(s) / test_x.numel(), "ratio": float(s) / code_sum if code_sum > 0 else float("nan")}
             for k, s in zip(ks, knn_sums)]
