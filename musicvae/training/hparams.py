@@ -47,8 +47,6 @@ MOVED = {
     "media_alpha": ("media", "alpha"),
     "media_vocoder": ("media", "vocoder"),
 }
-#: Keys LightningCLI adds to the hyper-parameters of a module it built in subclass mode.
-CLI_KEYS = ("_class_path", "_instantiator")
 
 LOSSES = ("standard", "spectral")
 LINEAR_BASES = ("pca", "separable", "dct")

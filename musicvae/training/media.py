@@ -86,9 +86,8 @@ class MediaLogger(Callback):
     def _keep(self, pl_module: L.LightningModule, outputs: Any, batch: torch.Tensor, batch_idx: int) -> None:
         if not isinstance(outputs, dict) or "reconstruction" not in outputs:
             return
-        if self._latent is None:
-            self._latent = LatentDiagnostics(pl_module.hparams.latent_dim)
-        self._latent = self._latent.to(outputs["mu"].device)
+        if self._latent is None or self._latent.device != outputs["mu"].device:
+            self._latent = LatentDiagnostics(pl_module.hparams.latent_dim).to(outputs["mu"].device)
         self._latent.update(outputs["mu"].detach(), outputs["logvar"].detach())
         if batch_idx == 0:
             n = self.n_figure_examples

@@ -144,7 +144,7 @@ class MusicVAEModule(L.LightningModule):
         """The configured loss and all its parts, by name. Weights are read from `self.hparams` at every
         step, so a value changed on resume applies from the first resumed step."""
         hp = self.hparams
-        beta, free_bits = self.current_beta(), kl_schedule(hp.kl)["free_bits"]
+        beta, free_bits = self.current_beta(), hp.kl["free_bits"]  # kl was completed in __init__
         if hp.loss == "standard":
             return vae_loss(x_hat, x, mu, logvar, beta=beta, free_bits=free_bits)
         return vae_loss_spectral(x_hat, x, mu, logvar, beta=beta, free_bits=free_bits, freq_weight=self.freq_weight,
@@ -158,7 +158,7 @@ class MusicVAEModule(L.LightningModule):
     def current_beta(self) -> float:
         """`beta`, scaled by the KL warm-up while it lasts; validation uses the value of the step it follows,
         so val/loss tracks what is optimised."""
-        warmup = kl_schedule(self.hparams.kl)["warmup_steps"]
+        warmup = self.hparams.kl["warmup_steps"]
         if warmup <= 0 or getattr(self, MODULE_TRAINER) is None:
             return self.hparams.beta
         return self.hparams.beta * min(1.0, self.global_step / warmup)
