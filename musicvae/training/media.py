@@ -6,7 +6,10 @@ reconstructions, and a few clips of both inverted to audio the same way (Griffin
 download, `--media.vocoder`: musicvae/audio/neural_vocoder.py). It takes what it draws from
 Lightning's hooks: the first batch's reconstructions from `validation_step`'s output, the band
 ratios from the logged metrics, and the latent statistics from its own metric over the steps'
-posteriors. It draws at `on_validation_end`, inside the module's validation scope (with EMA, the
+posteriors. Prior samples show what `generate sample` would draw: decoded N(0, I) codes beside
+codes drawn from a full-covariance Gaussian fitted to the epoch's validation posterior means (the
+cheapest learned prior, musicvae/models/prior.py: a preview; `musicvae fit-prior` fits the chosen
+one on the training windows after training), with the same seed every epoch, so epochs compare. It draws at `on_validation_end`, inside the module's validation scope (with EMA, the
 averaged weights: musicvae/training/ema.py), once per epoch, and hands the same figures and clips
 to each logger through its kind's adapter (musicvae/training/logger_kinds.py: TensorBoard, a CSV
 logger's folder, W&B, MLflow).
@@ -27,8 +30,14 @@ from musicvae.audio.mel import MelSettings
 from musicvae.audio.neural_vocoder import make_vocoder
 from musicvae.errors import ConfigError
 from musicvae.metrics import LatentDiagnostics
-from musicvae.plots import band_ratio_figure, kl_per_dim_figure, mel_comparison_figure
+from musicvae.models.prior import GaussianPrior
+from musicvae.plots import band_ratio_figure, kl_per_dim_figure, mel_comparison_figure, mel_grid_figure
 from musicvae.training.logger_kinds import Media, kind_of, no_media
+
+
+#: Most validation codes kept per epoch for the prior preview: a 128-D full covariance is well
+#: estimated from a few thousand, and they cost 2 MB.
+MAX_PREVIEW_CODES = 4096
 
 
 class MediaLogger(Callback):
@@ -46,19 +55,22 @@ class MediaLogger(Callback):
         vocoder: a Vocos download (folder of config.yaml and pytorch_model.bin) that plays the clips
             instead of Griffin-Lim (docs/vocoder.md); its features must be the run's mel settings
             (configs/vocos.yaml), which is checked before training starts.
+        n_samples: prior samples drawn per prior in the `prior_samples` figure (0: none).
     """
 
     def __init__(self, n_figure_examples: int = 4, audio_every_n_epochs: int = 5, n_audio_clips: int = 2,
-                 griffin_lim_iters: int = 32, alpha: Optional[float] = None, vocoder: Optional[str] = None) -> None:
-        if min(n_figure_examples, audio_every_n_epochs, n_audio_clips) < 0 or griffin_lim_iters < 1:
+                 griffin_lim_iters: int = 32, alpha: Optional[float] = None, vocoder: Optional[str] = None,
+                 n_samples: int = 4) -> None:
+        if min(n_figure_examples, audio_every_n_epochs, n_audio_clips, n_samples) < 0 or griffin_lim_iters < 1:
             raise ConfigError(f"media.n_figure_examples={n_figure_examples}, media.audio_every_n_epochs="
-                              f"{audio_every_n_epochs} and media.n_audio_clips={n_audio_clips} must be 0 or more, "
-                              f"media.griffin_lim_iters={griffin_lim_iters} at least 1")
+                              f"{audio_every_n_epochs}, media.n_audio_clips={n_audio_clips} and media.n_samples="
+                              f"{n_samples} must be 0 or more, media.griffin_lim_iters={griffin_lim_iters} at least 1")
         if alpha is not None and not 0.0 <= alpha <= 1.0:
             raise ConfigError(f"media.alpha={alpha} must lie in [0, 1] (or be null: the fitted perceptual point)")
         self.n_figure_examples, self.audio_every_n_epochs = n_figure_examples, audio_every_n_epochs
         self.n_audio_clips, self.griffin_lim_iters = n_audio_clips, griffin_lim_iters
-        self.alpha, self.vocoder = alpha, vocoder
+        self.alpha, self.vocoder, self.n_samples = alpha, vocoder, n_samples
+        self._codes: list[torch.Tensor] = []  # the epoch's posterior means, for the prior preview
         self._vocoders: dict[MelSettings, torch.nn.Module] = {}
         self._kept: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # the epoch's first (inputs, outputs)
         self._latent: Optional[LatentDiagnostics] = None
@@ -89,6 +101,8 @@ class MediaLogger(Callback):
         if self._latent is None or self._latent.device != outputs["mu"].device:
             self._latent = LatentDiagnostics(pl_module.hparams.latent_dim).to(outputs["mu"].device)
         self._latent.update(outputs["mu"].detach(), outputs["logvar"].detach())
+        if self.n_samples and sum(len(c) for c in self._codes) < MAX_PREVIEW_CODES:
+            self._codes.append(outputs["mu"].detach().float().cpu())
         if batch_idx == 0:
             n = self.n_figure_examples
             self._kept = (batch[:n].detach().cpu(), outputs["reconstruction"][:n].detach().float().cpu())
@@ -103,6 +117,7 @@ class MediaLogger(Callback):
 
     def _log(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str, audio: bool) -> None:
         batch, self._kept = self._kept, None
+        codes, self._codes = self._codes, []
         latent = None
         if self._latent is not None and self._latent.update_count > 0:
             latent = self._latent.compute()  # on every process: it reduces across them
@@ -121,12 +136,29 @@ class MediaLogger(Callback):
             batch = (inputs, outputs, pl_module.compensated(outputs, alpha).cpu())
             figures[f"{stage}/reconstructions_compensated"] = mel_comparison_figure(
                 inputs, batch[2], f"{title}, variance compensation alpha {alpha:.2f}")
+        if self.n_samples and codes:
+            figures[f"{stage}/prior_samples"] = self._prior_samples(pl_module, torch.cat(codes)[:MAX_PREVIEW_CODES],
+                                                                    title)
         datamodule = getattr(trainer, "datamodule", None)
         clips = ({} if not audio or batch is None or datamodule is None else
                  self._clips(datamodule, batch[0], batch[1], stage, batch[2] if len(batch) > 2 else None))
         media = Media(stage, pl_module.current_epoch, pl_module.global_step, figures, clips)
         for logger, kind in loggers:
             kind.send(logger, media)
+
+    @torch.no_grad()
+    def _prior_samples(self, pl_module: L.LightningModule, codes: torch.Tensor, title: str) -> Any:
+        """Decoded N(0, I) draws (top row) above draws of a Gaussian fitted to `codes` (bottom row)."""
+        n, dim = self.n_samples, codes.shape[1]
+        standard = torch.randn(n, dim, generator=torch.Generator().manual_seed(0))
+        rows = [("N(0, I)", standard)]
+        if len(codes) >= 2:  # a covariance needs two codes
+            fitted = GaussianPrior(dim).fit(codes).sample(n, generator=torch.Generator().manual_seed(0))
+            rows.append(("Gaussian of the codes", fitted))
+        decoded = pl_module.vae.decode(torch.cat([z for _, z in rows]).to(pl_module.device)).float().cpu()
+        titles = [f"{name} {i}" for name, _ in rows for i in range(n)]
+        return mel_grid_figure(decoded.reshape(-1, *decoded.shape[-2:]), titles, columns=n, label="normalised log-mel",
+                               title=f"{title}, prior samples (seed 0; Gaussian fitted to {len(codes)} validation codes)")
 
     def strength(self, pl_module: L.LightningModule) -> float:
         """The compensation strength of the media: `alpha`, or the fitted perceptual point when it is null;

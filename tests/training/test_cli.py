@@ -44,7 +44,7 @@ def test_tensorboard_holds_every_loss_part_and_the_figure(tiny_run):
         assert f"val/{name}" in scalars, name
     assert sum(tag.startswith("val/band_ratio/") for tag in scalars) == 5  # the 5 segments of the weight table
     images = events.Tags()["images"]
-    assert {"val/reconstructions", "val/band_variance_ratio", "val/kl_per_dim"} <= set(images)
+    assert {"val/reconstructions", "val/band_variance_ratio", "val/kl_per_dim", "val/prior_samples"} <= set(images)
     # Audio every 5 validation epochs from the first: epoch 0 of this 2-epoch run.
     audio = events.Tags()["audio"]
     assert {"val/audio/0_input", "val/audio/0_reconstruction", "val/audio/1_input"} <= set(audio)

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 from lightning.pytorch.loggers import Logger
 from matplotlib.figure import Figure
 
@@ -196,3 +197,26 @@ def test_the_resume_command_names_the_subcommand_musicvae_needs(tmp_path):
     assert resume_command(["python scripts/train.py", "--config", "a b.yaml"], last) == \
         f"python scripts/train.py fit --config 'a b.yaml' --ckpt_path {last}"
     assert resume_command([], last) == f"musicvae fit --ckpt_path {last}"
+
+
+def test_prior_samples_decode_standard_draws_and_a_gaussian_fitted_to_the_codes():
+    """The preview's second row comes from the epoch's codes: codes gathered around 5 give draws
+    around 5, while the first row stays N(0, I) with the same seed every epoch."""
+    from musicvae.training.media import MediaLogger
+
+    seen = []
+
+    def decode(z):
+        seen.append(z.clone())
+        return z[:, None, :, None].expand(-1, 1, -1, 3)  # (B, 1, dim, 3): any image-shaped output
+
+    module = SimpleNamespace(vae=SimpleNamespace(decode=decode), device=torch.device("cpu"))
+    codes = 5.0 + 0.1 * torch.randn(200, 6, generator=torch.Generator().manual_seed(1))
+    logger = MediaLogger(n_samples=3)
+    figure = logger._prior_samples(module, codes, "t")
+    z = seen[0]
+    assert z.shape == (6, 6) and len(figure.axes) >= 6
+    assert torch.equal(z[:3], torch.randn(3, 6, generator=torch.Generator().manual_seed(0)))
+    assert (z[3:] - 5.0).abs().max() < 1.0 and z[:3].abs().mean() < 2.0
+    logger._prior_samples(module, codes, "t")
+    assert torch.equal(seen[1], z)  # the same draws every epoch
