@@ -132,7 +132,9 @@ def _cell(value: Optional[float], digits: str = ".4g") -> str:
 
 
 def _accuracy(found: Optional[dict[str, Any]]) -> str:
-    return "—" if not found else f"{found['accuracy']:.3f} ± {found['spread']:.3f}"
+    if not found:
+        return "—"
+    return f"{found['accuracy']:.3f} ± {found['spread']:.3f}" + (", failed" if found.get("passed") is False else "")
 
 
 def markdown_lines(result: dict[str, Any]) -> list[str]:
@@ -182,6 +184,10 @@ def map_figure(result: dict[str, Any]) -> Figure:
     fig = Figure(figsize=(4.2 * len(panels), 4.2), layout="constrained")
     axes = fig.subplots(1, len(panels))
 
+    def spread(rows: list[dict[str, Any]], key: str) -> Optional[list[float]]:
+        """The two-sample accuracies' standard deviations over seeds, drawn as error bars."""
+        return [r["two_sample"]["spread"] for r in rows] if key == "two_sample" and rows[0].get("two_sample") else None
+
     def value(row: dict[str, Any], key: str) -> float:
         if key == "mse_over_pca_reference":
             return row[key]
@@ -190,17 +196,18 @@ def map_figure(result: dict[str, Any]) -> Figure:
         return row["realism_over_floor"][key]
 
     vae = [r for r in result["rows"] if r["kind"] == "vae"]
+    sizes = sorted({r["latent_size"] for r in result["rows"]})
     for ax, (key, title) in zip(axes, panels):
         for kind, marker in (("dct", "s"), ("pca", "o")):
             rows = sorted((r for r in result["rows"] if r["kind"] == kind), key=lambda r: r["latent_size"])
             if rows:
-                ax.plot([r["latent_size"] for r in rows], [value(r, key) for r in rows], marker=marker,
-                        label=KINDS[kind])
+                ax.errorbar([r["latent_size"] for r in rows], [value(r, key) for r in rows], spread(rows, key),
+                            marker=marker, capsize=3, label=KINDS[kind])
         for step in dict.fromkeys(r["global_step"] for r in vae):
             group = sorted((r for r in vae if r["global_step"] == step), key=lambda r: r["latent_size"])
-            ax.plot([r["latent_size"] for r in group], [value(r, key) for r in group], marker="D",
-                    linestyle="-" if len({r["latent_size"] for r in group}) > 1 else "none",
-                    label=f"VAE, step {step}")
+            ax.errorbar([r["latent_size"] for r in group], [value(r, key) for r in group], spread(group, key),
+                        marker="D", capsize=3, linestyle="-" if len({r["latent_size"] for r in group}) > 1 else "none",
+                        label=f"VAE, step {step}")
             for r in group:
                 ax.annotate(r["label"], (r["latent_size"], value(r, key)), textcoords="offset points",
                             xytext=(4, 4), fontsize=7)
@@ -211,6 +218,8 @@ def map_figure(result: dict[str, Any]) -> Figure:
         elif key == "mse_over_pca_reference":
             ax.axhline(1.0, color="grey", linestyle=":")
         ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [str(size) for size in sizes])
+        ax.minorticks_off()
         ax.set_xlabel("latent size (numbers per window)")
         ax.set_title(title)
         ax.grid(True, alpha=0.3)

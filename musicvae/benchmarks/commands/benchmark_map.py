@@ -39,26 +39,26 @@ LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,39}")
 
 
 def parse_sizes(text: str) -> list[int]:
-    """``"32,128"`` -> ``[32, 128]`` (sorted, unique); ValueError naming --sizes otherwise."""
+    """``"32,128"`` -> ``[32, 128]`` (sorted, unique); ConfigError naming --sizes otherwise."""
     try:
         sizes = sorted({int(part) for part in text.split(",") if part.strip()})
     except ValueError:
         sizes = []
     if not sizes or sizes[0] < 1:
-        raise ValueError(f"--sizes {text!r}: give comma-separated code sizes of at least 1, e.g. {DEFAULT_SIZES}")
+        raise ConfigError(f"--sizes {text!r}: give comma-separated code sizes of at least 1, e.g. {DEFAULT_SIZES}")
     return sizes
 
 
 def parse_checkpoints(values: list[str]) -> list[tuple[str, Path]]:
-    """``["a=x.ckpt", "b=y.ckpt,c=z.ckpt"]`` -> ``[(label, path), ...]``; ValueError naming the bad entry."""
+    """``["a=x.ckpt", "b=y.ckpt,c=z.ckpt"]`` -> ``[(label, path), ...]``; ConfigError naming the bad entry."""
     found: list[tuple[str, Path]] = []
     for entry in (part.strip() for value in values for part in value.split(",") if part.strip()):
         label, sep, path = entry.partition("=")
         if not sep or not path or not LABEL.fullmatch(label):
-            raise ValueError(f"--ckpt {entry!r}: give LABEL=PATH, the label of letters, digits and _.+- "
+            raise ConfigError(f"--ckpt {entry!r}: give LABEL=PATH, the label of letters, digits and _.+- "
                              "(at most 40), e.g. --ckpt latent128=runs/l128/ckpt/best.ckpt")
         if label in (seen for seen, _ in found):
-            raise ValueError(f"--ckpt {label}: two checkpoints share this label; give each its own")
+            raise ConfigError(f"--ckpt {label}: two checkpoints share this label; give each its own")
         found.append((label, Path(path)))
     return found
 
@@ -187,20 +187,15 @@ def main(argv=None) -> int:
     add_mel_arguments(parser)
     args = parse_command(parser, argv)
     args.argv = argv
-    try:
-        sizes = parse_sizes(args.sizes)
-        checkpoints = parse_checkpoints(args.ckpt)
-    except ValueError as err:
-        parser.error(str(err))
-    if args.reference_size < 1 or args.frames < 1:
-        parser.error("--reference_size and --frames must be positive")
-    if args.two_sample_seeds < 0:
-        parser.error("--two_sample_seeds must be 0 (off) or positive")
 
     def log(message: str) -> None:
         print(f"benchmark-map: {message}", file=sys.stderr, flush=True)
 
     try:
+        sizes, checkpoints = parse_sizes(args.sizes), parse_checkpoints(args.ckpt)
+        if min(args.reference_size, args.frames) < 1 or args.two_sample_seeds < 0:
+            raise ConfigError(f"--reference_size {args.reference_size}, --frames {args.frames}, --two_sample_seeds "
+                              f"{args.two_sample_seeds}: sizes and frames must be positive, seeds 0 (off) or more")
         with torch.no_grad():  # scoped: tests call main() in-process; the two-sample classifiers enable it
             result = benchmark(args, checkpoints, sizes, log)
         out = Path(args.out)
