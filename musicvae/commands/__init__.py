@@ -39,6 +39,8 @@ COMMANDS: dict[str, Command] = {
                              "preparation speed against librosa", "measure"),
     "benchmark-quality": Command("musicvae.benchmarks.commands.benchmark_quality:main",
                                  "train, then compare with linear codes on a held-out folder", "measure"),
+    "benchmark-map": Command("musicvae.benchmarks.commands.benchmark_map:main",
+                             "what each latent size and training budget buys, on a held-out folder", "measure"),
     "compare": Command("musicvae.benchmarks.commands.compare:main", "standard vs improved recipe over seeds", "measure"),
     "linear-codes": Command("musicvae.benchmarks.commands.linear_codes:main",
                             "score linear codes on a held-out folder, no training", "measure"),

@@ -1,1 +1,1 @@
-"""The measuring commands: `musicvae bench`, `bench-prepare`, `benchmark-quality`, `compare`, `linear-codes`, `reliability`."""
+"""The measuring commands: `musicvae bench`, `bench-prepare`, `benchmark-quality`, `benchmark-map`, `compare`, `linear-codes`, `reliability`."""

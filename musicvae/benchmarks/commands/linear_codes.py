@@ -17,10 +17,12 @@ still win: each test window's residual predicted by its K nearest training windo
 
 import sys
 from pathlib import Path
-
+from typing import Optional
 
 import torch
+from torch.utils.data import Dataset
 
+from musicvae.audio.mel_settings import MelSettings
 from musicvae.data.datamodule import MelDataModule
 from musicvae.errors import DataError, MusicVAEError
 from musicvae.evaluation.report import write_json
@@ -34,18 +36,32 @@ from musicvae.commands.parsing import command_parser, parse_command
 KNN_MAX_TRAIN = 8192
 
 
-def windows(train_dir: str, test_dir: str, frames: int, seed: int, cache_dir) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Flattened normalised training windows (all of the training split) and test windows (every recording)."""
+def data_modules(train_dir: str, test_dir: str, frames: int, seed: int, cache_dir,
+                 mel: Optional[MelSettings] = None) -> tuple[MelDataModule, MelDataModule]:
+    """Both folders' data modules, built (folders and mel settings checked) but not yet prepared."""
     # Both built first, so a bad test folder is named before the training folder is prepared; batch
     # size 1: no loader is used here, and a small folder must not be refused for its batch count.
-    train_dm = MelDataModule(data_dir=train_dir, cache_dir=cache_dir, frames=frames, seed=seed, batch_size=1)
-    test_dm = MelDataModule(data_dir=test_dir, cache_dir=cache_dir, frames=frames, batch_size=1)
+    train_dm = MelDataModule(data_dir=train_dir, cache_dir=cache_dir, frames=frames, seed=seed, batch_size=1, mel=mel)
+    test_dm = MelDataModule(data_dir=test_dir, cache_dir=cache_dir, frames=frames, batch_size=1, mel=mel)
+    return train_dm, test_dm
+
+
+def prepared(train_dm: MelDataModule, test_dm: MelDataModule) -> tuple[torch.Tensor, Dataset]:
+    """Flattened normalised training windows (all of the training split) and the test windows (every
+    recording, normalised with the training split's statistics, as a trained model would see them)."""
     train_dm.prepare_data()
     train_dm.setup("fit")
     train_x = stack_segments(train_dm.train_set.fixed_windows())
-    test_dm.load_state_dict(train_dm.state_dict())  # the training statistics, as a trained model would see it
+    test_dm.load_state_dict(train_dm.state_dict())
     test_dm.prepare_data()
-    return train_x, stack_segments(test_dm.evaluation_set("all")), train_dm.n_mels
+    return train_x, test_dm.evaluation_set("all")
+
+
+def windows(train_dir: str, test_dir: str, frames: int, seed: int, cache_dir) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Flattened normalised training windows (all of the training split) and test windows (every recording)."""
+    train_dm, test_dm = data_modules(train_dir, test_dir, frames, seed, cache_dir)
+    train_x, test = prepared(train_dm, test_dm)
+    return train_x, stack_segments(test), train_dm.n_mels
 
 
 def neighbour_counts(text: str) -> list[int]:
