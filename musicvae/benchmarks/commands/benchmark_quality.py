@@ -24,7 +24,7 @@ from musicvae.benchmarks.quality import (PathShares, data_range, fit_compensatio
                                          reference_statistics, score_decoder)
 from musicvae.benchmarks.prior_quality import markdown_lines, two_sample_results
 from musicvae.benchmarks.detail_plane import DETAIL_SEED, detail_lines, detail_plane, parse_strengths
-from musicvae.models.detail import add_detail, window_features
+from musicvae.models.detail import SOURCES, add_detail, window_features
 from musicvae.inference.detail import fit_detail
 from musicvae.compensation import compensate
 from musicvae.evaluation.realism import prior_realism
@@ -122,7 +122,7 @@ def other_decoder(path: str, test_dm, validation, common: dict, log=print) -> di
 
 def benchmark(ckpt_path: Path, train_dir, test_dir: str, out: Path, cache_dir, n_prior: int,
               log=print, references: bool = False, also: tuple[str, ...] = (), two_sample_seeds: int = 0,
-              fit_prior: bool = False, detail_strengths: tuple[float, ...] = ()) -> dict:
+              fit_prior: bool = False, detail_strengths: tuple[float, ...] = (), detail_source: str = SOURCES[0]) -> dict:
     from musicvae.inference.loading import datamodule_for, load_module, resolve_alpha
 
     module, ckpt = load_module(ckpt_path)
@@ -212,7 +212,7 @@ def benchmark(ckpt_path: Path, train_dir, test_dir: str, out: Path, cache_dir, n
         started = time.monotonic()
         result["detail"], result["_detail_windows"] = detail_results(
             module, pca, windows, test, vae_fit, pca_fit, edges, detail_strengths, range(two_sample_seeds),
-            test_dm.batch_size)
+            test_dm.batch_size, detail_source)
         log(f"generated detail at strengths {list(detail_strengths)} in {time.monotonic() - started:.0f} s")
     write_figures(out, result, test, samples, sharp_samples, module, edges)
     if split is not None:
@@ -229,7 +229,7 @@ def benchmark(ckpt_path: Path, train_dir, test_dir: str, out: Path, cache_dir, n
 
 
 def detail_results(module, pca, windows, test, vae_fit: dict, pca_fit: dict, edges, strengths, seeds,
-                   batch_size: int) -> tuple[dict, list]:
+                   batch_size: int, source: str = SOURCES[0]) -> tuple[dict, list]:
     """musicvae.benchmarks.detail_plane for the VAE and PCA, each with a detail generator fitted on the training
     windows' own residuals and codes (musicvae.inference.detail.fit_detail); and, for mels.png, the VAE's
     output of the figure's window with detail at the largest strength, at alpha 0 and at its perceptual point."""
@@ -238,9 +238,9 @@ def detail_results(module, pca, windows, test, vae_fit: dict, pca_fit: dict, edg
               "PCA": (lambda x: pca.encode(x).float(), lambda c: pca.decode(c.to(pca.mean.dtype), shape).float(),
                       pca_fit)}
     decoders = {name: {"encode": encode, "decode": decode, "gain": fit["gain"], "alpha": fit["alpha"],
-                       "detail": fit_detail(encode, decode, windows, n_mels, edges, batch_size)}
+                       "detail": fit_detail(encode, decode, windows, n_mels, edges, batch_size, source=source)}
                 for name, (encode, decode, fit) in codecs.items()}
-    found = detail_plane(decoders, test, n_mels, edges, strengths, list(seeds), batch_size)
+    found = {"source": source, **detail_plane(decoders, test, n_mels, edges, strengths, list(seeds), batch_size)}
     vae, beta = decoders["VAE"], max(strengths)
     x = test[len(test) // 2][None]  # the window of mels.png
     x_hat = vae["decode"](vae["encode"](x))
@@ -326,6 +326,9 @@ def main(argv=None) -> int:
                         help="also put generated detail (musicvae/models/detail.py, fitted on the training windows) on "
                              "the VAE's and PCA's outputs at these strengths, e.g. 0,0.5,1, with alpha 0 and each one's "
                              "perceptual point (two-sample accuracy too with --two_sample_seeds; default: off)")
+    parser.add_argument("--detail_source", choices=SOURCES, default=SOURCES[0],
+                        help="texture of the generated detail: exemplar (training residuals) or gaussian (noise "
+                             "with their covariance) (default: %(default)s)")
     args = parse_command(parser, argv)
     if args.ckpt_path is None:
         if args.train_dir is None or args.config is None:
@@ -360,7 +363,7 @@ def main(argv=None) -> int:
         result = benchmark(ckpt_path, args.train_dir, args.test_dir, out, args.cache_dir, args.prior_samples,
                            references=args.references, also=tuple(args.also),
                            two_sample_seeds=args.two_sample_seeds, fit_prior=args.fit_prior,
-                           detail_strengths=strengths)
+                           detail_strengths=strengths, detail_source=args.detail_source)
     except MusicVAEError as err:
         sys.stderr.write(f"benchmark_quality: error: {err}\n")
         return 2
