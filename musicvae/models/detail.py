@@ -16,12 +16,12 @@ generator. Here:
   do not (docs/quality.md, "Generated detail"), and they are the same few numbers for any decoder.
 - **Texture, taken from the residuals** (``source``). ``"exemplar"`` (the default): a whole residual
   window of the training set, drawn at random and divided by its own band RMS, so its harmonic
-  lines, onsets and sweeps are real music's: the codecs' spectral folding and the texture synthesis
-  by copying of Efros & Leung 1999, with the code setting only the energy. ``"gaussian"``: noise
-  with the residual's mel-bin covariance (each example's residual divided by its band's RMS
-  first, so loud windows do not dominate the shape) and a first-order autoregression in time per
-  bin with the residual's lag-1 correlation; it matches second moments only, and a classifier
-  tells it from music (docs/quality.md, "Generated detail").
+  lines, onsets and sweeps are real music's: the codecs' spectral folding, or texture synthesis by
+  copying whole patches (Efros & Freeman 2001, image quilting), with the code setting only the
+  energy. ``"gaussian"``: noise with the residual's mel-bin covariance (each example's residual
+  divided by its band's RMS first, so loud windows do not dominate the shape) and a first-order
+  autoregression in time per bin with the residual's lag-1 correlation; it matches second moments
+  only, and a classifier tells it from music more easily (docs/quality.md, "Generated detail").
 - **Strength.** ``x_hat + beta * noise``. The noise is independent of the error, so at ``beta`` the
   MSE grows by ``beta^2`` times the residual energy: at 1 twice the MSE of an MSE-optimal decoder,
   with the input's variance restored, the point Blau & Michaeli 2018 (arXiv:1711.06077) and Freirich
@@ -221,11 +221,11 @@ def exemplar_texture(bank: Tensor, batch: int, frames: int, generator: Optional[
         return bank[torch.randint(k, (batch,), generator=generator)].float()
     hop = max(t // 2, 1)
     count = frames // hop + 2  # the first starts half a window early, so every frame is covered twice
-    picks = bank[torch.randint(k, (batch * count,), generator=generator)].float().reshape(batch, count, m, t)
+    picks = torch.randint(k, (count, batch), generator=generator)
     window = torch.sin(torch.pi * (torch.arange(t) + 0.5) / t)  # sin^2 at a half-window hop sums to one
     out, weight = torch.zeros(batch, m, (count + 1) * hop + t), torch.zeros((count + 1) * hop + t)
-    for i in range(count):
-        out[:, :, i * hop:i * hop + t] += picks[:, i] * window
+    for i in range(count):  # one window at a time: a three-hour piece is ~14,000 of them
+        out[:, :, i * hop:i * hop + t] += bank[picks[i]].float() * window
         weight[i * hop:i * hop + t] += window.pow(2)
     return (out / weight.clamp_min(1e-12).sqrt())[:, :, hop:hop + frames]
 
