@@ -127,10 +127,11 @@ def detail_lines(found: dict[str, Any] | None, pca_mse: float) -> list[str]:
                       f"{row['mse'] / pca_mse:.3f}", f"{row['realism']['frames']:.4g}",
                       f"{row['realism']['differences']:.4g}", f"{min(row['band_ratio']):.3g}",
                       f"{test['accuracy']:.3f} ± {test['spread']:.3f}" if test else "—"))
+    texture = {"exemplar": "a training window's residual drawn at random and divided by its own band RMS",
+               "gaussian": "noise with the residual's bin covariance and lag-1 correlation"}[found.get("source", "gaussian")]
     return ["## Generated detail", "",
             "The same detail generator (per-band energy predicted from the decoded window's band levels and variances, "
-            "noise with the residual's bin "
-            "covariance and lag-1 correlation; fitted on the training windows, each decoder on its own residuals) "
+            f"times {texture}; fitted on the training windows, each decoder on its own residuals) "
             "on each decoder at compensation strength alpha and detail strength beta. Realism floor (music against "
             f"music, {found['windows_per_half']} windows per half): frames {floor['frames']:.4g}, differences "
             f"{floor['differences']:.4g}. Two-sample accuracy: 0.5 is indistinguishable (floor and control in the "

@@ -56,6 +56,7 @@ def two_sample_results(module: Any, test: Dataset, validation: Dataset, train_wi
     """Every figure of this module's docstring; `seeds` empty skips the two-sample tests (not the fit).
 
     Returns:
+        ``prior_windows`` (two decoded samples of each prior, for a figure: pop it before writing JSON),
         ``two_sample``, ``two_sample_training_music``, ``prior_c2st_vs_reconstructions`` (when `seeds`), and
         ``learned_prior`` (when `fit`): ``best`` (kind, components, covariance), ``table`` (fit_prior's rows),
         ``nearest_neighbour`` and ``realism`` (Fréchet, against the held-out music, musicvae.evaluation.realism.
@@ -77,6 +78,7 @@ def two_sample_results(module: Any, test: Dataset, validation: Dataset, train_wi
             "best": {"name": name, "components": best.components, "covariance": best.covariance}, "table": table,
             "nearest_neighbour": {key: nearest_neighbour_check(z, train_codes, val_codes) for key, z in codes.items()}}
     decoded = {key: decode_codes(module, z) for key, z in codes.items()}
+    out["prior_windows"] = {key: drawn[:2].clone() for key, drawn in decoded.items()}  # for a figure, not results.json
     if fit:  # both priors at the same window count, so their floors are the same
         out["learned_prior"]["realism"] = {key: prior_realism(drawn, test) for key, drawn in decoded.items()}
     if not seeds:

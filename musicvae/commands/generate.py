@@ -24,7 +24,8 @@ from musicvae.commands.parsing import command_parser, parse_command, report_erro
 from musicvae.errors import MusicVAEError
 from musicvae.io.outputs import add_force_flag
 from musicvae.inference.generation import interpolate_files, load_generation_model, reconstruct_file, sample_files
-from musicvae.inference.detail import check_strength
+from musicvae.inference.detail import check_source, check_strength
+from musicvae.models.detail import SOURCES
 from musicvae.inference.latent_paths import METHODS
 from musicvae.inference.priors import CHOICES
 from musicvae.audio.neural_vocoder import load_vocos
@@ -42,6 +43,9 @@ def add_detail_flag(parser: ArgumentParser) -> None:
                         help="generated detail (musicvae/models/detail.py): a strength in [0, 1] of noise shaped to "
                              "each code's predicted per-band detail energy, fitted on the checkpoint's training "
                              "music, which must be on this machine (default 0: none, the plain decoder output)")
+    parser.add_argument("--detail_source", type=Literal[SOURCES], default=SOURCES[0],
+                        help="texture of the detail: exemplar (a training window's residual, scaled to the "
+                             "predicted energies) or gaussian (noise with their covariance) (default: exemplar)")
 
 
 def build_parser() -> ArgumentParser:
@@ -111,14 +115,14 @@ def run(parsed) -> None:
     if command != "ceiling":
         common.update(alpha=args.alpha, vocoder=args.vocoder, vocoder_weights=args.vocoder_weights, force=args.force)
     if command in ("reconstruct", "sample"):
-        check_strength(args.detail)  # before any work
+        check_strength(args.detail), check_source(args.detail_source)  # before any work
     if command == "reconstruct":
         result = reconstruct_file(args.ckpt_path, args.input, args.out, hop=args.hop, detail=args.detail,
-                                  seed=args.seed, **common)
+                                  seed=args.seed, detail_source=args.detail_source, **common)
         print(f"reconstructed {result['seconds']:.2f} s ({result['frames']} frames) -> {result['wav']}, {result['png']}")
     elif command == "sample":
         result = sample_files(args.ckpt_path, args.out, args.n, args.temperature, args.seed, prior=args.prior,
-                              detail=args.detail, **common)
+                              detail=args.detail, detail_source=args.detail_source, **common)
         print(f"wrote {len(result['wavs'])} samples of the prior {result['prior']} and {result['png']}")
     elif command == "interpolate":
         result = interpolate_files(args.ckpt_path, args.a, args.b, args.out, args.steps, args.method,

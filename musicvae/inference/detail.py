@@ -27,10 +27,11 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from musicvae.errors import ConfigError, MusicVAEError
 from musicvae.inference.loading import datamodule_for
 from musicvae.metrics import band_edges
-from musicvae.models.detail import DetailModel, DetailStats, add_detail, window_features
+from musicvae.models.detail import SOURCES, DetailModel, DetailStats, add_detail, window_features
 
 #: Training windows a detail model is fitted on at most (evenly spaced): ~16 per ridge feature at 128
 #: latent numbers times the band count, and one decoding pass of a few seconds per hundred on a CPU.
+#: The exemplar source keeps each one's residual: 64 MiB at 128 x 128 frames in float16.
 MAX_FIT_WINDOWS = 2048
 
 
@@ -39,6 +40,13 @@ def check_strength(beta: float, flag: str = "--detail") -> float:
     if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not 0.0 <= float(beta) <= 1.0:
         raise ConfigError(f"{flag} {beta!r}: a detail strength in [0, 1] (0: the plain decoder output)")
     return float(beta)
+
+
+def check_source(source: str, flag: str = "--detail_source") -> str:
+    """`source` unchanged, refused unless one of musicvae.models.detail.SOURCES."""
+    if source not in SOURCES:
+        raise ConfigError(f"{flag} {source!r}: one of {', '.join(SOURCES)} (the texture of the generated detail)")
+    return source
 
 
 @dataclass
@@ -66,9 +74,10 @@ def with_detail(x: Tensor, codes: Tensor, detail: Optional[CodeDetail], beta: fl
 @torch.no_grad()
 def fit_detail(encode: Callable[[Tensor], Tensor], decode: Callable[[Tensor], Tensor], dataset: Dataset,
                n_mels: int, edges: Sequence[tuple[int, int]], batch_size: int = 32,
-               max_windows: int = MAX_FIT_WINDOWS) -> DetailModel:
+               max_windows: int = MAX_FIT_WINDOWS, source: str = SOURCES[0]) -> DetailModel:
     """A DetailModel of the decoder ``decode(encode(x))`` on (at most `max_windows` of) `dataset`, predicting
-    each window's detail energy from the window_features of its decoding.
+    each window's detail energy from the window_features of its decoding, with texture from `source`
+    (musicvae.models.detail.SOURCES: the exemplar source keeps these windows' residuals).
 
     Args:
         encode: normalised windows ``(B, 1, M, T)`` -> codes (a VAE's posterior means, a linear code's coordinates).
@@ -78,11 +87,13 @@ def fit_detail(encode: Callable[[Tensor], Tensor], decode: Callable[[Tensor], Te
     """
     count = min(len(dataset), max_windows)
     picked = Subset(dataset, torch.linspace(0, len(dataset) - 1, count).round().long().tolist())  # evenly spaced
-    stats = DetailStats(n_mels, edges)
+    stats = DetailStats(n_mels, edges, exemplars=check_source(source) == "exemplar")
     for x in DataLoader(picked, batch_size=batch_size, shuffle=False):
         x_hat = decode(encode(x)).to(x)
         stats.update(window_features(x_hat, edges), x - x_hat)
-    return DetailModel(2 * len(edges), n_mels, len(edges)).fit(stats)
+    kept = stats.exemplars or []
+    bank = (sum(len(e) for e in kept), int(kept[0].shape[-1])) if kept else (0, 0)
+    return DetailModel(2 * len(edges), n_mels, len(edges), *bank).fit(stats)
 
 
 def module_edges(module: Any) -> list[tuple[int, int]]:
@@ -92,8 +103,9 @@ def module_edges(module: Any) -> list[tuple[int, int]]:
 
 
 def checkpoint_detail(module: Any, ckpt: dict, source: str | os.PathLike, data_dir: Optional[str] = None,
-                      batch_size: int = 32) -> CodeDetail:
-    """The detail model of a checkpoint's VAE, fitted on its training split (module docstring).
+                      batch_size: int = 32, texture: str = SOURCES[0]) -> CodeDetail:
+    """The detail model of a checkpoint's VAE, fitted on its training split (module docstring), with
+    texture from `texture` (musicvae.models.detail.SOURCES).
 
     Raises:
         ConfigError: the training folder is not on this machine, or holds no training windows.
@@ -117,7 +129,8 @@ def checkpoint_detail(module: Any, ckpt: dict, source: str | os.PathLike, data_d
     def decode(z: Tensor) -> Tensor:
         return module.vae.decode(z.to(device)).cpu()
 
-    return CodeDetail(fit_detail(encode, decode, windows, int(module.hparams.n_mels), edges, batch_size), decode, edges)
+    model = fit_detail(encode, decode, windows, int(module.hparams.n_mels), edges, batch_size, source=texture)
+    return CodeDetail(model, decode, edges)
 
 
 def piece_detail(detail: CodeDetail, codes: Tensor, starts: list[int], frames: int, total: int,
@@ -126,7 +139,8 @@ def piece_detail(detail: CodeDetail, codes: Tensor, starts: list[int], frames: i
     """Detail for a whole piece decoded window by window: ``(M, total)`` unit-strength noise.
 
     Noise added per window and then overlap-added would lose energy where windows overlap (the mean
-    of independent draws), so one stationary noise runs over the whole piece, scaled per frame by the
+    of independent draws), so one texture runs over the whole piece (exemplars cross-faded, see
+    musicvae.models.detail.exemplar_texture, or one stationary noise), scaled per frame by the
     windows' predicted variances overlap-added with the piece's own weights (`add_segments`).
 
     Args:

@@ -26,7 +26,8 @@ from musicvae.audio.mel import AUDIO_SUFFIXES, LogMelStream, MelSettings, decode
 from musicvae.training.checkpoints import DATA_STATE_KEY
 from musicvae.errors import CheckpointError, ConfigError, DataError
 from musicvae.io.outputs import check_output_file, check_output_folder, write_output_to
-from musicvae.inference.detail import CodeDetail, check_strength, checkpoint_detail, piece_detail, with_detail
+from musicvae.inference.detail import (SOURCES, CodeDetail, check_source, check_strength, checkpoint_detail,
+                                      piece_detail, with_detail)
 from musicvae.inference.latent_paths import latent_path
 from musicvae.inference.loading import load_module, resolve_alpha
 from musicvae.inference.priors import check_choice, choose_prior, describe, path_log_density, read_prior
@@ -136,9 +137,11 @@ class GenerationModel:
 
 
 def load_generation_model(ckpt_path: str | os.PathLike, device: str = "cpu",
-                          alpha: Optional[float | str] = 0.0, detail: float = 0.0) -> GenerationModel:
+                          alpha: Optional[float | str] = 0.0, detail: float = 0.0,
+                          detail_source: str = SOURCES[0]) -> GenerationModel:
     """Load a checkpoint for generation, decoding at compensation strength `alpha` (a number in [0, 1],
-    or "perceptual": see musicvae.inference.loading.resolve_alpha), with detail at strength `detail`.
+    or "perceptual": see musicvae.inference.loading.resolve_alpha), with detail at strength `detail` whose
+    texture comes from `detail_source` (musicvae.models.detail.SOURCES).
 
     Raises:
         CheckpointError: missing or unreadable, or without the mel settings and statistics
@@ -148,20 +151,17 @@ def load_generation_model(ckpt_path: str | os.PathLike, device: str = "cpu",
     state = ckpt[DATA_STATE_KEY]
     missing = [k for k in ("mel", "mean", "std") if k not in state]
     if missing:
-        raise CheckpointError(
-            f"{ckpt_path}: the checkpoint's {DATA_STATE_KEY} state lacks {missing}, so its outputs "
-            "cannot be turned back into audio (written by an older musicvae? retrain or re-save it)"
-        )
+        raise CheckpointError(f"{ckpt_path}: the checkpoint's {DATA_STATE_KEY} state lacks {missing}, so its outputs "
+                              "cannot be turned back into audio (written by an older musicvae? retrain or re-save it)")
     mel = MelSettings.from_dict(state["mel"], source=f"{ckpt_path} mel settings")
     frames = int(state.get("frames", module.hparams.frames))
     if mel.n_mels != module.hparams.n_mels or frames != module.hparams.frames:
-        raise CheckpointError(
-            f"{ckpt_path}: the data state ({mel.n_mels} mels x {frames} frames) does not match the model "
-            f"({module.hparams.n_mels} x {module.hparams.frames})"
-        )
+        raise CheckpointError(f"{ckpt_path}: the data state ({mel.n_mels} mels x {frames} frames) does not match the "
+                              f"model ({module.hparams.n_mels} x {module.hparams.frames})")
     return GenerationModel(module, mel, frames, Normalizer(state["mean"], state["std"]), resolve_alpha(module, alpha),
                            read_prior(ckpt, int(module.hparams.latent_dim), ckpt_path),
-                           checkpoint_detail(module, ckpt, ckpt_path) if check_strength(detail) else None, detail)
+                           checkpoint_detail(module, ckpt, ckpt_path, texture=check_source(detail_source))
+                           if check_strength(detail) else None, detail)
 
 
 # --- mels in, mels out --------------------------------------------------------------------------
@@ -332,13 +332,13 @@ def reconstruct_file(ckpt_path: str | os.PathLike, input_path: str | os.PathLike
                      device: str = "cpu", griffin_lim_iters: int = 64, hop: Optional[int] = None,
                      alpha: Optional[float | str] = 0.0, vocoder: Optional[str | os.PathLike] = None,
                      vocoder_weights: Optional[str | os.PathLike] = None, force: bool = False,
-                     detail: float = 0.0, seed: int = 0) -> dict[str, Any]:
+                     detail: float = 0.0, seed: int = 0, detail_source: str = SOURCES[0]) -> dict[str, Any]:
     """Reconstruct a whole recording through a checkpoint; write `out_wav` and a PNG beside it.
 
-    The piece's mel is reconstructed by `reconstruct_mel` and inverted once, so the audio has
-    no seams between segments; by Griffin-Lim, or by the Vocos download `vocoder` (with its
-    weights file `vocoder_weights` when not beside its config), detail at `detail` from `seed`. Returns the paths
-    written and the piece's length.
+    The piece's mel is reconstructed by `reconstruct_mel` and inverted once, so the audio has no seams
+    between segments; by Griffin-Lim, or by the Vocos download `vocoder` (with its weights file
+    `vocoder_weights` when not beside its config), detail at `detail` (texture `detail_source`) from
+    `seed`. Returns the paths written and the piece's length.
 
     Raises:
         ConfigError: before any work, when `out_wav` is not an audio file name, cannot be written,
@@ -349,7 +349,7 @@ def reconstruct_file(ckpt_path: str | os.PathLike, input_path: str | os.PathLike
     inputs = _inputs(ckpt_path, input_path, vocoder, vocoder_weights)
     out_wav = check_output_file(out_wav, "--out", inputs, force)
     check_output_file(out_wav.with_suffix(".png"), "--out", inputs, force)
-    model = load_generation_model(ckpt_path, device, alpha, detail)
+    model = load_generation_model(ckpt_path, device, alpha, detail, detail_source)
     synthesise = model.vocoder(griffin_lim_iters, vocoder, vocoder_weights, str(ckpt_path))  # refused before any work
     log_mel, samples = load_log_mel(input_path, model.mel)
     recon = reconstruct_mel(model, log_mel.to(model.device), hop, seed=seed)
@@ -370,15 +370,15 @@ def sample_files(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, n: in
                  seed: Optional[int] = None, device: str = "cpu", griffin_lim_iters: int = 64,
                  alpha: Optional[float | str] = 0.0, vocoder: Optional[str | os.PathLike] = None,
                  vocoder_weights: Optional[str | os.PathLike] = None, force: bool = False,
-                 prior: str = "auto", detail: float = 0.0) -> dict[str, Any]:
+                 prior: str = "auto", detail: float = 0.0, detail_source: str = SOURCES[0]) -> dict[str, Any]:
     """Decode `n` draws of the prior `prior` names (musicvae.inference.priors) at `temperature` (musicvae.models.prior),
-    detail at `detail` after them (both from `seed`); write `sample_XX.wav` and `samples.png` (audio by Griffin-Lim, or
+    detail at `detail` (texture `detail_source`) after them (both from `seed`); write `sample_XX.wav` and `samples.png` (audio by Griffin-Lim, or
     by the Vocos download `vocoder`: see `reconstruct_file`), refusing before any work a folder holding them unless `force`."""
     if n < 1 or temperature < 0:
         raise ConfigError(f"-n {n} / --temperature {temperature}: draw at least one sample, at a temperature >= 0")
     check_choice(prior)
     out = check_output_folder(out_dir, sample_names(n), "--out", _inputs(ckpt_path, vocoder, vocoder_weights), force)
-    model = load_generation_model(ckpt_path, device, alpha, detail)
+    model = load_generation_model(ckpt_path, device, alpha, detail, detail_source)
     synthesise = model.vocoder(griffin_lim_iters, vocoder, vocoder_weights, str(ckpt_path))
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     chosen = choose_prior(model.learned_prior, prior, int(model.module.hparams.latent_dim), ckpt_path)

@@ -14,9 +14,14 @@ generator. Here:
   uses :func:`window_features`, each band's level and log variance in the window decoded from it:
   on music unlike the training albums they track the residual's energy where the code's own numbers
   do not (docs/quality.md, "Generated detail"), and they are the same few numbers for any decoder.
-- **Shape, estimated from the residuals.** The noise has the residual's mel-bin covariance (each
-  example's residual divided by its band's RMS first, so loud windows do not dominate the shape)
-  and a first-order autoregression in time per bin with the residual's lag-1 correlation.
+- **Texture, taken from the residuals** (``source``). ``"exemplar"`` (the default): a whole residual
+  window of the training set, drawn at random and divided by its own band RMS, so its harmonic
+  lines, onsets and sweeps are real music's: the codecs' spectral folding, or texture synthesis by
+  copying whole patches (Efros & Freeman 2001, image quilting), with the code setting only the
+  energy. ``"gaussian"``: noise with the residual's mel-bin covariance (each example's residual
+  divided by its band's RMS first, so loud windows do not dominate the shape) and a first-order
+  autoregression in time per bin with the residual's lag-1 correlation; it matches second moments
+  only, and a classifier tells it from music more easily (docs/quality.md, "Generated detail").
 - **Strength.** ``x_hat + beta * noise``. The noise is independent of the error, so at ``beta`` the
   MSE grows by ``beta^2`` times the residual energy: at 1 twice the MSE of an MSE-optimal decoder,
   with the input's variance restored, the point Blau & Michaeli 2018 (arXiv:1711.06077) and Freirich
@@ -24,7 +29,7 @@ generator. Here:
   posterior). ``beta = 0`` returns ``x_hat`` itself.
 
 Buffers only (plain tensors), so a model holding one loads with ``torch.load(weights_only=True)``;
-their shapes follow from ``(features, n_mels, n_bands)``. Every draw takes a ``torch.Generator``.
+their shapes follow from ``(features, n_mels, n_bands, exemplars, frames)``. Every draw takes a ``torch.Generator``.
 Shapes: windows ``(B, [1,] M, T)``, features (codes) ``(B, D)``.
 """
 
@@ -45,6 +50,8 @@ MAX_RHO = 0.95
 ENERGY_FLOOR = 1e-6
 #: Added to the bin covariance's diagonal, relative to its mean diagonal, before its Cholesky factor.
 SHAPE_JITTER = 1e-5
+#: Where the texture comes from (module docstring); the first is the default, the one that measures best.
+SOURCES = ("exemplar", "gaussian")
 #: Added to a band's variance before its log in window_features (normalised log-mel units): a flat band
 #: of a decoded window stays finite, far below any band of music (~0.1 and up).
 VARIANCE_FLOOR = 1e-4
@@ -80,13 +87,15 @@ class DetailStats:
     """One pass over (features, residual) batches: what :meth:`DetailModel.fit` needs, in float64.
 
     Keeps every example's features and band energies (small: ``N x (D + n_bands)``) and sums over
-    examples and frames for the bin covariance and the lag-1 correlation of the band-normalised residual.
+    examples and frames for the bin covariance and the lag-1 correlation of the band-normalised residual;
+    with `exemplars`, also every band-normalised residual (float16: 32 KiB per 128 x 128 window).
     """
 
-    def __init__(self, n_mels: int, edges: Sequence[tuple[int, int]]) -> None:
+    def __init__(self, n_mels: int, edges: Sequence[tuple[int, int]], exemplars: bool = False) -> None:
         self.edges, self.index = list(edges), band_index(edges, n_mels)
         self.features: list[Tensor] = []
         self.energies: list[Tensor] = []
+        self.exemplars: Optional[list[Tensor]] = [] if exemplars else None
         self.outer = torch.zeros(n_mels, n_mels, dtype=torch.float64)
         self.lag = torch.zeros(n_mels, 2, dtype=torch.float64)  # (M, [sum r_t r_{t-1}, sum r_{t-1}^2])
         self.count = 0
@@ -98,6 +107,8 @@ class DetailStats:
         self.energies.append(energy)
         scale = energy.clamp_min(1e-300).sqrt()[:, self.index, None]  # (B, n_bands) -> (B, M, 1)
         unit = torch.where(scale > 0, r / scale, torch.zeros_like(r))
+        if self.exemplars is not None:
+            self.exemplars.append(unit.half())
         self.outer += torch.einsum("bit,bjt->ij", unit, unit)
         self.lag[:, 0] += (unit[:, :, 1:] * unit[:, :, :-1]).sum(dim=(0, 2))
         self.lag[:, 1] += unit[:, :, :-1].pow(2).sum(dim=(0, 2))
@@ -110,11 +121,13 @@ class DetailModel(nn.Module):
     Buffers: ``feature_mean (D,)``, ``feature_std (D,)``, ``weights (D, n_bands)``, ``bias (n_bands,)``,
     ``log_range (2, n_bands)`` (the training log energies' extent, widened by one: predictions are
     clamped into it), ``band_of_bin (M,)``, ``scale_tril (M, M)`` (Cholesky factor of the bin
-    covariance of the band-normalised residual), ``rho (M,)`` (lag-1 correlation per bin).
+    covariance of the band-normalised residual), ``rho (M,)`` (lag-1 correlation per bin), ``exemplars
+    (K, M, frames)`` float16 (band-normalised training residuals; K = 0: the Gaussian source).
     """
 
-    def __init__(self, features: int, n_mels: int, n_bands: int) -> None:
+    def __init__(self, features: int, n_mels: int, n_bands: int, exemplars: int = 0, frames: int = 0) -> None:
         super().__init__()
+        self.register_buffer("exemplars", torch.zeros(exemplars, n_mels, frames, dtype=torch.float16))
         self.register_buffer("feature_mean", torch.zeros(features))
         self.register_buffer("feature_std", torch.ones(features))
         self.register_buffer("weights", torch.zeros(features, n_bands))
@@ -146,7 +159,17 @@ class DetailModel(nn.Module):
                             ("rho", (stats.lag[:, 0] / stats.lag[:, 1].clamp_min(1e-300)).clamp(0.0, MAX_RHO))):
             getattr(self, name).copy_(value)
         self.band_of_bin.copy_(stats.index)
+        if len(self.exemplars):
+            bank = torch.cat(stats.exemplars or [])
+            if bank.shape != self.exemplars.shape:
+                raise ValueError(f"{tuple(bank.shape)} exemplars for a model of {tuple(self.exemplars.shape)}")
+            self.exemplars.copy_(bank)
         return self
+
+    @property
+    def source(self) -> str:
+        """Where the texture comes from: "exemplar" (a bank of training residuals) or "gaussian"."""
+        return "exemplar" if len(self.exemplars) else "gaussian"
 
     def energy(self, features: Tensor) -> Tensor:
         """Predicted mean square residual per band: ``(B, D)`` -> ``(B, n_bands)`` float32."""
@@ -159,8 +182,11 @@ class DetailModel(nn.Module):
         return self.energy(features)[:, self.band_of_bin].sqrt()
 
     def unit_noise(self, batch: int, frames: int, generator: Optional[torch.Generator] = None) -> Tensor:
-        """``(batch, M, frames)`` stationary noise with the residual's bin covariance and lag-1 correlation
-        (drawn on the CPU from `generator`, so the same seed gives the same noise on every device)."""
+        """``(batch, M, frames)`` texture of unit energy per band on average: training residuals (the exemplar
+        source, see :func:`exemplar_texture`) or stationary noise with the residual's bin covariance and lag-1
+        correlation (drawn on the CPU from `generator`, so the same seed gives the same noise on every device)."""
+        if len(self.exemplars):
+            return exemplar_texture(self.exemplars.detach().cpu(), batch, frames, generator)
         m = self.rho.shape[0]
         tril, rho = self.scale_tril.detach().cpu().float(), self.rho.detach().cpu().float()[None, :]
         # Innovations of the AR(1) carry sqrt(1 - rho^2) of each bin's variance, so every frame has the
@@ -178,6 +204,30 @@ class DetailModel(nn.Module):
         """Detail for windows of codes `features`: ``(B, D)`` -> ``(B, M, frames)``, on the features' device."""
         unit = self.unit_noise(features.shape[0], frames, generator).to(features.device)
         return unit * self.bin_scale(features).to(unit)[:, :, None]
+
+
+def exemplar_texture(bank: Tensor, batch: int, frames: int, generator: Optional[torch.Generator] = None) -> Tensor:
+    """``batch`` textures of `frames` frames from a bank ``(K, M, T)`` of unit-energy residual windows.
+
+    At ``frames = T`` each is one window of the bank, drawn at random (with replacement): its structure is
+    a real residual's, whole. Longer (a piece) or shorter: windows drawn at random every ``T // 2`` frames,
+    cross-faded with a sine window whose squares sum to one, so independent draws keep unit energy.
+
+    Returns:
+        ``(batch, M, frames)`` float32 on the CPU.
+    """
+    k, m, t = bank.shape
+    if frames == t:
+        return bank[torch.randint(k, (batch,), generator=generator)].float()
+    hop = max(t // 2, 1)
+    count = frames // hop + 2  # the first starts half a window early, so every frame is covered twice
+    picks = torch.randint(k, (count, batch), generator=generator)
+    window = torch.sin(torch.pi * (torch.arange(t) + 0.5) / t)  # sin^2 at a half-window hop sums to one
+    out, weight = torch.zeros(batch, m, (count + 1) * hop + t), torch.zeros((count + 1) * hop + t)
+    for i in range(count):  # one window at a time: a three-hour piece is ~14,000 of them
+        out[:, :, i * hop:i * hop + t] += bank[picks[i]].float() * window
+        weight[i * hop:i * hop + t] += window.pow(2)
+    return (out / weight.clamp_min(1e-12).sqrt())[:, :, hop:hop + frames]
 
 
 def add_detail(x_hat: Tensor, features: Tensor, model: Optional[DetailModel], beta: float,

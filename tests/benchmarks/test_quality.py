@@ -263,6 +263,8 @@ def test_benchmark_end_to_end(tmp_path):
         assert min(detail[(name, 0.0, 1.0)]["band_ratio"]) > min(detail[(name, 0.0, 0.0)]["band_ratio"])
     assert all(0 <= r["two_sample"]["accuracy"] <= 1 for r in detail.values())
     assert "## Generated detail" in (tmp_path / "again" / "results.md").read_text()
+    assert again_data["detail"]["source"] == "exemplar" and "prior_windows" not in again_data
+    assert (tmp_path / "again" / "issue_mels.png").stat().st_size > 0
 
 
 def test_linear_references_bracket_the_training_pca():

@@ -86,3 +86,17 @@ def test_detail_without_the_training_music_is_refused_in_one_line(ckpt, tmp_path
     assert generate.main([*argv, "--out", str(tmp_path / "detail"), "--detail", "0.5"]) == 2
     err = capsys.readouterr().err
     assert "--detail" in err and "training music" in err and str(tmp_path / "gone") in err and "Traceback" not in err
+
+
+def test_detail_source_picks_the_texture_and_a_bad_one_is_refused(ckpt, tmp_path, capsys):
+    gaussian = load_generation_model(ckpt, detail=0.5, detail_source="gaussian")
+    assert gaussian.detail.model.source == "gaussian" and len(gaussian.detail.model.exemplars) == 0
+    default = load_generation_model(ckpt, detail=0.5)
+    assert default.detail.model.source == "exemplar" and len(default.detail.model.exemplars) > 0
+    assert not torch.equal(reconstruct_mel(gaussian, piece(), seed=3), reconstruct_mel(default, piece(), seed=3))
+    argv = ["sample", "--ckpt_path", str(ckpt), "-n", "1", "--griffin_lim_iters", "4", "--detail", "0.5"]
+    with pytest.raises(SystemExit) as exit_info:  # the parser's own refusal: status 2, one message
+        generate.main([*argv, "--out", str(tmp_path / "bad"), "--detail_source", "pink"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--detail_source" in err and "pink" in err and "Traceback" not in err and not (tmp_path / "bad").exists()

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from musicvae.models.detail import DetailModel, DetailStats, add_detail, band_energy, window_features
+from musicvae.models.detail import DetailModel, DetailStats, add_detail, band_energy, exemplar_texture, window_features
 
 EDGES = [(0, 4), (4, 10), (10, 16)]
 M, T, D = 16, 32, 6
@@ -83,3 +83,38 @@ def test_window_features_are_each_bands_level_and_log_variance():
     assert features[0, 2] == pytest.approx(float(band.mean()), rel=1e-5)
     assert features[0, 3] == pytest.approx(math.log(float(band.var(correction=0)) + 1e-4), rel=1e-5)
     assert features[1, 1] == pytest.approx(math.log(1e-4))
+
+
+def test_exemplar_detail_is_a_training_residual_at_the_predicted_band_energy():
+    codes, residual = synthetic(120)
+    stats = DetailStats(M, EDGES, exemplars=True)
+    for c, r in zip(codes.split(50), residual.split(50)):
+        stats.update(c, r)
+    model = DetailModel(D, M, len(EDGES), exemplars=120, frames=T).fit(stats)
+    assert model.source == "exemplar" and fitted(codes, residual).source == "gaussian"
+    x_hat = torch.zeros(6, 1, M, T)
+    assert add_detail(x_hat, codes[:6], model, 0.0) is x_hat  # strength 0: the decoder output itself
+    noise = add_detail(x_hat, codes[:6], model, 1.0, torch.Generator().manual_seed(3))[:, 0]
+    # Each window's detail is one training residual, whole, rescaled band by band: its band energy is exactly
+    # the energy predicted for that window's code (float16 storage: 1e-3), and its shape is the residual's.
+    assert torch.allclose(band_energy(noise, EDGES), model.energy(codes[:6]).double(), rtol=3e-3)
+    unit = noise / model.bin_scale(codes[:6])[:, :, None]
+    bank = residual[:, 0].double() / band_energy(residual, EDGES).sqrt()[:, model.band_of_bin, None]
+    nearest = torch.cdist(unit.flatten(1).double(), bank.flatten(1)).min(dim=1).values
+    assert (nearest < 1e-2 * bank[0].norm()).all()
+    again = add_detail(x_hat, codes[:6], model, 1.0, torch.Generator().manual_seed(3))[:, 0]
+    assert torch.equal(noise, again)
+
+
+def test_exemplar_texture_of_any_length_keeps_unit_energy():
+    g = torch.Generator().manual_seed(0)
+    bank = torch.randn(40, M, T, generator=g)
+    bank = (bank / bank.pow(2).mean(dim=(1, 2), keepdim=True).sqrt()).half()  # unit energy per window
+    assert torch.equal(exemplar_texture(bank, 3, T, torch.Generator().manual_seed(1)),
+                       bank[torch.randint(40, (3,), generator=torch.Generator().manual_seed(1))].float())
+    for frames in (T // 3, 5 * T + 7):  # a short tail, a piece: cross-faded windows
+        texture = exemplar_texture(bank, 2, frames, g)
+        assert texture.shape == (2, M, frames) and torch.isfinite(texture).all()
+        # Independent unit-energy draws cross-faded with squares summing to one: unit energy on average
+        # (M x frames x 2 nearly independent values, 5 standard deviations of their mean square).
+        assert abs(float(texture.pow(2).mean()) - 1) < 5 * math.sqrt(2 / texture.numel()) * 2

@@ -23,8 +23,9 @@ from musicvae.benchmarks.quality import (PathShares, data_range, fit_compensatio
                                          linear_references, markdown_report, markdown_table, prior_diagnostics,
                                          reference_statistics, score_decoder)
 from musicvae.benchmarks.prior_quality import markdown_lines, two_sample_results
-from musicvae.benchmarks.detail_plane import DETAIL_SEED, detail_lines, detail_plane, parse_strengths
-from musicvae.models.detail import add_detail, window_features
+from musicvae.benchmarks.decodings_figure import decodings_figure, decodings_panels
+from musicvae.benchmarks.detail_plane import detail_lines, detail_plane, parse_strengths
+from musicvae.models.detail import SOURCES
 from musicvae.inference.detail import fit_detail
 from musicvae.compensation import compensate
 from musicvae.evaluation.realism import prior_realism
@@ -122,7 +123,7 @@ def other_decoder(path: str, test_dm, validation, common: dict, log=print) -> di
 
 def benchmark(ckpt_path: Path, train_dir, test_dir: str, out: Path, cache_dir, n_prior: int,
               log=print, references: bool = False, also: tuple[str, ...] = (), two_sample_seeds: int = 0,
-              fit_prior: bool = False, detail_strengths: tuple[float, ...] = ()) -> dict:
+              fit_prior: bool = False, detail_strengths: tuple[float, ...] = (), detail_source: str = SOURCES[0]) -> dict:
     from musicvae.inference.loading import datamodule_for, load_module, resolve_alpha
 
     module, ckpt = load_module(ckpt_path)
@@ -202,19 +203,26 @@ def benchmark(ckpt_path: Path, train_dir, test_dir: str, out: Path, cache_dir, n
         "goals": goal_rows(vae, pca_scores, prior, int(hp.latent_dim), prior_sharp),
     }
     result["extra_points"] = [other_decoder(path, test_dm, validation, common, log) for path in also]
+    prior_windows, shown_detail = {"standard": samples[:2]}, (None, 0.0)  # for issue_mels.png
     if two_sample_seeds or fit_prior:
         found = two_sample_results(module, test, validation, windows, vae_fit["gain"], vae_fit["alpha"], edges,
                                    range(two_sample_seeds), fit_prior, log)
+        prior_windows = found.pop("prior_windows")
         if "prior_c2st_vs_reconstructions" in found:
             result["prior"]["c2st_vs_reconstructions"] = found.pop("prior_c2st_vs_reconstructions")
         result.update(found)
     if detail_strengths:
         started = time.monotonic()
-        result["detail"], result["_detail_windows"] = detail_results(
+        result["detail"], shown_detail = detail_results(
             module, pca, windows, test, vae_fit, pca_fit, edges, detail_strengths, range(two_sample_seeds),
-            test_dm.batch_size)
+            test_dm.batch_size, detail_source)
         log(f"generated detail at strengths {list(detail_strengths)} in {time.monotonic() - started:.0f} s")
     write_figures(out, result, test, samples, sharp_samples, module, edges)
+    index = len(test) // 2
+    panels, titles = decodings_panels(test[index][None], module.reconstruct, vae_fit["gain"], vae_fit["alpha"], edges,
+                                      *shown_detail, prior_windows)
+    decodings_figure(panels, titles, f"window {index} of {test_dm.folder}: the VAE's decodings, then prior samples"
+                     ).savefig(out / "issue_mels.png", dpi=90)
     if split is not None:
         result["linear_path"] = split.compute()
     if references:
@@ -229,25 +237,19 @@ def benchmark(ckpt_path: Path, train_dir, test_dir: str, out: Path, cache_dir, n
 
 
 def detail_results(module, pca, windows, test, vae_fit: dict, pca_fit: dict, edges, strengths, seeds,
-                   batch_size: int) -> tuple[dict, list]:
+                   batch_size: int, source: str = SOURCES[0]) -> tuple[dict, tuple]:
     """musicvae.benchmarks.detail_plane for the VAE and PCA, each with a detail generator fitted on the training
-    windows' own residuals and codes (musicvae.inference.detail.fit_detail); and, for mels.png, the VAE's
-    output of the figure's window with detail at the largest strength, at alpha 0 and at its perceptual point."""
+    windows' own residuals and codes (musicvae.inference.detail.fit_detail); and, for issue_mels.png, the VAE's
+    detail model and the largest strength."""
     n_mels, shape = int(module.hparams.n_mels), (1, int(module.hparams.n_mels), int(module.hparams.frames))
     codecs = {"VAE": (lambda x: module.vae.encode(x.to(module.device))[0], lambda z: module.vae.decode(z).cpu(), vae_fit),
               "PCA": (lambda x: pca.encode(x).float(), lambda c: pca.decode(c.to(pca.mean.dtype), shape).float(),
                       pca_fit)}
     decoders = {name: {"encode": encode, "decode": decode, "gain": fit["gain"], "alpha": fit["alpha"],
-                       "detail": fit_detail(encode, decode, windows, n_mels, edges, batch_size)}
+                       "detail": fit_detail(encode, decode, windows, n_mels, edges, batch_size, source=source)}
                 for name, (encode, decode, fit) in codecs.items()}
-    found = detail_plane(decoders, test, n_mels, edges, strengths, list(seeds), batch_size)
-    vae, beta = decoders["VAE"], max(strengths)
-    x = test[len(test) // 2][None]  # the window of mels.png
-    x_hat = vae["decode"](vae["encode"](x))
-    windows = [(f"VAE, alpha {alpha:.2f}, detail {beta:g}",
-                add_detail(compensate(x_hat, vae["gain"], alpha, edges), window_features(x_hat, edges), vae["detail"],
-                           beta, torch.Generator().manual_seed(DETAIL_SEED))) for alpha in (0.0, vae["alpha"])]
-    return found, windows
+    found = {"source": source, **detail_plane(decoders, test, n_mels, edges, strengths, list(seeds), batch_size)}
+    return found, (decoders["VAE"]["detail"], max(strengths))
 
 
 def prior_realism_fields(samples: torch.Tensor, test) -> dict:
@@ -279,9 +281,6 @@ def write_figures(out: Path, result: dict, test, samples: torch.Tensor, sharp_sa
     for extra in result.get("extra_points", []):
         mels.append(extra.pop("_window"))
         titles.append(f"{extra['label'].split('/')[0]}, alpha 0")
-    for title, window in result.pop("_detail_windows", []):
-        mels.append(window)
-        titles.append(title)
     mels += [samples[:1], sharp_samples[:1], samples[1:2], sharp_samples[1:2]]
     titles += ["prior sample 0, alpha 0", f"prior sample 0, alpha {alpha:.2f}", "prior sample 1, alpha 0",
                f"prior sample 1, alpha {alpha:.2f}"]
@@ -326,6 +325,9 @@ def main(argv=None) -> int:
                         help="also put generated detail (musicvae/models/detail.py, fitted on the training windows) on "
                              "the VAE's and PCA's outputs at these strengths, e.g. 0,0.5,1, with alpha 0 and each one's "
                              "perceptual point (two-sample accuracy too with --two_sample_seeds; default: off)")
+    parser.add_argument("--detail_source", choices=SOURCES, default=SOURCES[0],
+                        help="texture of the generated detail: exemplar (training residuals) or gaussian (noise "
+                             "with their covariance) (default: %(default)s)")
     args = parse_command(parser, argv)
     if args.ckpt_path is None:
         if args.train_dir is None or args.config is None:
@@ -360,7 +362,7 @@ def main(argv=None) -> int:
         result = benchmark(ckpt_path, args.train_dir, args.test_dir, out, args.cache_dir, args.prior_samples,
                            references=args.references, also=tuple(args.also),
                            two_sample_seeds=args.two_sample_seeds, fit_prior=args.fit_prior,
-                           detail_strengths=strengths)
+                           detail_strengths=strengths, detail_source=args.detail_source)
     except MusicVAEError as err:
         sys.stderr.write(f"benchmark_quality: error: {err}\n")
         return 2
