@@ -29,6 +29,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from musicvae.data.segments import Normalizer
+from musicvae.errors import DataError
 from musicvae.evaluation.realism import trade_off
 from musicvae.evaluation.two_sample import noise_control, two_sample_test
 from musicvae.evaluation.two_sample_report import DEFAULT_WINDOWS, interleaved_windows, stack_windows
@@ -125,6 +126,44 @@ def add_ratios(rows: list[dict[str, Any]], pca_mse: dict[int, float], reference:
         row["mse_over_pca_same_size"] = row["mse"] / pca_mse[row["latent_size"]]
         row["realism_over_floor"] = {view: row["realism"][view] / floor[view] if floor[view] > 0 else math.nan
                                      for view in REALISM_VIEWS}
+
+
+def merge_results(results: list[dict[str, Any]], sources: list[str]) -> dict[str, Any]:
+    """One map from several runs on the same data (e.g. the linear codes once, checkpoints as they finish).
+
+    The runs must share the data (folders, split seed, mel settings, normalisation), the window counts and
+    so the realism floor, and, where both measured it, the two-sample seeds and floor; a run without the
+    two-sample test adds rows without it. A label met twice keeps its first row (a rerun of a row on the
+    same data gives the same figures: the fits and the classifier are seeded).
+
+    Raises:
+        DataError: naming the first of `sources` that differs, and in what.
+    """
+    first = results[0]
+    measured = [result for result in results if result["two_sample_seeds"]]  # runs with the two-sample test
+    two = measured[0] if measured else first
+    merged = {**first, "rows": [], "pca_references": [], "sizes": [], "two_sample_seeds": two["two_sample_seeds"],
+              "floors": {**first["floors"], "two_sample": two["floors"]["two_sample"]},
+              "windows": {**first["windows"], "two_sample_per_side": two["windows"]["two_sample_per_side"]},
+              "command": "musicvae benchmark-map --merge " + " ".join(sources),
+              "merged_from": [r["command"] for r in results], "seconds": sum(r["seconds"] for r in results)}
+    counts = ("train", "test", "realism_per_half")
+    for result, source in zip(results, sources):
+        same = {"data": result["data"] == first["data"],
+                "reference size": result["reference_size"] == first["reference_size"],
+                "window counts": all(result["windows"][k] == first["windows"][k] for k in counts),
+                "realism floor": result["floors"]["realism"] == first["floors"]["realism"]}
+        if result["two_sample_seeds"]:
+            same["two-sample seeds"] = result["two_sample_seeds"] == two["two_sample_seeds"]
+            same["two-sample floor"] = result["floors"]["two_sample"] == two["floors"]["two_sample"]
+        if not all(same.values()):
+            raise DataError(f"--merge {source}: its {', '.join(k for k, v in same.items() if not v)} differ from "
+                            f"{sources[0]}'s; merge only runs on the same folders, --seed, --frames and mel settings")
+        for key in ("rows", "pca_references"):
+            known = {row["label"] for row in merged[key]}
+            merged[key] += [row for row in result[key] if row["label"] not in known]
+        merged["sizes"] = sorted({*merged["sizes"], *result["sizes"]})
+    return merged
 
 
 def _cell(value: Optional[float], digits: str = ".4g") -> str:

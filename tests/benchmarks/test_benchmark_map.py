@@ -72,6 +72,27 @@ def test_the_map_scores_codes_and_checkpoints_on_the_same_windows(tiny_run, tmp_
     # Checkpoints sharing a latent size are separate labelled points.
     labels = {t.get_text() for ax in map_figure(data).axes for t in ax.texts}
     assert {"tiny", "again"} <= labels
+    # --merge: a later run on the same data without the two-sample test adds its rows to one map.
+    later = {**data, "two_sample_seeds": [], "floors": {**data["floors"], "two_sample": None},
+             "windows": {**data["windows"], "two_sample_per_side": None},
+             "rows": [{k: v for k, v in {**rows["tiny"], "label": "later"}.items() if k != "two_sample"},
+                      rows["dct-4"]]}
+    (tmp_path / "later").mkdir()
+    (tmp_path / "later" / "results.json").write_text(json.dumps(later))
+    merge = load_script("benchmark_map").main
+    assert merge(["--merge", str(tmp_path / "later"), str(tmp_path / "map"), "--out", str(tmp_path / "both")]) == 0
+    both = json.loads((tmp_path / "both" / "results.json").read_text())
+    assert [r["label"] for r in both["rows"]] == ["later", "dct-4", "pca-4", "tiny", "again"]
+    assert both["floors"]["two_sample"] == data["floors"]["two_sample"] and both["two_sample_seeds"] == [0]
+    assert both["merged_from"] == [data["command"], data["command"]]
+    assert "| later | 8 |" in (tmp_path / "both" / "results.md").read_text()
+    other = {**later, "data": {**later["data"], "seed": 99}}
+    (tmp_path / "later" / "results.json").write_text(json.dumps(other))
+    assert merge(["--merge", str(tmp_path / "map"), str(tmp_path / "later"), "--out", str(tmp_path / "no")]) == 2
+    err = capsys.readouterr().err
+    assert f"--merge {tmp_path / 'later'}: its data differ" in err and "Traceback" not in err
+    assert merge(["--merge", str(tmp_path / "nowhere"), "--out", str(tmp_path / "no")]) == 2
+    assert "results.json" in capsys.readouterr().err
 
 
 def test_a_checkpoint_is_scored_in_the_data_s_units():

@@ -2,7 +2,8 @@
 
 `musicvae benchmark-map --train_dir DIR --test_dir DIR --out DIR [--sizes 32,64,128,256,512]
 [--ckpt LABEL=PATH ...] [--two_sample_seeds 3] [--reference_size 128] [--frames 128] [--seed 0]
-[--cache_dir DIR] [--data.mel.* ...]`.
+[--cache_dir DIR] [--data.mel.* ...]`, or `musicvae benchmark-map --merge DIR DIR ... --out DIR`: one
+map from earlier runs on the same data (the linear codes once, checkpoints as their training ends).
 
 Prepares both folders as `linear-codes` does (the training folder's training split by --seed, z-scored
 with its statistics; every window of the test folder) and scores, at alpha 0 on the same held-out
@@ -13,6 +14,7 @@ distances over their floor, and the classifier two-sample accuracy with its mome
 control (musicvae.benchmarks.latent_map). Writes results.json, results.md and map.png into --out.
 """
 
+import json
 import math
 import re
 import shlex
@@ -26,7 +28,7 @@ import torch
 from musicvae.benchmarks.commands.benchmark_quality import check_folders
 from musicvae.benchmarks.commands.linear_codes import data_modules, prepared
 from musicvae.benchmarks.latent_map import (Decoder, TwoSampleWindows, add_ratios, checkpoint_decoder, map_figure,
-                                            markdown_lines, score_decoder)
+                                            markdown_lines, merge_results, score_decoder)
 from musicvae.commands.parsing import add_mel_arguments, command_parser, mel_settings, parse_command, report_error
 from musicvae.data.segments import Normalizer
 from musicvae.errors import CheckpointError, ConfigError, DataError, MusicVAEError
@@ -165,11 +167,28 @@ def benchmark(args: Any, checkpoints: list[tuple[str, Path]], sizes: list[int], 
             "floors": floors, "rows": rows, "pca_references": references, "seconds": time.monotonic() - started}
 
 
+def read_results(folder: Path) -> dict[str, Any]:
+    """An earlier run's results.json, as data: a missing or foreign file is refused in one line."""
+    path = folder / "results.json"
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(f"--merge {folder}: cannot read {path} ({err}); give a folder benchmark-map wrote") from None
+    keys = ("command", "data", "windows", "floors", "rows", "pca_references", "sizes", "two_sample_seeds",
+            "reference_size", "seconds")
+    if not isinstance(result, dict) or any(key not in result for key in keys):
+        raise DataError(f"--merge {folder}: {path} is not a benchmark-map result (it lacks "
+                        f"{', '.join(k for k in keys if not isinstance(result, dict) or k not in result)})")
+    return result
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = command_parser("benchmark-map", __doc__.splitlines()[0])
-    parser.add_argument("--train_dir", required=True, help="folder the linear codes are fitted on (its training split)")
-    parser.add_argument("--test_dir", required=True, help="held-out folder: every recording is scored")
+    parser.add_argument("--train_dir", help="folder the linear codes are fitted on (its training split)")
+    parser.add_argument("--test_dir", help="held-out folder: every recording is scored")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                        help="instead of scoring: one map from these earlier --out folders (same data and --seed)")
     parser.add_argument("--out", required=True, help="results folder (created): results.json, results.md, map.png")
     parser.add_argument("--sizes", default=DEFAULT_SIZES, help="latent sizes of the linear codes (default: %(default)s)")
     parser.add_argument("--ckpt", action="append", default=[], metavar="LABEL=PATH",
@@ -196,8 +215,13 @@ def main(argv=None) -> int:
         if min(args.reference_size, args.frames) < 1 or args.two_sample_seeds < 0:
             raise ConfigError(f"--reference_size {args.reference_size}, --frames {args.frames}, --two_sample_seeds "
                               f"{args.two_sample_seeds}: sizes and frames must be positive, seeds 0 (off) or more")
-        with torch.no_grad():  # scoped: tests call main() in-process; the two-sample classifiers enable it
-            result = benchmark(args, checkpoints, sizes, log)
+        if args.merge:
+            result = merge_results([read_results(Path(folder)) for folder in args.merge], args.merge)
+        elif not (args.train_dir and args.test_dir):
+            raise ConfigError("--train_dir and --test_dir are required (or --merge DIR ... to combine earlier runs)")
+        else:
+            with torch.no_grad():  # scoped: tests call main() in-process; the two-sample classifiers enable it
+                result = benchmark(args, checkpoints, sizes, log)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         lines = markdown_lines(result)
