@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -138,3 +140,45 @@ def detail_lines(found: dict[str, Any] | None, pca_mse: float) -> list[str]:
             "two-sample section).", "",
             *markdown_table(("decoder", "alpha", "beta", "MSE", "/ PCA MSE at 0", "realism frames", "realism diffs",
                              "lowest band ratio", "two-sample accuracy"), cells), ""]
+
+
+def plane_figure(found: dict[str, Any], floors: dict[str, float], title: str = "") -> Figure:
+    """The distortion-perception plane of the detail rows: MSE against each realism view and against
+    two-sample accuracy (error bars: the seed spread), one line per decoder and compensation strength
+    through its detail strengths; floors (music against music; accuracy 0.5) dashed."""
+    fig = Figure(figsize=(13.5, 4.2), layout="constrained")
+    axes = fig.subplots(1, 3)
+    views = [("frames", "realism: Fréchet distance of mel frames", floors.get("frames")),
+             ("differences", "realism: Fréchet distance of mel differences", floors.get("differences")),
+             ("two_sample", "two-sample accuracy (0.5: indistinguishable)", 0.5)]
+    lines: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for row in found["rows"]:
+        lines.setdefault((row["decoder"], row["alpha"]), []).append(row)
+    for (decoder, alpha), rows in lines.items():
+        rows = sorted(rows, key=lambda r: r["beta"])
+        mse = [r["mse"] for r in rows]
+        for ax, (view, label, floor) in zip(axes, views):
+            if view == "two_sample":
+                if not all(r.get("two_sample") for r in rows):
+                    continue
+                x = [r["two_sample"]["accuracy"] for r in rows]
+                ax.errorbar(x, mse, xerr=[r["two_sample"]["spread"] for r in rows], marker="o", capsize=3,
+                            label=f"{decoder}, alpha {alpha:.2f}")
+            else:
+                x = [r["realism"][view] for r in rows]
+                ax.plot(x, mse, marker="o", label=f"{decoder}, alpha {alpha:.2f}")
+            for r, xi, yi in zip(rows, x, mse):
+                ax.annotate(f"β={r['beta']:g}", (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for ax, (view, label, floor) in zip(axes, views):
+        if floor is not None:
+            ax.axvline(floor, color="0.4", linestyle="--", label="floor")
+        if view != "two_sample":
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # the decade's minor labels overlap
+        ax.set_xlabel(label)
+        ax.set_ylabel("MSE (normalised units)")
+        ax.grid(alpha=0.3)
+    axes[-1].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return fig

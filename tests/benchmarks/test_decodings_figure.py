@@ -58,4 +58,4 @@ def test_benchmark_quality_writes_the_issue_figure(tiny_run, tmp_path):
         "--ckpt_path", str(tiny_run["ckpt_dir"] / "best.ckpt"), "--prior_samples", "4", "--fit_prior",
         "--detail_strengths", "0,1"])
     assert code == 0
-    assert (out / "issue_mels.png").stat().st_size > 0
+    assert (out / "issue_mels.png").stat().st_size > 0 and (out / "detail_plane.png").stat().st_size > 0

@@ -24,7 +24,7 @@ from musicvae.benchmarks.quality import (PathShares, data_range, fit_compensatio
                                          reference_statistics, score_decoder)
 from musicvae.benchmarks.prior_quality import markdown_lines, two_sample_results
 from musicvae.benchmarks.decodings_figure import decodings_figure, decodings_panels
-from musicvae.benchmarks.detail_plane import detail_lines, detail_plane, parse_strengths
+from musicvae.benchmarks.detail_plane import detail_lines, detail_plane, parse_strengths, plane_figure
 from musicvae.models.detail import SOURCES
 from musicvae.inference.detail import fit_detail
 from musicvae.compensation import compensate
@@ -223,6 +223,10 @@ def benchmark(ckpt_path: Path, train_dir, test_dir: str, out: Path, cache_dir, n
                                       *shown_detail, prior_windows)
     decodings_figure(panels, titles, f"window {index} of {test_dm.folder}: the VAE's decodings, then prior samples"
                      ).savefig(out / "issue_mels.png", dpi=90)
+    if result.get("detail"):
+        plane_figure(result["detail"], result["detail"]["floor"],
+                     f"held out: {test_dm.folder}; detail strengths beta per decoder and alpha").savefig(
+            out / "detail_plane.png", dpi=90)
     if split is not None:
         result["linear_path"] = split.compute()
     if references:
