@@ -222,7 +222,7 @@ def fit_switched_code(data: Tensor, shape: tuple[int, int], k: int, modes: int, 
     return code
 
 
-def fit_clustered_pca(data: Tensor, shape: tuple[int, int], k: int, modes: int, iters: int = 5,
+def fit_clustered_pca(data: Tensor, shape: tuple[int, int], k: int, modes: int, iters: int = 10,
                       seed: int = 0) -> ClusteredPCA:
     """A :class:`ClusteredPCA` of at most `modes` modes, fitted by the generalised Lloyd algorithm.
 
