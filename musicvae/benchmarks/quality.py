@@ -56,7 +56,8 @@ def linear_references(train_x: Tensor, test_x: Tensor, latent_dim: int, multiple
             and the 2-D DCT (musicvae.models.linear_codes) with `latent_dim` and each multiple's components,
             fitted on the training segments: the linear path's other starting points.
         val_x: ``(V, D)`` more held-out segments (e.g. the training folder's validation recordings);
-            when given, each row also has their MSE as ``"val_mse"``.
+            when given, each row also has their MSE as ``"val_mse"``, and the MSE on the segments the
+            code was fitted on as ``"train_mse"`` (from its variances: the total minus the kept).
 
     Returns:
         Rows ``{"name", "basis", "components", "fitted_on", "mse"}``; MSE over every test value.
@@ -71,7 +72,8 @@ def linear_references(train_x: Tensor, test_x: Tensor, latent_dim: int, multiple
     def scores(pca: LinearCode) -> dict[str, float]:
         if val_x is None:
             return {"mse": set_mse(pca, test_x)}
-        return {"mse": set_mse(pca, test_x), "val_mse": set_mse(pca, val_x)}
+        fitted_mse = (pca.total_variance - float(pca.variances.sum())) / pca.mean.numel()
+        return {"mse": set_mse(pca, test_x), "val_mse": set_mse(pca, val_x), "train_mse": fitted_mse}
 
     rows = []
     for m in multiples:

@@ -83,6 +83,8 @@ def test_switched_codes_are_scored_on_validation_and_test_windows_beside_dct_k(t
     assert all("val_mse" in r for r in rows.values())
     one, pca4 = table[("pca", 1, ())], rows[("pca", "train", 4)]  # one mode: PCA-3, inside PCA-4's span
     assert one["mse"] >= pca4["mse"] * (1 - 1e-6) and one["val_mse"] >= pca4["val_mse"] * (1 - 1e-6)
+    # PCA is the best linear code of its size on the windows it was fitted on.
+    assert 0 < pca4["train_mse"] <= rows[("dct", "train", 4)]["train_mse"] and pca4["train_mse"] <= one["train_mse"]
 
 
 def test_bad_switched_values_are_named(tmp_path, capsys):

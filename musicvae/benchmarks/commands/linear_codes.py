@@ -98,7 +98,7 @@ def print_switched(rows: list[dict], table: list[dict], k: int, n_val: int) -> N
     print("|---|---|---|---|---|---|---|---|---|")
     for name, r in ((f"PCA-{k}", ref["pca"]), (f"dct-{k}", ref["dct"])):
         print(f"| {name} | - | {r['val_mse']:.5f} | {r['val_mse'] / ref['dct']['val_mse']:.4f} | {r['mse']:.5f} | "
-              f"{r['mse'] / ref['dct']['mse']:.4f} | {r['mse'] / ref['pca']['mse']:.4f} | - | - |")
+              f"{r['mse'] / ref['dct']['mse']:.4f} | {r['mse'] / ref['pca']['mse']:.4f} | {r['train_mse']:.5f} | - |")
     for r in table:
         print(f"| {r['name']} | {r['modes']} | {r['val_mse']:.5f} | {r['val_mse'] / ref['dct']['val_mse']:.4f} | "
               f"{r['mse']:.5f} | {r['mse'] / ref['dct']['mse']:.4f} | {r['mse'] / ref['pca']['mse']:.4f} | "
