@@ -203,6 +203,8 @@ def fit_switched_code(data: Tensor, shape: tuple[int, int], k: int, modes: int, 
     # the fit needs nothing else, since the mean is fixed and the transforms are orthonormal.
     energy = [torch.cat([code.coefficients(data[s:s + CHUNK], i).pow(2).float() for s in range(0, n, CHUNK)])
               for i in range(len(blocks))]
+    for i, e in enumerate(energy):  # a mode that never gets a window stays the frozen code of its layout
+        code.support[layout == i] = e.double().sum(0).topk(k).indices
     assign = initial_partition(energy[0], k, per, seed).repeat(len(blocks), 1)  # (L, N): the same start in each layout
     for _ in range(iters + 1):
         for i, e in enumerate(energy):  # each mode keeps the coefficients of most energy among its windows

@@ -90,3 +90,13 @@ def test_clustered_pca_finds_two_subspaces_that_one_pca_of_the_same_size_cannot(
     assert clustered.n_modes == 2 and code.shape == (60, K) and index[:30].unique().numel() == 1
     assert index[30:].unique().numel() == 1 and index[0] != index[-1]
     assert mse(clustered, test) < 0.01 * mse(fit_pca(train, K), test)
+
+
+def test_a_mode_left_without_windows_is_the_frozen_code_not_an_empty_one():
+    x, _ = two_kinds(4, 0, dct_basis(T))  # 4 distinct windows for 8 modes: some modes get no window
+    windows_ = x.repeat(5, 1)
+    switched = fit_switched_code(windows_, (M, T), K, 8)
+    used = set(switched.encode(windows_)[0].tolist())
+    frozen = set(fit_switched_code(windows_, (M, T), K, 1).support[0].tolist())
+    assert 2 <= len(used) <= 4 and all(row.unique().numel() == K for row in switched.support)
+    assert all(set(switched.support[i].tolist()) == frozen for i in range(8) if i not in used)
