@@ -38,7 +38,8 @@ ACTIVE_FRAC_GOAL = 0.5         # at least half of the latent dims active
 
 
 def linear_references(train_x: Tensor, test_x: Tensor, latent_dim: int, multiples: Sequence[int] = (2, 4),
-                      batch_size: int = 256, shape: Optional[tuple[int, int]] = None) -> list[dict[str, Any]]:
+                      batch_size: int = 256, shape: Optional[tuple[int, int]] = None,
+                      val_x: Optional[Tensor] = None) -> list[dict[str, Any]]:
     """Test MSE of linear codes around PCA-`latent_dim`, to place the VAE between them.
 
     PCA with `m * latent_dim` components fitted on the training segments says how many linear
@@ -54,31 +55,40 @@ def linear_references(train_x: Tensor, test_x: Tensor, latent_dim: int, multiple
         shape: ``(n_mels, frames)`` of a segment; when given, also the separable basis
             and the 2-D DCT (musicvae.models.linear_codes) with `latent_dim` and each multiple's components,
             fitted on the training segments: the linear path's other starting points.
+        val_x: ``(V, D)`` more held-out segments (e.g. the training folder's validation recordings);
+            when given, each row also has their MSE as ``"val_mse"``, and the MSE on the segments the
+            code was fitted on as ``"train_mse"`` (from its variances: the total minus the kept).
 
     Returns:
         Rows ``{"name", "basis", "components", "fitted_on", "mse"}``; MSE over every test value.
     """
-    def mse(pca: LinearCode) -> float:
+    def set_mse(pca: LinearCode, x: Tensor) -> float:
         total = 0.0
-        for start in range(0, len(test_x), batch_size):
-            chunk = test_x[start:start + batch_size]
+        for start in range(0, len(x), batch_size):
+            chunk = x[start:start + batch_size]
             total += float((pca.reconstruct(chunk) - chunk).double().pow(2).sum())
-        return total / test_x.numel()
+        return total / x.numel()
+
+    def scores(pca: LinearCode) -> dict[str, float]:
+        if val_x is None:
+            return {"mse": set_mse(pca, test_x)}
+        fitted_mse = (pca.total_variance - float(pca.variances.sum())) / pca.mean.numel()
+        return {"mse": set_mse(pca, test_x), "val_mse": set_mse(pca, val_x), "train_mse": fitted_mse}
 
     rows = []
     for m in multiples:
         k = min(m * latent_dim, *train_x.shape)
         rows.append({"name": f"PCA-{k}, training segments", "basis": "pca", "components": k, "fitted_on": "train",
-                     "mse": mse(fit_pca(train_x, k))})
+                     **scores(fit_pca(train_x, k))})
     k = min(latent_dim, *test_x.shape)
     rows.append({"name": f"PCA-{k}, test segments (oracle)", "basis": "pca", "components": k, "fitted_on": "test",
-                 "mse": mse(fit_pca(test_x, k))})
+                 **scores(fit_pca(test_x, k))})
     if shape is not None:
         for basis, mel_basis, label in (("separable", "eigen", "mel eigenvectors x time DCT"), ("dct", "dct", "2-D DCT")):
             for m in dict.fromkeys((1, *multiples)):  # 1 once, even when among the multiples
                 k = min(m * latent_dim, train_x.shape[1])
                 rows.append({"name": f"{basis}-{k} ({label}), training segments", "basis": basis, "components": k,
-                             "fitted_on": "train", "mse": mse(fit_separable_code(train_x, shape, k, mel_basis))})
+                             "fitted_on": "train", **scores(fit_separable_code(train_x, shape, k, mel_basis))})
     return rows
 
 

@@ -18,6 +18,10 @@ _EXPORTS = {
     "MixturePrior": "prior",
     "fit_prior": "prior",
     "nearest_neighbour_check": "prior",
+    "SwitchedCode": "switched_codes",
+    "ClusteredPCA": "switched_codes",
+    "fit_switched_code": "switched_codes",
+    "fit_clustered_pca": "switched_codes",
 }
 __all__ = sorted(_EXPORTS)
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, ['conv1d', 'conv2d', 'discriminator', 'linear_codes', 'linear_path', 'prior'])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, ['conv1d', 'conv2d', 'discriminator', 'linear_codes', 'linear_path', 'prior', 'switched_codes'])

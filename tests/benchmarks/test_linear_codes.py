@@ -65,3 +65,37 @@ def test_bad_knn_values_are_named(tmp_path, capsys):
     assert "--knn '0,5' is not a comma-separated list of positive neighbour counts" in capsys.readouterr().err
     assert run(tmp_path, tmp_path / "test", 4, "--knn", "99") == 2  # 8 files x 64 frames: 24 training windows at most
     assert "--knn 99: only" in capsys.readouterr().err
+
+
+def test_switched_codes_are_scored_on_validation_and_test_windows_beside_dct_k(tmp_path, capsys):
+    write_mel_folder(tmp_path / "test", n_files=3, frames=48, seed=1, offset=0.3)
+    out = tmp_path / "codes.json"
+    assert run(tmp_path, tmp_path / "test", 4, "--switched", "2", "--switched_blocks", "1", "1,2",
+               "--switched_pca", "1", "--out", str(out)) == 0
+    printed = capsys.readouterr().out
+    assert "k-1 = 3 coefficients + the mode index = 4 numbers a window" in printed
+    assert "| switched dct-3 + index of 2 (time blocks 1/2) | 2 | " in printed and "| clustered PCA-3 + index of 1 |" in printed
+    data = json.loads(out.read_text())
+    table = {(r["family"], r["modes"], tuple(r["blocks"])): r for r in data["switched"]}
+    assert set(table) == {("dct", 2, (1,)), ("dct", 2, (1, 2)), ("pca", 1, ())}
+    assert all(r["coefficients"] == 3 and r["train_mse"] > 0 for r in table.values())
+    rows = {(r["basis"], r["fitted_on"], r["components"]): r for r in data["rows"]}
+    assert all("val_mse" in r for r in rows.values())
+    one, pca4 = table[("pca", 1, ())], rows[("pca", "train", 4)]  # one mode: PCA-3, inside PCA-4's span
+    assert one["mse"] >= pca4["mse"] * (1 - 1e-6) and one["val_mse"] >= pca4["val_mse"] * (1 - 1e-6)
+    # PCA is the best linear code of its size on the windows it was fitted on.
+    assert 0 < pca4["train_mse"] <= rows[("dct", "train", 4)]["train_mse"] and pca4["train_mse"] <= one["train_mse"]
+
+
+def test_bad_switched_values_are_named(tmp_path, capsys):
+    write_mel_folder(tmp_path / "test", n_files=3, frames=48, seed=1)
+    for flags, message in ((["--switched", "two"], "--switched 'two' is not a comma-separated list of positive mode counts"),
+                           (["--switched", "3", "--switched_blocks", "1,2"], "--switched 3 modes do not split evenly"),
+                           (["--switched", "2", "--switched_blocks", "3"], "--switched_blocks '3': each is a comma-separated"),
+                           (["--switched_pca", "0"], "--switched_pca '0' is not a comma-separated list")):
+        with pytest.raises(SystemExit) as exit_info:
+            run(tmp_path, tmp_path / "test", 4, *flags)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+    assert run(tmp_path, tmp_path / "test", 4, "--switched_pca", "9") == 2  # 28 training windows: not 9 clusters of 4
+    assert "--switched_pca 9: 28 training windows cannot give 9 clusters of at least 4 windows" in capsys.readouterr().err
