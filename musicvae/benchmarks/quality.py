@@ -23,6 +23,7 @@ from musicvae.io import tables
 from musicvae.compensation import PERCEPTUAL_TARGET, CompensationStats, compensate, fit_compensation_curve
 from musicvae.evaluation.realism import PLANE_ALPHAS, trade_off
 from musicvae.losses import RANGE_MARGIN, Band, range_band
+from musicvae.benchmarks.switched_codes import reconstruction_mse
 from musicvae.models.linear_codes import LinearCode, fit_pca, fit_separable_code
 from musicvae.metrics import FEATURELESS_THRESHOLD, SILENT_VARIANCE, band_edges, band_variances
 from musicvae.training.scoring import LATENT_KEYS, ReconstructionScores, plain_values
@@ -62,18 +63,12 @@ def linear_references(train_x: Tensor, test_x: Tensor, latent_dim: int, multiple
     Returns:
         Rows ``{"name", "basis", "components", "fitted_on", "mse"}``; MSE over every test value.
     """
-    def set_mse(pca: LinearCode, x: Tensor) -> float:
-        total = 0.0
-        for start in range(0, len(x), batch_size):
-            chunk = x[start:start + batch_size]
-            total += float((pca.reconstruct(chunk) - chunk).double().pow(2).sum())
-        return total / x.numel()
-
     def scores(pca: LinearCode) -> dict[str, float]:
+        found = {"mse": reconstruction_mse(pca, test_x, batch_size)}
         if val_x is None:
-            return {"mse": set_mse(pca, test_x)}
-        fitted_mse = (pca.total_variance - float(pca.variances.sum())) / pca.mean.numel()
-        return {"mse": set_mse(pca, test_x), "val_mse": set_mse(pca, val_x), "train_mse": fitted_mse}
+            return found
+        return {**found, "val_mse": reconstruction_mse(pca, val_x, batch_size),
+                "train_mse": (pca.total_variance - float(pca.variances.sum())) / pca.mean.numel()}
 
     rows = []
     for m in multiples:

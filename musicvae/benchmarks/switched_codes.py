@@ -19,13 +19,18 @@ from musicvae.models.switched_codes import fit_clustered_pca, fit_switched_code
 BATCH = 256
 
 
-def mse(code: Any, x: Tensor) -> float:
-    """Mean squared error of ``code.reconstruct`` over every value of `x` ``(N, D)``."""
+def reconstruction_mse(code: Any, x: Tensor, batch_size: int = BATCH) -> float:
+    """MSE of ``code.reconstruct`` over every value of `x` ``(N, D)``, summed in float64 in batches."""
     total = 0.0
-    for start in range(0, len(x), BATCH):
-        chunk = x[start:start + BATCH]
+    for start in range(0, len(x), batch_size):
+        chunk = x[start:start + batch_size]
         total += float((code.reconstruct(chunk) - chunk).double().pow(2).sum())
     return total / x.numel()
+
+
+def mse(code: Any, x: Tensor) -> float:
+    """Mean squared error of ``code.reconstruct`` over every value of `x` ``(N, D)``."""
+    return reconstruction_mse(code, x)
 
 
 def switched_rows(train_x: Tensor, val_x: Tensor, test_x: Tensor, shape: tuple[int, int], k: int,
