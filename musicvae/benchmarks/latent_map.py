@@ -19,7 +19,7 @@ reconstruction is mapped back, so a checkpoint trained on other music is scored 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -31,8 +31,7 @@ from torch.utils.data import Dataset
 from musicvae.data.segments import Normalizer
 from musicvae.errors import DataError
 from musicvae.evaluation.realism import trade_off
-from musicvae.evaluation.two_sample import noise_control, two_sample_test
-from musicvae.evaluation.two_sample_report import DEFAULT_WINDOWS, interleaved_windows, stack_windows
+from musicvae.evaluation.two_sample_report import TwoSampleWindows
 from musicvae.io.tables import markdown_table
 from musicvae.losses import DEFAULT_BANDS
 from musicvae.metrics import band_edges
@@ -86,34 +85,15 @@ def score_decoder(decode: Decode, dataset: Dataset, n_mels: int, batch_size: int
             "windows_per_half": found["windows_per_half"]}
 
 
-class TwoSampleWindows:
-    """The windows every row's two-sample test uses: alternate windows of each recording, the even ones
-    real, the odd ones decoded (at most `max_windows` per side), and the floor between them."""
-
-    def __init__(self, dataset: Dataset, seeds: Sequence[int], max_windows: int = DEFAULT_WINDOWS,
-                 batch_size: int = 32) -> None:
-        real_idx, source_idx = interleaved_windows(dataset, max_windows)
-        if len(real_idx) < 2:
-            raise ValueError(f"the two-sample test needs at least 4 windows, this set has {len(dataset)}")
-        self.real, self.real_groups = stack_windows(dataset, real_idx)
-        self.x, self.groups = stack_windows(dataset, source_idx)
-        self.seeds, self.batch_size = list(seeds), batch_size
-
-    def floor(self) -> dict[str, Any]:
-        """Music against other windows of the same recordings: what 'indistinguishable' scores here."""
-        return _summary(two_sample_test(self.real, self.x, self.real_groups, self.groups, self.seeds))
-
-    def score(self, decode: Decode) -> dict[str, Any]:
-        """``accuracy`` of the real windows against the decoded ones, and ``control``: against the decoded
-        ones plus moment-matched noise (musicvae.evaluation.two_sample.noise_control)."""
-        x_hat = torch.cat([decode(chunk).float().cpu() for chunk in self.x.split(self.batch_size)])
-        found = two_sample_test(self.real, x_hat, self.real_groups, self.groups, self.seeds)
-        control = noise_control(self.real, self.x, x_hat, self.real_groups, self.groups, self.seeds)
-        return {**_summary(found), "control": {**_summary(control), "passed": control["passed"],
-                                               "goal": control["goal"]}}
+def two_sample_row(windows: TwoSampleWindows, decode: Decode) -> dict[str, Any]:
+    """A row's two-sample ``accuracy`` of the real windows against `decode`'s, and its ``control``:
+    against the same decodings plus moment-matched noise."""
+    x_hat = windows.decoded(decode)
+    found, control = windows.test(x_hat), windows.control(x_hat)
+    return {**summary(found), "control": {**summary(control), "passed": control["passed"], "goal": control["goal"]}}
 
 
-def _summary(found: dict[str, Any]) -> dict[str, Any]:
+def summary(found: dict[str, Any]) -> dict[str, Any]:
     return {key: found[key] for key in ("accuracy", "spread", "accuracies", "windows")}
 
 

@@ -28,9 +28,6 @@ def reconstruction_mse(code: Any, x: Tensor, batch_size: int = BATCH) -> float:
     return total / x.numel()
 
 
-def mse(code: Any, x: Tensor) -> float:
-    """Mean squared error of ``code.reconstruct`` over every value of `x` ``(N, D)``."""
-    return reconstruction_mse(code, x)
 
 
 def switched_rows(train_x: Tensor, val_x: Tensor, test_x: Tensor, shape: tuple[int, int], k: int,
@@ -57,7 +54,8 @@ def switched_rows(train_x: Tensor, val_x: Tensor, test_x: Tensor, shape: tuple[i
     def row(name: str, family: str, code: Any, blocks: Sequence[int], started: float) -> dict[str, Any]:
         seconds = time.perf_counter() - started
         return {"name": name, "family": family, "modes": code.n_modes, "blocks": list(blocks), "coefficients": k - 1,
-                "train_mse": mse(code, train_x), "val_mse": mse(code, val_x), "mse": mse(code, test_x),
+                "train_mse": reconstruction_mse(code, train_x), "val_mse": reconstruction_mse(code, val_x),
+                "mse": reconstruction_mse(code, test_x),
                 "fit_seconds": round(seconds, 1)}
 
     for blocks in layouts:

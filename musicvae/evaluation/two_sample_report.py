@@ -55,6 +55,41 @@ def stack_windows(dataset: Dataset, indices: Sequence[int]) -> tuple[Tensor, Opt
 
 
 @torch.no_grad()
+class TwoSampleWindows:
+    """The windows a set of two-sample tests share: alternate windows of each recording, the even ones
+    real, the odd ones decoded (at most `max_windows` per side), so every decoder is tested on the same
+    windows and the floor is computed once.
+
+    Raises:
+        ValueError: fewer than two windows per side.
+    """
+
+    def __init__(self, dataset: Dataset, seeds: Sequence[int] = DEFAULT_SEEDS, max_windows: int = DEFAULT_WINDOWS,
+                 batch_size: int = 32, steps: int = TRAIN_STEPS) -> None:
+        real_idx, source_idx = interleaved_windows(dataset, max_windows)
+        if len(real_idx) < 2:
+            raise ValueError(f"the two-sample test needs at least 4 windows, this set has {len(dataset)}")
+        self.real, self.real_groups = stack_windows(dataset, real_idx)
+        self.x, self.groups = stack_windows(dataset, source_idx)
+        self.seeds, self.batch_size, self.steps = list(seeds), batch_size, steps
+
+    def decoded(self, decode: Callable[[Tensor], Tensor]) -> Tensor:
+        """`decode` of the odd windows, in batches, as float32 on the CPU."""
+        return torch.cat([decode(chunk).float().cpu() for chunk in self.x.split(self.batch_size)])
+
+    def floor(self) -> dict[str, Any]:
+        """Music against the other windows of the same recordings: what "indistinguishable" scores here."""
+        return two_sample_test(self.real, self.x, self.real_groups, self.groups, self.seeds, self.steps)
+
+    def test(self, x_hat: Tensor) -> dict[str, Any]:
+        """The real windows against `x_hat`, the odd windows' decodings."""
+        return two_sample_test(self.real, x_hat, self.real_groups, self.groups, self.seeds, self.steps)
+
+    def control(self, x_hat: Tensor) -> dict[str, Any]:
+        """The real windows against `x_hat` plus moment-matched noise (musicvae.evaluation.two_sample)."""
+        return noise_control(self.real, self.x, x_hat, self.real_groups, self.groups, self.seeds, steps=self.steps)
+
+
 def two_sample_scores(dataset: Dataset, decode: Callable[[Tensor], Tensor],
                       points: Optional[Mapping[str, Callable[[Tensor], Tensor]]] = None,
                       samples: Optional[Mapping[str, Tensor]] = None, seeds: Sequence[int] = DEFAULT_SEEDS,
@@ -80,21 +115,17 @@ def two_sample_scores(dataset: Dataset, decode: Callable[[Tensor], Tensor],
     Raises:
         ValueError: fewer than two recordings, or fewer than two windows per side.
     """
-    real_idx, source_idx = interleaved_windows(dataset, max_windows)
-    if len(real_idx) < 2:
-        raise ValueError(f"the two-sample test needs at least 4 windows, this set has {len(dataset)}")
-    real, real_groups = stack_windows(dataset, real_idx)
-    x, groups = stack_windows(dataset, source_idx)
-    x_hat = torch.cat([decode(chunk).float().cpu() for chunk in x.split(batch_size)])
-    control = noise_control(real, x, x_hat, real_groups, groups, seeds, steps=steps)
+    windows = TwoSampleWindows(dataset, seeds, max_windows, batch_size, steps)
+    x_hat = windows.decoded(decode)
+    control = windows.control(x_hat)
     out: dict[str, Any] = {
-        "windows": len(real), "seeds": list(seeds), "steps": steps,
-        "floor": two_sample_test(real, x, real_groups, groups, seeds, steps), "control": control,
-        "too_weak": not control["passed"], "reconstructions": {}, "samples": {}}
+        "windows": len(windows.real), "seeds": list(seeds), "steps": steps, "floor": windows.floor(),
+        "control": control, "too_weak": not control["passed"], "reconstructions": {}, "samples": {}}
     for name, point in {"alpha_0": lambda y: y, **dict(points or {})}.items():
-        out["reconstructions"][name] = two_sample_test(real, point(x_hat), real_groups, groups, seeds, steps)
+        out["reconstructions"][name] = windows.test(point(x_hat))
     for name, drawn in (samples or {}).items():
-        out["samples"][name] = two_sample_test(real, drawn[:len(real)].float().cpu(), real_groups, None, seeds, steps)
+        out["samples"][name] = two_sample_test(windows.real, drawn[:len(windows.real)].float().cpu(),
+                                               windows.real_groups, None, seeds, steps)
     return out
 
 

@@ -114,7 +114,7 @@ class MixturePrior(nn.Module):
         z = _check_codes(codes, self.dim, need=self.components)
         generator = generator if generator is not None else torch.Generator().manual_seed(0)
         reg = REG_COVAR * float(z.var(dim=0).mean())
-        resp = _kmeans_pp_responsibilities(z, self.components, generator)  # (N, K) one-hot
+        resp = kmeans_pp_responsibilities(z, self.components, generator)  # (N, K) one-hot
         previous = -math.inf
         for _ in range(max_iter):
             weights, means, covs = _m_step(z, resp, self.covariance, reg)
@@ -194,7 +194,7 @@ def _check_codes(codes: Tensor, dim: int, need: int = 0) -> Tensor:
     return z
 
 
-def _kmeans_pp_responsibilities(z: Tensor, k: int, generator: torch.Generator, rounds: int = 10) -> Tensor:
+def kmeans_pp_responsibilities(z: Tensor, k: int, generator: torch.Generator, rounds: int = 10) -> Tensor:
     """One-hot ``(N, K)`` assignments after k-means++ seeding and `rounds` Lloyd steps."""
     centres = [z[int(torch.randint(len(z), (1,), generator=generator))]]
     closest = (z - centres[0]).pow(2).sum(dim=1)

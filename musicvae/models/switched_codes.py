@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from musicvae.models.linear_codes import CHUNK, LinearCode, dct_basis, fit_pca
-from musicvae.models.prior import _kmeans_pp_responsibilities
+from musicvae.models.prior import kmeans_pp_responsibilities
 
 
 def block_dct_basis(n: int, blocks: int) -> Tensor:
@@ -166,7 +166,7 @@ def initial_partition(energy: Tensor, k: int, clusters: int, seed: int) -> Tenso
     """
     top = energy.double().sum(0).topk(k).indices
     features = energy[:, top].double().sqrt()  # (N, k): where a window's energy lies, not its signs
-    return _kmeans_pp_responsibilities(features, clusters, torch.Generator().manual_seed(seed)).argmax(dim=1)
+    return kmeans_pp_responsibilities(features, clusters, torch.Generator().manual_seed(seed)).argmax(dim=1)
 
 
 def fit_switched_code(data: Tensor, shape: tuple[int, int], k: int, modes: int, blocks: Sequence[int] = (1,),

@@ -27,8 +27,9 @@ import torch
 
 from musicvae.benchmarks.commands.benchmark_quality import check_folders
 from musicvae.benchmarks.commands.linear_codes import data_modules, prepared
-from musicvae.benchmarks.latent_map import (Decoder, TwoSampleWindows, add_ratios, checkpoint_decoder, map_figure,
-                                            markdown_lines, merge_results, score_decoder)
+from musicvae.benchmarks.latent_map import (Decoder, add_ratios, checkpoint_decoder, map_figure, markdown_lines,
+                                            merge_results, score_decoder, summary, two_sample_row)
+from musicvae.evaluation.two_sample_report import TwoSampleWindows
 from musicvae.commands.parsing import add_mel_arguments, command_parser, mel_settings, parse_command, report_error
 from musicvae.data.segments import Normalizer
 from musicvae.errors import CheckpointError, ConfigError, DataError, MusicVAEError
@@ -129,7 +130,7 @@ def benchmark(args: Any, checkpoints: list[tuple[str, Path]], sizes: list[int], 
                         "lower them, or add music")
     seeds = list(range(args.two_sample_seeds))
     two = TwoSampleWindows(test, seeds) if seeds else None
-    floors: dict[str, Any] = {"two_sample": two.floor() if two else None}
+    floors: dict[str, Any] = {"two_sample": summary(two.floor()) if two else None}
     if two:
         log(f"two-sample floor {floors['two_sample']['accuracy']:.3f} ({time.monotonic() - started:.0f} s)")
 
@@ -140,7 +141,7 @@ def benchmark(args: Any, checkpoints: list[tuple[str, Path]], sizes: list[int], 
         row = {"kind": decoder.kind, "label": decoder.label, "latent_size": decoder.size,
                "global_step": decoder.global_step, "path": decoder.path, **decoder.extra, **found}
         if two and with_two_sample:
-            row["two_sample"] = two.score(decoder.decode)
+            row["two_sample"] = two_sample_row(two, decoder.decode)
         test_text = f", two-sample {row['two_sample']['accuracy']:.3f}" if "two_sample" in row else ""
         log(f"{decoder.label}: MSE {row['mse']:.4g}, realism {row['realism']['frames']:.4g} / "
             f"{row['realism']['differences']:.4g}{test_text} ({time.monotonic() - t0:.0f} s)")
